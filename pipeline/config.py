@@ -1,0 +1,163 @@
+"""Loading a run's YAML into the frozen :class:`PipelineConfig`.
+
+Unknown keys and wrong types are all reported together, each with its dotted path; ``--set
+section.key=value`` overrides are applied before validation; built-in configs are addressable by
+name (``quickstart``, ``smoke``) or any YAML by path.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from stages.core.config import StrictModel
+from stages.detect import DetectConfig
+from stages.evaluate import EvaluateConfig
+from stages.ingest.config import DataConfig
+from stages.pseudolabel.stage import PseudolabelConfig
+from stages.segtrain import SegTrainConfig, StudentConfig
+from stages.teach import TeachConfig
+from stages.train_detector import DetectorConfig
+
+
+class RuntimeConfig(StrictModel):
+    """Where and how things run (execution only: never changes a result's identity)."""
+
+    use_gpu: bool = False
+    torch_threads: int | None = Field(None, ge=1, description="default: the machine's cores")
+    ray_num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray")
+
+
+class TrackingConfig(StrictModel):
+    uri: str | None = Field(None, description="default: sqlite:///<root>/mlflow.db")
+    experiment: str = "pseudoflow"
+
+
+class PipelineConfig(StrictModel):
+    """One pipeline run: data, every stage, runtime and tracking."""
+
+    name: str = "pseudoflow"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    teacher: SegTrainConfig = SegTrainConfig()
+    detector: DetectorConfig = DetectorConfig()
+    detect: DetectConfig = DetectConfig()
+    teach: TeachConfig = TeachConfig()
+    pseudolabel: PseudolabelConfig = PseudolabelConfig()
+    student: StudentConfig = StudentConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def builtin_configs() -> list[str]:
+    folder = resources.files("pipeline") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
+    """The raw mapping of a built-in config name or a YAML path, and where it came from."""
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise ConfigError([f"config file {name_or_path!r} does not exist"])
+        text, origin = path.read_text(), str(path)
+    elif name_or_path in builtin_configs():
+        text = (resources.files("pipeline") / "configs" / f"{name_or_path}.yaml").read_text()
+        origin = f"builtin:{name_or_path}"
+    else:
+        valid = ", ".join(builtin_configs())
+        raise ConfigError([f"unknown config {name_or_path!r}: give a YAML path or one of {valid}"])
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{origin}: not valid YAML: {exc}"]) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{origin}: the top level must be a mapping"])
+    return raw, origin
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (values parsed as YAML scalars) to a copy of ``raw``."""
+    result: dict[str, Any] = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r}: expected section.key=value")
+            continue
+        *parents, leaf = key.strip().split(".")
+        node = result
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"override {item!r}: {part!r} is not a section")
+                break
+            node = child
+        else:
+            node[leaf] = yaml.safe_load(value)
+    if problems:
+        raise ConfigError(problems)
+    return result
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate a config; raise :class:`ConfigError` listing every problem."""
+    raw, _ = read_yaml(name_or_path)
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def validate(raw: dict[str, Any]) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError([_describe(error) for error in exc.errors()]) from exc
+
+
+def _describe(error: Any) -> str:
+    path = ".".join(str(p) for p in error["loc"]) or "<top level>"
+    if error["type"] == "extra_forbidden":
+        valid = _fields_at(PipelineConfig, error["loc"][:-1])
+        return f"{path}: unknown key; valid keys here: {', '.join(valid)}"
+    return f"{path}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def flatten(config: PipelineConfig) -> dict[str, str]:
+    """Dotted key -> string value of every leaf (MLflow params)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), child)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", config.model_dump(mode="json"))
+    return flat
+
+
+def to_yaml(config: PipelineConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,87 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+One parent run per pipeline run, one nested run per stage tagged ``pseudoflow.stage``. The
+tracking URI is always explicit. :class:`MlflowSink` is a small picklable object handed to Ray
+Train workers so that rank 0 logs its metrics live to the stage's run.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+logger = logging.getLogger(__name__)
+
+STAGE_TAG = "pseudoflow.stage"
+MAX_PARAMS_PER_BATCH = 100
+
+
+class Tracker:
+    """Thin layer over :class:`MlflowClient` for the runner."""
+
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=artifact_location
+            )
+
+    def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
+        all_tags = dict(tags)
+        if parent_id:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+        return str(run.info.run_id)
+
+    def end_run(self, run_id: str, ok: bool = True) -> None:
+        self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_bytes(data)
+            parent = str(Path(artifact_file).parent)
+            self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
+
+    def sink(self, run_id: str) -> MlflowSink:
+        return MlflowSink(self.uri, run_id)
+
+
+class MlflowSink:
+    """Picklable metric sink for Ray workers: logs to one run of one tracking server."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri = uri
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
+        MlflowClient(tracking_uri=self.uri).log_batch(self.run_id, metrics=batch)

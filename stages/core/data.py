@@ -1,0 +1,81 @@
+"""Turning stored rows into tensors: decoding, normalisation and joint augmentation.
+
+Geometric transforms are applied with torchvision.transforms.v2 to the image and every per-pixel
+map at once (maps are ``tv_tensors.Mask``, so they are resampled with nearest interpolation);
+photometric transforms touch the image only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from stages.core import codec
+
+IGNORE_INDEX = 255
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """``uint8[B, 3, H, W]`` or float in [0, 1] -> normalised ``float32[B, 3, H, W]``."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """PNG bytes -> ``uint8[3, H, W]``."""
+    return torch.from_numpy(codec.decode_png(data)).permute(2, 0, 1).contiguous()
+
+
+def decode_mask(data: bytes | None, height: int, width: int) -> torch.Tensor:
+    """PNG label map -> ``int64[H, W]``; a missing mask is all ``IGNORE_INDEX``."""
+    if data is None:
+        return torch.full((height, width), IGNORE_INDEX, dtype=torch.int64)
+    return torch.from_numpy(codec.decode_png(data).astype(np.int64))
+
+
+def resize_transform(size: int) -> v2.Transform:
+    """Resize everything to ``size`` x ``size`` (bilinear for images, nearest for maps)."""
+    return v2.Resize((size, size), antialias=True)
+
+
+def weak_transform(size: int) -> v2.Transform:
+    """Weak view: random scale crop and flip, jointly on the image and its maps."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                (size, size), scale=(0.5, 1.0), ratio=(0.75, 1.333), antialias=True
+            ),
+            v2.RandomHorizontalFlip(),
+        ]
+    )
+
+
+def strong_transform(size: int) -> v2.Transform:
+    """Strong view: the weak geometry plus colour jitter, grayscale and blur (image only)."""
+    return v2.Compose(
+        [
+            weak_transform(size),
+            v2.RandomApply([v2.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.5),
+        ]
+    )
+
+
+def apply_joint(
+    transform: v2.Transform, image: torch.Tensor, maps: Mapping[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Apply one random draw of ``transform`` to ``image: uint8[3, H, W]`` and every ``maps`` entry
+    (``[H, W]`` tensors of any dtype). Returns the transformed image and maps."""
+    sample = {"image": tv_tensors.Image(image), **{k: tv_tensors.Mask(v) for k, v in maps.items()}}
+    out = transform(sample)
+    image_out = out.pop("image").as_subclass(torch.Tensor)
+    return image_out, {k: v.as_subclass(torch.Tensor) for k, v in out.items()}

@@ -1,0 +1,61 @@
+"""Shared pieces of the Ray Data inference stages (teach, detect, evaluate).
+
+Decoding and resizing run as a CPU task step; the model runs in a callable class on an actor pool.
+Predictors are plain callables: they can be built and called without Ray.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from stages.core import data
+from stages.core.config import StrictModel
+from stages.core.models import load_checkpoint, model_from_checkpoint
+from stages.core.storage import Storage
+
+
+class InferenceConfig(StrictModel):
+    """Execution knobs of an inference stage (never part of a result's identity)."""
+
+    batch_size: int = Field(16, ge=1)
+    actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0)
+
+
+def decode_for_inference(batch: dict[str, np.ndarray], image_size: int) -> dict[str, Any]:
+    """CPU step: stored rows -> ``image: uint8[B, 3, S, S]`` plus id and original size."""
+    resize = data.resize_transform(image_size)
+    images = [resize(data.decode_image(png)).numpy() for png in batch["image"]]
+    out: dict[str, Any] = {
+        "image_id": batch["image_id"],
+        "height": batch["height"],
+        "width": batch["width"],
+        "image": np.stack(images),
+    }
+    if "mask" in batch:
+        out["mask"] = batch["mask"]
+    return out
+
+
+def load_model(storage_url: str, path: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Read a checkpoint from storage and rebuild its model (eval mode, CPU)."""
+    checkpoint = load_checkpoint(Storage(storage_url).read_bytes(path), source=path)
+    return model_from_checkpoint(checkpoint), checkpoint
+
+
+def pick_device(gpus: float) -> torch.device:
+    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def upsample_probs(probs: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``float[C, h, w]`` -> ``float[C, height, width]`` (bilinear; no-op at the same size)."""
+    if probs.shape[-2:] == (height, width):
+        return probs
+    return torch.nn.functional.interpolate(
+        probs[None], size=(height, width), mode="bilinear", align_corners=False
+    )[0]

@@ -1,0 +1,136 @@
+"""Model builders: torchvision architectures, built with ``weights=None``; local weights by path.
+
+A checkpoint is a plain dict of tensors and primitives (loadable with ``weights_only=True``) that
+carries the builder arguments, so loading it rebuilds the same network without the original YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import get_model, list_models
+from torchvision.models import segmentation as tv_segmentation
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "pseudoflow.checkpoint/1"
+
+
+def segmentation_architectures() -> list[str]:
+    """Names of torchvision segmentation builders usable as ``arch``."""
+    return sorted(list_models(module=tv_segmentation))
+
+
+def build_segmenter(*, arch: str, num_classes: int) -> nn.Module:
+    """A torchvision segmentation network with random weights (``weights=None``, no download)."""
+    valid = segmentation_architectures()
+    if arch not in valid:
+        raise ValueError(f"unknown segmentation arch {arch!r}; choose one of {', '.join(valid)}")
+    kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": num_classes}
+    if "aux_loss" in _builder_params(arch):
+        kwargs["aux_loss"] = False
+    model: nn.Module = get_model(arch, **kwargs)
+    return model
+
+
+def _builder_params(arch: str) -> set[str]:
+    import inspect
+
+    from torchvision.models import get_model_builder
+
+    return set(inspect.signature(get_model_builder(arch)).parameters)
+
+
+def segment_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Logits ``float[B, C, H, W]`` for normalised images ``float[B, 3, H, W]``.
+
+    torchvision segmentation models return a dict with ``"out"`` already at input resolution.
+    """
+    output = model(images)
+    logits: torch.Tensor = output["out"] if isinstance(output, dict) else output
+    return logits
+
+
+def build_detector(*, arch: str, num_classes: int, min_size: int, max_size: int) -> nn.Module:
+    """A torchvision detector (Faster R-CNN family) with random weights.
+
+    ``num_classes`` counts the detector's background class 0, as torchvision expects.
+    """
+    valid = detection_architectures()
+    if arch not in valid:
+        raise ValueError(f"unknown detector arch {arch!r}; choose one of {', '.join(valid)}")
+    model: nn.Module = get_model(
+        arch,
+        weights=None,
+        weights_backbone=None,
+        num_classes=num_classes,
+        min_size=min_size,
+        max_size=max_size,
+    )
+    return model
+
+
+def detection_architectures() -> list[str]:
+    from torchvision.models import detection
+
+    return sorted(m for m in list_models(module=detection) if m.startswith("fasterrcnn"))
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a weights file, recorded in configs and cache keys."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def make_checkpoint(
+    model: nn.Module, *, kind: str, model_args: dict[str, Any], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The dict saved for a trained model: format tag, kind, builder arguments, weights."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "kind": kind,
+        "model_args": dict(model_args),
+        "state_dict": state,
+        **(extra or {}),
+    }
+
+
+def checkpoint_bytes(checkpoint: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    return buffer.getvalue()
+
+
+def load_checkpoint(data: bytes, *, source: str) -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``: tensors and primitives, no pickled code)."""
+    try:
+        checkpoint: dict[str, Any] = torch.load(
+            io.BytesIO(data), map_location="cpu", weights_only=True
+        )
+    except Exception as exc:
+        raise ValueError(f"{source}: not a readable pseudoflow checkpoint: {exc}") from exc
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{source}: not a pseudoflow checkpoint (format {CHECKPOINT_FORMAT})")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
+    """Rebuild the network a checkpoint describes and load its weights (eval mode)."""
+    args = checkpoint["model_args"]
+    if checkpoint["kind"] == "detector":
+        model = build_detector(**args)
+    else:
+        model = build_segmenter(**args)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return model

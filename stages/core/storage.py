@@ -1,0 +1,204 @@
+"""One storage root (an fsspec URL) holding datasets of Parquet shards with manifests.
+
+A dataset is a directory of Parquet shards plus ``_manifest.json`` (files, row counts, a digest of
+the sorted image ids) and a ``_COMMITTED`` marker written last. Readers trust only committed
+datasets whose manifest matches the shards; a file's mere existence proves nothing. Every path is
+built from validated parts, so nothing taken from data can escape the root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "_manifest.json"
+COMMITTED = "_COMMITTED"
+_SAFE_PART = re.compile(r"^[A-Za-z0-9_.=+-]+$")
+
+
+class StorageError(RuntimeError):
+    """A dataset is missing, uncommitted or inconsistent with its manifest."""
+
+
+def id_digest(image_ids: Iterable[str]) -> str:
+    """sha256 over the sorted, newline-joined ids: equal digests mean equal id sets."""
+    digest = hashlib.sha256()
+    for image_id in sorted(image_ids):
+        digest.update(image_id.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _check_part(part: str) -> str:
+    if not _SAFE_PART.match(part) or part in {".", ".."}:
+        raise ValueError(f"unsafe path component {part!r}: use letters, digits and _ . = + - only")
+    return part
+
+
+@dataclass(frozen=True)
+class Storage:
+    """The storage root: ``url`` is a local folder or an fsspec URL such as ``s3://bucket/prefix``."""
+
+    url: str
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.core.url_to_fs(self.url)[0]
+
+    @property
+    def root(self) -> str:
+        """The root as a path inside :attr:`fs` (absolute for local folders)."""
+        fs, path = fsspec.core.url_to_fs(self.url)
+        return str(fs._strip_protocol(path)).rstrip("/") or "/"
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    def path(self, *parts: str) -> str:
+        """A path below the root; each part must be a plain name (no separators, no ``..``)."""
+        return posixpath.join(self.root, *(_check_part(p) for p in parts))
+
+    def arrow_fs(self) -> pafs.FileSystem:
+        """A pyarrow filesystem over the same root, for pyarrow and Ray Data readers/writers."""
+        if self.is_local:
+            return pafs.LocalFileSystem()
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
+
+    def write_json(self, path: str, payload: dict[str, Any]) -> None:
+        with self.fs.open(path, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+
+    def read_json(self, path: str) -> dict[str, Any]:
+        with self.fs.open(path, "r") as handle:
+            data: dict[str, Any] = json.load(handle)
+        return data
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with self.fs.open(path, "wb") as handle:
+            handle.write(data)
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.fs.open(path, "rb") as handle:
+            data: bytes = handle.read()
+        return data
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A committed (or to-be-written) dataset: its storage and directory inside it."""
+
+    storage: Storage
+    directory: str
+    name: str
+
+    @property
+    def manifest_path(self) -> str:
+        return posixpath.join(self.directory, MANIFEST)
+
+    @property
+    def marker_path(self) -> str:
+        return posixpath.join(self.directory, COMMITTED)
+
+    def is_committed(self) -> bool:
+        return bool(self.storage.fs.exists(self.marker_path))
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.is_committed():
+            raise StorageError(f"dataset {self.name!r} at {self.directory} is not committed")
+        return self.storage.read_json(self.manifest_path)
+
+    def files(self) -> list[str]:
+        """Shard paths listed by the manifest (never a directory listing)."""
+        manifest = self.manifest()
+        return [posixpath.join(self.directory, f["path"]) for f in manifest["files"]]
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.manifest()["rows"])
+
+    def prepare(self) -> None:
+        """Empty the directory before a fresh write (uncommitted leftovers are never trusted)."""
+        fs = self.storage.fs
+        if fs.exists(self.directory):
+            fs.rm(self.directory, recursive=True)
+        fs.makedirs(self.directory, exist_ok=True)
+
+    def commit(self, extra: dict[str, Any] | None = None, id_column: str = "image_id") -> dict:
+        """Write the manifest from the shards present, then the commit marker (last)."""
+        fs = self.storage.fs
+        shards = sorted(p for p in fs.find(self.directory) if p.endswith(".parquet"))
+        files, ids = [], []
+        for shard in shards:
+            with fs.open(shard, "rb") as handle:
+                table = pq.read_table(handle, columns=[id_column])
+            files.append({"path": posixpath.relpath(shard, self.directory), "rows": table.num_rows})
+            ids.extend(table.column(id_column).to_pylist())
+        if len(ids) != len(set(ids)):
+            raise StorageError(f"dataset {self.name!r}: duplicate {id_column} values in shards")
+        manifest = {
+            "name": self.name,
+            "rows": len(ids),
+            "files": files,
+            "id_column": id_column,
+            "id_digest": id_digest(ids),
+            **(extra or {}),
+        }
+        self.storage.write_json(self.manifest_path, manifest)
+        self.storage.write_json(self.marker_path, {"rows": len(ids)})
+        logger.info("committed %s: %d rows in %d shards", self.name, len(ids), len(files))
+        return manifest
+
+    def verify(self) -> None:
+        """Raise :class:`StorageError` unless every shard matches the manifest's row counts."""
+        manifest = self.manifest()
+        for entry in manifest["files"]:
+            path = posixpath.join(self.directory, entry["path"])
+            try:
+                with self.storage.fs.open(path, "rb") as handle:
+                    rows = pq.ParquetFile(handle).metadata.num_rows
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise StorageError(
+                    f"dataset {self.name!r}: shard {path} unreadable: {exc}"
+                ) from exc
+            if rows != entry["rows"]:
+                raise StorageError(
+                    f"dataset {self.name!r}: shard {path} has {rows} rows, manifest says "
+                    f"{entry['rows']}"
+                )
+
+    def read_table(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """Read the whole dataset on this process (driver-side, for small tables and tests)."""
+        self.verify()
+        tables = []
+        for path in self.files():
+            with self.storage.fs.open(path, "rb") as handle:
+                tables.append(pq.read_table(handle, columns=list(columns) if columns else None))
+        if not tables:
+            raise StorageError(f"dataset {self.name!r} is empty")
+        return pa.concat_tables(tables)
+
+    def write_table(self, table: pa.Table, shard: str = "part-00000.parquet") -> None:
+        """Write one shard from this process (small tables: quarantine lists, metrics)."""
+        path = posixpath.join(self.directory, _check_part(shard))
+        self.storage.fs.makedirs(self.directory, exist_ok=True)
+        with self.storage.fs.open(path, "wb") as handle:
+            pq.write_table(table, handle, compression="zstd")

@@ -1,0 +1,94 @@
+"""The detect stage: the detector over the unlabeled images -> ``detections`` (actor pool).
+
+Boxes are stored in the image's own pixel coordinates as (x1, y1, x2, y2), flattened.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import Field
+
+from stages.core.inference import InferenceConfig, decode_for_inference, load_model, pick_device
+from stages.core.storage import DatasetRef
+from stages.core.tables import read_split
+
+DETECTIONS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("boxes", pa.list_(pa.float32())),  # N * 4 values: x1, y1, x2, y2 per box
+        ("labels", pa.list_(pa.int32())),  # detector classes
+        ("scores", pa.list_(pa.float32())),
+        ("num_boxes", pa.int32()),
+    ]
+)
+
+
+class DetectConfig(InferenceConfig):
+    min_score: float = Field(0.05, ge=0.0, le=1.0, description="detections below are not stored")
+
+
+class DetectorPredictor:
+    """Callable class for ``map_batches``: decoded images -> one detections row per image."""
+
+    def __init__(self, storage_url: str, checkpoint_path: str, min_score: float, gpus: float = 0.0):
+        self.device = pick_device(gpus)
+        model, _ = load_model(storage_url, checkpoint_path)
+        self.model = model.to(self.device)
+        self.min_score = min_score
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        images = [torch.from_numpy(i).to(self.device).float() / 255.0 for i in batch["image"]]
+        outputs = self.model(images)
+        rows: list[dict[str, Any]] = []
+        for i, output in enumerate(outputs):
+            side = images[i].shape[-1], images[i].shape[-2]
+            scale = torch.tensor(
+                [batch["width"][i] / side[0], batch["height"][i] / side[1]] * 2, device=self.device
+            )
+            keep = output["scores"] >= self.min_score
+            boxes = (output["boxes"][keep] * scale).cpu().numpy().astype(np.float32)
+            rows.append(
+                {
+                    "image_id": str(batch["image_id"][i]),
+                    "boxes": boxes.reshape(-1).tolist(),
+                    "labels": output["labels"][keep].cpu().numpy().astype(np.int32).tolist(),
+                    "scores": output["scores"][keep].cpu().numpy().astype(np.float32).tolist(),
+                    "num_boxes": int(keep.sum()),
+                }
+            )
+        return pa.Table.from_pylist(rows, schema=DETECTIONS_SCHEMA)
+
+
+def run(
+    cfg: DetectConfig, *, images: DatasetRef, checkpoint_path: str, image_size: int, out: DatasetRef
+) -> dict[str, float]:
+    """Run the detector over the unlabeled split with an actor pool; write and commit."""
+    import ray
+
+    unlabeled = read_split(images, "unlabeled", columns=["image_id", "height", "width", "image"])
+    decoded = unlabeled.map_batches(
+        decode_for_inference, fn_kwargs={"image_size": image_size}, batch_size=cfg.batch_size
+    )
+    detections = decoded.map_batches(
+        DetectorPredictor,
+        fn_constructor_kwargs={
+            "storage_url": images.storage.url,
+            "checkpoint_path": checkpoint_path,
+            "min_score": cfg.min_score,
+            "gpus": cfg.gpus_per_actor,
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        num_gpus=cfg.gpus_per_actor,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+    )
+    out.prepare()
+    detections.write_parquet(out.directory, filesystem=out.storage.arrow_fs(), compression="zstd")
+    manifest = out.commit({"schema": "detections/1"})
+    counts = out.read_table(columns=["num_boxes"])["num_boxes"].to_numpy()
+    return {"images": float(manifest["rows"]), "boxes_per_image": float(counts.mean())}

@@ -1,0 +1,151 @@
+"""The evaluate stage: mIoU and per-class IoU on val for each model, and pseudo-label quality
+(coverage and pixel precision) against ground truth where the unlabeled images have it."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.core import codec, data
+from stages.core.inference import (
+    InferenceConfig,
+    decode_for_inference,
+    load_model,
+    pick_device,
+    upsample_probs,
+)
+from stages.core.models import segment_logits
+from stages.core.storage import DatasetRef
+from stages.core.tables import drop_null, join_on_image_id, read_dataset, read_split
+
+
+class EvaluateConfig(InferenceConfig):
+    pass
+
+
+def confusion(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
+    """Confusion counts ``int64[C, C]`` (rows: truth, columns: prediction); target 255 ignored."""
+    valid = target != data.IGNORE_INDEX
+    index = target[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
+    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(matrix: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-class IoU = TP / (TP + FP + FN) (NaN for a class absent from truth and prediction),
+    and their mean over the classes that are present."""
+    tp = np.diag(matrix).astype(np.float64)
+    union = matrix.sum(0) + matrix.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+    return iou, float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
+
+
+class ConfusionPredictor:
+    """Callable class: decoded val images -> one row holding the batch's confusion matrix."""
+
+    def __init__(self, storage_url: str, checkpoint_path: str, num_classes: int, gpus: float = 0.0):
+        self.device = pick_device(gpus)
+        model, _ = load_model(storage_url, checkpoint_path)
+        self.model = model.to(self.device)
+        self.num_classes = num_classes
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = data.normalize(torch.from_numpy(batch["image"]).to(self.device))
+        probs = segment_logits(self.model, images).softmax(dim=1)
+        total = np.zeros((self.num_classes, self.num_classes), np.int64)
+        for i in range(len(batch["image_id"])):
+            h, w = int(batch["height"][i]), int(batch["width"][i])
+            pred = upsample_probs(probs[i], h, w).argmax(0).cpu().numpy()
+            target = data.decode_mask(batch["mask"][i], h, w).numpy()
+            total += confusion(pred, target, self.num_classes)
+        return {"confusion": total.reshape(1, -1)}
+
+
+def evaluate_model(
+    cfg: EvaluateConfig,
+    *,
+    images: DatasetRef,
+    checkpoint_path: str,
+    num_classes: int,
+    image_size: int,
+) -> dict[str, Any]:
+    """Val mIoU and per-class IoU of one checkpoint."""
+    import ray
+
+    val = read_split(images, "val", columns=["image_id", "height", "width", "image", "mask"])
+    decoded = val.map_batches(
+        decode_for_inference, fn_kwargs={"image_size": image_size}, batch_size=cfg.batch_size
+    )
+    rows = decoded.map_batches(
+        ConfusionPredictor,
+        fn_constructor_kwargs={
+            "storage_url": images.storage.url,
+            "checkpoint_path": checkpoint_path,
+            "num_classes": num_classes,
+            "gpus": cfg.gpus_per_actor,
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        num_gpus=cfg.gpus_per_actor,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+    ).take_all()
+    matrix = np.sum([np.asarray(r["confusion"]) for r in rows], axis=0).reshape(num_classes, -1)
+    iou, miou = iou_from_confusion(matrix)
+    return {"miou": miou, "iou": iou.tolist(), "val_pixels": int(matrix.sum())}
+
+
+def pseudolabel_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per image: valid ground-truth pixels, kept pixels, and kept pixels whose label is right."""
+    out: dict[str, list[int]] = {"valid": [], "kept": [], "correct": []}
+    for i in range(len(batch["image_id"])):
+        h, w = int(batch["height"][i]), int(batch["width"][i])
+        truth = data.decode_mask(batch["mask"][i], h, w).numpy()
+        label = codec.decode_png(batch["label"][i])
+        keep = codec.unpack_mask(batch["keep"][i], h, w) & (truth != data.IGNORE_INDEX)
+        out["valid"].append(int((truth != data.IGNORE_INDEX).sum()))
+        out["kept"].append(int(keep.sum()))
+        out["correct"].append(int((keep & (label == truth)).sum()))
+    return {k: np.asarray(v, np.int64) for k, v in out.items()}
+
+
+def pseudolabel_quality(images: DatasetRef, pseudolabels: DatasetRef) -> dict[str, float]:
+    """Coverage (kept / valid pixels) and precision (correct / kept) over images with truth."""
+    truth = drop_null(read_split(images, "unlabeled", columns=["image_id", "mask"]), "mask")
+    labels = read_dataset(pseudolabels, ["image_id", "height", "width", "label", "keep"])
+    joined = join_on_image_id(labels, truth, num_partitions=4)
+    counts = joined.map_batches(pseudolabel_counts, batch_format="numpy").to_pandas()
+    if counts.empty or counts["valid"].sum() == 0:
+        return {}
+    kept = float(counts["kept"].sum())
+    return {
+        "pseudolabel_coverage": kept / float(counts["valid"].sum()),
+        "pseudolabel_precision": float(counts["correct"].sum()) / kept if kept else 0.0,
+        "pseudolabel_images_with_truth": float(len(counts)),
+    }
+
+
+def iou_plot(class_names: list[str], results: dict[str, list[float]]) -> bytes:
+    """Grouped bar chart of per-class IoU for each model, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2, 3.5))
+    width = 0.8 / max(len(results), 1)
+    for n, (name, iou) in enumerate(results.items()):
+        x = np.arange(len(class_names)) + n * width
+        ax.bar(x, np.nan_to_num(np.asarray(iou, float)), width, label=name)
+    ax.set_xticks(np.arange(len(class_names)) + 0.4 - width / 2, class_names, rotation=20)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("IoU (val)")
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()

@@ -1,0 +1,105 @@
+"""The plain image-folder source: ``images/`` + optional ``masks/`` (matched by file stem) +
+optional ``splits/{labeled,unlabeled,val}.txt``.
+
+Without split files, images that have a mask are divided between ``labeled`` and ``val`` by a
+stable hash of their stem (``val_fraction``), and images without a mask are ``unlabeled``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+from dataclasses import dataclass
+
+import fsspec
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MASK_SUFFIXES = (".png",)
+SPLITS = ("labeled", "unlabeled", "val")
+
+
+class SourceError(ValueError):
+    """The data source cannot be read at all (missing folder, bad split list): fail before work."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One image to ingest: where it is and which split it belongs to."""
+
+    stem: str
+    split: str
+    image_url: str
+    mask_url: str | None
+
+
+def _by_stem(fs: fsspec.AbstractFileSystem, folder: str, suffixes: tuple[str, ...]) -> dict:
+    found: dict[str, str] = {}
+    for path in sorted(fs.ls(folder, detail=False)):
+        name = posixpath.basename(path)
+        stem, dot, suffix = name.rpartition(".")
+        if dot and f".{suffix.lower()}" in suffixes:
+            if stem in found:
+                raise SourceError(f"{folder}: two files share the stem {stem!r}")
+            found[stem] = path
+    return found
+
+
+def _read_splits(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str] | None:
+    folder = posixpath.join(root, "splits")
+    if not fs.isdir(folder):
+        return None
+    assignment: dict[str, str] = {}
+    for split in SPLITS:
+        path = posixpath.join(folder, f"{split}.txt")
+        if not fs.exists(path):
+            continue
+        with fs.open(path, "r") as handle:
+            for line in handle:
+                stem = line.strip()
+                if stem and assignment.setdefault(stem, split) != split:
+                    raise SourceError(f"{path}: {stem!r} is already listed in another split")
+    return assignment
+
+
+def _hash_split(stem: str, val_fraction: float) -> str:
+    bucket = int.from_bytes(hashlib.sha256(stem.encode()).digest()[:8], "big") / 2**64
+    return "val" if bucket < val_fraction else "labeled"
+
+
+def enumerate_folder(url: str, *, val_fraction: float = 0.2) -> list[SourceItem]:
+    """List the items of an image folder, checking the layout before any work is started."""
+    fs, root = fsspec.core.url_to_fs(url)
+    images_dir = posixpath.join(root, "images")
+    if not fs.isdir(root):
+        raise SourceError(f"data folder {url!r} does not exist")
+    if not fs.isdir(images_dir):
+        raise SourceError(
+            f"data folder {url!r} has no images/ subfolder (expected images/*.png|jpg)"
+        )
+    images = _by_stem(fs, images_dir, IMAGE_SUFFIXES)
+    if not images:
+        raise SourceError(f"{images_dir}: no .png/.jpg/.jpeg images")
+    masks_dir = posixpath.join(root, "masks")
+    masks = _by_stem(fs, masks_dir, MASK_SUFFIXES) if fs.isdir(masks_dir) else {}
+    splits = _read_splits(fs, root)
+    if splits is not None:
+        missing = sorted(set(splits) - set(images))
+        if missing:
+            raise SourceError(f"split lists name images that do not exist: {missing[:5]}")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    prefix = "" if protocol in {"file", "local"} else f"{protocol}://"
+    items = []
+    for stem, path in images.items():
+        if splits is not None:
+            split = splits.get(stem)
+            if split is None:
+                continue
+        else:
+            split = _hash_split(stem, val_fraction) if stem in masks else "unlabeled"
+        mask = masks.get(stem)
+        items.append(SourceItem(stem, split, prefix + path, prefix + mask if mask else None))
+    logger.info("folder %s: %d images, %d masks", url, len(items), len(masks))
+    return items

@@ -1,0 +1,184 @@
+"""The train_detector stage: a torchvision Faster R-CNN trained with Ray Train on the labeled
+images, with boxes taken from the connected components of each class in the ground-truth masks.
+
+Detector class ``d`` is segmentation class ``d`` (1..C-1); 0 is the detector's background.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+from scipy import ndimage
+
+from stages.core.config import StrictModel
+from stages.core.models import build_detector, make_checkpoint
+from stages.segtrain import CHECKPOINT_FILE, MetricSink, poly_lr
+
+logger = logging.getLogger(__name__)
+
+
+class DetectorConfig(StrictModel):
+    """How the object detector is trained (or which weights are loaded instead)."""
+
+    enabled: bool = True
+    arch: str = "fasterrcnn_mobilenet_v3_large_fpn"
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(0.01, gt=0)
+    min_size: int = Field(128, ge=32, description="the detector's internal resize (short side)")
+    min_box_area: int = Field(4, ge=1, description="smaller mask components give no box")
+    log_every: int = Field(25, ge=1)
+    workers: int = Field(1, ge=1)
+    weights: str | None = None
+
+
+def boxes_from_mask(
+    mask: np.ndarray, num_classes: int, min_area: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes of the 8-connected components of each object class in a label map.
+
+    mask: uint8[H, W] with values 0..C-1 (0 = background) or 255 (ignored).
+    Returns boxes float32[N, 4] as (x1, y1, x2, y2) with x2, y2 exclusive (a component covering
+    columns 3..5 gives x1 = 3, x2 = 6), and labels int64[N] in 1..C-1.
+    """
+    boxes: list[tuple[int, int, int, int]] = []
+    labels: list[int] = []
+    structure = np.ones((3, 3), dtype=bool)
+    for cls in range(1, num_classes):
+        components, count = ndimage.label(mask == cls, structure=structure)
+        if count == 0:
+            continue
+        areas = np.bincount(components.ravel(), minlength=count + 1)
+        for index, region in enumerate(ndimage.find_objects(components), start=1):
+            if region is not None and areas[index] >= min_area:
+                rows, cols = region
+                boxes.append((cols.start, rows.start, cols.stop, rows.stop))
+                labels.append(cls)
+    return np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64)
+
+
+def _targets(
+    batch: dict[str, torch.Tensor], num_classes: int, min_area: int
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Random horizontal flip, then images in [0, 1] and box targets from the (flipped) masks."""
+    images, targets = [], []
+    for image, label in zip(batch["image"], batch["label"], strict=True):
+        if torch.rand(()) < 0.5:
+            image, label = image.flip(-1), label.flip(-1)
+        boxes, labels = boxes_from_mask(label.numpy(), num_classes, min_area)
+        images.append(image.float() / 255.0)
+        targets.append({"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels)})
+    return images, targets
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker function for the detector (rank 0 logs and checkpoints)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = DetectorConfig.model_validate(loop_config["train"])
+    num_classes = loop_config["num_classes"]
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(loop_config["seed"] + rank)
+    torch.set_num_threads(loop_config["torch_threads"])
+    model_args = {
+        "arch": cfg.arch,
+        "num_classes": num_classes,
+        "min_size": cfg.min_size,
+        "max_size": cfg.min_size,
+    }
+    model = ray.train.torch.prepare_model(build_detector(**model_args))
+    device = ray.train.torch.get_device()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+    shard = ray.train.get_dataset_shard("labeled")
+    sink: MetricSink | None = loop_config.get("sink") if rank == 0 else None
+    step, started, losses = 0, time.perf_counter(), []
+    while step < cfg.steps:
+        for batch in shard.iter_torch_batches(
+            batch_size=cfg.batch_size, local_shuffle_buffer_size=32
+        ):
+            if step >= cfg.steps:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = poly_lr(cfg.lr, step, cfg.steps)
+            images, targets = _targets(batch, num_classes, cfg.min_box_area)
+            images = [i.to(device) for i in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            loss = sum(model(images, targets).values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.item()))
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                metrics = {
+                    "loss": float(np.mean(losses)),
+                    "steps_per_s": step / (time.perf_counter() - started),
+                }
+                losses = []
+                if rank == 0:
+                    logger.info("detector step %d/%d loss=%.4g", step, cfg.steps, metrics["loss"])
+                    if sink is not None:
+                        sink.log_metrics(metrics, step)
+                _report(metrics, model, model_args, step == cfg.steps and rank == 0)
+
+
+def _report(
+    metrics: dict[str, float], model: torch.nn.Module, model_args: dict[str, Any], save: bool
+) -> None:
+    import ray.train
+
+    if not save:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    inner = model.module if hasattr(model, "module") else model
+    checkpoint = make_checkpoint(inner, kind="detector", model_args=model_args)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(checkpoint, Path(tmp) / CHECKPOINT_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def run(
+    cfg: DetectorConfig,
+    *,
+    labeled: Any,
+    num_classes: int,
+    storage: Any,
+    out_path: str,
+    name: str,
+    loop_extra: dict[str, Any],
+    use_gpu: bool,
+) -> dict[str, float]:
+    """Train the detector with Ray Train (or load given weights); write its checkpoint."""
+    from stages.core.models import checkpoint_bytes, load_checkpoint, model_from_checkpoint
+    from stages.core.training import fit
+
+    if cfg.weights:
+        with open(cfg.weights, "rb") as handle:
+            checkpoint = load_checkpoint(handle.read(), source=cfg.weights)
+        if checkpoint.get("kind") != "detector":
+            raise ValueError(
+                f"{cfg.weights}: a {checkpoint.get('kind')} checkpoint, not a detector"
+            )
+        model_from_checkpoint(checkpoint)
+        storage.write_bytes(out_path, checkpoint_bytes(checkpoint))
+        return {"trained_steps": 0.0}
+    blob = fit(
+        train_loop,
+        loop_config={"train": cfg.model_dump(), "num_classes": num_classes, **loop_extra},
+        datasets={"labeled": labeled},
+        workers=cfg.workers,
+        use_gpu=use_gpu,
+        storage=storage,
+        name=name,
+    )
+    storage.write_bytes(out_path, blob)
+    return {"trained_steps": float(cfg.steps)}
