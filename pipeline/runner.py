@@ -102,9 +102,9 @@ def run_pipeline(config: PipelineConfig, root: str) -> RunSummary:
     """Run every planned stage in order under ``root`` and return the summary."""
     root = resolve_root(root)
     storage = Storage(root)
-    storage.fs.makedirs(storage.root, exist_ok=True)
     uri = tracking_uri(config, root)
-    items = source_items(config, storage)
+    items = source_items(config, storage)  # fails here, before anything is written
+    storage.fs.makedirs(storage.root, exist_ok=True)
     run_id = new_run_id(config)
     storage.write_bytes(storage.path("pipelines", run_id, "config.yaml"), to_yaml(config).encode())
     artifacts = f"{root}/mlartifacts" if "://" not in root else None

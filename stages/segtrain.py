@@ -33,7 +33,7 @@ from stages.core.models import (
 )
 from stages.core.storage import DatasetRef, Storage
 from stages.core.tables import join_on_image_id, read_dataset, read_split
-from stages.core.training import CHECKPOINT_FILE, fit
+from stages.core.training import CHECKPOINT_FILE, fit, worker_logging
 from stages.pseudolabel.ops import weighted_unsup_loss
 
 logger = logging.getLogger(__name__)
@@ -111,13 +111,12 @@ def _batches(shard: Any, batch_size: int, seed: int) -> Iterator[dict[str, torch
     """Endless batches from a Ray Data shard, reshuffled locally each pass."""
     epoch = 0
     while True:
-        for batch in shard.iter_torch_batches(
+        yield from shard.iter_torch_batches(
             batch_size=batch_size,
             drop_last=False,
             local_shuffle_buffer_size=4 * batch_size,
             local_shuffle_seed=seed + epoch,
-        ):
-            yield batch
+        )
         epoch += 1
 
 
@@ -151,6 +150,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     torch.manual_seed(loop_config["seed"] + rank)
     torch.set_num_threads(loop_config["torch_threads"])
+    worker_logging()
     model = build_segmenter(arch=cfg.arch, num_classes=loop_config["num_classes"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = _restore(model, optimizer)
@@ -224,7 +224,7 @@ def _report(
     if not (save and rank == 0):
         ray.train.report(metrics, checkpoint=None)
         return
-    inner = model.module if hasattr(model, "module") else model
+    inner: nn.Module = getattr(model, "module", model)
     checkpoint = make_checkpoint(
         inner,
         kind="segmenter",

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 from pydantic import Field
 from scipy import ndimage
+from torch import nn
 
 from stages.core.config import StrictModel
 from stages.core.models import build_detector, make_checkpoint
+from stages.core.training import worker_logging
 from stages.segtrain import CHECKPOINT_FILE, MetricSink, poly_lr
 
 logger = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(loop_config["seed"] + rank)
     torch.set_num_threads(loop_config["torch_threads"])
+    worker_logging()
     model_args = {
         "arch": cfg.arch,
         "num_classes": num_classes,
@@ -139,7 +142,7 @@ def _report(
     if not save:
         ray.train.report(metrics, checkpoint=None)
         return
-    inner = model.module if hasattr(model, "module") else model
+    inner: nn.Module = getattr(model, "module", model)
     checkpoint = make_checkpoint(inner, kind="detector", model_args=model_args)
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(checkpoint, Path(tmp) / CHECKPOINT_FILE)

@@ -127,10 +127,8 @@ def load_checkpoint(data: bytes, *, source: str) -> dict[str, Any]:
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     """Rebuild the network a checkpoint describes and load its weights (eval mode)."""
     args = checkpoint["model_args"]
-    if checkpoint["kind"] == "detector":
-        model = build_detector(**args)
-    else:
-        model = build_segmenter(**args)
+    build = build_detector if checkpoint["kind"] == "detector" else build_segmenter
+    model = build(**args)
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()
     return model

@@ -51,3 +51,17 @@ def fit(
         raise RuntimeError(f"training run {name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         return (Path(folder) / CHECKPOINT_FILE).read_bytes()
+
+
+def worker_logging() -> None:
+    """Inside a Ray worker: send this package's INFO records (progress lines) to stderr, which
+    Ray forwards to the driver's console."""
+    package = logging.getLogger("stages")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+        package.propagate = False

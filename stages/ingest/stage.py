@@ -60,13 +60,22 @@ class IngestResult:
 
 
 def _open_image(url: str, mode: str) -> np.ndarray:
-    with fsspec.open(url, "rb") as handle, Image.open(handle) as image:
-        image.load()
-        if mode == "RGB":
-            return np.asarray(image.convert("RGB"))
-        if image.mode not in {"L", "P"}:
-            raise ValueError(f"mask mode {image.mode!r}; expected a single-channel L or P PNG")
-        return np.asarray(image)
+    try:
+        with fsspec.open(url, "rb") as handle, Image.open(handle) as image:
+            image.load()
+            return _as_array(image, url, mode)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"{url} is not a readable PNG/JPEG image ({type(exc).__name__})") from exc
+
+
+def _as_array(image: Image.Image, url: str, mode: str) -> np.ndarray:
+    if mode == "RGB":
+        return np.asarray(image.convert("RGB"))
+    if image.mode not in {"L", "P"}:
+        raise ValueError(
+            f"mask {url} has mode {image.mode!r}; expected a single-channel L or P PNG"
+        )
+    return np.asarray(image)
 
 
 def load_item(item: dict[str, Any], num_classes: int) -> dict[str, Any]:
@@ -150,7 +159,7 @@ def run(
     """Load ``items`` with Ray Data tasks, write ``images`` and ``quarantine``; commit both."""
     import ray
 
-    dataset = ray.data.from_items([asdict(i) for i in items], override_num_blocks=num_blocks)
+    dataset: Any = ray.data.from_items([asdict(i) for i in items], override_num_blocks=num_blocks)
     loaded = dataset.map_batches(
         load_batch, fn_kwargs={"num_classes": num_classes}, batch_size=16, batch_format="numpy"
     ).materialize()
@@ -187,7 +196,9 @@ def _duplicates(good: Any) -> dict[str, str]:
     )
     first: dict[str, str] = {}
     dropped: dict[str, str] = {}
-    for image_id, stem in sorted(zip(ids["image_id"].to_pylist(), ids["stem"].to_pylist())):
+    for image_id, stem in sorted(
+        zip(ids["image_id"].to_pylist(), ids["stem"].to_pylist(), strict=True)
+    ):
         kept = first.setdefault(image_id, stem)
         if kept != stem:
             dropped[stem] = kept

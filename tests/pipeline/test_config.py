@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, builtin_configs, flatten, load_config, to_yaml
+from tests.conftest import pseudoflow_cmd
+
+
+def test_builtin_configs_load_by_name_and_path(tmp_path: Path) -> None:
+    assert {"quickstart", "smoke"} <= set(builtin_configs())
+    smoke = load_config("smoke")
+    assert smoke.name == "smoke"
+    assert smoke.data.num_classes == 4
+    path = tmp_path / "copy.yaml"
+    path.write_text(to_yaml(smoke))
+    assert load_config(str(path)) == smoke
+
+
+def test_overrides_are_typed_and_dotted() -> None:
+    cfg = load_config("smoke", ["student.steps=7", "pseudolabel.tau=0.9", "data.blocks=3"])
+    assert cfg.student.steps == 7
+    assert cfg.pseudolabel.tau == 0.9
+    assert cfg.data.blocks == 3
+
+
+def test_all_errors_reported_together_with_dotted_paths() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", ["data.sourc=x", "student.steps=abc", "pseudolabel.policy=s4mx"])
+    problems = info.value.problems
+    assert len(problems) == 3
+    text = "\n".join(problems)
+    assert "data.sourc: unknown key; valid keys here:" in text
+    assert "source" in text
+    assert "student.steps:" in text
+    assert "pseudolabel.policy:" in text
+    assert "threshold" in text
+
+
+def test_config_is_frozen() -> None:
+    cfg = load_config("smoke")
+    with pytest.raises(Exception, match="frozen"):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+def test_unknown_config_name_lists_builtins() -> None:
+    with pytest.raises(ConfigError, match="quickstart, smoke"):
+        load_config("nosuch")
+
+
+def test_folder_source_requires_root() -> None:
+    with pytest.raises(ConfigError, match=r"data\.root is required"):
+        load_config("smoke", ["data.source=folder"])
+
+
+def test_flatten_gives_dotted_string_params() -> None:
+    flat = flatten(load_config("smoke"))
+    assert flat["pseudolabel.tau"] == "0.95"
+    assert flat["data.generated.num_labeled"] == "8"
+
+
+def test_cli_unknown_key_exits_nonzero_before_work(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    result = subprocess.run(
+        pseudoflow_cmd("run", "--config", "smoke", "--root", str(root), "--set", "teacher.stepz=3"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "teacher.stepz: unknown key" in result.stderr
+    assert not root.exists()
+
+
+def test_cli_missing_data_folder_exits_nonzero_before_work(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    missing = tmp_path / "no-such-folder"
+    result = subprocess.run(
+        pseudoflow_cmd(
+            "run",
+            "--config",
+            "smoke",
+            "--root",
+            str(root),
+            "--set",
+            "data.source=folder",
+            "--set",
+            f"data.root={missing}",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert f"data folder '{missing}' does not exist" in result.stderr
+    assert not (root / "pipelines").exists()
+    assert not (root / "mlflow.db").exists()
+
+
+def test_cli_plan_lists_stages_in_order() -> None:
+    result = subprocess.run(
+        pseudoflow_cmd("plan", "--config", "smoke"), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    names = [line.split()[1] for line in result.stdout.splitlines()]
+    assert names == [
+        "ingest",
+        "train_teacher",
+        "train_detector",
+        "detect",
+        "teach",
+        "pseudolabel",
+        "train_student",
+        "evaluate",
+    ]

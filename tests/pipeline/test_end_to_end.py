@@ -1,0 +1,165 @@
+"""The whole pipeline on local Ray (CPU), through the CLI, as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from stages.core import codec
+from stages.core.models import load_checkpoint, model_from_checkpoint, segment_logits
+from stages.core.storage import DatasetRef, Storage
+from stages.ingest.generated import GeneratedSpec, generate_dataset
+from tests.conftest import pseudoflow_cmd, write_png
+
+pytestmark = pytest.mark.ray
+
+STAGES = {
+    "ingest",
+    "train_teacher",
+    "train_detector",
+    "detect",
+    "teach",
+    "pseudolabel",
+    "train_student",
+    "evaluate",
+}
+
+
+def _run(env: dict[str, str], root: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    args = ["run", "--config", "smoke", "--root", str(root)]
+    for item in overrides:
+        args += ["--set", item]
+    result = subprocess.run(
+        pseudoflow_cmd(*args), env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _table(root: Path, name: str) -> DatasetRef:
+    storage = Storage(str(root))
+    (run_dir,) = (root / "pipelines").iterdir()
+    return DatasetRef(storage, storage.path("pipelines", run_dir.name, "data", name), name)
+
+
+def _ids_by_split(root: Path) -> dict[str, set[str]]:
+    table = _table(root, "images").read_table(["image_id", "split"]).to_pylist()
+    return {
+        s: {r["image_id"] for r in table if r["split"] == s}
+        for s in ("labeled", "unlabeled", "val")
+    }
+
+
+def _expected_ids(folder: Path, stems: list[str]) -> set[str]:
+    ids = set()
+    for stem in stems:
+        image = codec.decode_png((folder / "images" / f"{stem}.png").read_bytes())
+        ids.add(codec.pixel_digest(image)[:24])
+    return ids
+
+
+def _runs(root: Path) -> tuple[object, list]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "pseudoflow"]
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    return parents[0], [
+        r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    ]
+
+
+def test_smoke_generated_end_to_end(tmp_path: Path, ray_env: dict[str, str]) -> None:
+    root = tmp_path / "root"
+    result = _run(ray_env, root)
+    assert "student mIoU (val)" in result.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in result.stdout
+
+    (source,) = (root / "sources").iterdir()
+    splits = {
+        s: (source / "splits" / f"{s}.txt").read_text().split()
+        for s in ("labeled", "unlabeled", "val")
+    }
+    assert {s: len(v) for s, v in splits.items()} == {"labeled": 8, "unlabeled": 12, "val": 6}
+    ids = _ids_by_split(root)
+    for split, stems in splits.items():
+        assert ids[split] == _expected_ids(source, stems)
+    unlabeled = ids["unlabeled"]
+    for name in ("teacher_signals", "detections", "pseudolabels"):
+        ref = _table(root, name)
+        rows = ref.read_table(["image_id"])["image_id"].to_pylist()
+        assert len(rows) == len(unlabeled) == ref.num_rows, name
+        assert set(rows) == unlabeled, name
+    assert _table(root, "quarantine").num_rows == 0
+
+    parent, children = _runs(root)
+    assert {r.data.tags["pseudoflow.stage"] for r in children} == STAGES
+    assert len(children) == len(STAGES)
+    assert all(r.data.metrics and r.info.status == "FINISHED" for r in children)
+    for key in ("teacher_miou", "student_miou", "pseudolabel_coverage", "pseudolabel_precision"):
+        assert 0.0 <= parent.data.metrics[key] <= 1.0, key
+    assert parent.data.metrics["quarantined_images"] == 0
+    assert parent.data.params["pseudolabel.tau"] == "0.95"
+
+    storage = Storage(str(root))
+    student = next((root / "pipelines").iterdir()) / "models" / "student.pt"
+    checkpoint = load_checkpoint(student.read_bytes(), source=str(student))
+    model = model_from_checkpoint(checkpoint)
+    assert "teacher:" in checkpoint["config"]
+    assert storage.is_local
+    import torch
+
+    logits = segment_logits(model, torch.zeros(2, 3, 32, 32))
+    assert logits.shape == (2, 4, 32, 32)
+
+
+def test_bad_images_are_quarantined_and_the_run_finishes(
+    tmp_path: Path, ray_env: dict[str, str]
+) -> None:
+    folder = tmp_path / "data"
+    spec = GeneratedSpec(
+        seed=3,
+        num_labeled=8,
+        num_unlabeled=10,
+        num_val=6,
+        image_size=32,
+        num_classes=4,
+        max_objects=2,
+    )
+    splits = generate_dataset(spec, folder)
+    (folder / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    write_png(folder / "images" / "wrongsize.png", np.zeros((32, 32, 3), np.uint8))
+    write_png(folder / "masks" / "wrongsize.png", np.zeros((16, 32), np.uint8))
+    with open(folder / "splits" / "unlabeled.txt", "a") as handle:
+        handle.write("corrupt\n")
+    with open(folder / "splits" / "labeled.txt", "a") as handle:
+        handle.write("wrongsize\n")
+
+    root = tmp_path / "root"
+    result = _run(
+        ray_env, root, "data.source=folder", f"data.root={folder}", "detector.enabled=false"
+    )
+    assert "quarantined images      2" in result.stdout
+
+    quarantine = _table(root, "quarantine").read_table().to_pylist()
+    reasons = {r["stem"]: r["reason"] for r in quarantine}
+    assert set(reasons) == {"corrupt", "wrongsize"}
+    assert "corrupt.png is not a readable PNG/JPEG image" in reasons["corrupt"]
+    assert "wrongsize.png is 32x16 (WxH)" in reasons["wrongsize"]
+    ids = _ids_by_split(root)
+    for split in ("labeled", "unlabeled", "val"):
+        assert ids[split] == _expected_ids(folder, splits[split])
+    rows = _table(root, "pseudolabels").read_table(["image_id"])["image_id"].to_pylist()
+    assert sorted(rows) == sorted(ids["unlabeled"])
+    assert len(rows) == 10
+
+    parent, children = _runs(root)
+    assert parent.data.metrics["quarantined_images"] == 2
+    assert {r.data.tags["pseudoflow.stage"] for r in children} == STAGES - {
+        "train_detector",
+        "detect",
+    }

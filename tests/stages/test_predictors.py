@@ -1,0 +1,99 @@
+"""Predictors are plain callables: built and called here without Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.core import codec
+from stages.core.inference import decode_for_inference
+from stages.core.models import (
+    build_detector,
+    build_segmenter,
+    checkpoint_bytes,
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+    segment_logits,
+)
+from stages.core.storage import Storage
+from stages.detect import DETECTIONS_SCHEMA, DetectorPredictor
+from stages.evaluate import ConfusionPredictor
+from stages.teach import SIGNALS_SCHEMA, TeacherPredictor, decode_signals
+
+
+def _rows(n: int, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(n)]
+    masks = [rng.integers(0, 3, size, dtype=np.uint8) for _ in range(n)]
+    return {
+        "image_id": np.array([f"id{i}" for i in range(n)]),
+        "height": np.array([size[0]] * n),
+        "width": np.array([size[1]] * n),
+        "image": np.array([codec.encode_png(i) for i in images], dtype=object),
+        "mask": np.array([codec.encode_png(m) for m in masks], dtype=object),
+    }
+
+
+def _save(tmp_path: Path, model: torch.nn.Module, kind: str, args: dict) -> tuple[Storage, str]:
+    storage = Storage(str(tmp_path))
+    path = storage.path("models", f"{kind}.pt")
+    storage.write_bytes(path, checkpoint_bytes(make_checkpoint(model, kind=kind, model_args=args)))
+    return storage, path
+
+
+def test_checkpoint_round_trip_rebuilds_same_network(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    args = {"arch": "lraspp_mobilenet_v3_large", "num_classes": 3}
+    model = build_segmenter(**args).eval()
+    storage, path = _save(tmp_path, model, "segmenter", args)
+    again = model_from_checkpoint(load_checkpoint(storage.read_bytes(path), source=path))
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(segment_logits(again, x), segment_logits(model, x))
+
+
+def test_teacher_predictor_upsamples_to_original_size(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    args = {"arch": "lraspp_mobilenet_v3_large", "num_classes": 3}
+    storage, path = _save(tmp_path, build_segmenter(**args), "segmenter", args)
+    batch = decode_for_inference(_rows(2, (20, 28)), image_size=32)
+    assert batch["image"].shape == (2, 3, 32, 32)
+    table = TeacherPredictor(storage.url, path, topk=2)(batch)
+    assert table.schema == SIGNALS_SCHEMA
+    assert table.num_rows == 2
+    indices, probs = decode_signals(table.to_pylist()[0])
+    assert indices.shape == probs.shape == (2, 20, 28)
+    assert (probs[0] >= probs[1]).all()
+    assert (probs.sum(0) <= 1 + 1e-4).all()
+
+
+def test_confusion_predictor_counts_every_valid_pixel(tmp_path: Path) -> None:
+    args = {"arch": "lraspp_mobilenet_v3_large", "num_classes": 3}
+    storage, path = _save(tmp_path, build_segmenter(**args), "segmenter", args)
+    batch = decode_for_inference(_rows(3, (16, 16)), image_size=32)
+    out = ConfusionPredictor(storage.url, path, num_classes=3)(batch)
+    assert out["confusion"].shape == (1, 9)
+    assert out["confusion"].sum() == 3 * 16 * 16
+
+
+def test_detector_predictor_boxes_in_original_coordinates(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    args = {
+        "arch": "fasterrcnn_mobilenet_v3_large_fpn",
+        "num_classes": 3,
+        "min_size": 64,
+        "max_size": 64,
+    }
+    storage, path = _save(tmp_path, build_detector(**args), "detector", args)
+    batch = decode_for_inference(_rows(2, (40, 80)), image_size=32)
+    table = DetectorPredictor(storage.url, path, min_score=0.0)(batch)
+    assert table.schema == DETECTIONS_SCHEMA
+    assert table.num_rows == 2
+    for row in table.to_pylist():
+        boxes = np.asarray(row["boxes"]).reshape(-1, 4)
+        assert len(boxes) == row["num_boxes"] == len(row["scores"]) == len(row["labels"])
+        if len(boxes):
+            assert boxes[:, [0, 2]].max() <= 80 + 1e-3
+            assert boxes[:, [1, 3]].max() <= 40 + 1e-3

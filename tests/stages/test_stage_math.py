@@ -1,0 +1,94 @@
+"""Pure parts of the stages, without Ray: boxes, IoU, threshold maps, signal encoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from stages.core import codec
+from stages.evaluate import confusion, iou_from_confusion
+from stages.pseudolabel.stage import PSEUDOLABELS_SCHEMA, label_batch, threshold_maps
+from stages.teach import SIGNALS_SCHEMA, decode_signals, encode_signals
+from stages.train_detector import boxes_from_mask
+
+
+def test_boxes_from_mask_components_per_class() -> None:
+    mask = np.zeros((6, 8), np.uint8)
+    mask[1:3, 1:4] = 1  # rows 1-2, cols 1-3 -> (1, 1, 4, 3)
+    mask[4, 6] = 1  # single pixel, below min_area 2 -> dropped
+    mask[3:6, 5:7] = 2  # rows 3-5, cols 5-6 -> (5, 3, 7, 6)
+    mask[0, 7] = 255
+    boxes, labels = boxes_from_mask(mask, num_classes=3, min_area=2)
+    assert labels.tolist() == [1, 2]
+    assert boxes.tolist() == [[1, 1, 4, 3], [5, 3, 7, 6]]
+
+
+def test_boxes_from_mask_diagonal_touch_is_one_component() -> None:
+    mask = np.zeros((4, 4), np.uint8)
+    mask[0, 0] = mask[1, 1] = 1  # 8-connected
+    boxes, labels = boxes_from_mask(mask, num_classes=2, min_area=1)
+    assert boxes.tolist() == [[0, 0, 2, 2]]
+    assert labels.tolist() == [1]
+
+
+def test_confusion_and_iou_hand_computed() -> None:
+    target = np.array([0, 0, 1, 1, 2, 255])
+    pred = np.array([0, 1, 1, 1, 0, 2])
+    matrix = confusion(pred, target, 3)
+    assert matrix.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    iou, miou = iou_from_confusion(matrix)
+    # class 0: tp 1, fp 1, fn 1 -> 1/3; class 1: tp 2, fp 1 -> 2/3; class 2: tp 0 fn 1 -> 0
+    np.testing.assert_allclose(iou, [1 / 3, 2 / 3, 0.0])
+    assert abs(miou - 1 / 3) < 1e-12
+
+
+def test_iou_absent_class_is_nan_and_skipped() -> None:
+    matrix = np.array([[3, 0], [0, 0]])
+    iou, miou = iou_from_confusion(matrix)
+    assert iou[0] == 1.0
+    assert np.isnan(iou[1])
+    assert miou == 1.0
+
+
+def test_signals_round_trip_within_quantisation_bound() -> None:
+    probs = torch.tensor([[[0.96, 0.2]], [[0.03, 0.5]], [[0.01, 0.3]]])  # C=3, H=1, W=2
+    index_bytes, prob_bytes, k = encode_signals(probs, topk=2)
+    row = {"topk": k, "height": 1, "width": 2, "topk_index": index_bytes, "topk_prob": prob_bytes}
+    indices, values = decode_signals(row)
+    assert indices[:, 0, :].tolist() == [[0, 1], [1, 2]]
+    np.testing.assert_allclose(values[:, 0, :], [[0.96, 0.5], [0.03, 0.3]], atol=1 / 131070)
+
+
+def test_threshold_maps_keep_at_tau() -> None:
+    probs = np.array([[[0.95, 0.9499, 0.99]]], np.float32)
+    labels = np.array([[[2, 1, 0]]], np.uint8)
+    label, keep, weight = threshold_maps(probs, labels, tau=0.95)
+    assert label.tolist() == [[2, 1, 0]]
+    assert keep.tolist() == [[True, False, True]]
+    assert weight.tolist() == [[1.0, 1.0, 1.0]]
+
+
+def test_label_batch_rows() -> None:
+    probs = torch.tensor([[[0.97, 0.6]], [[0.03, 0.4]]])
+    index_bytes, prob_bytes, k = encode_signals(probs, topk=2)
+    table = pa.table(
+        {
+            "image_id": ["x"],
+            "height": [1],
+            "width": [2],
+            "num_classes": [2],
+            "topk": [k],
+            "topk_index": [index_bytes],
+            "topk_prob": [prob_bytes],
+        },
+        schema=SIGNALS_SCHEMA,
+    )
+    out = label_batch(table, {"policy": "threshold", "tau": 0.95})
+    assert out.schema == PSEUDOLABELS_SCHEMA
+    assert out.num_rows == 1
+    row = out.to_pylist()[0]
+    assert codec.unpack_mask(row["keep"], 1, 2).tolist() == [[True, False]]
+    assert codec.decode_png(row["label"]).tolist() == [[0, 0]]
+    assert np.frombuffer(row["weight"], np.uint8).tolist() == [255, 0]
+    assert abs(row["coverage"] - 0.5) < 1e-7
