@@ -168,14 +168,14 @@ def _evaluate(ctx: Context) -> dict[str, float]:
     data, images = ctx.config.data, ctx.dataset("images")
     metrics: dict[str, float] = {}
     per_class: dict[str, list[float]] = {}
-    for model in ("teacher", "student"):
-        result = evaluate.evaluate_model(
-            ctx.config.evaluate,
-            images=images,
-            checkpoint_path=ctx.model_path(model),
-            num_classes=data.num_classes,
-            image_size=data.image_size,
-        )
+    results = evaluate.evaluate_models(
+        ctx.config.evaluate,
+        images=images,
+        checkpoints={m: ctx.model_path(m) for m in ("teacher", "student")},
+        num_classes=data.num_classes,
+        image_size=data.image_size,
+    )
+    for model, result in results.items():
         metrics[f"{model}_miou"] = result["miou"]
         per_class[model] = result["iou"]
         for name, iou in zip(data.names(), result["iou"], strict=True):

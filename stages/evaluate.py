@@ -44,36 +44,47 @@ def iou_from_confusion(matrix: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 class ConfusionPredictor:
-    """Callable class: decoded val images -> one row holding the batch's confusion matrix."""
+    """Callable class: decoded val images -> one row holding, for each model, the batch's
+    confusion matrix (every model is evaluated in the same pass over the images)."""
 
-    def __init__(self, storage_url: str, checkpoint_path: str, num_classes: int, gpus: float = 0.0):
+    def __init__(
+        self, storage_url: str, checkpoints: dict[str, str], num_classes: int, gpus: float = 0.0
+    ):
         self.device = pick_device(gpus)
-        model, _ = load_model(storage_url, checkpoint_path)
-        self.model = model.to(self.device)
+        self.models = {
+            name: load_model(storage_url, path)[0].to(self.device)
+            for name, path in checkpoints.items()
+        }
         self.num_classes = num_classes
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = data.normalize(torch.from_numpy(batch["image"]).to(self.device))
-        probs = segment_logits(self.model, images).softmax(dim=1)
-        total = np.zeros((self.num_classes, self.num_classes), np.int64)
-        for i in range(len(batch["image_id"])):
-            h, w = int(batch["height"][i]), int(batch["width"][i])
-            pred = upsample_probs(probs[i], h, w).argmax(0).cpu().numpy()
-            target = data.decode_mask(batch["mask"][i], h, w).numpy()
-            total += confusion(pred, target, self.num_classes)
-        return {"confusion": total.reshape(1, -1)}
+        sizes = [(int(h), int(w)) for h, w in zip(batch["height"], batch["width"], strict=True)]
+        targets = [
+            data.decode_mask(m, h, w).numpy()
+            for m, (h, w) in zip(batch["mask"], sizes, strict=True)
+        ]
+        out = {}
+        for name, model in self.models.items():
+            probs = segment_logits(model, images).softmax(dim=1)
+            total = np.zeros((self.num_classes, self.num_classes), np.int64)
+            for i, (h, w) in enumerate(sizes):
+                pred = upsample_probs(probs[i], h, w).argmax(0).cpu().numpy()
+                total += confusion(pred, targets[i], self.num_classes)
+            out[f"confusion_{name}"] = total.reshape(1, -1)
+        return out
 
 
-def evaluate_model(
+def evaluate_models(
     cfg: EvaluateConfig,
     *,
     images: DatasetRef,
-    checkpoint_path: str,
+    checkpoints: dict[str, str],
     num_classes: int,
     image_size: int,
-) -> dict[str, Any]:
-    """Val mIoU and per-class IoU of one checkpoint."""
+) -> dict[str, dict[str, Any]]:
+    """Val mIoU and per-class IoU of each checkpoint (name -> storage path), in one pass."""
     import ray
 
     val = read_split(images, "val", columns=["image_id", "height", "width", "image", "mask"])
@@ -84,7 +95,7 @@ def evaluate_model(
         ConfusionPredictor,
         fn_constructor_kwargs={
             "storage_url": images.storage.url,
-            "checkpoint_path": checkpoint_path,
+            "checkpoints": checkpoints,
             "num_classes": num_classes,
             "gpus": cfg.gpus_per_actor,
         },
@@ -93,9 +104,13 @@ def evaluate_model(
         batch_size=cfg.batch_size,
         batch_format="numpy",
     ).take_all()
-    matrix = np.sum([np.asarray(r["confusion"]) for r in rows], axis=0).reshape(num_classes, -1)
-    iou, miou = iou_from_confusion(matrix)
-    return {"miou": miou, "iou": iou.tolist(), "val_pixels": int(matrix.sum())}
+    results = {}
+    for name in checkpoints:
+        parts = [np.asarray(r[f"confusion_{name}"]) for r in rows]
+        matrix = np.sum(parts, axis=0).reshape(num_classes, num_classes)
+        iou, miou = iou_from_confusion(matrix)
+        results[name] = {"miou": miou, "iou": iou.tolist(), "val_pixels": int(matrix.sum())}
+    return results
 
 
 def pseudolabel_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -36,9 +36,29 @@ class DetectorConfig(StrictModel):
     lr: float = Field(0.01, gt=0)
     min_size: int = Field(128, ge=32, description="the detector's internal resize (short side)")
     min_box_area: int = Field(4, ge=1, description="smaller mask components give no box")
+    proposals: int = Field(128, ge=1, description="RPN proposals kept after NMS per image")
+    roi_samples: int = Field(64, ge=1, description="RoIs sampled per image for the box head")
+    max_detections: int = Field(32, ge=1, description="detections returned per image")
     log_every: int = Field(25, ge=1)
     workers: int = Field(1, ge=1)
     weights: str | None = None
+
+
+def detector_args(cfg: DetectorConfig, num_classes: int) -> dict[str, Any]:
+    """Builder arguments (stored in the checkpoint): torchvision's proposal and RoI counts are
+    sized for 800-pixel images; these scale them to the small inputs this detector sees."""
+    return {
+        "arch": cfg.arch,
+        "num_classes": num_classes,
+        "min_size": cfg.min_size,
+        "max_size": cfg.min_size,
+        "rpn_pre_nms_top_n_train": 4 * cfg.proposals,
+        "rpn_post_nms_top_n_train": cfg.proposals,
+        "rpn_pre_nms_top_n_test": 2 * cfg.proposals,
+        "rpn_post_nms_top_n_test": cfg.proposals // 2 or 1,
+        "box_batch_size_per_image": cfg.roi_samples,
+        "box_detections_per_img": cfg.max_detections,
+    }
 
 
 def boxes_from_mask(
@@ -91,12 +111,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(loop_config["seed"] + rank)
     torch.set_num_threads(loop_config["torch_threads"])
     worker_logging()
-    model_args = {
-        "arch": cfg.arch,
-        "num_classes": num_classes,
-        "min_size": cfg.min_size,
-        "max_size": cfg.min_size,
-    }
+    model_args = detector_args(cfg, num_classes)
     model = ray.train.torch.prepare_model(build_detector(**model_args))
     device = ray.train.torch.get_device()
     params = [p for p in model.parameters() if p.requires_grad]

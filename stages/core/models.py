@@ -57,10 +57,13 @@ def segment_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def build_detector(*, arch: str, num_classes: int, min_size: int, max_size: int) -> nn.Module:
+def build_detector(
+    *, arch: str, num_classes: int, min_size: int, max_size: int, **options: int
+) -> nn.Module:
     """A torchvision detector (Faster R-CNN family) with random weights.
 
-    ``num_classes`` counts the detector's background class 0, as torchvision expects.
+    ``num_classes`` counts the detector's background class 0, as torchvision expects;
+    ``options`` go to torchvision's ``FasterRCNN`` (proposal and RoI counts).
     """
     valid = detection_architectures()
     if arch not in valid:
@@ -72,6 +75,7 @@ def build_detector(*, arch: str, num_classes: int, min_size: int, max_size: int)
         num_classes=num_classes,
         min_size=min_size,
         max_size=max_size,
+        **options,
     )
     return model
 

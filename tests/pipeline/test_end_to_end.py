@@ -7,10 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from stages.core import codec
-from stages.core.models import load_checkpoint, model_from_checkpoint, segment_logits
+from stages.core.models import (
+    build_segmenter,
+    load_checkpoint,
+    model_from_checkpoint,
+    segment_logits,
+)
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest.generated import GeneratedSpec, generate_dataset
 from tests.conftest import pseudoflow_cmd, write_png
@@ -111,8 +117,6 @@ def test_smoke_generated_end_to_end(tmp_path: Path, ray_env: dict[str, str]) -> 
     model = model_from_checkpoint(checkpoint)
     assert "teacher:" in checkpoint["config"]
     assert storage.is_local
-    import torch
-
     logits = segment_logits(model, torch.zeros(2, 3, 32, 32))
     assert logits.shape == (2, 4, 32, 32)
 
@@ -139,9 +143,20 @@ def test_bad_images_are_quarantined_and_the_run_finishes(
     with open(folder / "splits" / "labeled.txt", "a") as handle:
         handle.write("wrongsize\n")
 
+    # Given weights (a plain torchvision state dict) replace training here: this run is about ingest.
+    weights = tmp_path / "weights.pt"
+    torch.save(
+        build_segmenter(arch="lraspp_mobilenet_v3_large", num_classes=4).state_dict(), weights
+    )
     root = tmp_path / "root"
     result = _run(
-        ray_env, root, "data.source=folder", f"data.root={folder}", "detector.enabled=false"
+        ray_env,
+        root,
+        "data.source=folder",
+        f"data.root={folder}",
+        "detector.enabled=false",
+        f"teacher.weights={weights}",
+        f"student.weights={weights}",
     )
     assert "quarantined images      2" in result.stdout
 
@@ -159,6 +174,8 @@ def test_bad_images_are_quarantined_and_the_run_finishes(
 
     parent, children = _runs(root)
     assert parent.data.metrics["quarantined_images"] == 2
+    teacher = next(r for r in children if r.data.tags["pseudoflow.stage"] == "train_teacher")
+    assert teacher.data.metrics["trained_steps"] == 0
     assert {r.data.tags["pseudoflow.stage"] for r in children} == STAGES - {
         "train_detector",
         "detect",

@@ -73,9 +73,10 @@ def test_confusion_predictor_counts_every_valid_pixel(tmp_path: Path) -> None:
     args = {"arch": "lraspp_mobilenet_v3_large", "num_classes": 3}
     storage, path = _save(tmp_path, build_segmenter(**args), "segmenter", args)
     batch = decode_for_inference(_rows(3, (16, 16)), image_size=32)
-    out = ConfusionPredictor(storage.url, path, num_classes=3)(batch)
-    assert out["confusion"].shape == (1, 9)
-    assert out["confusion"].sum() == 3 * 16 * 16
+    out = ConfusionPredictor(storage.url, {"a": path, "b": path}, num_classes=3)(batch)
+    assert out["confusion_a"].shape == (1, 9)
+    assert out["confusion_a"].sum() == 3 * 16 * 16
+    np.testing.assert_array_equal(out["confusion_a"], out["confusion_b"])
 
 
 def test_detector_predictor_boxes_in_original_coordinates(tmp_path: Path) -> None:
