@@ -12,9 +12,14 @@ import pyarrow as pa
 import torch
 from pydantic import Field
 
-from stages.core.inference import InferenceConfig, decode_for_inference, load_model, pick_device
+from stages.core.inference import (
+    InferenceConfig,
+    load_model,
+    pick_device,
+    predict_split,
+    write_committed,
+)
 from stages.core.storage import DatasetRef
-from stages.core.tables import read_split
 
 DETECTIONS_SCHEMA = pa.schema(
     [
@@ -68,27 +73,15 @@ def run(
     cfg: DetectConfig, *, images: DatasetRef, checkpoint_path: str, image_size: int, out: DatasetRef
 ) -> dict[str, float]:
     """Run the detector over the unlabeled split with an actor pool; write and commit."""
-    import ray
-
-    unlabeled = read_split(images, "unlabeled", columns=["image_id", "height", "width", "image"])
-    decoded = unlabeled.map_batches(
-        decode_for_inference, fn_kwargs={"image_size": image_size}, batch_size=cfg.batch_size
-    )
-    detections = decoded.map_batches(
+    detections = predict_split(
+        images,
+        "unlabeled",
+        ["image_id", "height", "width", "image"],
         DetectorPredictor,
-        fn_constructor_kwargs={
-            "storage_url": images.storage.url,
-            "checkpoint_path": checkpoint_path,
-            "min_score": cfg.min_score,
-            "gpus": cfg.gpus_per_actor,
-        },
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_gpus=cfg.gpus_per_actor,
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
+        {"checkpoint_path": checkpoint_path, "min_score": cfg.min_score},
+        cfg=cfg,
+        image_size=image_size,
     )
-    out.prepare()
-    detections.write_parquet(out.directory, filesystem=out.storage.arrow_fs(), compression="zstd")
-    manifest = out.commit({"schema": "detections/1"})
+    manifest = write_committed(detections, out, "detections/1")
     counts = out.read_table(columns=["num_boxes"])["num_boxes"].to_numpy()
     return {"images": float(manifest["rows"]), "boxes_per_image": float(counts.mean())}

@@ -12,9 +12,9 @@ import torch
 from stages.core import codec, data
 from stages.core.inference import (
     InferenceConfig,
-    decode_for_inference,
     load_model,
     pick_device,
+    predict_split,
     upsample_probs,
 )
 from stages.core.models import segment_logits
@@ -85,24 +85,14 @@ def evaluate_models(
     image_size: int,
 ) -> dict[str, dict[str, Any]]:
     """Val mIoU and per-class IoU of each checkpoint (name -> storage path), in one pass."""
-    import ray
-
-    val = read_split(images, "val", columns=["image_id", "height", "width", "image", "mask"])
-    decoded = val.map_batches(
-        decode_for_inference, fn_kwargs={"image_size": image_size}, batch_size=cfg.batch_size
-    )
-    rows = decoded.map_batches(
+    rows = predict_split(
+        images,
+        "val",
+        ["image_id", "height", "width", "image", "mask"],
         ConfusionPredictor,
-        fn_constructor_kwargs={
-            "storage_url": images.storage.url,
-            "checkpoints": checkpoints,
-            "num_classes": num_classes,
-            "gpus": cfg.gpus_per_actor,
-        },
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_gpus=cfg.gpus_per_actor,
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
+        {"checkpoints": checkpoints, "num_classes": num_classes},
+        cfg=cfg,
+        image_size=image_size,
     ).take_all()
     results = {}
     for name in checkpoints:

@@ -18,14 +18,14 @@ from pydantic import Field
 from stages.core import codec, data
 from stages.core.inference import (
     InferenceConfig,
-    decode_for_inference,
     load_model,
     pick_device,
+    predict_split,
     upsample_probs,
+    write_committed,
 )
 from stages.core.models import segment_logits
 from stages.core.storage import DatasetRef
-from stages.core.tables import read_split
 
 logger = logging.getLogger(__name__)
 
@@ -95,26 +95,14 @@ def run(
     cfg: TeachConfig, *, images: DatasetRef, checkpoint_path: str, image_size: int, out: DatasetRef
 ) -> dict[str, float]:
     """Run the teacher over the unlabeled split with an actor pool; write and commit signals."""
-    import ray
-
-    unlabeled = read_split(images, "unlabeled", columns=["image_id", "height", "width", "image"])
-    decoded = unlabeled.map_batches(
-        decode_for_inference, fn_kwargs={"image_size": image_size}, batch_size=cfg.batch_size
-    )
-    signals = decoded.map_batches(
+    signals = predict_split(
+        images,
+        "unlabeled",
+        ["image_id", "height", "width", "image"],
         TeacherPredictor,
-        fn_constructor_kwargs={
-            "storage_url": images.storage.url,
-            "checkpoint_path": checkpoint_path,
-            "topk": cfg.topk,
-            "gpus": cfg.gpus_per_actor,
-        },
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_gpus=cfg.gpus_per_actor,
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
+        {"checkpoint_path": checkpoint_path, "topk": cfg.topk},
+        cfg=cfg,
+        image_size=image_size,
     )
-    out.prepare()
-    signals.write_parquet(out.directory, filesystem=out.storage.arrow_fs(), compression="zstd")
-    manifest = out.commit({"schema": "teacher_signals/1"})
+    manifest = write_committed(signals, out, "teacher_signals/1")
     return {"images": float(manifest["rows"])}

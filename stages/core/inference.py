@@ -16,7 +16,8 @@ from torch import nn
 from stages.core import data
 from stages.core.config import StrictModel
 from stages.core.models import load_checkpoint, model_from_checkpoint
-from stages.core.storage import Storage
+from stages.core.storage import DatasetRef, Storage
+from stages.core.tables import read_split
 
 
 class InferenceConfig(StrictModel):
@@ -59,3 +60,41 @@ def upsample_probs(probs: torch.Tensor, height: int, width: int) -> torch.Tensor
     return torch.nn.functional.interpolate(
         probs[None], size=(height, width), mode="bilinear", align_corners=False
     )[0]
+
+
+def predict_split(
+    images: DatasetRef,
+    split: str,
+    columns: list[str],
+    predictor: type,
+    predictor_kwargs: dict[str, Any],
+    *,
+    cfg: InferenceConfig,
+    image_size: int,
+) -> Any:
+    """A lazy Ray Dataset: one split's images, decoded and resized by CPU tasks, then passed
+    through ``predictor`` (a callable class) on an actor pool of ``cfg.actors`` actors."""
+    import ray
+
+    decoded = read_split(images, split, columns).map_batches(
+        decode_for_inference, fn_kwargs={"image_size": image_size}, batch_size=cfg.batch_size
+    )
+    return decoded.map_batches(
+        predictor,
+        fn_constructor_kwargs={
+            "storage_url": images.storage.url,
+            "gpus": cfg.gpus_per_actor,
+            **predictor_kwargs,
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        num_gpus=cfg.gpus_per_actor,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+    )
+
+
+def write_committed(dataset: Any, out: DatasetRef, schema: str) -> dict[str, Any]:
+    """Write a Ray Dataset as zstd Parquet shards into ``out`` and commit it (manifest last)."""
+    out.prepare()
+    dataset.write_parquet(out.directory, filesystem=out.storage.arrow_fs(), compression="zstd")
+    return out.commit({"schema": schema})

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from stages.core import codec
 from stages.core.config import StrictModel
+from stages.core.inference import write_committed
 from stages.core.storage import DatasetRef
 from stages.core.tables import read_dataset
 from stages.pseudolabel import ops
@@ -82,8 +83,6 @@ def run(cfg: PseudolabelConfig, *, signals: DatasetRef, out: DatasetRef) -> dict
     dataset = read_dataset(signals).map_batches(
         label_batch, fn_kwargs={"cfg": cfg.model_dump()}, batch_format="pyarrow", batch_size=16
     )
-    out.prepare()
-    dataset.write_parquet(out.directory, filesystem=out.storage.arrow_fs(), compression="zstd")
-    manifest = out.commit({"schema": "pseudolabels/1", "policy": cfg.policy})
+    manifest = write_committed(dataset, out, "pseudolabels/1")
     coverage = out.read_table(columns=["coverage"])["coverage"].to_numpy()
     return {"images": float(manifest["rows"]), "mean_image_coverage": float(coverage.mean())}
