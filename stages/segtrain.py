@@ -9,6 +9,7 @@ the image and to the stored label and weight maps alike. Periodic work is ``if s
 
 from __future__ import annotations
 
+import io
 import logging
 import tempfile
 import time
@@ -272,7 +273,7 @@ def given_weights(path: str, *, arch: str, num_classes: int) -> bytes:
         return _checkpoint_bytes(load_checkpoint(raw, source=path))
     except ValueError:
         pass  # not our format: try a plain state dict below
-    state = torch.load(__import__("io").BytesIO(raw), map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
     model = build_segmenter(arch=arch, num_classes=num_classes)
     try:
         model.load_state_dict(state)

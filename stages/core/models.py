@@ -118,9 +118,8 @@ def checkpoint_bytes(checkpoint: dict[str, Any]) -> bytes:
 def load_checkpoint(data: bytes, *, source: str) -> dict[str, Any]:
     """Read a checkpoint safely (``weights_only=True``: tensors and primitives, no pickled code)."""
     try:
-        checkpoint: dict[str, Any] = torch.load(
-            io.BytesIO(data), map_location="cpu", weights_only=True
-        )
+        raw = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        checkpoint: dict[str, Any] = raw
     except Exception as exc:
         raise ValueError(f"{source}: not a readable pseudoflow checkpoint: {exc}") from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
