@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, PipelineConfig, load_config
 from stages.ingest.folder import SourceError
+
+if TYPE_CHECKING:
+    from pipeline.runner import RunSummary
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -19,7 +23,7 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _load(config: str, overrides: tuple[str, ...]):  # type: ignore[no-untyped-def]
+def _load(config: str, overrides: tuple[str, ...]) -> PipelineConfig:
     try:
         return load_config(config, list(overrides))
     except ConfigError as exc:
@@ -76,7 +80,7 @@ def plan(config: str, overrides: tuple[str, ...]) -> None:
         click.echo(f"{status:16} {stage.name:15} reads {reads:40} writes {writes}")
 
 
-def format_summary(summary) -> str:  # type: ignore[no-untyped-def]
+def format_summary(summary: RunSummary) -> str:
     m = summary.metrics
 
     def fmt(key: str) -> str:

@@ -39,6 +39,7 @@ class Context:
         threads = self.config.runtime.torch_threads or os.cpu_count() or 1
         return {
             "seed": self.config.seed,
+            "image_size": self.config.data.image_size,
             "torch_threads": threads,
             "sink": self.sink,
             "resolved_config": to_yaml(self.config),
@@ -77,7 +78,7 @@ def _train_teacher(ctx: Context) -> dict[str, float]:
     datasets = (
         {}
         if cfg.weights
-        else {"labeled": segtrain.labeled_dataset(ctx.dataset("images"), cfg.image_size)}
+        else {"labeled": segtrain.labeled_dataset(ctx.dataset("images"), data.image_size)}
     )
     return segtrain.run_segmenter(
         cfg,
@@ -142,9 +143,9 @@ def _train_student(ctx: Context) -> dict[str, float]:
     cfg, data = ctx.config.student, ctx.config.data
     images = ctx.dataset("images")
     datasets = {
-        "labeled": segtrain.labeled_dataset(images, cfg.image_size),
+        "labeled": segtrain.labeled_dataset(images, data.image_size),
         "unlabeled": segtrain.unlabeled_dataset(
-            images, ctx.dataset("pseudolabels"), cfg.image_size
+            images, ctx.dataset("pseudolabels"), data.image_size
         ),
     }
     extra = {

@@ -9,7 +9,6 @@ the image and to the stored label and weight maps alike. Periodic work is ``if s
 
 from __future__ import annotations
 
-import io
 import logging
 import tempfile
 import time
@@ -27,9 +26,8 @@ from stages.core import codec, data
 from stages.core.config import StrictModel
 from stages.core.models import (
     build_segmenter,
-    load_checkpoint,
+    given_checkpoint,
     make_checkpoint,
-    model_from_checkpoint,
     segment_logits,
 )
 from stages.core.storage import DatasetRef, Storage
@@ -54,7 +52,6 @@ class SegTrainConfig(StrictModel):
     batch_size: int = Field(8, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    image_size: int = Field(64, ge=16)
     log_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
     workers: int = Field(1, ge=1, description="Ray Train workers (execution only)")
@@ -162,7 +159,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if alpha > 0:
         shard = ray.train.get_dataset_shard("unlabeled")
         unlabeled = _batches(shard, loop_config["unlabeled_batch_size"], 1000 + rank)
-    weak, strong = data.weak_transform(cfg.image_size), data.strong_transform(cfg.image_size)
+    size = loop_config["image_size"]
+    weak, strong = data.weak_transform(size), data.strong_transform(size)
     sink: MetricSink | None = loop_config.get("sink") if rank == 0 else None
     started, window = time.perf_counter(), []
     for step in range(start, cfg.steps):
@@ -259,41 +257,6 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return int(state["step"])
 
 
-def given_weights(path: str, *, arch: str, num_classes: int) -> bytes:
-    """Checkpoint bytes for user-given weights: a pseudoflow checkpoint, or a plain state dict of
-    the configured architecture (read with ``weights_only=True``)."""
-    import fsspec
-
-    try:
-        with fsspec.open(path, "rb") as handle:
-            raw = handle.read()
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"weights file {path!r} cannot be read: {exc}") from exc
-    try:
-        return _checkpoint_bytes(load_checkpoint(raw, source=path))
-    except ValueError:
-        pass  # not our format: try a plain state dict below
-    state = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
-    model = build_segmenter(arch=arch, num_classes=num_classes)
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"weights file {path!r} does not fit {arch} with {num_classes} classes: {exc}"
-        ) from exc
-    checkpoint = make_checkpoint(
-        model, kind="segmenter", model_args={"arch": arch, "num_classes": num_classes}
-    )
-    return _checkpoint_bytes(checkpoint)
-
-
-def _checkpoint_bytes(checkpoint: dict[str, Any]) -> bytes:
-    from stages.core.models import checkpoint_bytes
-
-    model_from_checkpoint(checkpoint)  # fails early, naming the problem, if it cannot be built
-    return checkpoint_bytes(checkpoint)
-
-
 def labeled_dataset(images: DatasetRef, image_size: int) -> Any:
     """The labeled split as fixed-size arrays (materialised: it is iterated every epoch)."""
     columns = ["image_id", "height", "width", "image", "mask"]
@@ -331,7 +294,9 @@ def run_segmenter(
 ) -> dict[str, float]:
     """Train (or load given weights), then write the checkpoint to ``out_path`` in storage."""
     if cfg.weights:
-        blob = given_weights(cfg.weights, arch=cfg.arch, num_classes=num_classes)
+        blob = given_checkpoint(
+            cfg.weights, kind="segmenter", num_classes=num_classes, arch=cfg.arch
+        )
         storage.write_bytes(out_path, blob)
         return {"trained_steps": 0.0}
     loop_config = {"train": cfg.model_dump(), "num_classes": num_classes, **loop_extra}

@@ -176,18 +176,12 @@ def run(
     use_gpu: bool,
 ) -> dict[str, float]:
     """Train the detector with Ray Train (or load given weights); write its checkpoint."""
-    from stages.core.models import checkpoint_bytes, load_checkpoint, model_from_checkpoint
+    from stages.core.models import given_checkpoint
     from stages.core.training import fit
 
     if cfg.weights:
-        with open(cfg.weights, "rb") as handle:
-            checkpoint = load_checkpoint(handle.read(), source=cfg.weights)
-        if checkpoint.get("kind") != "detector":
-            raise ValueError(
-                f"{cfg.weights}: a {checkpoint.get('kind')} checkpoint, not a detector"
-            )
-        model_from_checkpoint(checkpoint)
-        storage.write_bytes(out_path, checkpoint_bytes(checkpoint))
+        blob = given_checkpoint(cfg.weights, kind="detector", num_classes=num_classes)
+        storage.write_bytes(out_path, blob)
         return {"trained_steps": 0.0}
     blob = fit(
         train_loop,

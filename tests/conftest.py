@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +13,18 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The pipeline's stages in run order, written out here (not taken from the code under test).
+STAGE_NAMES = (
+    "ingest",
+    "train_teacher",
+    "train_detector",
+    "detect",
+    "teach",
+    "pseudolabel",
+    "train_student",
+    "evaluate",
+)
 
 
 @pytest.fixture
@@ -31,8 +44,17 @@ def ray_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def pseudoflow_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", *args]
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m pipeline ARGS`` as a user would; returns the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def write_png(path: Path, array: np.ndarray) -> None:

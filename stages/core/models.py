@@ -115,16 +115,65 @@ def checkpoint_bytes(checkpoint: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def load_checkpoint(data: bytes, *, source: str) -> dict[str, Any]:
-    """Read a checkpoint safely (``weights_only=True``: tensors and primitives, no pickled code)."""
+def _torch_load(data: bytes, source: str) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and primitives only, never code."""
     try:
-        raw = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-        checkpoint: dict[str, Any] = raw
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as exc:
-        raise ValueError(f"{source}: not a readable pseudoflow checkpoint: {exc}") from exc
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{source}: not a readable weights file: {exc}") from exc
+
+
+def _is_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+
+
+def load_checkpoint(data: bytes, *, source: str) -> dict[str, Any]:
+    """Read a pseudoflow checkpoint safely (``weights_only=True``)."""
+    checkpoint = _torch_load(data, source)
+    if not _is_checkpoint(checkpoint):
         raise ValueError(f"{source}: not a pseudoflow checkpoint (format {CHECKPOINT_FORMAT})")
-    return checkpoint
+    result: dict[str, Any] = checkpoint
+    return result
+
+
+def given_checkpoint(path: str, *, kind: str, num_classes: int, arch: str | None = None) -> bytes:
+    """Checkpoint bytes for weights a user points to (local path or fsspec URL).
+
+    Accepted: a pseudoflow checkpoint of ``kind`` with ``num_classes`` classes, or, for a
+    segmenter, a plain state dict of ``arch``. The network is built once to check it loads.
+    """
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"weights file {path!r} cannot be read: {exc}") from exc
+    obj = _torch_load(data, path)
+    if _is_checkpoint(obj):
+        checkpoint: dict[str, Any] = obj
+    elif kind == "segmenter" and arch is not None:
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "kind": kind,
+            "state_dict": obj,
+            "model_args": {"arch": arch, "num_classes": num_classes},
+        }
+    else:
+        raise ValueError(f"{path}: {kind} weights must be a pseudoflow checkpoint")
+    found = (checkpoint.get("kind"), checkpoint["model_args"].get("num_classes"))
+    if found != (kind, num_classes):
+        raise ValueError(
+            f"{path}: a {found[0]} with {found[1]} classes; expected a {kind} "
+            f"with {num_classes} classes"
+        )
+    try:
+        model_from_checkpoint(checkpoint)
+    except (RuntimeError, TypeError, KeyError) as exc:
+        raise ValueError(
+            f"weights file {path!r} does not fit {checkpoint['model_args']}: {exc}"
+        ) from exc
+    return checkpoint_bytes(checkpoint)
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:

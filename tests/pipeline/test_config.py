@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import ConfigError, builtin_configs, flatten, load_config, to_yaml
-from tests.conftest import pseudoflow_cmd
+from tests.conftest import STAGE_NAMES, run_cli
 
 
 def test_builtin_configs_load_by_name_and_path(tmp_path: Path) -> None:
@@ -63,12 +62,7 @@ def test_flatten_gives_dotted_string_params() -> None:
 
 def test_cli_unknown_key_exits_nonzero_before_work(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    result = subprocess.run(
-        pseudoflow_cmd("run", "--config", "smoke", "--root", str(root), "--set", "teacher.stepz=3"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("run", "--config", "smoke", "--root", str(root), "--set", "teacher.stepz=3")
     assert result.returncode == 2
     assert "teacher.stepz: unknown key" in result.stderr
     assert not root.exists()
@@ -77,21 +71,16 @@ def test_cli_unknown_key_exits_nonzero_before_work(tmp_path: Path) -> None:
 def test_cli_missing_data_folder_exits_nonzero_before_work(tmp_path: Path) -> None:
     root = tmp_path / "root"
     missing = tmp_path / "no-such-folder"
-    result = subprocess.run(
-        pseudoflow_cmd(
-            "run",
-            "--config",
-            "smoke",
-            "--root",
-            str(root),
-            "--set",
-            "data.source=folder",
-            "--set",
-            f"data.root={missing}",
-        ),
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_cli(
+        "run",
+        "--config",
+        "smoke",
+        "--root",
+        str(root),
+        "--set",
+        "data.source=folder",
+        "--set",
+        f"data.root={missing}",
     )
     assert result.returncode == 2
     assert f"data folder '{missing}' does not exist" in result.stderr
@@ -100,18 +89,7 @@ def test_cli_missing_data_folder_exits_nonzero_before_work(tmp_path: Path) -> No
 
 
 def test_cli_plan_lists_stages_in_order() -> None:
-    result = subprocess.run(
-        pseudoflow_cmd("plan", "--config", "smoke"), capture_output=True, text=True, timeout=120
-    )
+    result = run_cli("plan", "--config", "smoke")
     assert result.returncode == 0
     names = [line.split()[1] for line in result.stdout.splitlines()]
-    assert names == [
-        "ingest",
-        "train_teacher",
-        "train_detector",
-        "detect",
-        "teach",
-        "pseudolabel",
-        "train_student",
-        "evaluate",
-    ]
+    assert tuple(names) == STAGE_NAMES

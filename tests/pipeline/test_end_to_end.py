@@ -19,29 +19,18 @@ from stages.core.models import (
 )
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest.generated import GeneratedSpec, generate_dataset
-from tests.conftest import pseudoflow_cmd, write_png
+from tests.conftest import STAGE_NAMES, run_cli, write_png
 
 pytestmark = pytest.mark.ray
 
-STAGES = {
-    "ingest",
-    "train_teacher",
-    "train_detector",
-    "detect",
-    "teach",
-    "pseudolabel",
-    "train_student",
-    "evaluate",
-}
+STAGES = set(STAGE_NAMES)
 
 
 def _run(env: dict[str, str], root: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     args = ["run", "--config", "smoke", "--root", str(root)]
     for item in overrides:
         args += ["--set", item]
-    result = subprocess.run(
-        pseudoflow_cmd(*args), env=env, capture_output=True, text=True, timeout=900
-    )
+    result = run_cli(*args, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from stages.core import codec
@@ -13,6 +14,7 @@ from stages.core.models import (
     build_detector,
     build_segmenter,
     checkpoint_bytes,
+    given_checkpoint,
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
@@ -98,3 +100,25 @@ def test_detector_predictor_boxes_in_original_coordinates(tmp_path: Path) -> Non
         if len(boxes):
             assert boxes[:, [0, 2]].max() <= 80 + 1e-3
             assert boxes[:, [1, 3]].max() <= 40 + 1e-3
+
+
+def test_given_checkpoint_accepts_state_dict_and_checks_kind_and_classes(tmp_path: Path) -> None:
+    args = {"arch": "lraspp_mobilenet_v3_large", "num_classes": 3}
+    model = build_segmenter(**args)
+    plain = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), plain)
+    blob = given_checkpoint(str(plain), kind="segmenter", num_classes=3, arch=args["arch"])
+    assert load_checkpoint(blob, source="blob")["model_args"] == args
+    with pytest.raises(ValueError, match="does not fit"):
+        given_checkpoint(
+            str(plain), kind="segmenter", num_classes=3, arch="deeplabv3_mobilenet_v3_large"
+        )
+    _, saved = _save(tmp_path, model, "segmenter", args)
+    with pytest.raises(ValueError, match="a segmenter with 3 classes; expected a segmenter with 4"):
+        given_checkpoint(saved, kind="segmenter", num_classes=4)
+    with pytest.raises(ValueError, match="expected a detector"):
+        given_checkpoint(saved, kind="detector", num_classes=3)
+    with pytest.raises(ValueError, match="detector weights must be a pseudoflow checkpoint"):
+        given_checkpoint(str(plain), kind="detector", num_classes=3)
+    with pytest.raises(ValueError, match="cannot be read"):
+        given_checkpoint(str(tmp_path / "missing.pt"), kind="segmenter", num_classes=3, arch="x")
