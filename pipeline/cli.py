@@ -80,6 +80,29 @@ def plan(config: str, overrides: tuple[str, ...]) -> None:
         click.echo(f"{status:16} {stage.name:15} reads {reads:40} writes {writes}")
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks: ratios measured side by side in one run."""
+
+
+@bench.command("policies")
+@click.option("--size", default=64, show_default=True, help="image side in pixels")
+@click.option("--classes", default=5, show_default=True, help="number of classes")
+@click.option("--images", default=20, show_default=True, help="images timed per policy")
+@click.option("--json", "json_path", default=None, help="also write the rows as JSON here")
+def bench_policies(size: int, classes: int, images: int, json_path: str | None) -> None:
+    """Per-image cost of each pseudo-label policy's math and of its stored-row path."""
+    import json
+
+    from pipeline.bench import format_costs, policy_costs, rows_as_dicts
+
+    costs = policy_costs(size=size, num_classes=classes, images=images)
+    click.echo(format_costs(costs, size=size, num_classes=classes))
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump(rows_as_dicts(costs), handle, indent=2)
+
+
 def format_summary(summary: RunSummary) -> str:
     m = summary.metrics
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from stages.core.config import StrictModel
 from stages.detect import DetectConfig
@@ -52,6 +52,20 @@ class PipelineConfig(StrictModel):
     evaluate: EvaluateConfig = EvaluateConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        wpl, classes = self.pseudolabel.wpl, self.data.num_classes
+        if self.pseudolabel.policy == "wpl" and not self.detector.enabled:
+            raise ValueError(
+                "pseudolabel.policy 'wpl' needs detections: set detector.enabled: true"
+            )
+        bad = {k: v for k, v in (wpl.class_map or {}).items() if not 0 <= v < classes}
+        if bad:
+            raise ValueError(
+                f"pseudolabel.wpl.class_map {bad}: segmentation classes must be in [0, {classes})"
+            )
+        return self
 
 
 class ConfigError(ValueError):
@@ -131,7 +145,10 @@ def _describe(error: Any) -> str:
     if error["type"] == "extra_forbidden":
         valid = _fields_at(PipelineConfig, error["loc"][:-1])
         return f"{path}: unknown key; valid keys here: {', '.join(valid)}"
-    return f"{path}: {error['msg']} (got {error.get('input')!r})"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not error["loc"]:
+        return f"{path}: {message}"
+    return f"{path}: {message} (got {error.get('input')!r})"
 
 
 def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

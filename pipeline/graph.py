@@ -132,10 +132,12 @@ def _teach(ctx: Context) -> dict[str, float]:
 
 
 def _pseudolabel(ctx: Context) -> dict[str, float]:
+    detected = ctx.config.detector.enabled
     return pseudolabel.run(
         ctx.config.pseudolabel,
         signals=ctx.dataset("teacher_signals"),
         out=ctx.dataset("pseudolabels"),
+        detections=ctx.dataset("detections") if detected else None,
     )
 
 
@@ -152,6 +154,7 @@ def _train_student(ctx: Context) -> dict[str, float]:
         **ctx.loop_extra(),
         "alpha": cfg.alpha,
         "unlabeled_batch_size": cfg.unlabeled_batch_size,
+        "pseudolabel": ctx.config.pseudolabel.model_dump(),
     }
     return segtrain.run_segmenter(
         cfg,
@@ -196,7 +199,12 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage("detect", ("images", "detector"), ("detections",), _detect, lambda c: c.detector.enabled),
     Stage("teach", ("images", "teacher"), ("teacher_signals",), _teach),
-    Stage("pseudolabel", ("teacher_signals",), ("pseudolabels",), _pseudolabel),
+    Stage(
+        "pseudolabel",
+        ("teacher_signals", "detections"),
+        ("pseudolabels",),
+        _pseudolabel,
+    ),
     Stage("train_student", ("images", "pseudolabels"), ("student",), _train_student),
     Stage("evaluate", ("images", "teacher", "student", "pseudolabels"), ("metrics",), _evaluate),
 )

@@ -4,7 +4,10 @@
     L = L_s + alpha * L_u,   L_u = sum_p w_p keep_p valid_p CE_p / sum_p valid_p   (methods.md §0)
 
 The labeled batch gets a weak view; the unlabeled batch a strong view whose geometry is applied to
-the image and to the stored label and weight maps alike. Periodic work is ``if step % n == 0``.
+the image and to every stored map alike. The policy's live parts (methods.md §5) happen here:
+S4MC's keep mask from the batch's stored margins (DPA), CSL's extra TMP view (its loss averaged
+with the strong view's), WPL's prototype memory fed from the student's features and refreshed
+across workers every ``refresh_every`` steps. Periodic work is ``if (step + 1) % n == 0``.
 """
 
 from __future__ import annotations
@@ -26,14 +29,25 @@ from stages.core import codec, data
 from stages.core.config import StrictModel
 from stages.core.models import (
     build_segmenter,
+    feature_layer,
     given_checkpoint,
     make_checkpoint,
     segment_logits,
+    segment_with_features,
 )
 from stages.core.storage import DatasetRef, Storage
 from stages.core.tables import join_on_image_id, read_dataset, read_split
 from stages.core.training import CHECKPOINT_FILE, fit, worker_logging
+from stages.pseudolabel import live
+from stages.pseudolabel.memory import (
+    PrototypeMemory,
+    gather_states,
+    restore_state,
+    select_labeled,
+    select_reliable,
+)
 from stages.pseudolabel.ops import weighted_unsup_loss
+from stages.pseudolabel.stage import PseudolabelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -86,23 +100,39 @@ def pseudolabel_rows_to_arrays(
 ) -> dict[str, np.ndarray]:
     """Ray Data CPU step: unlabeled images joined with their pseudo-labels -> arrays.
 
-    ``weight`` already includes the keep mask (w * keep), as ``weighted_unsup_loss`` expects.
+    Returns image ``uint8[B, 3, S, S]``, label ``uint8[B, S, S]``, weight ``float32[B, S, S]``
+    (already multiplied by keep, as ``weighted_unsup_loss`` expects), keep ``uint8[B, S, S]`` and
+    the policy's own maps where stored: margin and refined_margin ``float32`` (S4MC), trusted
+    (CSL) and reliable (WPL) ``uint8``.
     """
     resize = data.resize_transform(image_size)
-    out: dict[str, list[np.ndarray]] = {"image": [], "label": [], "weight": []}
+    out: dict[str, list[np.ndarray]] = {}
     for i in range(len(batch["image_id"])):
-        h, w = int(batch["height"][i]), int(batch["width"][i])
-        label = torch.from_numpy(codec.decode_png(batch["label"][i]))
-        keep = codec.unpack_mask(batch["keep"][i], h, w)
-        weight = codec.dequantize_unit(
-            codec.from_bytes(batch["weight"][i], np.uint8, (h, w)), codec.WEIGHT_LEVELS
-        )
-        maps = {"label": label, "weight": torch.from_numpy(weight * keep)}
+        maps = _stored_maps({k: v[i] for k, v in batch.items()})
         image, maps = data.apply_joint(resize, data.decode_image(batch["image"][i]), maps)
-        out["image"].append(image.numpy())
-        out["label"].append(maps["label"].numpy())
-        out["weight"].append(maps["weight"].numpy())
+        for name, value in (("image", image), *maps.items()):
+            out.setdefault(name, []).append(value.numpy())
     return {k: np.stack(v) for k, v in out.items()}
+
+
+def _stored_maps(row: dict[str, Any]) -> dict[str, torch.Tensor]:
+    h, w = int(row["height"]), int(row["width"])
+    keep = codec.unpack_mask(row["keep"], h, w)
+    unit = codec.from_bytes(row["weight"], np.uint8, (h, w))
+    weight = (row["weight_offset"] + codec.dequantize_unit(unit, codec.WEIGHT_LEVELS)) * keep
+    maps = {
+        "label": torch.from_numpy(codec.decode_png(row["label"])),
+        "weight": torch.from_numpy(weight.astype(np.float32)),
+        "keep": torch.from_numpy(keep.astype(np.uint8)),
+    }
+    for name in ("margin", "refined_margin"):
+        if row.get(name) is not None:
+            values = codec.from_bytes(row[name], np.uint16, (h, w))
+            maps[name] = torch.from_numpy(codec.dequantize_unit(values, codec.PROB_LEVELS))
+    for name in ("trusted", "reliable"):
+        if row.get(name) is not None:
+            maps[name] = torch.from_numpy(codec.unpack_mask(row[name], h, w).astype(np.uint8))
+    return maps
 
 
 def _batches(shard: Any, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -120,15 +150,29 @@ def _batches(shard: Any, batch_size: int, seed: int) -> Iterator[dict[str, torch
 
 def _augment(
     batch: dict[str, torch.Tensor], transform: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample joint augmentation; returns normalised images, int64 labels, float weights."""
-    images, labels, weights = [], [], []
-    for image, label, weight in zip(batch["image"], batch["label"], batch["weight"], strict=True):
-        image, maps = data.apply_joint(transform, image, {"label": label, "weight": weight})
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-sample joint augmentation of the image and every map (one random draw per sample).
+
+    Returns normalised images ``float32[B, 3, S, S]`` and the maps: label int64, keep / trusted /
+    reliable bool, the rest float32.
+    """
+    images: list[torch.Tensor] = []
+    maps: dict[str, list[torch.Tensor]] = {}
+    for i, image in enumerate(batch["image"]):
+        sample = {name: value[i] for name, value in batch.items() if name != "image"}
+        image, augmented = data.apply_joint(transform, image, sample)
         images.append(image)
-        labels.append(maps["label"].long())
-        weights.append(maps["weight"].float())
-    return data.normalize(torch.stack(images)), torch.stack(labels), torch.stack(weights)
+        for name, value in augmented.items():
+            maps.setdefault(name, []).append(value)
+    stacked = {name: torch.stack(values) for name, values in maps.items()}
+    for name, value in stacked.items():
+        if name == "label":
+            stacked[name] = value.long()
+        elif name in ("keep", "trusted", "reliable"):
+            stacked[name] = value.bool()
+        else:
+            stacked[name] = value.float()
+    return data.normalize(torch.stack(images)), stacked
 
 
 def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
@@ -144,14 +188,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model_cls = StudentConfig if "alpha" in loop_config["train"] else SegTrainConfig
     cfg = model_cls.model_validate(loop_config["train"])
     alpha = float(loop_config.get("alpha", 0.0))
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
+    policy = PseudolabelConfig.model_validate(loop_config.get("pseudolabel", {}))
+    rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(loop_config["seed"] + rank)
     torch.set_num_threads(loop_config["torch_threads"])
+    generator = torch.Generator().manual_seed(loop_config["seed"] * 1000 + rank)
     worker_logging()
     model = build_segmenter(arch=cfg.arch, num_classes=loop_config["num_classes"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = _restore(model, optimizer)
+    memory = _new_memory(policy, loop_config["num_classes"], model) if alpha > 0 else None
+    start = _restore(model, optimizer, memory, rank)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     labeled = _batches(ray.train.get_dataset_shard("labeled"), cfg.batch_size, rank)
@@ -166,18 +212,26 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = poly_lr(cfg.lr, step, cfg.steps)
-        x, y, _ = (t.to(device) for t in _augment(next(labeled), weak))
-        loss_s = F.cross_entropy(segment_logits(model, x), y, ignore_index=data.IGNORE_INDEX)
-        loss_u = torch.zeros((), device=device)
+        x, lab = _to(device, *_augment(next(labeled), weak))
+        logits, features = _forward(model, x, with_features=memory is not None)
+        loss_s = F.cross_entropy(logits, lab["label"], ignore_index=data.IGNORE_INDEX)
+        loss_u, stats = torch.zeros((), device=device), dict[str, float]()
+        features_u, maps = None, dict[str, torch.Tensor]()
         if unlabeled is not None:
-            xu, yu, wu = (t.to(device) for t in _augment(next(unlabeled), strong))
-            valid = yu != data.IGNORE_INDEX
-            loss_u = weighted_unsup_loss(segment_logits(model, xu), yu, wu, valid)
+            xu, maps = _to(device, *_augment(next(unlabeled), strong))
+            loss_u, stats, features_u = _unlabeled_loss(
+                model, xu, maps, policy, memory, (step, cfg.steps), generator
+            )
         loss = loss_s + alpha * loss_u
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        window.append((loss_s.item(), loss_u.item()))
+        if memory is not None:
+            _feed_memory(memory, policy, generator, (features, logits, lab), (features_u, maps))
+            if (step + 1) % policy.wpl.refresh_every == 0:
+                prototypes = memory.refresh()
+                stats["wpl_prototypes"] = float((~prototypes.isnan().any(dim=1)).sum())
+        window.append({"loss_s": loss_s.item(), "loss_u": loss_u.item(), **stats})
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.log_every == 0 or last:
             metrics = _window_metrics(window, step, cfg, started, start)
@@ -187,17 +241,126 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 if sink is not None:
                     sink.log_metrics(metrics, step + 1)
             save = last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
-            _report(metrics, model, optimizer, step + 1, loop_config, rank, bool(save))
+            _report(metrics, model, optimizer, step + 1, loop_config, rank, bool(save), memory)
+
+
+def _to(
+    device: torch.device, images: torch.Tensor, maps: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return images.to(device), {name: value.to(device) for name, value in maps.items()}
+
+
+def _forward(
+    model: nn.Module, images: torch.Tensor, *, with_features: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits, and (for WPL) the detached decoder features upsampled to the logits' size."""
+    if not with_features:
+        return segment_logits(model, images), None
+    logits, features = segment_with_features(model, images)
+    size = logits.shape[-2:]
+    upsampled = F.interpolate(features.detach(), size=size, mode="bilinear", align_corners=False)
+    return logits, upsampled
+
+
+def _unlabeled_loss(
+    model: nn.Module,
+    images: torch.Tensor,
+    maps: dict[str, torch.Tensor],
+    policy: PseudolabelConfig,
+    memory: PrototypeMemory | None,
+    progress: tuple[int, int],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None]:
+    """L_u over the strong view (and CSL's TMP view, averaged), with the policy's live weight."""
+    valid = maps["label"] != data.IGNORE_INDEX
+    views = [images]
+    if policy.policy == "csl":
+        cover = (policy.csl.block, policy.csl.cover)
+        views.append(live.tmp_view(images, maps["trusted"], *cover, generator=generator))
+    logits, features = _forward(model, torch.cat(views), with_features=memory is not None)
+    if features is not None:
+        features = features[: len(images)]
+    weight = _live_weight(policy, maps, valid, features, memory, progress)
+    losses = [
+        weighted_unsup_loss(chunk, maps["label"], weight, valid)
+        for chunk in logits.chunk(len(views))
+    ]
+    stats = {"kept_fraction": float((weight > 0).float().mean())}
+    return torch.stack(losses).mean(), stats, features
+
+
+def _live_weight(
+    policy: PseudolabelConfig,
+    maps: dict[str, torch.Tensor],
+    valid: torch.Tensor,
+    features: torch.Tensor | None,
+    memory: PrototypeMemory | None,
+    progress: tuple[int, int],
+) -> torch.Tensor:
+    """The per-pixel weight (keep folded in): S4MC's DPA keep mask from this batch's margins;
+    WPL's W from the last refreshed prototypes (the stored first weight map until then); the
+    stored weight otherwise."""
+    if policy.policy == "s4mc":
+        keep = live.s4mc_keep(
+            maps["margin"], maps["refined_margin"], valid, *progress, alpha0=policy.s4mc.alpha0
+        )
+        return keep.float()
+    if memory is not None and memory.prototypes is not None and features is not None:
+        offset = 1.0 if policy.wpl.weight_form == "plus_one" else 0.0
+        prototypes = memory.prototypes.to(features.device)
+        return live.wpl_weight(
+            features, maps["label"], maps["keep"], prototypes, k=policy.wpl.k, offset=offset
+        )
+    return maps["weight"]
+
+
+def _new_memory(
+    policy: PseudolabelConfig, num_classes: int, model: nn.Module
+) -> PrototypeMemory | None:
+    if policy.policy != "wpl":
+        return None
+    layer = feature_layer(model)
+    if not isinstance(layer, nn.Conv2d):
+        raise TypeError(f"WPL needs a Conv2d classifier, found {type(layer).__name__}")
+    dim = layer.in_channels
+    return PrototypeMemory(num_classes, dim, size=policy.wpl.memory_size)
+
+
+@torch.no_grad()
+def _feed_memory(
+    memory: PrototypeMemory,
+    policy: PseudolabelConfig,
+    generator: torch.Generator,
+    labeled: tuple[torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]],
+    unlabeled: tuple[torch.Tensor | None, dict[str, torch.Tensor]],
+) -> None:
+    """Push this step's features: labeled pixels predicted right with conf > conf_thresh, and
+    reliable unlabeled pixels (R = 1), each in a random order (so a queue keeps a random sample)."""
+    features, logits, lab = labeled
+    features_u, maps = unlabeled
+    if features is None or features_u is None:
+        return
+    picks = {
+        "labeled": select_labeled(
+            features, logits.softmax(dim=1), lab["label"], policy.wpl.conf_thresh
+        ),
+        "unlabeled": select_reliable(features_u, maps["label"], maps["reliable"]),
+    }
+    for queue, (vectors, classes) in picks.items():
+        order = torch.randperm(len(classes), generator=generator).to(classes.device)
+        memory.push(queue, vectors[order], classes[order])
 
 
 def _window_metrics(
-    window: list[tuple[float, float]], step: int, cfg: SegTrainConfig, started: float, start: int
+    window: list[dict[str, float]], step: int, cfg: SegTrainConfig, started: float, start: int
 ) -> dict[str, float]:
-    losses = np.asarray(window)
     elapsed = time.perf_counter() - started
+    names = dict.fromkeys(name for entry in window for name in entry)
+    metrics = {
+        name: float(np.mean([entry[name] for entry in window if name in entry])) for name in names
+    }
     return {
-        "loss_s": float(losses[:, 0].mean()),
-        "loss_u": float(losses[:, 1].mean()),
+        **metrics,
         "lr": poly_lr(cfg.lr, step, cfg.steps),
         "steps_per_s": (step + 1 - start) / max(elapsed, 1e-9),
         "step": float(step + 1),
@@ -216,14 +379,24 @@ def _report(
     loop_config: dict[str, Any],
     rank: int,
     save: bool,
+    memory: PrototypeMemory | None,
 ) -> None:
-    """``ray.train.report`` on every rank alike; rank 0 attaches the checkpoint when saving."""
+    """``ray.train.report`` on every rank alike; rank 0 attaches the checkpoint when saving, with
+    every rank's prototype memory (gathered by a collective all ranks join)."""
     import ray.train
 
+    memory_states = gather_states(memory) if save and memory is not None else None
     if not (save and rank == 0):
         ray.train.report(metrics, checkpoint=None)
         return
     inner: nn.Module = getattr(model, "module", model)
+    extra: dict[str, Any] = {
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "config": loop_config["resolved_config"],
+    }
+    if memory_states is not None:
+        extra["memory"] = memory_states
     checkpoint = make_checkpoint(
         inner,
         kind="segmenter",
@@ -231,19 +404,21 @@ def _report(
             "arch": loop_config["train"]["arch"],
             "num_classes": loop_config["num_classes"],
         },
-        extra={
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "config": loop_config["resolved_config"],
-        },
+        extra=extra,
     )
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(checkpoint, Path(tmp) / CHECKPOINT_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _restore(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Resume from Ray Train's latest checkpoint (same run name): returns the step to start at."""
+def _restore(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    memory: PrototypeMemory | None,
+    rank: int,
+) -> int:
+    """Resume from Ray Train's latest checkpoint (same run name): returns the step to start at.
+    The prototype memory comes back too, so every rank holds the same prototypes as before."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -253,6 +428,8 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
         state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
+    if memory is not None and "memory" in state:
+        restore_state(memory, state["memory"], rank)
     logger.info("resumed from step %d", state["step"])
     return int(state["step"])
 
@@ -274,7 +451,9 @@ def unlabeled_dataset(images: DatasetRef, pseudolabels: DatasetRef, image_size: 
     unlabeled images is never seen by training.
     """
     pixels = read_split(images, "unlabeled", ["image_id", "image"])
-    labels = read_dataset(pseudolabels, ["image_id", "height", "width", "label", "keep", "weight"])
+    columns = ["image_id", "height", "width", "label", "keep", "weight", "weight_offset"]
+    columns += ["margin", "refined_margin", "trusted", "reliable"]
+    labels = read_dataset(pseudolabels, columns)
     joined = join_on_image_id(labels, pixels, num_partitions=4)
     return joined.map_batches(
         pseudolabel_rows_to_arrays, fn_kwargs={"image_size": image_size}, batch_size=16

@@ -38,8 +38,9 @@ def decode_for_inference(batch: dict[str, np.ndarray], image_size: int) -> dict[
         "width": batch["width"],
         "image": np.stack(images),
     }
-    if "mask" in batch:
-        out["mask"] = batch["mask"]
+    for passthrough in ("mask", "split"):
+        if passthrough in batch:
+            out[passthrough] = batch[passthrough]
     return out
 
 
@@ -64,7 +65,7 @@ def upsample_probs(probs: torch.Tensor, height: int, width: int) -> torch.Tensor
 
 def predict_split(
     images: DatasetRef,
-    split: str,
+    split: str | tuple[str, ...],
     columns: list[str],
     predictor: type,
     predictor_kwargs: dict[str, Any],
@@ -72,7 +73,7 @@ def predict_split(
     cfg: InferenceConfig,
     image_size: int,
 ) -> Any:
-    """A lazy Ray Dataset: one split's images, decoded and resized by CPU tasks, then passed
+    """A lazy Ray Dataset: one split's (or several splits') images, decoded and resized by CPU tasks, then passed
     through ``predictor`` (a callable class) on an actor pool of ``cfg.actors`` actors."""
     import ray
 

@@ -57,6 +57,39 @@ def segment_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def feature_layer(model: nn.Module) -> nn.Module:
+    """The segmenter's final classifier convolution, whose input is the decoder feature just
+    before the classifier (methods.md §4). torchvision heads: LRASPP's ``high_classifier``,
+    otherwise the last ``Conv2d`` of ``model.classifier`` (DeepLabV3, FCN)."""
+    inner = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    head = getattr(inner, "classifier", None)
+    if head is None:
+        raise ValueError(f"{type(inner).__name__} has no 'classifier' head to take features from")
+    if hasattr(head, "high_classifier"):
+        layer: nn.Module = head.high_classifier
+        return layer
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{type(head).__name__} has no Conv2d classifier layer")
+    return convs[-1]
+
+
+def segment_with_features(
+    model: nn.Module, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``float[B, C, H, W]`` and the classifier's input features ``float[B, D, h, w]``
+    (at the head's own stride) for normalised images ``float[B, 3, H, W]``, in one forward."""
+    captured: list[torch.Tensor] = []
+    handle = feature_layer(model).register_forward_pre_hook(
+        lambda _module, args: captured.append(args[0])
+    )
+    try:
+        logits = segment_logits(model, images)
+    finally:
+        handle.remove()
+    return logits, captured[-1]
+
+
 def build_detector(
     *, arch: str, num_classes: int, min_size: int, max_size: int, **options: int
 ) -> nn.Module:

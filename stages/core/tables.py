@@ -20,12 +20,23 @@ def read_dataset(ref: DatasetRef, columns: list[str] | None = None) -> Any:
     return ray.data.read_parquet(ref.files(), filesystem=ref.storage.arrow_fs(), columns=columns)
 
 
-def read_split(images: DatasetRef, split: str, columns: list[str]) -> Any:
-    """The ``images`` rows of one split, with only ``columns``."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    dataset = read_dataset(images, [*columns, "split"])
-    return dataset.filter(expr=f"split == '{split}'").select_columns(columns)
+def read_split(images: DatasetRef, split: str | tuple[str, ...], columns: list[str]) -> Any:
+    """The rows of ``images`` (or any table with a ``split`` column) in one split or several,
+    with only ``columns``."""
+    wanted = (split,) if isinstance(split, str) else split
+    for name in wanted:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
+    dataset = read_dataset(images, list(dict.fromkeys([*columns, "split"])))
+    if len(wanted) == 1:
+        return dataset.filter(expr=f"split == '{wanted[0]}'").select_columns(columns)
+    return dataset.map_batches(
+        _in_splits, fn_kwargs={"splits": list(wanted)}, batch_format="pyarrow"
+    ).select_columns(columns)
+
+
+def _in_splits(table: pa.Table, splits: list[str]) -> pa.Table:
+    return table.filter(pc.is_in(table["split"], value_set=pa.array(splits)))
 
 
 def join_on_image_id(left: Any, right: Any, num_partitions: int) -> Any:

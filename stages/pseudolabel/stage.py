@@ -1,25 +1,40 @@
-"""The pseudolabel stage: ``teacher_signals`` -> ``pseudolabels`` for one policy (CPU tasks).
+"""The pseudolabel stage: ``teacher_signals`` (+ ``detections``) -> ``pseudolabels`` for one policy.
 
-Each row holds the label map (PNG), the keep mask (bit-packed) and the weight map (uint8,
-w = q / 255), at the image's own resolution, plus its coverage (kept / all pixels).
+CPU tasks only: no model runs here, so changing the policy never triggers inference. Each row holds,
+at the image's own resolution, what the student's loop needs (methods.md §5):
+
+* ``label`` (PNG), ``keep`` (bit-packed) and ``weight`` (uint8, ``w = weight_offset + q / 255``);
+* S4MC: the unrefined and refined margins κ and κ̃ (uint16), from which the loop makes its keep
+  mask per batch; the stored ``keep`` is the t = 0 view (per-image γ at α_0), for reports only;
+* CSL: the trusted mask (w == 1, exact, before quantisation) that TMP covers;
+* WPL: the reliability mask R and the first weight map W from the teacher-feature prototypes.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
-from pydantic import Field
+import torch.nn.functional as F
+from pydantic import Field, field_validator
 
 from stages.core import codec
 from stages.core.config import StrictModel
 from stages.core.inference import write_committed
 from stages.core.storage import DatasetRef
-from stages.core.tables import read_dataset
+from stages.core.tables import read_split
 from stages.pseudolabel import ops
-from stages.teach import decode_signals
+from stages.pseudolabel.memory import PrototypeMemory, select_labeled, select_reliable
+from stages.teach import decode_features, decode_signals, full_probs
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("threshold", "s4mc", "csl", "wpl")
 
 PSEUDOLABELS_SCHEMA = pa.schema(
     [
@@ -29,60 +44,401 @@ PSEUDOLABELS_SCHEMA = pa.schema(
         ("policy", pa.string()),
         ("label", pa.binary()),  # PNG uint8[H, W]
         ("keep", pa.binary()),  # bit-packed bool[H, W]
-        ("weight", pa.binary()),  # uint8[H, W], w = q / 255
+        ("weight", pa.binary()),  # uint8[H, W], w = weight_offset + q / 255 (where kept)
+        ("weight_offset", pa.float32()),
+        ("margin", pa.binary()),  # S4MC κ, uint16[H, W], q / 65535
+        ("refined_margin", pa.binary()),  # S4MC κ̃, uint16[H, W], q / 65535
+        ("trusted", pa.binary()),  # CSL, bit-packed bool[H, W]
+        ("reliable", pa.binary()),  # WPL R, bit-packed bool[H, W]
         ("coverage", pa.float32()),
     ]
 )
+PROTOTYPE_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("queue", pa.string()),
+        ("cls", pa.int32()),
+        ("count", pa.int32()),
+        ("features", pa.binary()),  # float32[count, D], in push order
+    ]
+)
+
+
+class S4MCOptions(StrictModel):
+    neighborhood: Literal[4, 8] = 8
+    beta: float = Field(1.0, ge=0.0, le=1.0)
+    label_from: Literal["unrefined", "refined"] = "unrefined"
+    alpha0: float = Field(0.4, ge=0.0, le=1.0, description="DPA quantile at step 0")
+
+
+class CSLOptions(StrictModel):
+    alpha: float = Field(8.0, gt=0.0, description="Gaussian width a of the weights")
+    block: int = Field(32, ge=1, description="TMP grid cell, pixels")
+    cover: float = Field(0.7, ge=0.0, le=1.0, description="TMP probability of covering a cell")
+
+
+class WPLOptions(StrictModel):
+    k: int = Field(5, ge=1, description="top-k activation indices compared")
+    score_thresh: float = Field(0.95, ge=0.0, le=1.0, description="detections used for boxes")
+    conf_thresh: float = Field(0.95, ge=0.0, le=1.0, description="reliability / queue confidence")
+    weight_form: Literal["fraction", "plus_one"] = "fraction"
+    class_map: dict[int, int] | None = Field(
+        None, description="detector class -> segmentation class; null: identity on 1..C-1"
+    )
+    refresh_every: int = Field(20, ge=1, description="student steps between prototype refreshes")
+    memory_size: int = Field(256, ge=1, description="vectors per class and queue")
 
 
 class PseudolabelConfig(StrictModel):
     """Which pixels of an unlabeled image get which pseudo-label, and with what weight."""
 
-    policy: Literal["threshold"] = "threshold"
-    tau: float = Field(0.95, gt=0.0, le=1.0, description="confidence threshold (methods.md §1)")
+    policy: str = "threshold"
+    tau: float = Field(0.95, gt=0.0, le=1.0, description="confidence threshold (threshold, wpl)")
+    s4mc: S4MCOptions = S4MCOptions()
+    csl: CSLOptions = CSLOptions()
+    wpl: WPLOptions = WPLOptions()
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICIES:
+            raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(POLICIES)}")
+        return value
+
+    def class_map(self, num_classes: int) -> dict[int, int]:
+        """WPL's detector -> segmentation class map (identity on the object classes by default)."""
+        if self.wpl.class_map is not None:
+            return dict(self.wpl.class_map)
+        return {c: c for c in range(1, num_classes)}
 
 
-def threshold_maps(
-    probs_top: np.ndarray, labels_top: np.ndarray, tau: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Threshold policy on stored top-K signals of one image.
+# ------------------------------------------------------------------------ per-image policy maps
+def policy_maps(
+    cfg: PseudolabelConfig,
+    probs: torch.Tensor,
+    *,
+    box_masks: torch.Tensor | None = None,
+    features: torch.Tensor | None = None,
+    prototypes: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The stored maps of one image under ``cfg.policy``.
 
-    probs_top: float[K, H, W] in [0, 1] (sorted, descending); labels_top: uint8[K, H, W].
-    Returns label uint8[H, W], keep bool[H, W] (conf >= tau), weight float32[H, W] (all 1).
+    probs: float[C, H, W] teacher probabilities; box_masks: bool[C, H, W] (WPL); features:
+    float[D, H, W] teacher features at pixel resolution (WPL); prototypes: float[C, D], NaN rows
+    for classes without one (WPL). Returns ``label`` int64[H, W], ``keep`` bool[H, W], ``weight``
+    float[H, W] in [0, 1] (before ``weight_offset``), plus the policy's extra maps.
     """
-    conf = torch.from_numpy(probs_top[0])[None]
+    p = probs[None]
+    conf, label = p.max(dim=1)
     valid = torch.ones_like(conf, dtype=torch.bool)
-    keep = ops.threshold_keep(conf, valid, tau=tau)[0].numpy()
-    return labels_top[0], keep, np.ones(keep.shape, np.float32)
-
-
-def label_batch(table: pa.Table, cfg: dict[str, Any]) -> pa.Table:
-    """Ray Data batch function: signal rows -> pseudo-label rows."""
-    policy = PseudolabelConfig.model_validate(cfg)
-    rows: dict[str, list[Any]] = {name: [] for name in PSEUDOLABELS_SCHEMA.names}
-    for row in table.to_pylist():
-        indices, probs = decode_signals(row)
-        label, keep, weight = threshold_maps(probs, indices, policy.tau)
-        values = (
-            row["image_id"],
-            row["height"],
-            row["width"],
-            policy.policy,
-            codec.encode_png(np.ascontiguousarray(label)),
-            codec.pack_mask(keep),
-            codec.to_bytes(codec.quantize_unit(weight * keep, codec.WEIGHT_LEVELS)),
-            float(keep.mean()),
+    ones = torch.ones_like(conf)
+    if cfg.policy == "threshold":
+        out = {"label": label, "keep": ops.threshold_keep(conf, valid, cfg.tau), "weight": ones}
+    elif cfg.policy == "s4mc":
+        out = _s4mc_maps(cfg.s4mc, p, label, valid)
+    elif cfg.policy == "csl":
+        weight = ops.csl_weights(p, valid, alpha=cfg.csl.alpha)
+        out = {"label": label, "keep": valid, "weight": weight, "trusted": weight == 1.0}
+    else:
+        if box_masks is None or features is None or prototypes is None:
+            raise ValueError("the wpl policy needs box masks, features and prototypes")
+        reliable = ops.detector_reliability(
+            label, conf, box_masks[None], valid, conf_thresh=cfg.wpl.conf_thresh
         )
-        for key, value in zip(PSEUDOLABELS_SCHEMA.names, values, strict=True):
-            rows[key].append(value)
-    return pa.table(rows, schema=PSEUDOLABELS_SCHEMA)
+        weight = ops.topk_index_similarity(features[None], prototypes, label, k=cfg.wpl.k)
+        keep = ops.threshold_keep(conf, valid, cfg.tau)
+        out = {"label": label, "keep": keep, "weight": weight, "reliable": reliable}
+    return {name: value[0] for name, value in out.items()}
 
 
-def run(cfg: PseudolabelConfig, *, signals: DatasetRef, out: DatasetRef) -> dict[str, float]:
-    """Apply the policy to every signal row with Ray Data tasks; write and commit."""
-    dataset = read_dataset(signals).map_batches(
-        label_batch, fn_kwargs={"cfg": cfg.model_dump()}, batch_format="pyarrow", batch_size=16
+def _s4mc_maps(
+    cfg: S4MCOptions, p: torch.Tensor, label: torch.Tensor, valid: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    refined = ops.s4mc_refine(p, neighborhood=cfg.neighborhood, beta=cfg.beta)
+    kappa, kappa_refined = ops.margin(p), ops.margin(refined)
+    gamma0 = ops.dpa_threshold(kappa, valid, ops.dpa_alpha(0, 1, cfg.alpha0))
+    if cfg.label_from == "refined":
+        label = refined.argmax(dim=1)
+    return {
+        "label": label,
+        "keep": (kappa_refined > gamma0) & valid,
+        "weight": torch.ones_like(kappa),
+        "margin": kappa,
+        "refined_margin": kappa_refined,
+    }
+
+
+def weight_offset(cfg: PseudolabelConfig) -> float:
+    """WPL's ``plus_one`` form trains with 1 + W; every other policy stores w as it is."""
+    return 1.0 if cfg.policy == "wpl" and cfg.wpl.weight_form == "plus_one" else 0.0
+
+
+def encode_row(
+    cfg: PseudolabelConfig, image_id: str, maps: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Per-image maps -> one ``pseudolabels`` row (quantised, bit-packed, PNG)."""
+    keep = maps["keep"].numpy()
+    weight = maps["weight"].float().numpy() * keep
+    h, w = keep.shape
+    offset = weight_offset(cfg)
+
+    def margin_bytes(name: str) -> bytes | None:
+        if name not in maps:
+            return None
+        return codec.to_bytes(codec.quantize_unit(maps[name].numpy(), codec.PROB_LEVELS))
+
+    def mask_bytes(name: str) -> bytes | None:
+        return codec.pack_mask(maps[name].numpy()) if name in maps else None
+
+    return {
+        "image_id": image_id,
+        "height": h,
+        "width": w,
+        "policy": cfg.policy,
+        "label": codec.encode_png(maps["label"].numpy().astype(np.uint8)),
+        "keep": codec.pack_mask(keep),
+        "weight": codec.to_bytes(codec.quantize_unit(weight, codec.WEIGHT_LEVELS)),
+        "weight_offset": offset,
+        "margin": margin_bytes("margin"),
+        "refined_margin": margin_bytes("refined_margin"),
+        "trusted": mask_bytes("trusted"),
+        "reliable": mask_bytes("reliable"),
+        "coverage": float(((weight + offset * keep) > 0).mean()),
+    }
+
+
+# ------------------------------------------------------------------------------- Ray Data steps
+def pixel_features(row: dict[str, Any]) -> torch.Tensor:
+    """The row's teacher features upsampled (bilinear) to the image: ``float32[D, H, W]``."""
+    features = decode_features(row)[None]
+    size = (int(row["height"]), int(row["width"]))
+    return F.interpolate(features, size=size, mode="bilinear", align_corners=False)[0]
+
+
+def box_masks_of(row: dict[str, Any], cfg: PseudolabelConfig, num_classes: int) -> torch.Tensor:
+    """A joined detections row -> WPL box masks ``bool[C, H, W]``."""
+    boxes = np.asarray(row["boxes"] or [], np.float32).reshape(-1, 4)
+    return ops.rasterize_boxes(
+        boxes,
+        np.asarray(row["labels"] or [], np.int64),
+        np.asarray(row["scores"] or [], np.float32),
+        cfg.class_map(num_classes),
+        int(row["height"]),
+        int(row["width"]),
+        num_classes,
+        score_thresh=cfg.wpl.score_thresh,
     )
-    manifest = write_committed(dataset, out, "pseudolabels/1")
+
+
+def label_batch(
+    table: pa.Table,
+    cfg: dict[str, Any],
+    prototypes: np.ndarray | None = None,
+    detections: Any = None,
+) -> pa.Table:
+    """Ray Data batch function: signal rows -> pseudo-label rows. WPL also takes ``detections``
+    (a table, or an object-store reference to one, see :func:`attach_detections`)."""
+    policy = PseudolabelConfig.model_validate(cfg)
+    if detections is not None:
+        table = attach_detections(table, detections)
+    protos = None if prototypes is None else torch.from_numpy(np.array(prototypes))
+    rows = []
+    for row in table.to_pylist():
+        num_classes = int(row["num_classes"])
+        probs = full_probs(*decode_signals(row), num_classes)
+        extras: dict[str, torch.Tensor] = {}
+        if policy.policy == "wpl":
+            extras = {
+                "box_masks": box_masks_of(row, policy, num_classes),
+                "features": pixel_features(row),
+            }
+        maps = policy_maps(policy, probs, prototypes=protos, **extras)
+        rows.append(encode_row(policy, row["image_id"], maps))
+    return pa.Table.from_pylist(rows, schema=PSEUDOLABELS_SCHEMA)
+
+
+def attach_detections(table: pa.Table, detections: Any) -> pa.Table:
+    """Add each row's ``boxes``, ``labels`` and ``scores`` from the ``detections`` table.
+
+    Detections are boxes only (tens of bytes per image), so they are broadcast to the tasks through
+    the object store (``detections`` may be an ``ObjectRef``) and looked up by ``image_id`` with a
+    vectorised index, instead of a hash join that would shuffle the much larger signal rows.
+    """
+    if not isinstance(detections, pa.Table):
+        import ray
+
+        detections = ray.get(detections)
+    position = pc.index_in(table["image_id"], value_set=detections["image_id"])
+    if position.null_count:
+        missing = table["image_id"].filter(pc.is_null(position)).to_pylist()
+        raise ValueError(f"no detections row for images {missing[:5]}: run the detect stage again")
+    for name in ("boxes", "labels", "scores"):
+        table = table.append_column(name, detections[name].take(position))
+    return table
+
+
+def queue_batch(table: pa.Table, cfg: dict[str, Any], detections: Any = None) -> pa.Table:
+    """Ray Data batch function: per image, the teacher features that enter WPL's queues.
+
+    Labeled rows (carrying their ground-truth ``mask``) feed the ``labeled`` queue with pixels
+    the teacher predicts correctly with conf > conf_thresh; unlabeled rows (with ``detections``
+    attached) feed the ``unlabeled`` queue with reliable pixels (R = 1). Pixels enter in an order
+    shuffled by a generator seeded from the image id; at most ``memory_size`` per class are kept.
+    """
+    policy = PseudolabelConfig.model_validate(cfg)
+    if detections is not None:
+        table = attach_detections(table, detections)
+    rows = []
+    for row in table.to_pylist():
+        num_classes = int(row["num_classes"])
+        probs = full_probs(*decode_signals(row), num_classes)[None]
+        features = pixel_features(row)[None]
+        if row["split"] == "labeled":
+            target = torch.from_numpy(codec.decode_png(row["mask"]).astype(np.int64))[None]
+            vectors, classes = select_labeled(features, probs, target, policy.wpl.conf_thresh)
+        else:
+            conf, label = probs.max(dim=1)
+            reliable = ops.detector_reliability(
+                label,
+                conf,
+                box_masks_of(row, policy, num_classes)[None],
+                conf_thresh=policy.wpl.conf_thresh,
+            )
+            vectors, classes = select_reliable(features, label, reliable)
+        generator = torch.Generator().manual_seed(int(row["image_id"][:15], 16))
+        order = torch.randperm(len(classes), generator=generator)
+        vectors, classes = vectors[order], classes[order]
+        for c in classes.unique().tolist():
+            chosen = vectors[classes == c][-policy.wpl.memory_size :]
+            rows.append(
+                {
+                    "image_id": row["image_id"],
+                    "queue": "labeled" if row["split"] == "labeled" else "unlabeled",
+                    "cls": c,
+                    "count": len(chosen),
+                    "features": codec.to_bytes(chosen.numpy().astype(np.float32)),
+                }
+            )
+    return pa.Table.from_pylist(rows, schema=PROTOTYPE_SCHEMA)
+
+
+def teacher_prototypes(
+    cfg: PseudolabelConfig,
+    *,
+    labeled: Any,
+    unlabeled: Any,
+    detections: Any,
+    num_classes: int,
+    dim: int,
+) -> np.ndarray:
+    """WPL's offline prototypes ``float32[C, D]`` (NaN rows: no prototype) from teacher features.
+
+    ``labeled``: labeled signal rows (with their masks); ``unlabeled``: unlabeled signal rows;
+    ``detections``: the detections table (or a reference to it). Images are pushed in ``image_id`` order, so a queue holds the newest
+    ``memory_size`` vectors of its class (FIFO). Only the contributions' counts come to the
+    driver first; then only the vectors of the images that end up in a queue.
+    """
+    common = {"batch_format": "pyarrow", "batch_size": 8}
+    contributions = (
+        labeled.map_batches(queue_batch, fn_kwargs={"cfg": cfg.model_dump()}, **common)
+        .union(
+            unlabeled.map_batches(
+                queue_batch,
+                fn_kwargs={"cfg": cfg.model_dump(), "detections": detections},
+                **common,
+            )
+        )
+        .materialize()
+    )
+    counts = contributions.select_columns(["image_id", "queue", "cls", "count"]).take_all()
+    wanted = newest_images(counts, cfg.wpl.memory_size)
+    chosen = contributions.map_batches(
+        _rows_of, fn_kwargs={"image_ids": sorted(wanted)}, batch_format="pyarrow"
+    ).take_all()
+    chosen.sort(key=lambda row: row["image_id"], reverse=True)
+    return fill_memory(chosen, cfg.wpl.memory_size, num_classes, dim)
+
+
+def newest_images(counts: Iterable[dict[str, Any]], size: int) -> set[str]:
+    """The images whose vectors a FIFO queue of ``size`` still holds after every image was pushed
+    in ``image_id`` order (``counts``: rows with image_id, queue, cls, count)."""
+    remaining: dict[tuple[str, int], int] = {}
+    wanted = set()
+    for row in sorted(counts, key=lambda r: r["image_id"], reverse=True):
+        key = (row["queue"], int(row["cls"]))
+        left = remaining.get(key, size)
+        if left > 0 and row["count"] > 0:
+            wanted.add(row["image_id"])
+            remaining[key] = left - int(row["count"])
+    return wanted
+
+
+def _rows_of(table: pa.Table, image_ids: list[str]) -> pa.Table:
+    return table.filter(pc.is_in(table["image_id"], value_set=pa.array(image_ids, pa.string())))
+
+
+def fill_memory(
+    newest_first: Iterable[dict[str, Any]], size: int, num_classes: int, dim: int
+) -> np.ndarray:
+    """Queue contributions (``PROTOTYPE_SCHEMA`` rows, newest image first) -> prototypes
+    ``float32[C, D]``: each queue holds the newest ``size`` vectors of its class, as if every
+    image had been pushed oldest first."""
+    newest: dict[tuple[str, int], list[np.ndarray]] = {}
+    for row in newest_first:
+        key = (row["queue"], int(row["cls"]))
+        have = sum(len(v) for v in newest.get(key, []))
+        if have >= size or row["count"] == 0:
+            continue
+        vectors = codec.from_bytes(row["features"], np.float32, (row["count"], dim))
+        newest.setdefault(key, []).append(vectors)
+    memory = PrototypeMemory(num_classes, dim, size=size)
+    for (queue, cls), chunks in sorted(newest.items()):
+        stacked = torch.from_numpy(np.concatenate(chunks[::-1]))
+        memory.push(queue, stacked, torch.full((len(stacked),), cls, dtype=torch.int64))
+    prototypes = memory.refresh().numpy()
+    found = int((~np.isnan(prototypes).any(axis=1)).sum())
+    logger.info("wpl: teacher prototypes for %d of %d classes", found, num_classes)
+    return prototypes
+
+
+def run(
+    cfg: PseudolabelConfig,
+    *,
+    signals: DatasetRef,
+    out: DatasetRef,
+    detections: DatasetRef | None = None,
+) -> dict[str, float]:
+    """Apply the policy to every unlabeled signal row with Ray Data tasks; write and commit.
+
+    WPL also needs ``detections``, put once into the object store for both of its passes.
+    """
+    import ray
+
+    columns = ["image_id", "height", "width", "num_classes", "topk", "topk_index", "topk_prob"]
+    prototypes, boxes = None, None
+    if cfg.policy == "wpl":
+        if detections is None:
+            raise ValueError("the wpl policy needs the detect stage (detector.enabled: true)")
+        columns += ["split", "feature_dim", "feature_height", "feature_width", "features"]
+        boxes = ray.put(detections.read_table(["image_id", "boxes", "labels", "scores"]))
+        shape = signals.read_table(["num_classes", "feature_dim"]).slice(0, 1).to_pylist()[0]
+        prototypes = teacher_prototypes(
+            cfg,
+            labeled=read_split(signals, "labeled", [*columns, "mask"]),
+            unlabeled=read_split(signals, "unlabeled", columns),
+            detections=boxes,
+            num_classes=int(shape["num_classes"]),
+            dim=int(shape["feature_dim"]),
+        )
+    dataset = read_split(signals, "unlabeled", columns).map_batches(
+        label_batch,
+        fn_kwargs={"cfg": cfg.model_dump(), "prototypes": prototypes, "detections": boxes},
+        batch_format="pyarrow",
+        batch_size=16,
+    )
+    manifest = write_committed(dataset, out, "pseudolabels/2")
     coverage = out.read_table(columns=["coverage"])["coverage"].to_numpy()
-    return {"images": float(manifest["rows"]), "mean_image_coverage": float(coverage.mean())}
+    metrics = {"images": float(manifest["rows"]), "mean_image_coverage": float(coverage.mean())}
+    if prototypes is not None:
+        metrics["teacher_prototypes"] = float((~np.isnan(prototypes).any(axis=1)).sum())
+    return metrics

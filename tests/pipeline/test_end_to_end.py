@@ -69,8 +69,20 @@ def _runs(root: Path) -> tuple[object, list]:
 
 
 def test_smoke_generated_end_to_end(tmp_path: Path, ray_env: dict[str, str]) -> None:
+    """WPL end to end: detector, prototypes from teacher features, and a student on two Ray
+    Train workers whose prototype memory is refreshed (all-reduced) every 2 steps. The
+    thresholds are 0 so that a 4-step teacher and a 2-step detector still give reliable pixels."""
     root = tmp_path / "root"
-    result = _run(ray_env, root)
+    result = _run(
+        ray_env,
+        root,
+        "pseudolabel.policy=wpl",
+        "pseudolabel.tau=0.01",
+        "pseudolabel.wpl.score_thresh=0.0",
+        "pseudolabel.wpl.conf_thresh=0.0",
+        "pseudolabel.wpl.refresh_every=2",
+        "student.workers=2",
+    )
     assert "student mIoU (val)" in result.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in result.stdout
 
@@ -84,11 +96,23 @@ def test_smoke_generated_end_to_end(tmp_path: Path, ray_env: dict[str, str]) -> 
     for split, stems in splits.items():
         assert ids[split] == _expected_ids(source, stems)
     unlabeled = ids["unlabeled"]
-    for name in ("teacher_signals", "detections", "pseudolabels"):
+    for name in ("detections", "pseudolabels"):
         ref = _table(root, name)
         rows = ref.read_table(["image_id"])["image_id"].to_pylist()
         assert len(rows) == len(unlabeled) == ref.num_rows, name
         assert set(rows) == unlabeled, name
+    signals = _table(root, "teacher_signals").read_table(["image_id", "split", "topk"])
+    assert signals.num_rows == 20  # labeled (for WPL's prototypes) and unlabeled
+    assert set(signals["topk"].to_pylist()) == {4}  # K = C by default: exact
+    by_split = {
+        (r["split"], r["image_id"]) for r in signals.select(["split", "image_id"]).to_pylist()
+    }
+    assert by_split == {("labeled", i) for i in ids["labeled"]} | {
+        ("unlabeled", i) for i in unlabeled
+    }
+    labels = _table(root, "pseudolabels").read_table(["policy", "reliable", "margin"]).to_pylist()
+    assert {r["policy"] for r in labels} == {"wpl"}
+    assert all(r["reliable"] is not None and r["margin"] is None for r in labels)
     assert _table(root, "quarantine").num_rows == 0
 
     parent, children = _runs(root)
@@ -98,13 +122,21 @@ def test_smoke_generated_end_to_end(tmp_path: Path, ray_env: dict[str, str]) -> 
     for key in ("teacher_miou", "student_miou", "pseudolabel_coverage", "pseudolabel_precision"):
         assert 0.0 <= parent.data.metrics[key] <= 1.0, key
     assert parent.data.metrics["quarantined_images"] == 0
-    assert parent.data.params["pseudolabel.tau"] == "0.95"
+    assert parent.data.params["pseudolabel.policy"] == "wpl"
+    stage_runs = {r.data.tags["pseudoflow.stage"]: r for r in children}
+    assert stage_runs["pseudolabel"].data.metrics["teacher_prototypes"] >= 1
+    assert stage_runs["train_student"].data.metrics["wpl_prototypes"] >= 1
 
     storage = Storage(str(root))
     student = next((root / "pipelines").iterdir()) / "models" / "student.pt"
     checkpoint = load_checkpoint(student.read_bytes(), source=str(student))
     model = model_from_checkpoint(checkpoint)
     assert "teacher:" in checkpoint["config"]
+    # both ranks' queues are saved; the prototypes they last refreshed are identical
+    first, second = checkpoint["memory"]
+    assert torch.equal(first["prototypes"].isnan(), second["prototypes"].isnan())
+    torch.testing.assert_close(first["prototypes"].nan_to_num(), second["prototypes"].nan_to_num())
+    assert first["labeled_count"].sum() + second["labeled_count"].sum() > 0
     assert storage.is_local
     logits = segment_logits(model, torch.zeros(2, 3, 32, 32))
     assert logits.shape == (2, 4, 32, 32)
@@ -144,6 +176,7 @@ def test_bad_images_are_quarantined_and_the_run_finishes(
         "data.source=folder",
         f"data.root={folder}",
         "detector.enabled=false",
+        "pseudolabel.policy=s4mc",
         f"teacher.weights={weights}",
         f"student.weights={weights}",
     )
@@ -160,6 +193,8 @@ def test_bad_images_are_quarantined_and_the_run_finishes(
     rows = _table(root, "pseudolabels").read_table(["image_id"])["image_id"].to_pylist()
     assert sorted(rows) == sorted(ids["unlabeled"])
     assert len(rows) == 10
+    stored = _table(root, "pseudolabels").read_table(["margin", "refined_margin"]).to_pylist()
+    assert all(r["margin"] is not None and r["refined_margin"] is not None for r in stored)
 
     parent, children = _runs(root)
     assert parent.data.metrics["quarantined_images"] == 2

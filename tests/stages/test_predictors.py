@@ -23,7 +23,7 @@ from stages.core.models import (
 from stages.core.storage import Storage
 from stages.detect import DETECTIONS_SCHEMA, DetectorPredictor
 from stages.evaluate import ConfusionPredictor
-from stages.teach import SIGNALS_SCHEMA, TeacherPredictor, decode_signals
+from stages.teach import SIGNALS_SCHEMA, TeacherPredictor, decode_features, decode_signals
 
 
 def _rows(n: int, size: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -36,6 +36,7 @@ def _rows(n: int, size: tuple[int, int]) -> dict[str, np.ndarray]:
         "width": np.array([size[1]] * n),
         "image": np.array([codec.encode_png(i) for i in images], dtype=object),
         "mask": np.array([codec.encode_png(m) for m in masks], dtype=object),
+        "split": np.array(["unlabeled"] * n),
     }
 
 
@@ -65,10 +66,16 @@ def test_teacher_predictor_upsamples_to_original_size(tmp_path: Path) -> None:
     table = TeacherPredictor(storage.url, path, topk=2)(batch)
     assert table.schema == SIGNALS_SCHEMA
     assert table.num_rows == 2
-    indices, probs = decode_signals(table.to_pylist()[0])
+    row = table.to_pylist()[0]
+    indices, probs = decode_signals(row)
     assert indices.shape == probs.shape == (2, 20, 28)
     assert (probs[0] >= probs[1]).all()
     assert (probs.sum(0) <= 1 + 1e-4).all()
+    assert row["split"] == "unlabeled"
+    # lraspp's classifier input: 128 channels at stride 8 of the 32 px model input
+    assert decode_features(row).shape == (128, 4, 4)
+    everything = TeacherPredictor(storage.url, path, topk=None)(batch).to_pylist()[0]
+    assert everything["topk"] == 3
 
 
 def test_confusion_predictor_counts_every_valid_pixel(tmp_path: Path) -> None:

@@ -8,8 +8,13 @@ import torch
 
 from stages.core import codec
 from stages.evaluate import confusion, iou_from_confusion
-from stages.pseudolabel.stage import PSEUDOLABELS_SCHEMA, label_batch, threshold_maps
-from stages.teach import SIGNALS_SCHEMA, decode_signals, encode_signals
+from stages.pseudolabel.stage import (
+    PSEUDOLABELS_SCHEMA,
+    PseudolabelConfig,
+    label_batch,
+    policy_maps,
+)
+from stages.teach import decode_signals, encode_signals, full_probs
 from stages.train_detector import boxes_from_mask
 
 
@@ -60,13 +65,20 @@ def test_signals_round_trip_within_quantisation_bound() -> None:
     np.testing.assert_allclose(values[:, 0, :], [[0.96, 0.5], [0.03, 0.3]], atol=1 / 131070)
 
 
-def test_threshold_maps_keep_at_tau() -> None:
-    probs = np.array([[[0.95, 0.9499, 0.99]]], np.float32)
-    labels = np.array([[[2, 1, 0]]], np.uint8)
-    label, keep, weight = threshold_maps(probs, labels, tau=0.95)
-    assert label.tolist() == [[2, 1, 0]]
-    assert keep.tolist() == [[True, False, True]]
-    assert weight.tolist() == [[1.0, 1.0, 1.0]]
+def test_threshold_keep_at_tau_from_stored_signals() -> None:
+    # stored values are within 1/131070 of the truth: decisions hold outside that band around τ
+    probs = torch.tensor([[[0.9501, 0.9499, 0.99]], [[0.0499, 0.0501, 0.01]]])
+    maps = policy_maps(PseudolabelConfig(), full_probs(*_round_trip(probs), 2))
+    assert maps["label"].tolist() == [[0, 0, 0]]
+    assert maps["keep"].tolist() == [[True, False, True]]
+    assert maps["weight"].tolist() == [[1.0, 1.0, 1.0]]
+
+
+def _round_trip(probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    index_bytes, prob_bytes, k = encode_signals(probs, topk=None)
+    _, h, w = probs.shape
+    row = {"topk": k, "height": h, "width": w, "topk_index": index_bytes, "topk_prob": prob_bytes}
+    return decode_signals(row)
 
 
 def test_label_batch_rows() -> None:
@@ -82,7 +94,6 @@ def test_label_batch_rows() -> None:
             "topk_index": [index_bytes],
             "topk_prob": [prob_bytes],
         },
-        schema=SIGNALS_SCHEMA,
     )
     out = label_batch(table, {"policy": "threshold", "tau": 0.95})
     assert out.schema == PSEUDOLABELS_SCHEMA

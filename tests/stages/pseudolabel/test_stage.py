@@ -1,0 +1,401 @@
+"""The pseudolabel stage's per-image maps, stored encoding and the student loop's live parts,
+checked against hand-computed values (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from torch import nn
+
+from stages import segtrain
+from stages.core import codec
+from stages.core.inference import decode_for_inference
+from stages.core.models import build_segmenter, checkpoint_bytes, make_checkpoint
+from stages.core.storage import Storage
+from stages.pseudolabel import live, ops
+from stages.pseudolabel.memory import PrototypeMemory
+from stages.pseudolabel.stage import (
+    PseudolabelConfig,
+    attach_detections,
+    encode_row,
+    fill_memory,
+    label_batch,
+    newest_images,
+    policy_maps,
+    queue_batch,
+)
+from stages.teach import TeacherPredictor, decode_signals, encode_signals, full_probs
+
+QUANT = 1 / 131070  # half a uint16 step: the error of one stored probability
+
+# The worked WPL example of methods.md §4: T_5(f) = {0, 2, 4, 6, 8}, T_5(μ) = {1, 2, 3, 5, 6}.
+F_WORKED = [0.9, 0.1, 0.8, 0.05, 0.7, 0.3, 0.6, 0.2, 0.5, 0.0]
+MU_WORKED = [0.1, 0.9, 0.8, 0.7, 0.0, 0.6, 0.5, 0.2, 0.3, 0.4]
+
+
+def _probs(*pixels: tuple[float, ...]) -> torch.Tensor:
+    """Pixels in a row -> float[C, 1, N]."""
+    return torch.tensor(pixels, dtype=torch.float32).T[:, None, :]
+
+
+def _stored(probs: torch.Tensor, topk: int | None) -> torch.Tensor:
+    index_bytes, prob_bytes, k = encode_signals(probs, topk)
+    c, h, w = probs.shape
+    row = {"topk": k, "height": h, "width": w, "topk_index": index_bytes, "topk_prob": prob_bytes}
+    return full_probs(*decode_signals(row), c)
+
+
+# ----------------------------------------------------------------------------- teacher signals
+def test_full_probs_exact_up_to_quantisation_with_all_classes() -> None:
+    probs = torch.distributions.Dirichlet(torch.ones(5)).sample((6, 7)).permute(2, 0, 1)
+    back = _stored(probs, None)
+    assert (back - probs).abs().max() <= QUANT + 1e-7
+
+
+def test_full_probs_with_fewer_classes_stays_within_the_stated_bound() -> None:
+    torch.manual_seed(0)
+    probs = torch.distributions.Dirichlet(torch.full((6,), 0.5)).sample((9, 9)).permute(2, 0, 1)
+    back = _stored(probs, 3)
+    top = probs.topk(3, dim=0).values
+    bound = torch.minimum(top[-1], 1 - top.sum(0))  # per pixel, for every missing class
+    missing = torch.ones_like(probs, dtype=torch.bool).scatter_(
+        0, probs.topk(3, dim=0).indices, False
+    )
+    error = (back - probs).abs()
+    assert (error[~missing] <= QUANT + 1e-7).all()
+    assert (error <= bound[None] + 3 * QUANT)[missing].all()
+    assert error[missing].max() > 1e-3  # the bound is needed: K < C is not exact
+    torch.testing.assert_close(back.sum(0), torch.ones(9, 9), atol=4 * QUANT, rtol=0)
+    torch.testing.assert_close(
+        ops.margin(back[None]), ops.margin(probs[None]), atol=2 * QUANT, rtol=0
+    )
+
+
+def test_s4mc_from_stored_signals_matches_full_probabilities() -> None:
+    torch.manual_seed(1)
+    probs = torch.distributions.Dirichlet(torch.ones(4)).sample((12, 12)).permute(2, 0, 1)
+    stored = policy_maps(PseudolabelConfig(policy="s4mc"), _stored(probs, None))
+    full = policy_maps(PseudolabelConfig(policy="s4mc"), probs)
+    # κ from two stored values; κ̃ = margin of P + β(q − Pq): at most 4 quantisation errors.
+    assert (stored["margin"] - full["margin"]).abs().max() <= 2 * QUANT + 1e-6
+    assert (stored["refined_margin"] - full["refined_margin"]).abs().max() <= 4 * QUANT + 1e-6
+
+
+# ------------------------------------------------------------------------------ per-image maps
+def test_threshold_maps_hand_computed() -> None:
+    maps = policy_maps(PseudolabelConfig(), _probs((0.96, 0.03, 0.01), (0.5, 0.3, 0.2)))
+    assert maps["label"].tolist() == [[0, 0]]
+    assert maps["keep"].tolist() == [[True, False]]
+    assert maps["weight"].tolist() == [[1.0, 1.0]]
+
+
+def test_s4mc_maps_hand_computed() -> None:
+    # A's only neighbour is B and vice versa: q_A = P_B, q_B = P_A, so both refine to
+    # P + q − P·q = (0.945, 0.4395, 0.183): κ̃ = 0.5055 (κ_A = 0.04, κ_B = 0.85).
+    maps = policy_maps(
+        PseudolabelConfig(policy="s4mc"), _probs((0.45, 0.41, 0.14), (0.90, 0.05, 0.05))
+    )
+    torch.testing.assert_close(maps["margin"], torch.tensor([[0.04, 0.85]]))
+    torch.testing.assert_close(maps["refined_margin"], torch.tensor([[0.5055, 0.5055]]))
+    # stored keep is the t = 0 view: γ_0 = 0.04 + 0.4·(0.85 − 0.04) = 0.364 < 0.5055
+    assert maps["keep"].tolist() == [[True, True]]
+    higher = PseudolabelConfig(policy="s4mc", s4mc={"alpha0": 1.0})  # γ_0 = 0.85
+    assert policy_maps(higher, _probs((0.45, 0.41, 0.14), (0.90, 0.05, 0.05)))["keep"].tolist() == [
+        [False, False]
+    ]
+
+
+def test_s4mc_label_from_refined_flips_the_argmax() -> None:
+    # A = (0.40, 0.45, 0.15) with neighbour B = (0.95, 0.04, 0.01): refined A = (0.97, 0.472, ...)
+    probs = _probs((0.40, 0.45, 0.15), (0.95, 0.04, 0.01))
+    assert policy_maps(PseudolabelConfig(policy="s4mc"), probs)["label"].tolist() == [[1, 0]]
+    refined = PseudolabelConfig(policy="s4mc", s4mc={"label_from": "refined"})
+    assert policy_maps(refined, probs)["label"].tolist() == [[0, 0]]
+
+
+def test_csl_maps_trusted_is_exactly_weight_one_and_degenerate_image() -> None:
+    torch.manual_seed(2)
+    probs = torch.distributions.Dirichlet(torch.ones(3)).sample((8, 8)).permute(2, 0, 1)
+    maps = policy_maps(PseudolabelConfig(policy="csl"), probs)
+    expected = ops.csl_weights(probs[None], torch.ones(1, 8, 8, dtype=torch.bool))[0]
+    torch.testing.assert_close(maps["weight"], expected)
+    assert torch.equal(maps["trusted"], expected == 1.0)
+    assert 0 < int(maps["trusted"].sum()) < 64
+    assert maps["keep"].all()
+    flat = torch.full((3, 4, 4), 1 / 3)  # all pixels equal: s_2 = 0, one cluster, z = 0 -> w = 1
+    assert policy_maps(PseudolabelConfig(policy="csl"), flat)["trusted"].all()
+
+
+def _wpl_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    probs = _probs((0.97, 0.02, 0.01), (0.01, 0.98, 0.01), (0.02, 0.96, 0.02))
+    boxes = ops.rasterize_boxes(
+        np.array([[1.0, 0.0, 1.5, 1.0], [0.0, 0.0, 3.0, 1.0]], np.float32),
+        np.array([1, 2]),
+        np.array([0.99, 0.5], np.float32),  # the class-2 box is below the score threshold
+        {1: 1, 2: 2},
+        1,
+        3,
+        3,
+    )
+    features = torch.tensor([F_WORKED, F_WORKED, MU_WORKED]).T[:, None, :]  # [D=10, 1, 3]
+    prototypes = torch.full((3, 10), float("nan"))
+    prototypes[1] = torch.tensor(MU_WORKED)  # class 0 has no prototype
+    return probs, boxes, features, prototypes
+
+
+def test_wpl_maps_hand_computed() -> None:
+    probs, boxes, features, prototypes = _wpl_inputs()
+    maps = policy_maps(
+        PseudolabelConfig(policy="wpl"),
+        probs,
+        box_masks=boxes,
+        features=features,
+        prototypes=prototypes,
+    )
+    assert maps["label"].tolist() == [[0, 1, 1]]
+    assert maps["keep"].tolist() == [[True, True, True]]
+    assert maps["reliable"].tolist() == [[False, True, False]]  # only pixel 1 is in a class-1 box
+    torch.testing.assert_close(maps["weight"], torch.tensor([[0.0, 0.4, 1.0]]))
+
+
+def test_stored_row_round_trips_to_training_maps_with_plus_one() -> None:
+    probs, boxes, features, prototypes = _wpl_inputs()
+    cfg = PseudolabelConfig(policy="wpl", tau=0.97, wpl={"weight_form": "plus_one"})
+    maps = policy_maps(cfg, probs, box_masks=boxes, features=features, prototypes=prototypes)
+    row = encode_row(cfg, "abc", maps)
+    assert row["weight_offset"] == 1.0
+    assert row["margin"] is None
+    assert row["trusted"] is None
+    assert row["coverage"] == pytest.approx(2 / 3)  # conf 0.96 < τ = 0.97 drops pixel 2
+    back = segtrain._stored_maps(row)
+    torch.testing.assert_close(back["weight"], torch.tensor([[1.0, 1.4, 0.0]]))
+    assert back["keep"].tolist() == [[1, 1, 0]]
+    assert back["reliable"].tolist() == [[0, 1, 0]]
+    assert back["label"].tolist() == [[0, 1, 1]]
+
+
+def test_unknown_policy_lists_the_valid_ones() -> None:
+    with pytest.raises(
+        ValueError, match="unknown policy 's4mx'; choose one of threshold, s4mc, csl, wpl"
+    ):
+        PseudolabelConfig(policy="s4mx")
+
+
+# ----------------------------------------------------------------------- WPL teacher prototypes
+def _contribution(image_id: str, queue: str, cls: int, vectors: list[list[float]]) -> dict:
+    array = np.asarray(vectors, np.float32)
+    return {
+        "image_id": image_id,
+        "queue": queue,
+        "cls": cls,
+        "count": len(array),
+        "features": codec.to_bytes(array),
+    }
+
+
+def test_fill_memory_keeps_the_newest_vectors_per_queue() -> None:
+    newest_first = [
+        _contribution("c", "labeled", 1, [[5.0, 0.0]]),
+        _contribution("c", "unlabeled", 2, [[7.0, 7.0]]),
+        _contribution("b", "labeled", 1, [[3.0, 0.0], [4.0, 0.0]]),
+        _contribution("a", "labeled", 1, [[1.0, 0.0], [2.0, 0.0]]),
+        _contribution("a", "unlabeled", 1, [[0.0, 9.0]]),
+    ]
+    prototypes = fill_memory(newest_first, size=2, num_classes=3, dim=2)
+    # labeled queue of class 1: pushed 1, 2, 3, 4, 5 -> holds 4, 5; unlabeled queue holds (0, 9)
+    np.testing.assert_allclose(prototypes[1], [(4 + 5 + 0) / 3, 9 / 3])
+    assert np.isnan(prototypes[0]).all()
+    assert np.isnan(prototypes[2]).all()  # only unlabeled vectors: no prototype
+
+
+def test_attach_detections_looks_up_by_image_id_and_names_missing_ones() -> None:
+    detections = pa.table(
+        {
+            "image_id": ["b", "a"],
+            "boxes": [[1.0, 2.0, 3.0, 4.0], []],
+            "labels": [[2], []],
+            "scores": [[0.9], []],
+        }
+    )
+    joined = attach_detections(pa.table({"image_id": ["a", "b"], "x": [1, 2]}), detections)
+    assert joined.to_pylist() == [
+        {"image_id": "a", "x": 1, "boxes": [], "labels": [], "scores": []},
+        {"image_id": "b", "x": 2, "boxes": [1.0, 2.0, 3.0, 4.0], "labels": [2], "scores": [0.9]},
+    ]
+    with pytest.raises(ValueError, match=r"no detections row for images \['c'\]"):
+        attach_detections(pa.table({"image_id": ["a", "c"]}), detections)
+
+
+def test_newest_images_are_the_ones_a_fifo_still_holds() -> None:
+    counts = [
+        {"image_id": "a", "queue": "labeled", "cls": 1, "count": 2},
+        {"image_id": "b", "queue": "labeled", "cls": 1, "count": 2},
+        {"image_id": "c", "queue": "labeled", "cls": 1, "count": 1},
+        {"image_id": "a", "queue": "unlabeled", "cls": 1, "count": 1},
+        {"image_id": "d", "queue": "labeled", "cls": 2, "count": 0},
+    ]
+    # labeled/1 of size 2 holds c's vector and one of b's; unlabeled/1 holds a's; d adds nothing
+    assert newest_images(counts, size=2) == {"a", "b", "c"}
+    assert newest_images(counts, size=1) == {"a", "c"}
+
+
+# ---------------------------------------------------------------- no forward after the teacher
+def test_every_policy_is_computed_from_stored_signals_without_a_forward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    args = {"arch": "lraspp_mobilenet_v3_large", "num_classes": 3}
+    storage = Storage(str(tmp_path))
+    path = storage.path("teacher.pt")
+    model = build_segmenter(**args)
+    storage.write_bytes(
+        path, checkpoint_bytes(make_checkpoint(model, kind="segmenter", model_args=args))
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+        "image_id": np.array([f"{i:024x}" for i in range(3)]),
+        "height": np.array([20, 20, 20]),
+        "width": np.array([28, 28, 28]),
+        "image": np.array(
+            [codec.encode_png(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)) for _ in range(3)],
+            dtype=object,
+        ),
+        "split": np.array(["unlabeled"] * 3),
+    }
+    signals = TeacherPredictor(storage.url, path, topk=None)(decode_for_inference(batch, 32))
+    detections = {
+        "boxes": [[0.0, 0.0, 10.0, 10.0]] * 3,
+        "labels": [[1]] * 3,
+        "scores": [[0.99]] * 3,
+    }
+    for name, values in detections.items():
+        signals = signals.append_column(name, pa.array(values))
+
+    def no_forward(*_: object, **__: object) -> None:
+        raise AssertionError("a model forward ran")
+
+    monkeypatch.setattr(nn.Module, "__call__", no_forward)
+    prototypes = np.random.default_rng(1).random((3, 128)).astype(np.float32)
+    for policy in ("threshold", "s4mc", "csl", "wpl"):
+        cfg = PseudolabelConfig(policy=policy).model_dump()
+        table = label_batch(signals, cfg, prototypes if policy == "wpl" else None)
+        assert table.num_rows == 3
+        assert set(table["policy"].to_pylist()) == {policy}
+    queue_batch(signals, PseudolabelConfig(policy="wpl").model_dump())
+
+
+# ------------------------------------------------------------------------------- live in the loop
+def test_s4mc_keep_uses_the_dpa_quantile_of_the_batch() -> None:
+    margins = torch.tensor([[[0.05, 0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]]])
+    valid = torch.ones_like(margins, dtype=torch.bool)
+    keep = live.s4mc_keep(margins, margins + 0.1, valid, step=40, total_steps=80)
+    # γ_40 = 0.18 (methods.md): κ̃ = κ + 0.1 > 0.18 drops only κ = 0.05
+    assert keep.tolist() == [[[False] + [True] * 9]]
+    at_end = live.s4mc_keep(margins, margins, valid, step=80, total_steps=80)
+    assert at_end.sum() == 9  # γ = min κ = 0.05, strict >
+
+
+def test_tmp_view_covers_only_trusted_pixels() -> None:
+    images = torch.ones(2, 3, 4, 4)
+    trusted = torch.zeros(2, 4, 4, dtype=torch.bool)
+    trusted[0, :2] = True
+    covered = live.tmp_view(images, trusted, block=2, cover=1.0)
+    assert covered[0, :, :2].eq(0).all()
+    assert covered[0, :, 2:].eq(1).all()
+    assert covered[1].eq(1).all()
+    assert torch.equal(live.tmp_view(images, trusted, block=2, cover=0.0), images)
+
+
+class _Tiny(nn.Module):
+    """A deterministic segmenter with a ``classifier`` head (no batch norm)."""
+
+    def __init__(self, classes: int = 3, dim: int = 10) -> None:
+        super().__init__()
+        self.backbone = nn.Conv2d(3, dim, 1)
+        self.classifier = nn.Conv2d(dim, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.classifier(torch.relu(self.backbone(x)))}
+
+
+def _unlabeled_batch() -> dict[str, torch.Tensor]:
+    torch.manual_seed(3)
+    label = torch.randint(0, 3, (2, 4, 4))
+    return {
+        "label": label,
+        "weight": torch.rand(2, 4, 4),
+        "keep": torch.ones(2, 4, 4, dtype=torch.bool),
+        "trusted": torch.ones(2, 4, 4, dtype=torch.bool),
+        "reliable": label == 1,
+        "margin": torch.rand(2, 4, 4),
+        "refined_margin": torch.rand(2, 4, 4),
+    }
+
+
+def test_csl_loss_averages_the_strong_and_the_tmp_view() -> None:
+    model, maps = _Tiny(), _unlabeled_batch()
+    images = torch.randn(2, 3, 4, 4)
+    cfg = PseudolabelConfig(policy="csl", csl={"block": 4, "cover": 1.0})
+    loss, _, _ = segtrain._unlabeled_loss(
+        model, images, maps, cfg, None, (0, 10), torch.Generator().manual_seed(0)
+    )
+    valid = torch.ones(2, 4, 4, dtype=torch.bool)
+    strong = ops.weighted_unsup_loss(model(images)["out"], maps["label"], maps["weight"], valid)
+    hidden = ops.weighted_unsup_loss(
+        model(torch.zeros_like(images))["out"], maps["label"], maps["weight"], valid
+    )
+    torch.testing.assert_close(loss, (strong + hidden) / 2)
+
+
+def test_s4mc_loss_uses_the_live_keep_mask() -> None:
+    model, maps = _Tiny(), _unlabeled_batch()
+    images = torch.randn(2, 3, 4, 4)
+    cfg = PseudolabelConfig(policy="s4mc")
+    loss, stats, _ = segtrain._unlabeled_loss(
+        model, images, maps, cfg, None, (5, 10), torch.Generator()
+    )
+    valid = torch.ones(2, 4, 4, dtype=torch.bool)
+    keep = live.s4mc_keep(maps["margin"], maps["refined_margin"], valid, 5, 10)
+    expected = ops.weighted_unsup_loss(model(images)["out"], maps["label"], keep.float(), valid)
+    torch.testing.assert_close(loss, expected)
+    assert stats["kept_fraction"] == pytest.approx(float(keep.float().mean()))
+
+
+def test_wpl_weight_stored_until_the_first_refresh_then_from_prototypes() -> None:
+    model, maps = _Tiny(), _unlabeled_batch()
+    images = torch.randn(2, 3, 4, 4)
+    cfg = PseudolabelConfig(policy="wpl", wpl={"k": 2})
+    memory = segtrain._new_memory(cfg, 3, model)
+    assert memory is not None
+    valid = torch.ones(2, 4, 4, dtype=torch.bool)
+    logits, features = segtrain._forward(model, images, with_features=True)
+    assert features is not None
+    before = segtrain._live_weight(cfg, maps, valid, features, memory, (0, 10))
+    assert torch.equal(before, maps["weight"])
+    labeled = {"label": logits.argmax(dim=1)}  # every labeled pixel predicted right
+    segtrain._feed_memory(
+        memory,
+        cfg.model_copy(update={"wpl": cfg.wpl.model_copy(update={"conf_thresh": 0.0})}),
+        torch.Generator(),
+        (features, logits, labeled),
+        (features, maps),
+    )
+    prototypes = memory.refresh()
+    after = segtrain._live_weight(cfg, maps, valid, features, memory, (1, 10))
+    expected = ops.topk_index_similarity(features, prototypes, maps["label"], k=2)
+    torch.testing.assert_close(after, expected)
+    assert not torch.equal(after, maps["weight"])
+
+
+def test_prototype_memory_matches_the_student_feature_width() -> None:
+    cfg = PseudolabelConfig(policy="wpl")
+    memory = segtrain._new_memory(
+        cfg, 3, build_segmenter(arch="lraspp_mobilenet_v3_large", num_classes=3)
+    )
+    assert isinstance(memory, PrototypeMemory)
+    assert memory.dim == 128
+    assert segtrain._new_memory(PseudolabelConfig(policy="csl"), 3, _Tiny()) is None
