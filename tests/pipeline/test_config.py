@@ -93,3 +93,36 @@ def test_cli_plan_lists_stages_in_order() -> None:
     assert result.returncode == 0
     names = [line.split()[1] for line in result.stdout.splitlines()]
     assert tuple(names) == STAGE_NAMES
+
+
+def test_policy_errors_list_what_is_valid() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            "smoke",
+            [
+                "pseudolabel.policy=s4mx",
+                "pseudolabel.s4mc.neighbourhood=4",
+                "pseudolabel.csl.cover=1.5",
+            ],
+        )
+    problems = caught.value.problems
+    assert "unknown policy 's4mx'; choose one of threshold, s4mc, csl, wpl" in problems[0]
+    assert any(
+        "pseudolabel.s4mc.neighbourhood: unknown key; valid keys here: alpha0, beta, label_from, neighborhood"
+        in p
+        for p in problems
+    )
+    assert any(p.startswith("pseudolabel.csl.cover:") for p in problems)
+    assert len(problems) == 3
+
+
+def test_wpl_needs_the_detector_and_a_valid_class_map() -> None:
+    with pytest.raises(ConfigError, match=r"pseudolabel\.policy 'wpl' needs detections"):
+        load_config("smoke", ["pseudolabel.policy=wpl", "detector.enabled=false"])
+    with pytest.raises(
+        ConfigError, match=r"class_map \{1: 9\}: segmentation classes must be in \[0, 4\)"
+    ):
+        load_config("smoke", ["pseudolabel.policy=wpl", "pseudolabel.wpl.class_map={1: 9}"])
+    cfg = load_config("smoke", ["pseudolabel.policy=wpl", "pseudolabel.wpl.class_map={3: 1}"])
+    assert cfg.pseudolabel.class_map(4) == {3: 1}
+    assert load_config("smoke").pseudolabel.class_map(4) == {1: 1, 2: 2, 3: 3}
