@@ -47,7 +47,7 @@ from stages.pseudolabel.memory import (
     select_reliable,
 )
 from stages.pseudolabel.ops import weighted_unsup_loss
-from stages.pseudolabel.stage import PseudolabelConfig
+from stages.pseudolabel.stage import PseudolabelConfig, weight_offset
 
 logger = logging.getLogger(__name__)
 
@@ -306,8 +306,8 @@ def _live_weight(
         )
         return keep.float()
     if memory is not None and memory.prototypes is not None and features is not None:
-        offset = 1.0 if policy.wpl.weight_form == "plus_one" else 0.0
         prototypes = memory.prototypes.to(features.device)
+        offset = weight_offset(policy)
         return live.wpl_weight(
             features, maps["label"], maps["keep"], prototypes, k=policy.wpl.k, offset=offset
         )

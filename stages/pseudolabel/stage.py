@@ -142,13 +142,19 @@ def policy_maps(
     else:
         if box_masks is None or features is None or prototypes is None:
             raise ValueError("the wpl policy needs box masks, features and prototypes")
-        reliable = ops.detector_reliability(
-            label, conf, box_masks[None], valid, conf_thresh=cfg.wpl.conf_thresh
-        )
+        reliable = wpl_reliable(cfg, label, conf, box_masks)
         weight = ops.topk_index_similarity(features[None], prototypes, label, k=cfg.wpl.k)
         keep = ops.threshold_keep(conf, valid, cfg.tau)
         out = {"label": label, "keep": keep, "weight": weight, "reliable": reliable}
     return {name: value[0] for name, value in out.items()}
+
+
+def wpl_reliable(
+    cfg: PseudolabelConfig, label: torch.Tensor, conf: torch.Tensor, box_masks: torch.Tensor
+) -> torch.Tensor:
+    """WPL's R for one image: label int64[1, H, W], conf float[1, H, W], box_masks
+    bool[C, H, W] -> bool[1, H, W] (every pixel valid: stored signals have no padding)."""
+    return ops.detector_reliability(label, conf, box_masks[None], conf_thresh=cfg.wpl.conf_thresh)
 
 
 def _s4mc_maps(
@@ -156,7 +162,7 @@ def _s4mc_maps(
 ) -> dict[str, torch.Tensor]:
     refined = ops.s4mc_refine(p, neighborhood=cfg.neighborhood, beta=cfg.beta)
     kappa, kappa_refined = ops.margin(p), ops.margin(refined)
-    gamma0 = ops.dpa_threshold(kappa, valid, ops.dpa_alpha(0, 1, cfg.alpha0))
+    gamma0 = ops.dpa_threshold(kappa, valid, cfg.alpha0)  # α_t at t = 0 is α_0
     if cfg.label_from == "refined":
         label = refined.argmax(dim=1)
     return {
@@ -298,12 +304,7 @@ def queue_batch(table: pa.Table, cfg: dict[str, Any], detections: Any = None) ->
             vectors, classes = select_labeled(features, probs, target, policy.wpl.conf_thresh)
         else:
             conf, label = probs.max(dim=1)
-            reliable = ops.detector_reliability(
-                label,
-                conf,
-                box_masks_of(row, policy, num_classes)[None],
-                conf_thresh=policy.wpl.conf_thresh,
-            )
+            reliable = wpl_reliable(policy, label, conf, box_masks_of(row, policy, num_classes))
             vectors, classes = select_reliable(features, label, reliable)
         generator = torch.Generator().manual_seed(int(row["image_id"][:15], 16))
         order = torch.randperm(len(classes), generator=generator)

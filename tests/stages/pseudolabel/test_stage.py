@@ -389,6 +389,11 @@ def test_wpl_weight_stored_until_the_first_refresh_then_from_prototypes() -> Non
     expected = ops.topk_index_similarity(features, prototypes, maps["label"], k=2)
     torch.testing.assert_close(after, expected)
     assert not torch.equal(after, maps["weight"])
+    plus_one = cfg.model_copy(
+        update={"wpl": cfg.wpl.model_copy(update={"weight_form": "plus_one"})}
+    )
+    shifted = segtrain._live_weight(plus_one, maps, valid, features, memory, (1, 10))
+    torch.testing.assert_close(shifted, expected + 1)  # keep is all True here
 
 
 def test_prototype_memory_matches_the_student_feature_width() -> None:
