@@ -44,6 +44,9 @@ config_option = click.option(
     required=True,
     help="built-in config name (quickstart, smoke) or YAML path",
 )
+root_option = click.option(
+    "--root", default="runs", show_default=True, help="storage root (folder or URL)"
+)
 set_option = click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override, e.g. student.steps=50"
 )
@@ -51,15 +54,16 @@ set_option = click.option(
 
 @main.command()
 @config_option
-@click.option("--root", default="runs", show_default=True, help="storage root (folder or URL)")
+@root_option
 @set_option
-def run(config: str, root: str, overrides: tuple[str, ...]) -> None:
-    """Run the whole pipeline and print a summary."""
+@click.option("--until", default=None, metavar="STAGE", help="stop after this stage")
+def run(config: str, root: str, overrides: tuple[str, ...], until: str | None) -> None:
+    """Run the pipeline (reusing cached stages) and print a summary."""
     from pipeline.runner import run_pipeline
 
     cfg = _load(config, overrides)
     try:
-        summary = run_pipeline(cfg, root)
+        summary = run_pipeline(cfg, root, until=until)
     except SourceError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -68,16 +72,97 @@ def run(config: str, root: str, overrides: tuple[str, ...]) -> None:
 
 @main.command()
 @config_option
+@root_option
 @set_option
-def plan(config: str, overrides: tuple[str, ...]) -> None:
-    """Print the stages a run would execute, in order, with what each reads and writes."""
-    from pipeline.graph import STAGES
+def plan(config: str, root: str, overrides: tuple[str, ...]) -> None:
+    """For each stage: reuse (cache key) or run, and why. Writes nothing."""
+    from pipeline.cache import plan as make_plan
+    from pipeline.runner import resolve_root
 
     cfg = _load(config, overrides)
-    for stage in STAGES:
-        status = "run " if stage.enabled(cfg) else "skip (disabled)"
-        reads, writes = ", ".join(stage.reads), ", ".join(stage.writes)
-        click.echo(f"{status:16} {stage.name:15} reads {reads:40} writes {writes}")
+    try:
+        rows = make_plan(cfg, resolve_root(root))
+    except SourceError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    for row in rows:
+        key = row.key[:12] if row.key else "-"
+        click.echo(f"{row.action:6} {row.stage:15} {key:12}  {row.reason}")
+
+
+@main.group()
+def cache() -> None:
+    """The pseudo-label and model cache under a storage root."""
+
+
+@cache.command("ls")
+@root_option
+def cache_ls(root: str) -> None:
+    """List committed entries with size, age and rows."""
+    from pipeline.cache import human_age, human_bytes, iter_entries
+    from pipeline.runner import resolve_root
+    from stages.core.storage import Storage
+
+    entries = list(iter_entries(Storage(resolve_root(root))))
+    click.echo(f"{'stage':15} {'key':12} {'size':>10} {'age':>7}  outputs")
+    for e in entries:
+        outputs = ", ".join(
+            f"{n} ({o['rows']} rows)" if o["kind"] == "dataset" else n
+            for n, o in e.record["outputs"].items()
+        )
+        size, age = human_bytes(e.bytes), human_age(e.age_s)
+        click.echo(f"{e.stage:15} {e.key[:12]:12} {size:>10} {age:>7}  {outputs}")
+    total = human_bytes(sum(e.bytes for e in entries))
+    click.echo(f"{len(entries)} entries, {total}")
+
+
+@cache.command("verify")
+@root_option
+def cache_verify(root: str) -> None:
+    """Check every entry's manifests against its data; exit 1 if any is damaged."""
+    from pipeline.cache import iter_entries, verify_entry
+    from pipeline.runner import resolve_root
+    from stages.core.storage import Storage
+
+    storage = Storage(resolve_root(root))
+    bad = 0
+    entries = list(iter_entries(storage))
+    for entry in entries:
+        problems = verify_entry(storage, entry)
+        bad += bool(problems)
+        for problem in problems:
+            click.echo(f"DAMAGED {entry.stage} {entry.key[:12]}: {problem}")
+    click.echo(f"{len(entries)} entries checked, {bad} damaged")
+    if bad:
+        sys.exit(1)
+
+
+@cache.command("gc")
+@root_option
+@click.option("--tracking-uri", default=None, help="default: sqlite:///<root>/mlflow.db")
+@click.option("--min-age", default=24.0, show_default=True, help="hours before leftovers go")
+@click.option("--delete", is_flag=True, help="delete (default: only list what would go)")
+def cache_gc(root: str, tracking_uri: str | None, min_age: float, delete: bool) -> None:
+    """Collect entries no MLflow run references and stale leftovers (dry run by default)."""
+    from pipeline.cache import collect_garbage, human_bytes
+    from pipeline.runner import resolve_root
+    from pipeline.tracking import referenced_keys
+    from stages.core.storage import Storage
+
+    root = resolve_root(root)
+    if tracking_uri is None:
+        if "://" in root:
+            click.echo("error: a remote root needs --tracking-uri", err=True)
+            sys.exit(2)
+        tracking_uri = f"sqlite:///{root}/mlflow.db"
+    storage = Storage(root)
+    garbage = collect_garbage(
+        storage, referenced_keys(tracking_uri), min_age_s=min_age * 3600, delete=delete
+    )
+    for item in garbage:
+        click.echo(f"{'deleted' if delete else 'would delete'} {item.path} ({item.why})")
+    verb = "freed" if delete else "would free (dry run; --delete to collect)"
+    click.echo(f"{len(garbage)} items, {verb} {human_bytes(sum(g.bytes for g in garbage))}")
 
 
 @main.group()
@@ -105,6 +190,7 @@ def bench_policies(size: int, classes: int, images: int, json_path: str | None) 
 
 def format_summary(summary: RunSummary) -> str:
     m = summary.metrics
+    reused = sum(hit for _, hit in summary.cache.values())
 
     def fmt(key: str) -> str:
         return f"{m[key]:.4f}" if key in m else "n/a"
@@ -116,6 +202,7 @@ def format_summary(summary: RunSummary) -> str:
         ("pseudo-label precision", fmt("evaluate.pseudolabel_precision")),
         ("quarantined images", str(int(m.get("ingest.quarantined_images", 0)))),
         ("wall time (s)", f"{sum(summary.stage_seconds.values()):.1f}"),
+        ("stages reused / run", f"{reused} / {len(summary.cache) - reused}"),
         ("pipeline run", summary.run_id),
         ("MLflow run id", summary.mlflow_run_id),
     ]

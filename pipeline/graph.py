@@ -4,36 +4,68 @@ wired in one explicit list. The functions here only map config to the stages' ar
 from __future__ import annotations
 
 import os
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
+from pydantic import BaseModel
+
 from pipeline.config import PipelineConfig, to_yaml
 from stages import detect, evaluate, segtrain, teach, train_detector
+from stages.core.cache import ShardPool, digest_json, file_digest, output_dataset
+from stages.core.inference import InferenceConfig
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest import stage as ingest
-from stages.ingest.folder import SourceItem
+from stages.ingest.folder import SourceError, SourceItem
 from stages.pseudolabel import stage as pseudolabel
 
 
 @dataclass
 class Context:
-    """What a stage function gets: config, storage, where this run writes, and shared results."""
+    """What a stage function gets: config, storage, the outputs of the stages before it (as their
+    cache entries recorded them), and where the running stage writes (its attempt folder)."""
 
     config: PipelineConfig
     storage: Storage
     run_id: str
     items: list[SourceItem]
+    source_digest: str = ""
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # stage name -> its key in this run
+    writing: tuple[str, ...] = ()
+    attempt: str = ""
     sink: Any = None
     results: dict[str, Any] = field(default_factory=dict)
 
     def dataset(self, name: str) -> DatasetRef:
-        return DatasetRef(
-            self.storage, self.storage.path("pipelines", self.run_id, "data", name), name
-        )
+        """The running stage's output ``name`` (in its attempt folder), or an earlier output."""
+        if name in self.writing:
+            return DatasetRef(self.storage, posixpath.join(self.attempt, name), name)
+        return output_dataset(self.storage, name, self.outputs[name])
 
     def model_path(self, name: str) -> str:
-        return self.storage.path("pipelines", self.run_id, "models", f"{name}.pt")
+        if name in self.writing:
+            return posixpath.join(self.attempt, f"{name}.pt")
+        return self.storage.resolve(self.outputs[name]["path"])
+
+    def digest(self, name: str, split: str | None = None) -> str:
+        """An input's identity in cache keys: a model's sha256, the images' per-split content
+        digest, or the key of the entry that produced a dataset."""
+        output = self.outputs[name]
+        if output["kind"] == "model":
+            return str(output["sha256"])
+        if split is not None:
+            return str(output["digests"].get(split, "empty"))
+        return str(output["key"])
+
+    def pool(self, stage: str, family: dict[str, Any]) -> ShardPool:
+        return ShardPool.of(self.storage, stage, digest_json(family))
+
+    def train_name(self, stage: str) -> str:
+        """Ray Train run name: a rerun of the same key resumes from its checkpoints."""
+        return f"{stage}-{self.keys[stage][:16]}"
 
     def loop_extra(self) -> dict[str, Any]:
         threads = self.config.runtime.torch_threads or os.cpu_count() or 1
@@ -48,11 +80,100 @@ class Context:
 
 @dataclass(frozen=True)
 class Stage:
+    """A stage: its function, what it reads and writes, its output schema, and ``fields``: what
+    (besides name, schema and package version) its cache key is computed from."""
+
     name: str
     reads: tuple[str, ...]
     writes: tuple[str, ...]
     run: Callable[[Context], dict[str, float]]
+    fields: Callable[[Context], dict[str, Any]]
+    schema: str
     enabled: Callable[[PipelineConfig], bool] = lambda config: True
+
+
+# Settings that change how a stage runs but never what it produces.
+TRAIN_EXECUTION = {"log_every", "checkpoint_every", "workers", "weights", "enabled"}
+INFERENCE_EXECUTION = set(InferenceConfig.model_fields)
+
+
+def semantic(section: BaseModel, execution: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in section.model_dump(mode="json").items() if k not in execution}
+
+
+def given_weights(path: str) -> str:
+    """sha256 of a weights file the config names (local path or URL)."""
+    fs, inner = fsspec.core.url_to_fs(path)
+    if not fs.exists(inner):
+        raise SourceError(f"weights file {path!r} does not exist")
+    return file_digest(fs, inner)
+
+
+def pseudolabel_fields(config: PipelineConfig) -> dict[str, Any]:
+    """The pseudo-label settings that matter for the chosen policy (others' options excluded)."""
+    cfg = config.pseudolabel
+    fields: dict[str, Any] = {"policy": cfg.policy}
+    if cfg.policy in {"threshold", "wpl"}:
+        fields["tau"] = cfg.tau
+    if cfg.policy in {"s4mc", "csl", "wpl"}:
+        fields[cfg.policy] = getattr(cfg, cfg.policy).model_dump(mode="json")
+    return fields
+
+
+def _train_fields(ctx: Context, section: BaseModel, weights: str | None) -> dict[str, Any]:
+    base = {"num_classes": ctx.config.data.num_classes}
+    if weights:
+        return {**base, "arch": getattr(section, "arch", None), "weights": given_weights(weights)}
+    return {
+        **base,
+        "train": semantic(section, TRAIN_EXECUTION),
+        "labeled": ctx.digest("images", "labeled"),
+        "image_size": ctx.config.data.image_size,
+        "seed": ctx.config.seed,
+    }
+
+
+def _ingest_fields(ctx: Context) -> dict[str, Any]:
+    return {"source": ctx.source_digest, "num_classes": ctx.config.data.num_classes}
+
+
+def _detect_family(ctx: Context) -> dict[str, Any]:
+    return {
+        "stage": "detect",
+        "detector": ctx.digest("detector"),
+        "min_score": ctx.config.detect.min_score,
+        "image_size": ctx.config.data.image_size,
+    }
+
+
+def _teach_family(ctx: Context) -> dict[str, Any]:
+    return {
+        "stage": "teach",
+        "teacher": ctx.digest("teacher"),
+        "teach": semantic(ctx.config.teach, INFERENCE_EXECUTION),
+        "image_size": ctx.config.data.image_size,
+    }
+
+
+def _student_fields(ctx: Context) -> dict[str, Any]:
+    return {
+        **_train_fields(ctx, ctx.config.student, ctx.config.student.weights),
+        "unlabeled": ctx.digest("images", "unlabeled"),
+        "pseudolabels": ctx.digest("pseudolabels"),
+        "pseudolabel": pseudolabel_fields(ctx.config),
+    }
+
+
+def _evaluate_fields(ctx: Context) -> dict[str, Any]:
+    return {
+        "teacher": ctx.digest("teacher"),
+        "student": ctx.digest("student"),
+        "val": ctx.digest("images", "val"),
+        "unlabeled": ctx.digest("images", "unlabeled"),
+        "pseudolabels": ctx.digest("pseudolabels"),
+        "num_classes": ctx.config.data.num_classes,
+        "image_size": ctx.config.data.image_size,
+    }
 
 
 def _ingest(ctx: Context) -> dict[str, float]:
@@ -65,6 +186,7 @@ def _ingest(ctx: Context) -> dict[str, float]:
         num_blocks=data.blocks,
     )
     ctx.results["quarantined_images"] = result.quarantined
+    ctx.results["digests"] = result.digests
     metrics = {f"images_{split}": float(n) for split, n in result.per_split.items()}
     return {
         **metrics,
@@ -86,7 +208,7 @@ def _train_teacher(ctx: Context) -> dict[str, float]:
         num_classes=data.num_classes,
         storage=ctx.storage,
         out_path=ctx.model_path("teacher"),
-        name=f"{ctx.run_id}-teacher",
+        name=ctx.train_name("train_teacher"),
         loop_extra=ctx.loop_extra(),
         use_gpu=ctx.config.runtime.use_gpu,
     )
@@ -105,7 +227,7 @@ def _train_detector(ctx: Context) -> dict[str, float]:
         num_classes=ctx.config.data.num_classes,
         storage=ctx.storage,
         out_path=ctx.model_path("detector"),
-        name=f"{ctx.run_id}-detector",
+        name=ctx.train_name("train_detector"),
         loop_extra=ctx.loop_extra(),
         use_gpu=ctx.config.runtime.use_gpu,
     )
@@ -118,6 +240,7 @@ def _detect(ctx: Context) -> dict[str, float]:
         checkpoint_path=ctx.model_path("detector"),
         image_size=ctx.config.data.image_size,
         out=ctx.dataset("detections"),
+        pool=ctx.pool("detect", _detect_family(ctx)),
     )
 
 
@@ -128,16 +251,16 @@ def _teach(ctx: Context) -> dict[str, float]:
         checkpoint_path=ctx.model_path("teacher"),
         image_size=ctx.config.data.image_size,
         out=ctx.dataset("teacher_signals"),
+        pool=ctx.pool("teach", _teach_family(ctx)),
     )
 
 
 def _pseudolabel(ctx: Context) -> dict[str, float]:
-    detected = ctx.config.detector.enabled
     return pseudolabel.run(
         ctx.config.pseudolabel,
         signals=ctx.dataset("teacher_signals"),
         out=ctx.dataset("pseudolabels"),
-        detections=ctx.dataset("detections") if detected else None,
+        detections=ctx.dataset("detections") if _wpl(ctx.config) else None,
     )
 
 
@@ -162,7 +285,7 @@ def _train_student(ctx: Context) -> dict[str, float]:
         num_classes=data.num_classes,
         storage=ctx.storage,
         out_path=ctx.model_path("student"),
-        name=f"{ctx.run_id}-student",
+        name=ctx.train_name("train_student"),
         loop_extra=extra,
         use_gpu=ctx.config.runtime.use_gpu,
     )
@@ -186,28 +309,95 @@ def _evaluate(ctx: Context) -> dict[str, float]:
             if iou == iou:  # not NaN
                 metrics[f"{model}_iou.{name}"] = iou
     metrics.update(evaluate.pseudolabel_quality(images, ctx.dataset("pseudolabels")))
-    ctx.results["figures"] = {"iou_per_class.png": evaluate.iou_plot(data.names(), per_class)}
     ctx.results["per_class_iou"] = per_class
     return metrics
 
 
+def _evaluate_figures(config: PipelineConfig, results: dict[str, Any]) -> dict[str, bytes]:
+    per_class = results.get("per_class_iou")
+    if not per_class:
+        return {}
+    return {"iou_per_class.png": evaluate.iou_plot(config.data.names(), per_class)}
+
+
+def _wpl(config: PipelineConfig) -> bool:
+    return config.pseudolabel.policy == "wpl"
+
+
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", ("source",), ("images", "quarantine"), _ingest),
-    Stage("train_teacher", ("images",), ("teacher",), _train_teacher),
+    Stage("ingest", ("source",), ("images", "quarantine"), _ingest, _ingest_fields, ingest.SCHEMA),
     Stage(
-        "train_detector", ("images",), ("detector",), _train_detector, lambda c: c.detector.enabled
+        "train_teacher",
+        ("images",),
+        ("teacher",),
+        _train_teacher,
+        lambda ctx: _train_fields(ctx, ctx.config.teacher, ctx.config.teacher.weights),
+        "segmenter/1",
     ),
-    Stage("detect", ("images", "detector"), ("detections",), _detect, lambda c: c.detector.enabled),
-    Stage("teach", ("images", "teacher"), ("teacher_signals",), _teach),
+    Stage(
+        "train_detector",
+        ("images",),
+        ("detector",),
+        _train_detector,
+        lambda ctx: _train_fields(ctx, ctx.config.detector, ctx.config.detector.weights),
+        "detector/1",
+        lambda c: c.detector.enabled,
+    ),
+    Stage(
+        "detect",
+        ("images", "detector"),
+        ("detections",),
+        _detect,
+        lambda ctx: {**_detect_family(ctx), "unlabeled": ctx.digest("images", "unlabeled")},
+        detect.SCHEMA,
+        lambda c: c.detector.enabled,
+    ),
+    Stage(
+        "teach",
+        ("images", "teacher"),
+        ("teacher_signals",),
+        _teach,
+        lambda ctx: {
+            **_teach_family(ctx),
+            "labeled": ctx.digest("images", "labeled"),
+            "unlabeled": ctx.digest("images", "unlabeled"),
+        },
+        teach.SCHEMA,
+    ),
     Stage(
         "pseudolabel",
         ("teacher_signals", "detections"),
         ("pseudolabels",),
         _pseudolabel,
+        lambda ctx: {
+            "signals": ctx.digest("teacher_signals"),
+            "detections": ctx.digest("detections") if _wpl(ctx.config) else None,
+            **pseudolabel_fields(ctx.config),
+            "num_classes": ctx.config.data.num_classes,
+        },
+        pseudolabel.SCHEMA,
     ),
-    Stage("train_student", ("images", "pseudolabels"), ("student",), _train_student),
-    Stage("evaluate", ("images", "teacher", "student", "pseudolabels"), ("metrics",), _evaluate),
+    Stage(
+        "train_student",
+        ("images", "pseudolabels"),
+        ("student",),
+        _train_student,
+        _student_fields,
+        "segmenter/1",
+    ),
+    Stage(
+        "evaluate",
+        ("images", "teacher", "student", "pseudolabels"),
+        ("metrics",),
+        _evaluate,
+        _evaluate_fields,
+        "metrics/1",
+    ),
 )
+
+FIGURES: dict[str, Callable[[PipelineConfig, dict[str, Any]], dict[str, bytes]]] = {
+    "evaluate": _evaluate_figures
+}
 
 
 def planned(config: PipelineConfig) -> list[Stage]:

@@ -1,5 +1,11 @@
-"""Running a pipeline: checks before any work, a local (or joined) Ray, one MLflow parent run
-with a nested run per stage, and a summary at the end."""
+"""Running a pipeline: checks before any work, one MLflow parent run with a nested run per stage,
+and a summary at the end.
+
+Every stage's output is a cache entry (:mod:`stages.core.cache`): a stage whose key is committed
+is not run (its nested run is tagged as a cache hit with the key it reused, and its recorded
+metrics are logged again); a stage that runs writes into its own attempt folder and commits the
+entry at the end. Ray is started only when a stage actually runs.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,22 @@ import json
 import logging
 import os
 import secrets
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from pipeline.config import PipelineConfig, flatten, to_yaml
-from pipeline.graph import Context, planned
-from pipeline.tracking import STAGE_TAG, Tracker
-from stages.core.storage import Storage
-from stages.ingest.folder import SourceError, SourceItem, enumerate_folder
+from pipeline.graph import FIGURES, Context, Stage, planned
+from pipeline.tracking import HIT_TAG, KEY_TAG, STAGE_TAG, Tracker
+from stages.core.cache import CacheEntry, cache_key, dataset_output, model_output, new_token
+from stages.core.storage import DatasetRef, Storage
+from stages.ingest.folder import SourceError, SourceItem, enumerate_folder, listing_digest
 from stages.ingest.generated import generate_dataset
 
 logger = logging.getLogger(__name__)
@@ -32,6 +43,7 @@ class RunSummary:
     root: str
     metrics: dict[str, float] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    cache: dict[str, tuple[str, bool]] = field(default_factory=dict)  # stage -> (key, hit)
 
     @property
     def ui_command(self) -> str:
@@ -51,23 +63,42 @@ def tracking_uri(config: PipelineConfig, root: str) -> str:
     return f"sqlite:///{root}/mlflow.db"
 
 
-def source_items(config: PipelineConfig, storage: Storage) -> list[SourceItem]:
-    """Enumerate (and for the generated source, first write) the input images. Raises
-    :class:`SourceError` before any other work when the source is unusable."""
+def source_folder(config: PipelineConfig, storage: Storage, create: bool = True) -> str | None:
+    """The source folder's URL; the generated source is written under the root first (unless
+    ``create`` is false: then ``None`` when it does not exist yet)."""
     data = config.data
     if data.source == "folder":
         assert data.root is not None  # checked by DataConfig
-        return enumerate_folder(data.root, val_fraction=data.val_fraction)
+        return data.root
     spec = data.generated.spec(data.num_classes)
     key = hashlib.sha256(json.dumps(spec.__dict__, sort_keys=True).encode()).hexdigest()[:16]
     folder = storage.path("sources", f"generated-{key}")
     marker = f"{folder}/_COMPLETE"
     if not storage.fs.exists(marker):
-        if not storage.is_local:
-            raise SourceError("the generated source is written locally: use a local --root")
-        generate_dataset(spec, folder)
+        if not create:
+            return None
+        if storage.is_local:
+            generate_dataset(spec, folder)
+        else:  # generated on local disk, then uploaded under the root
+            with tempfile.TemporaryDirectory() as local:
+                generate_dataset(spec, local)
+                storage.fs.put(f"{local}/", f"{folder}/", recursive=True)
         storage.write_json(marker, {"spec": spec.__dict__})
-    return enumerate_folder(folder, val_fraction=data.val_fraction)
+    return folder if storage.is_local else f"{_protocol(storage)}://{folder}"
+
+
+def _protocol(storage: Storage) -> str:
+    protocol = storage.fs.protocol
+    return protocol if isinstance(protocol, str) else protocol[0]
+
+
+def source_items(config: PipelineConfig, storage: Storage) -> tuple[list[SourceItem], str]:
+    """Enumerate (and for the generated source, first write) the input images, and digest their
+    listing. Raises :class:`SourceError` before any other work when the source is unusable."""
+    folder = source_folder(config, storage)
+    assert folder is not None
+    items = enumerate_folder(folder, val_fraction=config.data.val_fraction)
+    return items, listing_digest(folder, items)
 
 
 def new_run_id(config: PipelineConfig) -> str:
@@ -98,63 +129,164 @@ def _is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
-def run_pipeline(config: PipelineConfig, root: str) -> RunSummary:
-    """Run every planned stage in order under ``root`` and return the summary."""
+def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) -> RunSummary:
+    """Run every planned stage in order (up to and including ``until``, if given) under ``root``,
+    reusing committed cache entries, and return the summary."""
+    stages = planned(config)
+    if until is not None:
+        names = [s.name for s in stages]
+        if until not in names:
+            raise SourceError(
+                f"unknown stage {until!r} for --until; choose one of {', '.join(names)}"
+            )
+        stages = stages[: names.index(until) + 1]
     root = resolve_root(root)
     storage = Storage(root)
     uri = tracking_uri(config, root)
-    items = source_items(config, storage)  # fails here, before anything is written
+    items, digest = source_items(config, storage)  # fails here, before anything is written
     storage.fs.makedirs(storage.root, exist_ok=True)
     run_id = new_run_id(config)
     storage.write_bytes(storage.path("pipelines", run_id, "config.yaml"), to_yaml(config).encode())
-    artifacts = f"{root}/mlartifacts" if "://" not in root else None
-    tracker = Tracker(uri, config.tracking.experiment, artifacts)
-    init_ray(config, uri)
+    tracker = Tracker(uri, config.tracking.experiment, f"{root}/mlartifacts")
     parent = tracker.start_run(run_id, {"pseudoflow.run_id": run_id})
     tracker.log_params(parent, flatten(config))
     tracker.log_text(parent, to_yaml(config), "config.yaml")
     summary = RunSummary(run_id, parent, uri, root)
-    ctx = Context(config, storage, run_id, items)
+    ctx = Context(config, storage, run_id, items, source_digest=digest)
     ok = False
     try:
-        for stage in planned(config):
+        for stage in stages:
             summary.metrics.update(_run_stage(stage, ctx, tracker, parent, summary))
         ok = True
     finally:
         tracker.log_metrics(parent, _parent_metrics(summary, ctx))
+        tracker.log_params(parent, {f"cache_key.{s}": k for s, (k, _) in summary.cache.items()})
         tracker.end_run(parent, ok)
+        record = {s: {"key": k, "hit": hit} for s, (k, hit) in summary.cache.items()}
+        storage.write_json(storage.path("pipelines", run_id, "stages.json"), record)
     return summary
 
 
 def _run_stage(
-    stage: Any, ctx: Context, tracker: Tracker, parent: str, summary: RunSummary
-) -> dict:
-    logger.info("stage %s: reads %s, writes %s", stage.name, stage.reads, stage.writes)
-    run = tracker.start_run(stage.name, {STAGE_TAG: stage.name}, parent_id=parent)
-    section = getattr(ctx.config, stage.name.removeprefix("train_"), None)
-    params = {k: v for k, v in flatten(ctx.config).items() if k.split(".")[0] in {"data", "seed"}}
-    if section is not None:
-        params.update(
-            {f"{stage.name}.{k}": str(v) for k, v in section.model_dump(mode="json").items()}
-        )
-    tracker.log_params(run, params)
+    stage: Stage, ctx: Context, tracker: Tracker, parent: str, summary: RunSummary
+) -> dict[str, float]:
+    fields = stage.fields(ctx)
+    key = cache_key(stage.name, stage.schema, fields)
+    ctx.keys[stage.name] = key
+    entry = CacheEntry(ctx.storage, stage.name, key)
+    record = entry.record()
+    hit = record is not None
+    summary.cache[stage.name] = (key, hit)
+    tags = {STAGE_TAG: stage.name, KEY_TAG: key, HIT_TAG: str(hit).lower()}
+    run = tracker.start_run(stage.name, tags, parent_id=parent)
+    tracker.log_params(run, {**_stage_params(stage, ctx.config), "cache_key": key})
     tracker.log_text(run, to_yaml(ctx.config), "config.yaml")
-    ctx.sink = tracker.sink(run)
     started = time.perf_counter()
     try:
-        metrics = stage.run(ctx)
+        if record is None:
+            logger.info("stage %s: running (key %s)", stage.name, key[:12])
+            record = _execute(stage, ctx, entry, fields, tracker.sink(run))
+        else:
+            logger.info("stage %s: cache hit, reusing %s", stage.name, key[:12])
     except BaseException:
         tracker.end_run(run, ok=False)
         raise
     seconds = time.perf_counter() - started
     summary.stage_seconds[stage.name] = seconds
+    metrics = {k: float(v) for k, v in record["metrics"].items()}
+    for name, output in record["outputs"].items():
+        if "bytes_per_pixel" in output:
+            metrics[f"{name}.bytes_per_pixel"] = output["bytes_per_pixel"]
+    ctx.outputs.update({name: {**out, "key": key} for name, out in record["outputs"].items()})
+    ctx.results.update(record.get("results", {}))
     tracker.log_metrics(run, {**metrics, "seconds": seconds})
-    for name, png in ctx.results.pop("figures", {}).items():
+    tracker.log_text(run, json.dumps(record, indent=2, sort_keys=True), "cache_entry.json")
+    if stage.name == "train_student":
+        _log_pseudolabel_input(tracker, run, ctx)
+    figures = FIGURES.get(stage.name)
+    for name, png in (figures(ctx.config, ctx.results) if figures else {}).items():
         tracker.log_bytes(run, png, f"plots/{name}")
         tracker.log_bytes(parent, png, f"plots/{name}")
     tracker.end_run(run, True)
     logger.info("stage %s done in %.1fs: %s", stage.name, seconds, _brief(metrics))
     return {f"{stage.name}.{k}": v for k, v in metrics.items()}
+
+
+def _execute(
+    stage: Stage, ctx: Context, entry: CacheEntry, fields: dict[str, Any], sink: Any
+) -> dict[str, Any]:
+    """Run ``stage`` into a fresh attempt folder and commit its entry (or adopt the record of a
+    run that committed the same key first)."""
+    init_ray(ctx.config, sink.uri)
+    token = new_token()
+    ctx.writing, ctx.attempt, ctx.sink = stage.writes, entry.attempt_dir(token), sink
+    earlier, ctx.results = ctx.results, {}  # what this stage sets is stored in its record
+    try:
+        metrics = stage.run(ctx)
+        outputs = _outputs(stage, ctx)
+    finally:
+        results, ctx.results = ctx.results, earlier
+        ctx.writing, ctx.attempt = (), ""
+    record, _ = entry.commit(
+        token, {"fields": fields, "outputs": outputs, "metrics": metrics, "results": results}
+    )
+    train_dir = ctx.storage.path("ray_train", ctx.train_name(stage.name))
+    if ctx.storage.fs.exists(train_dir):  # the model is in the entry now
+        ctx.storage.fs.rm(train_dir, recursive=True)
+    return record
+
+
+def _outputs(stage: Stage, ctx: Context) -> dict[str, dict[str, Any]]:
+    """What the stage wrote into its attempt folder, as the entry records it."""
+    outputs = {}
+    for name in stage.writes:
+        model = ctx.model_path(name)
+        if ctx.storage.fs.exists(model):
+            outputs[name] = model_output(ctx.storage, model)
+            continue
+        ref: DatasetRef = ctx.dataset(name)
+        if ref.is_committed():
+            extra = {"digests": ctx.results["digests"]} if name == "images" else {}
+            outputs[name] = dataset_output(ref, **extra, **_footprint(ref))
+    return outputs
+
+
+def _footprint(ref: DatasetRef) -> dict[str, float]:
+    """Stored bytes of a dataset, and per pixel where its rows carry image sizes."""
+    files = ref.files()
+    size = float(sum(ref.storage.fs.size(path) for path in files))
+    if not files:
+        return {"bytes": size}
+    with ref.storage.fs.open(files[0], "rb") as handle:
+        names = pq.read_schema(handle).names
+    if "height" not in names or "width" not in names:
+        return {"bytes": size}
+    table = ref.read_table(["height", "width"])
+    pixels = float(pc.sum(pc.multiply(table["height"], table["width"])).as_py() or 0)
+    return {"bytes": size, "bytes_per_pixel": size / pixels if pixels else 0.0}
+
+
+def _log_pseudolabel_input(tracker: Tracker, run: str, ctx: Context) -> None:
+    output = ctx.outputs.get("pseudolabels")
+    if output is None:
+        return
+    tracker.log_dataset(
+        run,
+        name=f"pseudolabels-{ctx.config.pseudolabel.policy}",
+        digest=output["key"],
+        source=f"{ctx.storage.url.rstrip('/')}/{output['directory']}",
+        profile={"rows": output["rows"], "schema": output["schema"], "key": output["key"]},
+    )
+
+
+def _stage_params(stage: Stage, config: PipelineConfig) -> dict[str, str]:
+    section = getattr(config, stage.name.removeprefix("train_"), None)
+    params = {k: v for k, v in flatten(config).items() if k.split(".")[0] in {"data", "seed"}}
+    if section is not None:
+        params.update(
+            {f"{stage.name}.{k}": str(v) for k, v in section.model_dump(mode="json").items()}
+        )
+    return params
 
 
 def _parent_metrics(summary: RunSummary, ctx: Context) -> dict[str, float]:

@@ -7,17 +7,21 @@ Train workers so that rank 0 logs its metrics live to the stage's run.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger(__name__)
 
 STAGE_TAG = "pseudoflow.stage"
+KEY_TAG = "pseudoflow.cache_key"
+HIT_TAG = "pseudoflow.cache_hit"
 MAX_PARAMS_PER_BATCH = 100
 
 
@@ -70,8 +74,69 @@ class Tracker:
             parent = str(Path(artifact_file).parent)
             self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
 
+    def log_dataset(
+        self,
+        run_id: str,
+        *,
+        name: str,
+        digest: str,
+        source: str,
+        profile: dict[str, Any],
+        context: str = "train",
+    ) -> None:
+        """Record a stored dataset (e.g. the pseudo-label set) as an input of ``run_id``."""
+        dataset = Dataset(
+            name=name,
+            digest=digest[:36],
+            source_type="pseudoflow-cache",
+            source=json.dumps({"uri": source}),
+            profile=json.dumps(profile, sort_keys=True),
+        )
+        tags = [InputTag("mlflow.data.context", context)]
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
+
+    def referenced_keys(self) -> set[str]:
+        """Cache keys that any run (in any experiment, deleted runs excluded) is tagged with."""
+        keys: set[str] = set()
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        if not experiments:
+            return keys
+        token = None
+        while True:
+            page = self.client.search_runs(
+                experiments,
+                filter_string=f"tags.`{KEY_TAG}` != ''",
+                max_results=1000,
+                page_token=token,
+            )
+            keys.update(r.data.tags[KEY_TAG] for r in page if KEY_TAG in r.data.tags)
+            token = page.token
+            if not token:
+                return keys
+
     def sink(self, run_id: str) -> MlflowSink:
         return MlflowSink(self.uri, run_id)
+
+
+def referenced_keys(uri: str) -> set[str]:
+    """Cache keys that any active run of any experiment at ``uri`` is tagged with (deleted runs
+    do not count)."""
+    client = MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    keys: set[str] = set()
+    token = None
+    while experiments:
+        page = client.search_runs(
+            experiments,
+            filter_string=f"tags.`{KEY_TAG}` LIKE '%'",
+            max_results=1000,
+            page_token=token,
+        )
+        keys.update(r.data.tags[KEY_TAG] for r in page if KEY_TAG in r.data.tags)
+        token = page.token
+        if not token:
+            break
+    return keys
 
 
 class MlflowSink:

@@ -12,12 +12,12 @@ import pyarrow as pa
 import torch
 from pydantic import Field
 
+from stages.core.cache import ShardPool
 from stages.core.inference import (
     InferenceConfig,
     load_model,
     pick_device,
-    predict_split,
-    write_committed,
+    predict_into_pool,
 )
 from stages.core.storage import DatasetRef
 
@@ -69,11 +69,21 @@ class DetectorPredictor:
         return pa.Table.from_pylist(rows, schema=DETECTIONS_SCHEMA)
 
 
+SCHEMA = "detections/1"
+
+
 def run(
-    cfg: DetectConfig, *, images: DatasetRef, checkpoint_path: str, image_size: int, out: DatasetRef
+    cfg: DetectConfig,
+    *,
+    images: DatasetRef,
+    checkpoint_path: str,
+    image_size: int,
+    out: DatasetRef,
+    pool: ShardPool,
 ) -> dict[str, float]:
-    """Run the detector over the unlabeled split with an actor pool; write and commit."""
-    detections = predict_split(
+    """Run the detector over the unlabeled images ``pool`` does not hold yet (actor pool, a
+    shard committed at a time); commit ``out`` over all of them."""
+    metrics = predict_into_pool(
         images,
         "unlabeled",
         ["image_id", "height", "width", "image"],
@@ -81,7 +91,9 @@ def run(
         {"checkpoint_path": checkpoint_path, "min_score": cfg.min_score},
         cfg=cfg,
         image_size=image_size,
+        pool=pool,
+        out=out,
+        schema=SCHEMA,
     )
-    manifest = write_committed(detections, out, "detections/1")
     counts = out.read_table(columns=["num_boxes"])["num_boxes"].to_numpy()
-    return {"images": float(manifest["rows"]), "boxes_per_image": float(counts.mean())}
+    return {**metrics, "boxes_per_image": float(counts.mean())}

@@ -30,13 +30,13 @@ import torch
 from pydantic import Field
 
 from stages.core import codec, data
+from stages.core.cache import ShardPool
 from stages.core.inference import (
     InferenceConfig,
     load_model,
     pick_device,
-    predict_split,
+    predict_into_pool,
     upsample_probs,
-    write_committed,
 )
 from stages.core.models import segment_with_features
 from stages.core.storage import DatasetRef
@@ -140,12 +140,21 @@ class TeacherPredictor:
         return pa.table(rows, schema=SIGNALS_SCHEMA)
 
 
+SCHEMA = "teacher_signals/2"
+
+
 def run(
-    cfg: TeachConfig, *, images: DatasetRef, checkpoint_path: str, image_size: int, out: DatasetRef
+    cfg: TeachConfig,
+    *,
+    images: DatasetRef,
+    checkpoint_path: str,
+    image_size: int,
+    out: DatasetRef,
+    pool: ShardPool,
 ) -> dict[str, float]:
-    """Run the teacher over the labeled and unlabeled splits with an actor pool; write and commit
-    signals."""
-    signals = predict_split(
+    """Run the teacher over the labeled and unlabeled images that ``pool`` does not hold yet
+    (actor pool, a shard committed at a time); commit ``out`` over all of them."""
+    return predict_into_pool(
         images,
         SPLITS,
         ["image_id", "height", "width", "image", "split", "mask"],
@@ -153,6 +162,7 @@ def run(
         {"checkpoint_path": checkpoint_path, "topk": cfg.topk},
         cfg=cfg,
         image_size=image_size,
+        pool=pool,
+        out=out,
+        schema=SCHEMA,
     )
-    manifest = write_committed(signals, out, "teacher_signals/2")
-    return {"images": float(manifest["rows"])}

@@ -14,10 +14,11 @@ from pydantic import Field
 from torch import nn
 
 from stages.core import data
+from stages.core.cache import ShardPool, new_token, write_shard
 from stages.core.config import StrictModel
 from stages.core.models import load_checkpoint, model_from_checkpoint
-from stages.core.storage import DatasetRef, Storage
-from stages.core.tables import read_split
+from stages.core.storage import DatasetRef, Storage, StorageError
+from stages.core.tables import keep_ids, read_split, split_ids
 
 
 class InferenceConfig(StrictModel):
@@ -26,6 +27,9 @@ class InferenceConfig(StrictModel):
     batch_size: int = Field(16, ge=1)
     actors: int = Field(1, ge=1)
     gpus_per_actor: float = Field(0.0, ge=0)
+    shard_rows: int = Field(
+        256, ge=1, description="rows per committed shard: what a killed run can lose"
+    )
 
 
 def decode_for_inference(batch: dict[str, np.ndarray], image_size: int) -> dict[str, Any]:
@@ -72,12 +76,17 @@ def predict_split(
     *,
     cfg: InferenceConfig,
     image_size: int,
+    only: set[str] | None = None,
 ) -> Any:
-    """A lazy Ray Dataset: one split's (or several splits') images, decoded and resized by CPU tasks, then passed
-    through ``predictor`` (a callable class) on an actor pool of ``cfg.actors`` actors."""
+    """A lazy Ray Dataset: one split's (or several splits') images (only the ids in ``only`` if
+    given), decoded and resized by CPU tasks, then passed through ``predictor`` (a callable
+    class) on an actor pool of ``cfg.actors`` actors."""
     import ray
 
-    decoded = read_split(images, split, columns).map_batches(
+    rows = read_split(images, split, columns)
+    if only is not None:
+        rows = keep_ids(rows, only)
+    decoded = rows.map_batches(
         decode_for_inference, fn_kwargs={"image_size": image_size}, batch_size=cfg.batch_size
     )
     return decoded.map_batches(
@@ -92,6 +101,58 @@ def predict_split(
         batch_size=cfg.batch_size,
         batch_format="numpy",
     )
+
+
+def predict_into_pool(
+    images: DatasetRef,
+    split: str | tuple[str, ...],
+    columns: list[str],
+    predictor: type,
+    predictor_kwargs: dict[str, Any],
+    *,
+    cfg: InferenceConfig,
+    image_size: int,
+    pool: ShardPool,
+    out: DatasetRef,
+    schema: str,
+) -> dict[str, float]:
+    """Infer the images of ``split`` that no committed shard of ``pool`` covers, committing a
+    shard every ``cfg.shard_rows`` rows, then commit ``out`` as the reused plus the new shards.
+
+    A rerun after a crash, or a run over a source with new images, infers only what is missing.
+    """
+    wanted = split_ids(images, split)
+    reused, missing = pool.cover(wanted)
+    new: list[str] = []
+    if missing:
+        predictions = predict_split(
+            images,
+            split,
+            columns,
+            predictor,
+            predictor_kwargs,
+            cfg=cfg,
+            image_size=image_size,
+            only=missing if reused else None,
+        )
+        written = predictions.map_batches(
+            write_shard,
+            fn_kwargs=pool.writer_kwargs(new_token()),
+            batch_size=cfg.shard_rows,
+            batch_format="pyarrow",
+        ).take_all()
+        new = [row["shard"] for row in written]
+    out.prepare()
+    manifest = out.commit_files([s["path"] for s in reused] + new, {"schema": schema})
+    if manifest["rows"] != len(wanted):
+        raise StorageError(
+            f"{out.name}: {manifest['rows']} rows committed for {len(wanted)} images"
+        )
+    return {
+        "images": float(manifest["rows"]),
+        "images_inferred": float(len(missing)),
+        "shards_reused": float(len(reused)),
+    }
 
 
 def write_committed(dataset: Any, out: DatasetRef, schema: str) -> dict[str, Any]:

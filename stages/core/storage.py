@@ -1,9 +1,15 @@
 """One storage root (an fsspec URL) holding datasets of Parquet shards with manifests.
 
-A dataset is a directory of Parquet shards plus ``_manifest.json`` (files, row counts, a digest of
-the sorted image ids) and a ``_COMMITTED`` marker written last. Readers trust only committed
-datasets whose manifest matches the shards; a file's mere existence proves nothing. Every path is
-built from validated parts, so nothing taken from data can escape the root.
+A dataset is a directory with ``_manifest.json`` (its Parquet files as paths relative to the
+storage root, row counts, a digest of the sorted image ids) and a ``_COMMITTED`` marker written
+last. The files usually sit in the dataset's directory; a dataset assembled from cached shards
+lists shards elsewhere under the root. Readers trust only committed datasets whose manifest
+matches the shards; a file's mere existence proves nothing. Every path is built from validated
+parts (manifest paths are checked too), so nothing taken from data can escape the root.
+
+Nothing here needs an atomic rename: a single object written in one call is atomic on object
+stores, local files are written to a temporary name and renamed, and "create only if absent"
+(:meth:`Storage.create_exclusive`) decides races between writers of the same entry.
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import posixpath
 import re
+import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,9 +85,40 @@ class Storage:
             return pafs.LocalFileSystem()
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
+    def relative(self, path: str) -> str:
+        """``path`` (inside the root) as a root-relative path, as manifests store it."""
+        rel = posixpath.relpath(path, self.root)
+        self.resolve(rel)  # refuses anything that would leave the root
+        return rel
+
+    def resolve(self, relative: str) -> str:
+        """A root-relative path read from a manifest -> a path inside the root (checked)."""
+        return self.path(*relative.split("/"))
+
     def write_json(self, path: str, payload: dict[str, Any]) -> None:
-        with self.fs.open(path, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
+        self.write_bytes(path, json.dumps(payload, indent=2, sort_keys=True).encode())
+
+    def create_exclusive(self, path: str, payload: dict[str, Any]) -> bool:
+        """Write ``payload`` at ``path`` only if nothing is there yet, atomically; ``False`` if
+        another writer got there first (its content is left untouched)."""
+        data = json.dumps(payload, indent=2, sort_keys=True).encode()
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        if self.is_local:
+            temp = f"{path}.{secrets.token_hex(6)}.tmp"
+            with open(temp, "wb") as handle:
+                handle.write(data)
+            try:
+                os.link(temp, path)  # fails if ``path`` exists; the content is complete
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(temp)
+            return True
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
 
     def read_json(self, path: str) -> dict[str, Any]:
         with self.fs.open(path, "r") as handle:
@@ -87,9 +126,15 @@ class Storage:
         return data
 
     def write_bytes(self, path: str, data: bytes) -> None:
+        """Write a whole file so that readers see the old content or the new, never a part."""
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        with self.fs.open(path, "wb") as handle:
-            handle.write(data)
+        if self.is_local:
+            temp = f"{path}.{secrets.token_hex(6)}.tmp"
+            with open(temp, "wb") as handle:
+                handle.write(data)
+            os.replace(temp, path)
+            return
+        self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
 
     def read_bytes(self, path: str) -> bytes:
         with self.fs.open(path, "rb") as handle:
@@ -129,7 +174,7 @@ class DatasetRef:
     def files(self) -> list[str]:
         """Shard paths listed by the manifest (never a directory listing)."""
         manifest = self.manifest()
-        return [posixpath.join(self.directory, f["path"]) for f in manifest["files"]]
+        return [self.storage.resolve(f["path"]) for f in manifest["files"]]
 
     @property
     def num_rows(self) -> int:
@@ -143,14 +188,25 @@ class DatasetRef:
         fs.makedirs(self.directory, exist_ok=True)
 
     def commit(self, extra: dict[str, Any] | None = None, id_column: str = "image_id") -> dict:
-        """Write the manifest from the shards present, then the commit marker (last)."""
+        """Write the manifest from the shards in the directory, then the commit marker (last)."""
         fs = self.storage.fs
         shards = sorted(p for p in fs.find(self.directory) if p.endswith(".parquet"))
+        return self.commit_files(shards, extra, id_column)
+
+    def commit_files(
+        self,
+        shards: Sequence[str],
+        extra: dict[str, Any] | None = None,
+        id_column: str = "image_id",
+    ) -> dict:
+        """Commit the dataset made of ``shards`` (paths anywhere under the root): the manifest
+        with each file's row count and the id digest first, then the marker."""
+        fs = self.storage.fs
         files, ids = [], []
         for shard in shards:
             with fs.open(shard, "rb") as handle:
                 table = pq.read_table(handle, columns=[id_column])
-            files.append({"path": posixpath.relpath(shard, self.directory), "rows": table.num_rows})
+            files.append({"path": self.storage.relative(shard), "rows": table.num_rows})
             ids.extend(table.column(id_column).to_pylist())
         if len(ids) != len(set(ids)):
             raise StorageError(f"dataset {self.name!r}: duplicate {id_column} values in shards")
@@ -167,14 +223,20 @@ class DatasetRef:
         logger.info("committed %s: %d rows in %d shards", self.name, len(ids), len(files))
         return manifest
 
-    def verify(self) -> None:
-        """Raise :class:`StorageError` unless every shard matches the manifest's row counts."""
+    def verify(self, deep: bool = False) -> None:
+        """Raise :class:`StorageError` unless every shard matches the manifest's row counts (read
+        from the Parquet footers); ``deep`` also reads the id column and checks the id digest."""
         manifest = self.manifest()
+        ids: list[str] = []
         for entry in manifest["files"]:
-            path = posixpath.join(self.directory, entry["path"])
+            path = self.storage.resolve(entry["path"])
             try:
                 with self.storage.fs.open(path, "rb") as handle:
-                    rows = pq.ParquetFile(handle).metadata.num_rows
+                    parquet = pq.ParquetFile(handle)
+                    rows = parquet.metadata.num_rows
+                    if deep:
+                        column = manifest.get("id_column", "image_id")
+                        ids.extend(parquet.read(columns=[column]).column(0).to_pylist())
             except (OSError, pa.ArrowInvalid) as exc:
                 raise StorageError(
                     f"dataset {self.name!r}: shard {path} unreadable: {exc}"
@@ -184,6 +246,8 @@ class DatasetRef:
                     f"dataset {self.name!r}: shard {path} has {rows} rows, manifest says "
                     f"{entry['rows']}"
                 )
+        if deep and id_digest(ids) != manifest["id_digest"]:
+            raise StorageError(f"dataset {self.name!r}: its ids differ from the manifest's id set")
 
     def read_table(self, columns: Sequence[str] | None = None) -> pa.Table:
         """Read the whole dataset on this process (driver-side, for small tables and tests)."""

@@ -39,6 +39,31 @@ def _in_splits(table: pa.Table, splits: list[str]) -> pa.Table:
     return table.filter(pc.is_in(table["split"], value_set=pa.array(splits)))
 
 
+def split_ids(images: DatasetRef, split: str | tuple[str, ...]) -> set[str]:
+    """The image ids of one split or several (read on the driver: ids only)."""
+    wanted = (split,) if isinstance(split, str) else split
+    table = images.read_table(["image_id", "split"])
+    chosen = table.filter(pc.is_in(table["split"], value_set=pa.array(list(wanted))))
+    return set(chosen["image_id"].to_pylist())
+
+
+def _with_ids(table: pa.Table, ids: Any) -> pa.Table:
+    if not isinstance(ids, pa.Array):
+        import ray
+
+        ids = ray.get(ids)
+    return table.filter(pc.is_in(table["image_id"], value_set=ids))
+
+
+def keep_ids(dataset: Any, ids: set[str]) -> Any:
+    """Rows of ``dataset`` whose ``image_id`` is in ``ids`` (broadcast once via the object
+    store)."""
+    import ray
+
+    value_set = ray.put(pa.array(sorted(ids), pa.string()))
+    return dataset.map_batches(_with_ids, fn_kwargs={"ids": value_set}, batch_format="pyarrow")
+
+
 def join_on_image_id(left: Any, right: Any, num_partitions: int) -> Any:
     """Inner join of two Ray Datasets on ``image_id`` (hash shuffle; scales past one node)."""
     return left.join(right, join_type="inner", num_partitions=num_partitions, on=("image_id",))

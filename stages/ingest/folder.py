@@ -69,6 +69,29 @@ def _hash_split(stem: str, val_fraction: float) -> str:
     return "val" if bucket < val_fraction else "labeled"
 
 
+def listing_digest(url: str, items: list[SourceItem]) -> str:
+    """sha256 over each item's stem, split, files and their size and version (ETag on object
+    stores, modification time locally): one listing of the folder, no file is read."""
+    fs, root = fsspec.core.url_to_fs(url)
+    infos = {fs._strip_protocol(path): info for path, info in fs.find(root, detail=True).items()}
+    digest = hashlib.sha256()
+    for item in sorted(items, key=lambda i: i.stem):
+        parts = [item.stem, item.split]
+        for file_url in (item.image_url, item.mask_url):
+            if file_url is None:
+                parts.append("-")
+                continue
+            path = fs._strip_protocol(file_url)
+            info = infos.get(path)
+            if info is None:
+                raise SourceError(f"{file_url} disappeared while the source was being listed")
+            version = info.get("ETag") or info.get("mtime") or info.get("LastModified")
+            parts += [posixpath.relpath(path, fs._strip_protocol(root)), str(info["size"])]
+            parts.append(str(version))
+        digest.update(("\t".join(parts) + "\n").encode())
+    return digest.hexdigest()
+
+
 def enumerate_folder(url: str, *, val_fraction: float = 0.2) -> list[SourceItem]:
     """List the items of an image folder, checking the layout before any work is started."""
     fs, root = fsspec.core.url_to_fs(url)

@@ -7,6 +7,7 @@ written to the ``quarantine`` table with the reason, counted, and every other it
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -52,11 +53,15 @@ _LOADED_SCHEMA = IMAGES_SCHEMA.append(pa.field("source", pa.string())).append(
 )
 
 
+SCHEMA = "images/1"
+
+
 @dataclass(frozen=True)
 class IngestResult:
     rows: int
     quarantined: int
     per_split: dict[str, int]
+    digests: dict[str, str]  # per split: the content digest downstream cache keys use
 
 
 def _open_image(url: str, mode: str) -> np.ndarray:
@@ -173,14 +178,19 @@ def run(
         )
     out.prepare()
     good.write_parquet(out.directory, filesystem=out.storage.arrow_fs(), compression="zstd")
-    manifest = out.commit({"schema": "images/1"})
+    manifest = out.commit({"schema": SCHEMA})
     quarantine.prepare()
     quarantine.write_table(bad)
     quarantine.commit({"schema": "quarantine/1"}, id_column="stem")
     for row in bad.to_pylist():
         logger.warning("quarantined %s (%s): %s", row["stem"], row["split"], row["reason"])
     per_split = _count_splits(out)
-    return IngestResult(rows=manifest["rows"], quarantined=bad.num_rows, per_split=per_split)
+    return IngestResult(
+        rows=manifest["rows"],
+        quarantined=bad.num_rows,
+        per_split=per_split,
+        digests=split_digests(out),
+    )
 
 
 def _iter_tables(dataset: Any) -> list[pa.Table]:
@@ -222,6 +232,26 @@ def _duplicate_rows(good: Any, duplicates: dict[str, str]) -> pa.Table:
 def _drop_duplicates(table: pa.Table, drop: dict[str, str]) -> pa.Table:
     keep = pc.invert(pc.is_in(table["stem"], value_set=pa.array(list(drop), pa.string())))
     return table.filter(keep)
+
+
+def split_digests(images: DatasetRef) -> dict[str, str]:
+    """Per split, sha256 over the sorted (image id, mask digest) pairs. Image ids are digests of
+    the pixels, so equal digests mean the same pictures with the same labels, however the source
+    files were named or stored."""
+    table = images.read_table(["image_id", "split", "mask"])
+    lines: dict[str, list[str]] = {}
+    for image_id, split, mask in zip(
+        table["image_id"].to_pylist(),
+        table["split"].to_pylist(),
+        table["mask"].to_pylist(),
+        strict=True,
+    ):
+        mask_digest = hashlib.sha256(mask).hexdigest() if mask is not None else "-"
+        lines.setdefault(split, []).append(f"{image_id}:{mask_digest}")
+    return {
+        split: hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()
+        for split, rows in sorted(lines.items())
+    }
 
 
 def _count_splits(out: DatasetRef) -> dict[str, int]:

@@ -402,6 +402,9 @@ def fill_memory(
     return prototypes
 
 
+SCHEMA = "pseudolabels/2"
+
+
 def run(
     cfg: PseudolabelConfig,
     *,
@@ -437,7 +440,7 @@ def run(
         batch_format="pyarrow",
         batch_size=16,
     )
-    manifest = write_committed(dataset, out, "pseudolabels/2")
+    manifest = write_committed(dataset, out, SCHEMA)
     coverage = out.read_table(columns=["coverage"])["coverage"].to_numpy()
     metrics = {"images": float(manifest["rows"]), "mean_image_coverage": float(coverage.mean())}
     if prototypes is not None:

@@ -11,6 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from stages.core import codec
+from stages.core.cache import output_dataset
 from stages.core.models import (
     build_segmenter,
     load_checkpoint,
@@ -19,7 +20,7 @@ from stages.core.models import (
 )
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest.generated import GeneratedSpec, generate_dataset
-from tests.conftest import STAGE_NAMES, run_cli, write_png
+from tests.conftest import STAGE_NAMES, run_cli, stage_outputs, write_png
 
 pytestmark = pytest.mark.ray
 
@@ -36,9 +37,7 @@ def _run(env: dict[str, str], root: Path, *overrides: str) -> subprocess.Complet
 
 
 def _table(root: Path, name: str) -> DatasetRef:
-    storage = Storage(str(root))
-    (run_dir,) = (root / "pipelines").iterdir()
-    return DatasetRef(storage, storage.path("pipelines", run_dir.name, "data", name), name)
+    return output_dataset(Storage(str(root)), name, stage_outputs(root)[name])
 
 
 def _ids_by_split(root: Path) -> dict[str, set[str]]:
@@ -128,7 +127,7 @@ def test_smoke_generated_end_to_end(tmp_path: Path, ray_env: dict[str, str]) -> 
     assert stage_runs["train_student"].data.metrics["wpl_prototypes"] >= 1
 
     storage = Storage(str(root))
-    student = next((root / "pipelines").iterdir()) / "models" / "student.pt"
+    student = root / stage_outputs(root)["student"]["path"]
     checkpoint = load_checkpoint(student.read_bytes(), source=str(student))
     model = model_from_checkpoint(checkpoint)
     assert "teacher:" in checkpoint["config"]

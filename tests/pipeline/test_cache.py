@@ -1,0 +1,338 @@
+"""The cache end to end on local Ray (in this process): reuse, partial reruns, new images, a run
+killed during teach, ``plan`` and ``cache ls | verify | gc``.
+
+One cold run builds a root; every test works on its own copy of that root (and of the source
+folder where it changes it), so the tests do not depend on each other's order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.cache import collect_garbage, iter_entries, plan, verify_entry
+from pipeline.config import PipelineConfig, load_config
+from pipeline.runner import RunSummary, run_pipeline
+from pipeline.tracking import referenced_keys
+from stages.core.cache import ShardPool, new_token, output_dataset, write_shard
+from stages.core.models import build_segmenter
+from stages.core.storage import Storage
+from stages.ingest.generated import GeneratedSpec, generate_dataset
+from tests.conftest import local_ray, run_cli
+
+pytestmark = pytest.mark.ray
+
+STAGES = ("ingest", "train_teacher", "teach", "pseudolabel", "train_student", "evaluate")
+UNLABELED = 16
+
+
+@dataclass(frozen=True)
+class World:
+    folder: Path
+    weights: Path
+    root: Path
+    cold: RunSummary
+
+
+def _config(world_or_folder: World | Path, weights: Path, *overrides: str) -> PipelineConfig:
+    folder = world_or_folder.folder if isinstance(world_or_folder, World) else world_or_folder
+    return load_config(
+        "smoke",
+        [
+            "data.source=folder",
+            f"data.root={folder}",
+            "detector.enabled=false",
+            f"teacher.weights={weights}",
+            "student.steps=2",
+            "teach.shard_rows=4",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    base = tmp_path_factory.mktemp("cache")
+    folder = base / "data"
+    spec = GeneratedSpec(
+        seed=5, num_labeled=8, num_unlabeled=UNLABELED, num_val=4, image_size=32, num_classes=4
+    )
+    generate_dataset(spec, folder)
+    weights = base / "teacher.pt"
+    torch.save(build_segmenter("lraspp_mobilenet_v3_large", num_classes=4).state_dict(), weights)
+    root = base / "cold"
+    with local_ray():
+        cold = run_pipeline(_config(folder, weights), str(root))
+        yield World(folder, weights, root, cold)
+
+
+def _copy(world: World, tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    shutil.copytree(world.root, root)
+    return root
+
+
+def _hits(summary: RunSummary) -> dict[str, bool]:
+    return {stage: hit for stage, (_, hit) in summary.cache.items()}
+
+
+def _stage_runs(root: Path, summary: RunSummary) -> dict[str, object]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("pseudoflow").experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{summary.mlflow_run_id}'",
+    )
+    return {r.data.tags["pseudoflow.stage"]: r for r in runs}
+
+
+def test_cold_run_commits_every_stage_and_tags_its_runs(world: World) -> None:
+    assert _hits(world.cold) == dict.fromkeys(STAGES, False)
+    runs = _stage_runs(world.root, world.cold)
+    assert set(runs) == set(STAGES)
+    for stage, run in runs.items():
+        assert run.data.tags["pseudoflow.cache_hit"] == "false"
+        assert run.data.tags["pseudoflow.cache_key"] == world.cold.cache[stage][0]
+    entries = {e.stage: e for e in iter_entries(Storage(str(world.root)))}
+    assert set(entries) == set(STAGES)
+    assert entries["teach"].record["outputs"]["teacher_signals"]["rows"] == 8 + UNLABELED
+    assert world.cold.metrics["teach.images_inferred"] == 8 + UNLABELED
+    # The pseudo-label set is an MLflow dataset input of the student run.
+    (given,) = runs["train_student"].inputs.dataset_inputs
+    assert given.dataset.name == "pseudolabels-threshold"
+    assert given.dataset.digest == world.cold.cache["pseudolabel"][0][:36]
+    assert json.loads(given.dataset.profile)["rows"] == UNLABELED
+    # Ray Train's own run folders are gone once the model is in its entry.
+    train = world.root / "ray_train"
+    assert (list(train.iterdir()) if train.exists() else []) == []
+
+
+def test_unchanged_rerun_reuses_every_stage_with_zero_forwards(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _copy(world, tmp_path)
+
+    def no_ray(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached rerun must not start any stage")
+
+    def no_forward(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached rerun must not run a model")
+
+    monkeypatch.setattr("pipeline.runner.init_ray", no_ray)
+    monkeypatch.setattr(torch.nn.Module, "__call__", no_forward)
+    again = run_pipeline(_config(world, world.weights), str(root))
+    assert _hits(again) == dict.fromkeys(STAGES, True)
+    assert {s: k for s, (k, _) in again.cache.items()} == {
+        s: k for s, (k, _) in world.cold.cache.items()
+    }
+    assert again.metrics["evaluate.student_miou"] == world.cold.metrics["evaluate.student_miou"]
+    runs = _stage_runs(root, again)
+    assert {s: r.data.tags["pseudoflow.cache_hit"] for s, r in runs.items()} == dict.fromkeys(
+        STAGES, "true"
+    )
+
+
+def test_policy_only_change_reruns_pseudolabel_and_student(world: World, tmp_path: Path) -> None:
+    root = _copy(world, tmp_path)
+    config = _config(world, world.weights, "pseudolabel.policy=s4mc")
+    rows = {r.stage: r for r in plan(config, str(root))}
+    assert {s: rows[s].action for s in STAGES} == {
+        "ingest": "reuse",
+        "train_teacher": "reuse",
+        "teach": "reuse",
+        "pseudolabel": "run",
+        "train_student": "run",
+        "evaluate": "run",
+    }
+    assert "policy: threshold -> s4mc" in rows["pseudolabel"].reason
+    summary = run_pipeline(config, str(root))
+    assert _hits(summary) == {
+        "ingest": True,
+        "train_teacher": True,
+        "teach": True,
+        "pseudolabel": False,
+        "train_student": False,
+        "evaluate": False,
+    }
+    assert summary.cache["teach"][0] == world.cold.cache["teach"][0]
+    assert rows["pseudolabel"].key == summary.cache["pseudolabel"][0]
+
+
+def test_student_only_change_reruns_only_the_student(world: World, tmp_path: Path) -> None:
+    root = _copy(world, tmp_path)
+    summary = run_pipeline(_config(world, world.weights, "student.lr=0.01"), str(root))
+    assert _hits(summary) == {
+        "ingest": True,
+        "train_teacher": True,
+        "teach": True,
+        "pseudolabel": True,
+        "train_student": False,
+        "evaluate": False,
+    }
+    # Execution-only knobs do not change a key: this rerun of the same config reuses all.
+    same = run_pipeline(
+        _config(world, world.weights, "student.lr=0.01", "teach.batch_size=3", "teach.actors=2"),
+        str(root),
+    )
+    assert all(_hits(same).values())
+
+
+def test_new_images_are_the_only_ones_inferred(world: World, tmp_path: Path) -> None:
+    root = _copy(world, tmp_path)
+    folder = tmp_path / "data"
+    shutil.copytree(world.folder, folder)
+    extra = tmp_path / "extra"
+    generate_dataset(
+        GeneratedSpec(seed=99, num_labeled=0, num_unlabeled=6, num_val=0, image_size=32), extra
+    )
+    new_stems = [f"new{n}" for n in range(6)]
+    for n, path in enumerate(sorted((extra / "images").iterdir())):
+        shutil.copy(path, folder / "images" / f"new{n}.png")
+    with open(folder / "splits" / "unlabeled.txt", "a") as handle:
+        handle.write("".join(f"{s}\n" for s in new_stems))
+
+    summary = run_pipeline(_config(folder, world.weights), str(root), until="teach")
+    assert _hits(summary) == {"ingest": False, "train_teacher": True, "teach": False}
+    assert summary.metrics["teach.images_inferred"] == 6
+    storage = Storage(str(root))
+    old = _teach_files(storage, world.cold)
+    new = _teach_files(storage, summary)
+    assert summary.metrics["teach.shards_reused"] == len(old) == 6  # 24 rows / 4 per shard
+    assert old < new  # the new key references every old shard, plus the new ones
+    table = _signals(storage, summary)
+    assert table.num_rows == 8 + UNLABELED + 6
+    assert len(set(table["image_id"].to_pylist())) == table.num_rows
+
+
+def _teach_record(storage: Storage, summary: RunSummary) -> dict:
+    key = summary.cache["teach"][0]
+    return storage.read_json(storage.path("cache", "teach", key, "_ENTRY.json"))
+
+
+def _teach_files(storage: Storage, summary: RunSummary) -> set[str]:
+    output = _teach_record(storage, summary)["outputs"]["teacher_signals"]
+    return set(output_dataset(storage, "teacher_signals", output).files())
+
+
+def _signals(storage: Storage, summary: RunSummary):
+    output = _teach_record(storage, summary)["outputs"]["teacher_signals"]
+    table = output_dataset(storage, "teacher_signals", output).read_table()
+    return table.sort_by("image_id")
+
+
+def test_run_killed_during_teach_resumes_and_ends_equal_to_a_clean_run(
+    world: World, tmp_path: Path, ray_env: dict[str, str]
+) -> None:
+    root = _copy(world, tmp_path)
+    clean_root = _copy(world, tmp_path / "clean")
+    overrides = ["teach.topk=3", "teach.batch_size=1", "teach.shard_rows=1"]
+    config = _config(world, world.weights, *overrides)
+    args = ["run", "--config", "smoke", "--root", str(root), "--until", "teach"]
+    for item in [
+        "data.source=folder",
+        f"data.root={world.folder}",
+        "detector.enabled=false",
+        f"teacher.weights={world.weights}",
+        "student.steps=2",
+        *overrides,
+    ]:
+        args += ["--set", item]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        env=ray_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    pool_root = root / "cache" / "teach" / "pool"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if len(list(pool_root.glob("*/*.json"))) >= 3:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
+        process.wait()
+    committed = len(list(pool_root.glob("*/*.json")))
+    assert 3 <= committed < 8 + UNLABELED, "the kill must land while teach is running"
+    teach_dirs = [p for p in (root / "cache" / "teach").iterdir() if p.name != "pool"]
+    new_keys = [p for p in teach_dirs if not (p / "_ENTRY.json").exists()]
+    assert len(new_keys) == 1  # the killed run's entry was never committed
+
+    resumed = run_pipeline(config, str(root), until="teach")
+    assert resumed.metrics["teach.shards_reused"] == committed
+    assert resumed.metrics["teach.images_inferred"] == 8 + UNLABELED - committed
+    clean = run_pipeline(config, str(clean_root), until="teach")
+    assert clean.cache["teach"][0] == resumed.cache["teach"][0]
+    assert clean.metrics["teach.images_inferred"] == 8 + UNLABELED
+    got = _signals(Storage(str(root)), resumed)
+    want = _signals(Storage(str(clean_root)), clean)
+    assert got.num_rows == want.num_rows == 8 + UNLABELED
+    assert got["image_id"].equals(want["image_id"])
+    assert got["topk_index"].equals(want["topk_index"])
+    assert got["topk_prob"].equals(want["topk_prob"])
+
+
+def test_cache_ls_verify_and_gc(world: World, tmp_path: Path) -> None:
+    root = _copy(world, tmp_path)
+    storage = Storage(str(root))
+    uri = f"sqlite:///{root}/mlflow.db"
+
+    listing = run_cli("cache", "ls", "--root", str(root))
+    assert listing.returncode == 0, listing.stderr
+    assert f"{len(STAGES)} entries" in listing.stdout
+    assert "teacher_signals (24 rows)" in listing.stdout
+    assert run_cli("cache", "verify", "--root", str(root)).returncode == 0
+
+    # Nothing is garbage while every entry's run exists (fresh leftovers are kept too).
+    pool = ShardPool(storage, next((root / "cache" / "teach" / "pool").iterdir()).as_posix(), "x")
+    fresh = write_shard(_rows(["zz"]), **pool.writer_kwargs(new_token()))["shard"][0].as_py()
+    assert collect_garbage(storage, referenced_keys(uri), min_age_s=3600, delete=False) == []
+    # An old unreferenced shard and the evaluate entry, once its runs are deleted, are garbage.
+    os.utime(fresh, (time.time() - 7200, time.time() - 7200))
+    client = MlflowClient(tracking_uri=uri)
+    for run in client.search_runs(
+        [client.get_experiment_by_name("pseudoflow").experiment_id],
+        filter_string="tags.`pseudoflow.stage` = 'evaluate'",
+    ):
+        client.delete_run(run.info.run_id)
+    dry = collect_garbage(storage, referenced_keys(uri), min_age_s=3600, delete=False)
+    evaluate_dir = storage.path("cache", "evaluate", world.cold.cache["evaluate"][0])
+    assert {g.path for g in dry} == {fresh, fresh.removesuffix(".parquet") + ".json", evaluate_dir}
+    assert Path(evaluate_dir).exists()  # a dry run deletes nothing
+    result = run_cli("cache", "gc", "--root", str(root), "--min-age", "1", "--delete")
+    assert result.returncode == 0, result.stderr
+    assert not Path(evaluate_dir).exists()
+    assert not Path(fresh).exists()
+    assert {e.stage for e in iter_entries(storage)} == set(STAGES) - {"evaluate"}
+
+    # verify catches a deleted shard and a truncated one.
+    assert run_cli("cache", "verify", "--root", str(root)).returncode == 0
+    shards = sorted(_teach_files(storage, world.cold))
+    Path(shards[0]).unlink()
+    Path(shards[1]).write_bytes(Path(shards[1]).read_bytes()[:100])
+    entry = next(e for e in iter_entries(storage) if e.stage == "teach")
+    problems = verify_entry(storage, entry)
+    assert len(problems) == 1
+    assert "teacher_signals" in problems[0]
+    result = run_cli("cache", "verify", "--root", str(root))
+    assert result.returncode == 1
+    assert "DAMAGED teach" in result.stdout
+    assert "1 damaged" in result.stdout
+
+
+def _rows(ids: list[str]):
+    import pyarrow as pa
+
+    return pa.table({"image_id": ids, "value": list(range(len(ids)))})
