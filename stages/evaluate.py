@@ -7,6 +7,8 @@ import io
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from stages.core import codec, data
@@ -19,7 +21,7 @@ from stages.core.inference import (
 )
 from stages.core.models import segment_logits
 from stages.core.storage import DatasetRef
-from stages.core.tables import drop_null, join_on_image_id, read_dataset, read_split
+from stages.core.tables import drop_null, keep_ids, read_dataset, read_split
 
 
 class EvaluateConfig(InferenceConfig):
@@ -117,12 +119,40 @@ def pseudolabel_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.int64) for k, v in out.items()}
 
 
-def pseudolabel_quality(images: DatasetRef, pseudolabels: DatasetRef) -> dict[str, float]:
-    """Coverage (kept / valid pixels) and precision (correct / kept) over images with truth."""
-    truth = drop_null(read_split(images, "unlabeled", columns=["image_id", "mask"]), "mask")
+def _with_truth(table: pa.Table, truth: Any) -> pa.Table:
+    if not isinstance(truth, pa.Table):
+        import ray
+
+        truth = ray.get(truth)
+    position = pc.index_in(table["image_id"], value_set=truth["image_id"])
+    return table.append_column("mask", truth["mask"].take(position))
+
+
+def pseudolabel_quality(
+    images: DatasetRef, pseudolabels: DatasetRef, max_images: int = 2000
+) -> dict[str, float]:
+    """Coverage (kept / valid pixels) and precision (correct / kept) over the unlabeled images
+    that have ground truth (generated data, benchmarks): at most ``max_images`` of them, the
+    first by image id, a fixed sample. Their masks (small PNGs) are broadcast through the object
+    store and looked up by id: no shuffle join."""
+    import ray
+
+    table = images.read_table(["image_id", "split"])
+    unlabeled = table.filter(pc.equal(table["split"], "unlabeled"))["image_id"].to_pylist()
+    sample = set(sorted(unlabeled)[:max_images])
+    if not sample:
+        return {}
+    masks = keep_ids(read_split(images, "unlabeled", ["image_id", "mask"]), sample)
+    truth = pa.Table.from_pylist(drop_null(masks, "mask").take_all())
+    if truth.num_rows == 0:
+        return {}
     labels = read_dataset(pseudolabels, ["image_id", "height", "width", "label", "keep"])
-    joined = join_on_image_id(labels, truth, num_partitions=4)
-    counts = joined.map_batches(pseudolabel_counts, batch_format="numpy").to_pandas()
+    counts = (
+        keep_ids(labels, set(truth["image_id"].to_pylist()))
+        .map_batches(_with_truth, fn_kwargs={"truth": ray.put(truth)}, batch_format="pyarrow")
+        .map_batches(pseudolabel_counts, batch_format="numpy")
+        .to_pandas()
+    )
     if counts.empty or counts["valid"].sum() == 0:
         return {}
     kept = float(counts["kept"].sum())

@@ -77,6 +77,7 @@ def predict_split(
     cfg: InferenceConfig,
     image_size: int,
     only: set[str] | None = None,
+    shard_rows: int | None = None,
 ) -> Any:
     """A lazy Ray Dataset: one split's (or several splits') images (only the ids in ``only`` if
     given), decoded and resized by CPU tasks, then passed through ``predictor`` (a callable
@@ -86,6 +87,10 @@ def predict_split(
     rows = read_split(images, split, columns)
     if only is not None:
         rows = keep_ids(rows, only)
+    if shard_rows is not None:
+        # Blocks of about one shard each: predictions then stream to the shard writer (and
+        # commit) as they are made, instead of once per input file.
+        rows = rows.repartition(target_num_rows_per_block=shard_rows)
     decoded = rows.map_batches(
         decode_for_inference, fn_kwargs={"image_size": image_size}, batch_size=cfg.batch_size
     )
@@ -134,6 +139,7 @@ def predict_into_pool(
             cfg=cfg,
             image_size=image_size,
             only=missing if reused else None,
+            shard_rows=cfg.shard_rows,
         )
         written = predictions.map_batches(
             write_shard,

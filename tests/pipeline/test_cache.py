@@ -25,11 +25,12 @@ from pipeline.cache import collect_garbage, iter_entries, plan, verify_entry
 from pipeline.config import PipelineConfig, load_config
 from pipeline.runner import RunSummary, run_pipeline
 from pipeline.tracking import referenced_keys
+from stages.core import codec
 from stages.core.cache import ShardPool, new_token, output_dataset, write_shard
 from stages.core.models import build_segmenter
 from stages.core.storage import Storage
 from stages.ingest.generated import GeneratedSpec, generate_dataset
-from tests.conftest import local_ray, run_cli
+from tests.conftest import local_ray, run_cli, stage_outputs
 
 pytestmark = pytest.mark.ray
 
@@ -70,11 +71,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     )
     generate_dataset(spec, folder)
     weights = base / "teacher.pt"
-    torch.save(build_segmenter("lraspp_mobilenet_v3_large", num_classes=4).state_dict(), weights)
+    torch.save(
+        build_segmenter(arch="lraspp_mobilenet_v3_large", num_classes=4).state_dict(), weights
+    )
     root = base / "cold"
     with local_ray():
         cold = run_pipeline(_config(folder, weights), str(root))
         yield World(folder, weights, root, cold)
+
+
+def _outputs(world: World) -> dict[str, dict]:
+    return stage_outputs(world.root)
 
 
 def _copy(world: World, tmp_path: Path) -> Path:
@@ -112,6 +119,27 @@ def test_cold_run_commits_every_stage_and_tags_its_runs(world: World) -> None:
     assert given.dataset.name == "pseudolabels-threshold"
     assert given.dataset.digest == world.cold.cache["pseudolabel"][0][:36]
     assert json.loads(given.dataset.profile)["rows"] == UNLABELED
+    # Pseudo-label quality, recomputed here by hand from the stored rows and the truth masks.
+    images = output_dataset(Storage(str(world.root)), "images", _outputs(world)["images"])
+    truth = {
+        r["image_id"]: codec.decode_png(r["mask"])
+        for r in images.read_table(["image_id", "split", "mask"]).to_pylist()
+        if r["split"] == "unlabeled"
+    }
+    labels = output_dataset(
+        Storage(str(world.root)), "pseudolabels", _outputs(world)["pseudolabels"]
+    )
+    valid = kept = correct = 0
+    for row in labels.read_table().to_pylist():
+        mask = truth[row["image_id"]]
+        keep = codec.unpack_mask(row["keep"], *mask.shape) & (mask != 255)
+        valid += int((mask != 255).sum())
+        kept += int(keep.sum())
+        correct += int((keep & (codec.decode_png(row["label"]) == mask)).sum())
+    assert world.cold.metrics["evaluate.pseudolabel_images_with_truth"] == UNLABELED
+    assert world.cold.metrics["evaluate.pseudolabel_coverage"] == pytest.approx(kept / valid)
+    if kept:
+        assert world.cold.metrics["evaluate.pseudolabel_precision"] == pytest.approx(correct / kept)
     # Ray Train's own run folders are gone once the model is in its entry.
     train = world.root / "ray_train"
     assert (list(train.iterdir()) if train.exists() else []) == []
@@ -235,7 +263,8 @@ def test_run_killed_during_teach_resumes_and_ends_equal_to_a_clean_run(
 ) -> None:
     root = _copy(world, tmp_path)
     clean_root = _copy(world, tmp_path / "clean")
-    overrides = ["teach.topk=3", "teach.batch_size=1", "teach.shard_rows=1"]
+    # A larger model input (a new teach family) makes each image slow enough to kill mid-stage.
+    overrides = ["data.image_size=384", "teach.batch_size=1", "teach.shard_rows=1"]
     config = _config(world, world.weights, *overrides)
     args = ["run", "--config", "smoke", "--root", str(root), "--until", "teach"]
     for item in [
@@ -255,20 +284,25 @@ def test_run_killed_during_teach_resumes_and_ends_equal_to_a_clean_run(
         start_new_session=True,
     )
     pool_root = root / "cache" / "teach" / "pool"
+    before = set(pool_root.glob("*/*.json"))  # the cold run's shards (another family)
+
+    def new_shards() -> int:
+        return len(set(pool_root.glob("*/*.json")) - before)
+
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and process.poll() is None:
-            if len(list(pool_root.glob("*/*.json"))) >= 3:
+            if new_shards() >= 3:
                 break
             time.sleep(0.05)
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
         process.wait()
-    committed = len(list(pool_root.glob("*/*.json")))
+    committed = new_shards()
     assert 3 <= committed < 8 + UNLABELED, "the kill must land while teach is running"
     teach_dirs = [p for p in (root / "cache" / "teach").iterdir() if p.name != "pool"]
-    new_keys = [p for p in teach_dirs if not (p / "_ENTRY.json").exists()]
-    assert len(new_keys) == 1  # the killed run's entry was never committed
+    committed_keys = [p.name for p in teach_dirs if (p / "_ENTRY.json").exists()]
+    assert committed_keys == [world.cold.cache["teach"][0]]  # the killed run committed nothing
 
     resumed = run_pipeline(config, str(root), until="teach")
     assert resumed.metrics["teach.shards_reused"] == committed

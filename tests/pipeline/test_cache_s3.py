@@ -31,13 +31,18 @@ def test_pipeline_on_s3_commits_reuses_and_verifies(
 ) -> None:
     local = tmp_path / "data"
     generate_dataset(
-        GeneratedSpec(seed=7, num_labeled=6, num_unlabeled=8, num_val=4, image_size=32), local
+        GeneratedSpec(
+            seed=7, num_labeled=6, num_unlabeled=8, num_val=4, image_size=32, num_classes=4
+        ),
+        local,
     )
     source = f"{s3}/source-{secrets.token_hex(3)}"
     fs, _ = fsspec.core.url_to_fs(source)
     fs.put(f"{local}/", source.removeprefix("s3://") + "/", recursive=True)
     weights = tmp_path / "teacher.pt"
-    torch.save(build_segmenter("lraspp_mobilenet_v3_large", num_classes=4).state_dict(), weights)
+    torch.save(
+        build_segmenter(arch="lraspp_mobilenet_v3_large", num_classes=4).state_dict(), weights
+    )
     root = f"{s3}/runs-{secrets.token_hex(3)}"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     config = load_config(
