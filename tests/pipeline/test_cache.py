@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -30,7 +31,7 @@ from stages.core.cache import ShardPool, new_token, output_dataset, write_shard
 from stages.core.models import build_segmenter
 from stages.core.storage import Storage
 from stages.ingest.generated import GeneratedSpec, generate_dataset
-from tests.conftest import local_ray, run_cli, stage_outputs
+from tests.conftest import local_ray, run_cli, stage_outputs, write_png
 
 pytestmark = pytest.mark.ray
 
@@ -44,6 +45,7 @@ class World:
     weights: Path
     root: Path
     cold: RunSummary
+    splits: dict[str, list[str]]
 
 
 def _config(world_or_folder: World | Path, weights: Path, *overrides: str) -> PipelineConfig:
@@ -69,7 +71,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     spec = GeneratedSpec(
         seed=5, num_labeled=8, num_unlabeled=UNLABELED, num_val=4, image_size=32, num_classes=4
     )
-    generate_dataset(spec, folder)
+    splits = generate_dataset(spec, folder)
+    # Two bad items: quarantined, counted, and nothing else is lost.
+    (folder / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    write_png(folder / "images" / "wrongsize.png", np.zeros((32, 32, 3), np.uint8))
+    write_png(folder / "masks" / "wrongsize.png", np.zeros((16, 32), np.uint8))
+    with open(folder / "splits" / "unlabeled.txt", "a") as handle:
+        handle.write("corrupt\n")
+    with open(folder / "splits" / "labeled.txt", "a") as handle:
+        handle.write("wrongsize\n")
     weights = base / "teacher.pt"
     torch.save(
         build_segmenter(arch="lraspp_mobilenet_v3_large", num_classes=4).state_dict(), weights
@@ -77,7 +87,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     root = base / "cold"
     with local_ray():
         cold = run_pipeline(_config(folder, weights), str(root))
-        yield World(folder, weights, root, cold)
+        yield World(folder, weights, root, cold, splits)
+
+
+def _expected_ids(folder: Path, stems: list[str]) -> set[str]:
+    """Image ids computed here from the files: the pixel digest's first 24 hex characters."""
+    return {
+        codec.pixel_digest(codec.decode_png((folder / "images" / f"{stem}.png").read_bytes()))[:24]
+        for stem in stems
+    }
 
 
 def _outputs(world: World) -> dict[str, dict]:
@@ -119,8 +137,20 @@ def test_cold_run_commits_every_stage_and_tags_its_runs(world: World) -> None:
     assert given.dataset.name == "pseudolabels-threshold"
     assert given.dataset.digest == world.cold.cache["pseudolabel"][0][:36]
     assert json.loads(given.dataset.profile)["rows"] == UNLABELED
+    # Bad items are quarantined with their reason; every good item of every split is kept.
+    storage = Storage(str(world.root))
+    quarantine = output_dataset(storage, "quarantine", _outputs(world)["quarantine"])
+    reasons = {r["stem"]: r["reason"] for r in quarantine.read_table().to_pylist()}
+    assert set(reasons) == {"corrupt", "wrongsize"}
+    assert "corrupt.png is not a readable PNG/JPEG image" in reasons["corrupt"]
+    assert "wrongsize.png is 32x16 (WxH)" in reasons["wrongsize"]
+    assert world.cold.metrics["ingest.quarantined_images"] == 2
+    images = output_dataset(storage, "images", _outputs(world)["images"])
+    rows = images.read_table(["image_id", "split"]).to_pylist()
+    for split in ("labeled", "unlabeled", "val"):
+        got = {r["image_id"] for r in rows if r["split"] == split}
+        assert got == _expected_ids(world.folder, world.splits[split])
     # Pseudo-label quality, recomputed here by hand from the stored rows and the truth masks.
-    images = output_dataset(Storage(str(world.root)), "images", _outputs(world)["images"])
     truth = {
         r["image_id"]: codec.decode_png(r["mask"])
         for r in images.read_table(["image_id", "split", "mask"]).to_pylist()
@@ -194,6 +224,13 @@ def test_policy_only_change_reruns_pseudolabel_and_student(world: World, tmp_pat
     }
     assert summary.cache["teach"][0] == world.cold.cache["teach"][0]
     assert rows["pseudolabel"].key == summary.cache["pseudolabel"][0]
+    key = summary.cache["pseudolabel"][0]
+    storage = Storage(str(root))
+    record = storage.read_json(storage.path("cache", "pseudolabel", key, "_ENTRY.json"))
+    stored = output_dataset(storage, "pseudolabels", record["outputs"]["pseudolabels"])
+    margins = stored.read_table(["margin", "refined_margin"]).to_pylist()
+    assert len(margins) == UNLABELED
+    assert all(r["margin"] is not None and r["refined_margin"] is not None for r in margins)
 
 
 def test_student_only_change_reruns_only_the_student(world: World, tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -13,14 +12,12 @@ from mlflow.tracking import MlflowClient
 from stages.core import codec
 from stages.core.cache import output_dataset
 from stages.core.models import (
-    build_segmenter,
     load_checkpoint,
     model_from_checkpoint,
     segment_logits,
 )
 from stages.core.storage import DatasetRef, Storage
-from stages.ingest.generated import GeneratedSpec, generate_dataset
-from tests.conftest import STAGE_NAMES, run_cli, stage_outputs, write_png
+from tests.conftest import STAGE_NAMES, run_cli, stage_outputs
 
 pytestmark = pytest.mark.ray
 
@@ -139,67 +136,3 @@ def test_smoke_generated_end_to_end(tmp_path: Path, ray_env: dict[str, str]) -> 
     assert storage.is_local
     logits = segment_logits(model, torch.zeros(2, 3, 32, 32))
     assert logits.shape == (2, 4, 32, 32)
-
-
-def test_bad_images_are_quarantined_and_the_run_finishes(
-    tmp_path: Path, ray_env: dict[str, str]
-) -> None:
-    folder = tmp_path / "data"
-    spec = GeneratedSpec(
-        seed=3,
-        num_labeled=8,
-        num_unlabeled=10,
-        num_val=6,
-        image_size=32,
-        num_classes=4,
-        max_objects=2,
-    )
-    splits = generate_dataset(spec, folder)
-    (folder / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    write_png(folder / "images" / "wrongsize.png", np.zeros((32, 32, 3), np.uint8))
-    write_png(folder / "masks" / "wrongsize.png", np.zeros((16, 32), np.uint8))
-    with open(folder / "splits" / "unlabeled.txt", "a") as handle:
-        handle.write("corrupt\n")
-    with open(folder / "splits" / "labeled.txt", "a") as handle:
-        handle.write("wrongsize\n")
-
-    # Given weights (a plain torchvision state dict) replace training here: this run is about ingest.
-    weights = tmp_path / "weights.pt"
-    torch.save(
-        build_segmenter(arch="lraspp_mobilenet_v3_large", num_classes=4).state_dict(), weights
-    )
-    root = tmp_path / "root"
-    result = _run(
-        ray_env,
-        root,
-        "data.source=folder",
-        f"data.root={folder}",
-        "detector.enabled=false",
-        "pseudolabel.policy=s4mc",
-        f"teacher.weights={weights}",
-        f"student.weights={weights}",
-    )
-    assert "quarantined images      2" in result.stdout
-
-    quarantine = _table(root, "quarantine").read_table().to_pylist()
-    reasons = {r["stem"]: r["reason"] for r in quarantine}
-    assert set(reasons) == {"corrupt", "wrongsize"}
-    assert "corrupt.png is not a readable PNG/JPEG image" in reasons["corrupt"]
-    assert "wrongsize.png is 32x16 (WxH)" in reasons["wrongsize"]
-    ids = _ids_by_split(root)
-    for split in ("labeled", "unlabeled", "val"):
-        assert ids[split] == _expected_ids(folder, splits[split])
-    rows = _table(root, "pseudolabels").read_table(["image_id"])["image_id"].to_pylist()
-    assert sorted(rows) == sorted(ids["unlabeled"])
-    assert len(rows) == 10
-    stored = _table(root, "pseudolabels").read_table(["margin", "refined_margin"]).to_pylist()
-    assert all(r["margin"] is not None and r["refined_margin"] is not None for r in stored)
-
-    parent, children = _runs(root)
-    assert parent.data.metrics["quarantined_images"] == 2
-    teacher = next(r for r in children if r.data.tags["pseudoflow.stage"] == "train_teacher")
-    assert teacher.data.metrics["trained_steps"] == 0
-    assert {r.data.tags["pseudoflow.stage"] for r in children} == STAGES - {
-        "train_detector",
-        "detect",
-    }
