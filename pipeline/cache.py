@@ -149,6 +149,20 @@ def entry_files(storage: Storage, record: dict[str, Any]) -> set[str]:
     return files
 
 
+def drop_unused(storage: Storage, ours: set[str], winner: dict[str, Any]) -> list[str]:
+    """After losing a commit race: delete the files of our outputs (``ours``, listed before our
+    attempt was discarded) that the winner's entry does not use, such as inference shards we
+    committed to a pool, so that one copy stays. Returns the deleted paths."""
+    unused = sorted(ours - entry_files(storage, winner))
+    for path in unused:
+        if storage.fs.exists(path):
+            storage.fs.rm(path)
+            manifest = path.removesuffix(".parquet") + ".json"
+            if path.endswith(".parquet") and storage.fs.exists(manifest):
+                storage.fs.rm(manifest)
+    return unused
+
+
 def _entry_bytes(storage: Storage, record: dict[str, Any]) -> int:
     total = 0
     for path in entry_files(storage, record):

@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.cache import drop_unused, entry_files
 from pipeline.config import PipelineConfig, flatten, to_yaml
 from pipeline.graph import FIGURES, Context, Stage, planned
 from pipeline.tracking import HIT_TAG, KEY_TAG, STAGE_TAG, Tracker
@@ -227,9 +228,14 @@ def _execute(
     finally:
         results, ctx.results = ctx.results, earlier
         ctx.writing, ctx.attempt = (), ""
-    record, _ = entry.commit(
+    written = {"outputs": outputs}
+    ours = entry_files(ctx.storage, written)  # read before a lost race discards the attempt
+    record, won = entry.commit(
         token, {"fields": fields, "outputs": outputs, "metrics": metrics, "results": results}
     )
+    if not won:
+        dropped = drop_unused(ctx.storage, ours, record)
+        logger.info("%s: lost the commit race; removed %d unused files", stage.name, len(dropped))
     train_dir = ctx.storage.path("ray_train", ctx.train_name(stage.name))
     if ctx.storage.fs.exists(train_dir):  # the model is in the entry now
         ctx.storage.fs.rm(train_dir, recursive=True)

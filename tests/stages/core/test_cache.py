@@ -161,3 +161,29 @@ def test_manifest_paths_cannot_leave_the_root(tmp_path: Path) -> None:
     Path(ref.manifest_path).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="unsafe path component"):
         ref.files()
+
+
+def test_a_losing_writer_removes_the_pool_shards_the_winner_does_not_use(tmp_path: Path) -> None:
+    from pipeline.cache import drop_unused, entry_files
+
+    storage = Storage(str(tmp_path / "root"))
+    pool = ShardPool.of(storage, "teach", "family")
+    entry = CacheEntry(storage, "teach", "k" * 64)
+    outputs = {}
+    for token in ("winner", "loser"):
+        shard = write_shard(_rows(["a", "b"]), **pool.writer_kwargs(token))["shard"][0].as_py()
+        ref = DatasetRef(storage, f"{entry.attempt_dir(token)}/signals", "signals")
+        ref.prepare()
+        ref.commit_files([shard])
+        outputs[token] = {"outputs": {"signals": cache.dataset_output(ref)}}
+    winner, won = entry.commit("winner", outputs["winner"])
+    assert won
+    ours = entry_files(storage, outputs["loser"])
+    record, won = entry.commit("loser", outputs["loser"])
+    assert not won
+    assert record == winner
+    dropped = drop_unused(storage, ours, record)
+    assert len(dropped) == 3  # the loser's shard, and its dataset's manifest and marker
+    assert [s["file"].split("-")[0] for s in pool.committed()] == ["winner"]
+    table = output_dataset(storage, "signals", record["outputs"]["signals"]).read_table()
+    assert sorted(table["image_id"].to_pylist()) == ["a", "b"]
