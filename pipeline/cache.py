@@ -30,7 +30,6 @@ class Entry:
     stage: str
     key: str
     record: dict[str, Any]
-    bytes: int
     age_s: float
 
 
@@ -82,10 +81,7 @@ def plan(config: PipelineConfig, root: str) -> list[PlanRow]:
 
 def explain(storage: Storage, stage: str, fields: dict[str, Any]) -> str:
     """Why ``fields`` miss the cache: how they differ from the newest committed entry."""
-    entries = sorted(
-        (e for e in iter_entries(storage) if e.stage == stage),
-        key=lambda e: e.record["created"],
-    )
+    entries = sorted(iter_entries(storage, stage), key=lambda e: e.record["created"])
     if not entries:
         return "no entry of this stage in the cache yet"
     changed = _diff(entries[-1].record["fields"], fields)
@@ -117,13 +113,15 @@ def _short(value: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------ entries
-def iter_entries(storage: Storage) -> Iterator[Entry]:
-    """Every committed entry under the root, with its size (its own files plus the shards its
-    datasets reference) and age."""
+def iter_entries(storage: Storage, stage: str | None = None) -> Iterator[Entry]:
+    """Every committed entry under the root (of one stage, if given), with its age."""
     fs, base = storage.fs, storage.path("cache")
     if not fs.exists(base):
         return
-    for stage_dir in sorted(fs.ls(base, detail=False)):
+    stage_dirs = [storage.path("cache", stage)] if stage else sorted(fs.ls(base, detail=False))
+    for stage_dir in stage_dirs:
+        if not fs.exists(stage_dir):
+            continue
         stage = posixpath.basename(stage_dir)
         for key_dir in sorted(fs.ls(stage_dir, detail=False)):
             key = posixpath.basename(key_dir)
@@ -133,7 +131,7 @@ def iter_entries(storage: Storage) -> Iterator[Entry]:
             if record is None:
                 continue
             created = datetime.fromisoformat(record["created"]).timestamp()
-            yield Entry(stage, key, record, _entry_bytes(storage, record), time.time() - created)
+            yield Entry(stage, key, record, time.time() - created)
 
 
 def entry_files(storage: Storage, record: dict[str, Any]) -> set[str]:
@@ -163,7 +161,8 @@ def drop_unused(storage: Storage, ours: set[str], winner: dict[str, Any]) -> lis
     return unused
 
 
-def _entry_bytes(storage: Storage, record: dict[str, Any]) -> int:
+def entry_bytes(storage: Storage, record: dict[str, Any]) -> int:
+    """An entry's size: its own files plus the shards its datasets reference."""
     total = 0
     for path in entry_files(storage, record):
         try:

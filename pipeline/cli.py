@@ -99,20 +99,22 @@ def cache() -> None:
 @root_option
 def cache_ls(root: str) -> None:
     """List committed entries with size, age and rows."""
-    from pipeline.cache import human_age, human_bytes, iter_entries
+    from pipeline.cache import entry_bytes, human_age, human_bytes, iter_entries
     from pipeline.runner import resolve_root
     from stages.core.storage import Storage
 
-    entries = list(iter_entries(Storage(resolve_root(root))))
+    storage = Storage(resolve_root(root))
+    entries = list(iter_entries(storage))
+    sizes = [entry_bytes(storage, e.record) for e in entries]
     click.echo(f"{'stage':15} {'key':12} {'size':>10} {'age':>7}  outputs")
-    for e in entries:
+    for e, size_bytes in zip(entries, sizes, strict=True):
         outputs = ", ".join(
             f"{n} ({o['rows']} rows)" if o["kind"] == "dataset" else n
             for n, o in e.record["outputs"].items()
         )
-        size, age = human_bytes(e.bytes), human_age(e.age_s)
+        size, age = human_bytes(size_bytes), human_age(e.age_s)
         click.echo(f"{e.stage:15} {e.key[:12]:12} {size:>10} {age:>7}  {outputs}")
-    total = human_bytes(sum(e.bytes for e in entries))
+    total = human_bytes(sum(sizes))
     click.echo(f"{len(entries)} entries, {total}")
 
 

@@ -90,6 +90,8 @@ class Stage:
     fields: Callable[[Context], dict[str, Any]]
     schema: str
     enabled: Callable[[PipelineConfig], bool] = lambda config: True
+    # plots from the stage's recorded results (drawn again on a cache hit)
+    figures: Callable[[PipelineConfig, dict[str, Any]], dict[str, bytes]] | None = None
 
 
 # Settings that change how a stage runs but never what it produces.
@@ -392,12 +394,9 @@ STAGES: tuple[Stage, ...] = (
         _evaluate,
         _evaluate_fields,
         "metrics/1",
+        figures=_evaluate_figures,
     ),
 )
-
-FIGURES: dict[str, Callable[[PipelineConfig, dict[str, Any]], dict[str, bytes]]] = {
-    "evaluate": _evaluate_figures
-}
 
 
 def planned(config: PipelineConfig) -> list[Stage]:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cache import drop_unused, entry_files
 from pipeline.config import PipelineConfig, flatten, to_yaml
-from pipeline.graph import FIGURES, Context, Stage, planned
+from pipeline.graph import Context, Stage, planned
 from pipeline.tracking import HIT_TAG, KEY_TAG, STAGE_TAG, Tracker
 from stages.core.cache import CacheEntry, cache_key, dataset_output, model_output, new_token
 from stages.core.storage import DatasetRef, Storage
@@ -204,8 +204,7 @@ def _run_stage(
     tracker.log_text(run, json.dumps(record, indent=2, sort_keys=True), "cache_entry.json")
     if stage.name == "train_student":
         _log_pseudolabel_input(tracker, run, ctx)
-    figures = FIGURES.get(stage.name)
-    for name, png in (figures(ctx.config, ctx.results) if figures else {}).items():
+    for name, png in (stage.figures(ctx.config, ctx.results) if stage.figures else {}).items():
         tracker.log_bytes(run, png, f"plots/{name}")
         tracker.log_bytes(parent, png, f"plots/{name}")
     tracker.end_run(run, True)

@@ -95,25 +95,6 @@ class Tracker:
         tags = [InputTag("mlflow.data.context", context)]
         self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags)])
 
-    def referenced_keys(self) -> set[str]:
-        """Cache keys that any run (in any experiment, deleted runs excluded) is tagged with."""
-        keys: set[str] = set()
-        experiments = [e.experiment_id for e in self.client.search_experiments()]
-        if not experiments:
-            return keys
-        token = None
-        while True:
-            page = self.client.search_runs(
-                experiments,
-                filter_string=f"tags.`{KEY_TAG}` != ''",
-                max_results=1000,
-                page_token=token,
-            )
-            keys.update(r.data.tags[KEY_TAG] for r in page if KEY_TAG in r.data.tags)
-            token = page.token
-            if not token:
-                return keys
-
     def sink(self, run_id: str) -> MlflowSink:
         return MlflowSink(self.uri, run_id)
 

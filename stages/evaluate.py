@@ -21,7 +21,7 @@ from stages.core.inference import (
 )
 from stages.core.models import segment_logits
 from stages.core.storage import DatasetRef
-from stages.core.tables import drop_null, keep_ids, read_dataset, read_split
+from stages.core.tables import drop_null, keep_ids, lookup_columns, read_dataset, read_split
 
 
 class EvaluateConfig(InferenceConfig):
@@ -119,15 +119,6 @@ def pseudolabel_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, np.int64) for k, v in out.items()}
 
 
-def _with_truth(table: pa.Table, truth: Any) -> pa.Table:
-    if not isinstance(truth, pa.Table):
-        import ray
-
-        truth = ray.get(truth)
-    position = pc.index_in(table["image_id"], value_set=truth["image_id"])
-    return table.append_column("mask", truth["mask"].take(position))
-
-
 def pseudolabel_quality(
     images: DatasetRef, pseudolabels: DatasetRef, max_images: int = 2000
 ) -> dict[str, float]:
@@ -149,7 +140,11 @@ def pseudolabel_quality(
     labels = read_dataset(pseudolabels, ["image_id", "height", "width", "label", "keep"])
     counts = (
         keep_ids(labels, set(truth["image_id"].to_pylist()))
-        .map_batches(_with_truth, fn_kwargs={"truth": ray.put(truth)}, batch_format="pyarrow")
+        .map_batches(
+            lookup_columns,
+            fn_kwargs={"source": ray.put(truth), "names": ["mask"]},
+            batch_format="pyarrow",
+        )
         .map_batches(pseudolabel_counts, batch_format="numpy")
         .to_pandas()
     )

@@ -104,9 +104,7 @@ class Storage:
         data = json.dumps(payload, indent=2, sort_keys=True).encode()
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         if self.is_local:
-            temp = f"{path}.{secrets.token_hex(6)}.tmp"
-            with open(temp, "wb") as handle:
-                handle.write(data)
+            temp = _write_temp(path, data)
             try:
                 os.link(temp, path)  # fails if ``path`` exists; the content is complete
             except FileExistsError:
@@ -129,10 +127,7 @@ class Storage:
         """Write a whole file so that readers see the old content or the new, never a part."""
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         if self.is_local:
-            temp = f"{path}.{secrets.token_hex(6)}.tmp"
-            with open(temp, "wb") as handle:
-                handle.write(data)
-            os.replace(temp, path)
+            os.replace(_write_temp(path, data), path)
             return
         self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
 
@@ -140,6 +135,14 @@ class Storage:
         with self.fs.open(path, "rb") as handle:
             data: bytes = handle.read()
         return data
+
+
+def _write_temp(path: str, data: bytes) -> str:
+    """Write ``data`` to a new file next to ``path`` (same filesystem); return its path."""
+    temp = f"{path}.{secrets.token_hex(6)}.tmp"
+    with open(temp, "wb") as handle:
+        handle.write(data)
+    return temp
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

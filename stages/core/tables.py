@@ -55,6 +55,19 @@ def _with_ids(table: pa.Table, ids: Any) -> pa.Table:
     return table.filter(pc.is_in(table["image_id"], value_set=ids))
 
 
+def lookup_columns(table: pa.Table, source: Any, names: list[str]) -> pa.Table:
+    """Append ``names`` from ``source`` (a small table keyed by ``image_id``, or the ``ObjectRef``
+    it was broadcast as) to each row of ``table``; rows without a match get nulls."""
+    if not isinstance(source, pa.Table):
+        import ray
+
+        source = ray.get(source)
+    position = pc.index_in(table["image_id"], value_set=source["image_id"])
+    for name in names:
+        table = table.append_column(name, source[name].take(position))
+    return table
+
+
 def keep_ids(dataset: Any, ids: set[str]) -> Any:
     """Rows of ``dataset`` whose ``image_id`` is in ``ids`` (broadcast once via the object
     store)."""

@@ -184,12 +184,9 @@ def run(
     quarantine.commit({"schema": "quarantine/1"}, id_column="stem")
     for row in bad.to_pylist():
         logger.warning("quarantined %s (%s): %s", row["stem"], row["split"], row["reason"])
-    per_split = _count_splits(out)
+    per_split, digests = split_summary(out)
     return IngestResult(
-        rows=manifest["rows"],
-        quarantined=bad.num_rows,
-        per_split=per_split,
-        digests=split_digests(out),
+        rows=manifest["rows"], quarantined=bad.num_rows, per_split=per_split, digests=digests
     )
 
 
@@ -234,10 +231,10 @@ def _drop_duplicates(table: pa.Table, drop: dict[str, str]) -> pa.Table:
     return table.filter(keep)
 
 
-def split_digests(images: DatasetRef) -> dict[str, str]:
-    """Per split, sha256 over the sorted (image id, mask digest) pairs. Image ids are digests of
-    the pixels, so equal digests mean the same pictures with the same labels, however the source
-    files were named or stored."""
+def split_summary(images: DatasetRef) -> tuple[dict[str, int], dict[str, str]]:
+    """Per split, the image count and sha256 over the sorted (image id, mask digest) pairs. Image
+    ids are digests of the pixels, so equal digests mean the same pictures with the same labels,
+    however the source files were named or stored."""
     table = images.read_table(["image_id", "split", "mask"])
     lines: dict[str, list[str]] = {}
     for image_id, split, mask in zip(
@@ -248,12 +245,9 @@ def split_digests(images: DatasetRef) -> dict[str, str]:
     ):
         mask_digest = hashlib.sha256(mask).hexdigest() if mask is not None else "-"
         lines.setdefault(split, []).append(f"{image_id}:{mask_digest}")
-    return {
+    counts = {split: len(rows) for split, rows in sorted(lines.items())}
+    digests = {
         split: hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()
         for split, rows in sorted(lines.items())
     }
-
-
-def _count_splits(out: DatasetRef) -> dict[str, int]:
-    splits = out.read_table(columns=["split"])["split"].to_pylist()
-    return {s: splits.count(s) for s in sorted(set(splits))}
+    return counts, digests

@@ -27,7 +27,7 @@ from stages.core import codec
 from stages.core.config import StrictModel
 from stages.core.inference import write_committed
 from stages.core.storage import DatasetRef
-from stages.core.tables import read_split
+from stages.core.tables import lookup_columns, read_split
 from stages.pseudolabel import ops
 from stages.pseudolabel.memory import PrototypeMemory, select_labeled, select_reliable
 from stages.teach import decode_features, decode_signals, full_probs
@@ -270,16 +270,10 @@ def attach_detections(table: pa.Table, detections: Any) -> pa.Table:
     the object store (``detections`` may be an ``ObjectRef``) and looked up by ``image_id`` with a
     vectorised index, instead of a hash join that would shuffle the much larger signal rows.
     """
-    if not isinstance(detections, pa.Table):
-        import ray
-
-        detections = ray.get(detections)
-    position = pc.index_in(table["image_id"], value_set=detections["image_id"])
-    if position.null_count:
-        missing = table["image_id"].filter(pc.is_null(position)).to_pylist()
+    table = lookup_columns(table, detections, ["boxes", "labels", "scores"])
+    if table["boxes"].null_count:  # an image without boxes has an empty list, never null
+        missing = table["image_id"].filter(pc.is_null(table["boxes"])).to_pylist()
         raise ValueError(f"no detections row for images {missing[:5]}: run the detect stage again")
-    for name in ("boxes", "labels", "scores"):
-        table = table.append_column(name, detections[name].take(position))
     return table
 
 
