@@ -1,6 +1,7 @@
 """The detect stage: the detector over the unlabeled images -> ``detections`` (actor pool).
 
-Boxes are stored in the image's own pixel coordinates as (x1, y1, x2, y2), flattened.
+Boxes are stored in the image's own pixel coordinates as (x1, y1, x2, y2), flattened. The table
+is the same whichever backend (torchvision, detectron2) the checkpoint names.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from pydantic import Field
 
 from stages.core.cache import ShardPool
+from stages.core.detectors import split_backend
 from stages.core.inference import (
     InferenceConfig,
     load_model,
@@ -25,7 +27,7 @@ DETECTIONS_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
         ("boxes", pa.list_(pa.float32())),  # N * 4 values: x1, y1, x2, y2 per box
-        ("labels", pa.list_(pa.int32())),  # detector classes
+        ("labels", pa.list_(pa.int32())),  # detector classes = segmentation classes 1..C-1
         ("scores", pa.list_(pa.float32())),
         ("num_boxes", pa.int32()),
     ]
@@ -41,14 +43,15 @@ class DetectorPredictor:
 
     def __init__(self, storage_url: str, checkpoint_path: str, min_score: float, gpus: float = 0.0):
         self.device = pick_device(gpus)
-        model, _ = load_model(storage_url, checkpoint_path)
+        model, checkpoint = load_model(storage_url, checkpoint_path)
+        self.backend, _ = split_backend(checkpoint["model_args"])
         self.model = model.to(self.device)
         self.min_score = min_score
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         images = [torch.from_numpy(i).to(self.device).float() / 255.0 for i in batch["image"]]
-        outputs = self.model(images)
+        outputs = self.backend.predict(self.model, images)
         rows: list[dict[str, Any]] = []
         for i, output in enumerate(outputs):
             side = images[i].shape[-1], images[i].shape[-2]

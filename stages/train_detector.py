@@ -1,5 +1,6 @@
-"""The train_detector stage: a torchvision Faster R-CNN trained with Ray Train on the labeled
-images, with boxes taken from the connected components of each class in the ground-truth masks.
+"""The train_detector stage: a Faster R-CNN (torchvision's, or detectron2's where it is
+installed: ``detector.backend``) trained with Ray Train on the labeled images, with boxes taken
+from the connected components of each class in the ground-truth masks.
 
 Detector class ``d`` is segmentation class ``d`` (1..C-1); 0 is the detector's background.
 """
@@ -14,11 +15,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from scipy import ndimage
 from torch import nn
 
 from stages.core.config import StrictModel
+from stages.core.detectors import (
+    DEFAULT_ARCHITECTURES,
+    DEFAULT_BACKEND,
+    BackendName,
+    check_arch,
+    detector_backend,
+)
 from stages.core.models import build_detector, make_checkpoint
 from stages.core.training import worker_logging
 from stages.segtrain import CHECKPOINT_FILE, MetricSink, poly_lr
@@ -30,7 +38,14 @@ class DetectorConfig(StrictModel):
     """How the object detector is trained (or which weights are loaded instead)."""
 
     enabled: bool = True
-    arch: str = "fasterrcnn_mobilenet_v3_large_fpn"
+    backend: BackendName = Field(
+        DEFAULT_BACKEND, description="torchvision, or detectron2 where it is installed"
+    )
+    arch: str = Field(
+        DEFAULT_ARCHITECTURES[DEFAULT_BACKEND],
+        description="the backend's architecture (detectron2: a model-zoo config); "
+        "default: the backend's default",
+    )
     steps: int = Field(200, ge=1)
     batch_size: int = Field(4, ge=1)
     lr: float = Field(0.01, gt=0)
@@ -43,11 +58,36 @@ class DetectorConfig(StrictModel):
     workers: int = Field(1, ge=1)
     weights: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _backend_default_arch(cls, data: Any) -> Any:
+        """Without an ``arch``, the selected backend's default architecture."""
+        if isinstance(data, dict) and "arch" not in data:
+            backend = data.get("backend", DEFAULT_BACKEND)
+            if isinstance(backend, str) and backend in DEFAULT_ARCHITECTURES:
+                return {**data, "arch": DEFAULT_ARCHITECTURES[backend]}
+        return data
+
+    @model_validator(mode="after")
+    def _known_arch(self) -> DetectorConfig:
+        check_arch(self.backend, self.arch)
+        return self
+
+
+def check_detector_backend(cfg: DetectorConfig) -> None:
+    """Raise :class:`~stages.core.detectors.BackendUnavailable` (a ``ValueError``) when the
+    detector is enabled and its backend cannot be imported here: a config error to report before
+    any stage runs, not a failure inside a Ray worker."""
+    if cfg.enabled:
+        detector_backend(cfg.backend)
+
 
 def detector_args(cfg: DetectorConfig, num_classes: int) -> dict[str, Any]:
-    """Builder arguments (stored in the checkpoint): torchvision's proposal and RoI counts are
-    sized for 800-pixel images; these scale them to the small inputs this detector sees."""
+    """Builder arguments (stored in the checkpoint, with the backend that builds them): the
+    backends' proposal and RoI counts are sized for 800-pixel images; these scale them to the
+    small inputs this detector sees. Both backends take the same arguments."""
     return {
+        "backend": cfg.backend,
         "arch": cfg.arch,
         "num_classes": num_classes,
         "min_size": cfg.min_size,
@@ -111,6 +151,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(loop_config["seed"] + rank)
     torch.set_num_threads(loop_config["torch_threads"])
     worker_logging()
+    backend = detector_backend(cfg.backend)
     model_args = detector_args(cfg, num_classes)
     model = ray.train.torch.prepare_model(build_detector(**model_args))
     device = ray.train.torch.get_device()
@@ -130,7 +171,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             images, targets = _targets(batch, num_classes, cfg.min_box_area)
             images = [i.to(device) for i in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            loss = sum(model(images, targets).values())
+            loss = torch.stack(list(backend.losses(model, images, targets).values())).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -176,11 +217,17 @@ def run(
     use_gpu: bool,
 ) -> dict[str, float]:
     """Train the detector with Ray Train (or load given weights); write its checkpoint."""
-    from stages.core.models import given_checkpoint
+    from stages.core.models import given_checkpoint, load_checkpoint
     from stages.core.training import fit
 
     if cfg.weights:
         blob = given_checkpoint(cfg.weights, kind="detector", num_classes=num_classes)
+        found = load_checkpoint(blob, source=cfg.weights)["model_args"].get("backend")
+        if (found or DEFAULT_BACKEND) != cfg.backend:
+            raise ValueError(
+                f"{cfg.weights}: a {found or DEFAULT_BACKEND} detector; detector.backend is "
+                f"{cfg.backend}"
+            )
         storage.write_bytes(out_path, blob)
         return {"trained_steps": 0.0}
     blob = fit(

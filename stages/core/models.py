@@ -1,4 +1,5 @@
-"""Model builders: torchvision architectures, built with ``weights=None``; local weights by path.
+"""Model builders: torchvision architectures, built with ``weights=None`` (detectors through the
+backend a config or checkpoint names, :mod:`stages.core.detectors`); local weights by path.
 
 A checkpoint is a plain dict of tensors and primitives (loadable with ``weights_only=True``) that
 carries the builder arguments, so loading it rebuilds the same network without the original YAML.
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 from torchvision.models import get_model, list_models
 from torchvision.models import segmentation as tv_segmentation
+
+from stages.core.detectors import split_backend
 
 logger = logging.getLogger(__name__)
 
@@ -90,33 +93,11 @@ def segment_with_features(
     return logits, captured[-1]
 
 
-def build_detector(
-    *, arch: str, num_classes: int, min_size: int, max_size: int, **options: int
-) -> nn.Module:
-    """A torchvision detector (Faster R-CNN family) with random weights.
-
-    ``num_classes`` counts the detector's background class 0, as torchvision expects;
-    ``options`` go to torchvision's ``FasterRCNN`` (proposal and RoI counts).
-    """
-    valid = detection_architectures()
-    if arch not in valid:
-        raise ValueError(f"unknown detector arch {arch!r}; choose one of {', '.join(valid)}")
-    model: nn.Module = get_model(
-        arch,
-        weights=None,
-        weights_backbone=None,
-        num_classes=num_classes,
-        min_size=min_size,
-        max_size=max_size,
-        **options,
-    )
-    return model
-
-
-def detection_architectures() -> list[str]:
-    from torchvision.models import detection
-
-    return sorted(m for m in list_models(module=detection) if m.startswith("fasterrcnn"))
+def build_detector(**model_args: Any) -> nn.Module:
+    """A detector with random weights from a checkpoint's ``model_args``, built by the backend
+    they name (``"backend"``; torchvision when absent). See :mod:`stages.core.detectors`."""
+    backend, args = split_backend(model_args)
+    return backend.build(**args)
 
 
 def file_digest(path: str | Path) -> str:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,21 @@ def test_cli_unknown_key_exits_nonzero_before_work(tmp_path: Path) -> None:
     result = run_cli("run", "--config", "smoke", "--root", str(root), "--set", "teacher.stepz=3")
     assert result.returncode == 2
     assert "teacher.stepz: unknown key" in result.stderr
+    assert not root.exists()
+
+
+def test_cli_detectron2_where_it_is_missing_is_a_config_error_before_work(
+    tmp_path: Path,
+) -> None:
+    if importlib.util.find_spec("detectron2") is not None:
+        pytest.skip("detectron2 is installed here: the backend is available")
+    root = tmp_path / "root"
+    args = ("run", "--config", "smoke", "--root", str(root))
+    result = run_cli(*args, "--set", "detector.backend=detectron2")
+    assert result.returncode == 2
+    assert "detector.backend 'detectron2' needs the detectron2 package" in result.stderr
+    assert "docker/Dockerfile.cuda" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not root.exists()
 
 
