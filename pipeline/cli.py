@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import click
 
 from pipeline.config import ConfigError, PipelineConfig, load_config
+from stages.core.detectors import BackendUnavailable
 from stages.ingest.folder import SourceError
 
 if TYPE_CHECKING:
     from pipeline.runner import RunSummary
+    from pipeline.submit import Cluster
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -64,7 +68,7 @@ def run(config: str, root: str, overrides: tuple[str, ...], until: str | None) -
     cfg = _load(config, overrides)
     try:
         summary = run_pipeline(cfg, root, until=until)
-    except SourceError as exc:
+    except (SourceError, BackendUnavailable) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     click.echo(format_summary(summary))
@@ -88,6 +92,158 @@ def plan(config: str, root: str, overrides: tuple[str, ...]) -> None:
     for row in rows:
         key = row.key[:12] if row.key else "-"
         click.echo(f"{row.action:6} {row.stage:15} {key:12}  {row.reason}")
+
+
+address_option = click.option(
+    "--address",
+    envvar="RAY_API_SERVER_ADDRESS",
+    required=True,
+    help="the cluster's dashboard (Jobs API) URL, e.g. http://127.0.0.1:8265 through a tunnel",
+)
+token_option = click.option(
+    "--token-file",
+    default=None,
+    help="file holding the cluster's Ray token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, "
+    "~/.ray/auth_token)",
+)
+
+
+def _cluster(address: str, token_file: str | None) -> Cluster:
+    from pipeline.submit import Cluster, find_token
+
+    return Cluster(address, find_token(token_file))
+
+
+@main.command()
+@address_option
+@token_option
+@config_option
+@click.option("--root", required=True, help="storage root every node sees (s3://... or absolute)")
+@set_option
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", help="MLflow server URL")
+@click.option("--env", "env_values", multiple=True, metavar="NAME=VALUE", help="plain job env")
+@click.option(
+    "--env-ref",
+    "env_refs",
+    multiple=True,
+    metavar="NAME[=CLUSTER_NAME]",
+    help="job env taken from the cluster nodes' own environment (for credentials)",
+)
+@click.option("--python", default="python", show_default=True, help="the cluster's python")
+@click.option("--until", default=None, metavar="STAGE", help="stop after this stage")
+@click.option("--again", is_flag=True, help="submit even if an identical run was submitted")
+def submit(
+    address: str,
+    token_file: str | None,
+    config: str,
+    root: str,
+    overrides: tuple[str, ...],
+    tracking_uri: str | None,
+    env_values: tuple[str, ...],
+    env_refs: tuple[str, ...],
+    python: str,
+    until: str | None,
+    again: bool,
+) -> None:
+    """Submit a run to a Ray cluster (Jobs API, token auth); print its submission id."""
+    import tempfile
+    from pathlib import Path
+
+    from pipeline import submit as jobs
+
+    cfg = _load(config, overrides)
+    with _submit_errors():
+        uri = jobs.check_tracking_uri(cfg.tracking.uri or tracking_uri)
+        env = jobs.parse_env(env_values, env_refs)
+        root = jobs.check_root(root)
+        cluster = _cluster(address, token_file)
+        with tempfile.TemporaryDirectory(prefix="pseudoflow-submit-") as tmp:
+            staged = Path(tmp) / "job"
+            jobs.stage_working_dir(jobs.project_root(), staged, cfg)
+            submission = jobs.build_submission(
+                cfg,
+                root=root,
+                tracking_uri=uri,
+                env=env,
+                working_dir=staged,
+                python=python,
+                until=until,
+            )
+            job_id, existing = jobs.submit(cluster, submission, again=again)
+    if existing is not None:
+        click.echo(
+            f"an identical run was already submitted: {job_id} ({jobs.status_name(existing)}); "
+            "--again submits it anew"
+        )
+    else:
+        click.echo(f"submitted {job_id}")
+    click.echo(f"follow it with: pseudoflow logs {job_id} --follow --address {address}")
+
+
+@main.command()
+@address_option
+@token_option
+@click.argument("job_id", required=False)
+def status(address: str, token_file: str | None, job_id: str | None) -> None:
+    """A job's status (or, without JOB_ID, every pseudoflow job on the cluster)."""
+    from pipeline.submit import ID_PREFIX, status_name
+
+    with _submit_errors():
+        cluster = _cluster(address, token_file)
+        if job_id is None:
+            jobs = [j for j in cluster.jobs() if (j.submission_id or "").startswith(ID_PREFIX)]
+            for job in sorted(jobs, key=lambda j: j.start_time or 0):
+                click.echo(f"{status_name(job):10} {job.submission_id}")
+            return
+        info = cluster.info(job_id)
+    click.echo(f"{job_id}: {status_name(info)}")
+    if info.message:
+        click.echo(info.message)
+    click.echo(f"entrypoint: {info.entrypoint}")
+
+
+@main.command()
+@address_option
+@token_option
+@click.argument("job_id")
+@click.option("--follow", is_flag=True, help="stream until the job ends; exit 1 unless it succeeds")
+def logs(address: str, token_file: str | None, job_id: str, follow: bool) -> None:
+    """A job's driver log."""
+    from pipeline.submit import status_name
+
+    with _submit_errors():
+        cluster = _cluster(address, token_file)
+        if not follow:
+            click.echo(cluster.logs(job_id), nl=False)
+            return
+        for chunk in cluster.follow(job_id):
+            click.echo(chunk, nl=False)
+        final = status_name(cluster.info(job_id))
+    click.echo(f"job {job_id}: {final}")
+    if final != "SUCCEEDED":
+        sys.exit(1)
+
+
+@main.command()
+@address_option
+@token_option
+@click.argument("job_id")
+def stop(address: str, token_file: str | None, job_id: str) -> None:
+    """Ask the cluster to stop a job."""
+    with _submit_errors():
+        stopped = _cluster(address, token_file).stop(job_id)
+    click.echo(f"stopping {job_id}" if stopped else f"{job_id} had already ended")
+
+
+@contextlib.contextmanager
+def _submit_errors() -> Iterator[None]:
+    from pipeline.submit import SubmitError
+
+    try:
+        yield
+    except SubmitError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
 
 
 @main.group()
@@ -141,7 +297,12 @@ def cache_verify(root: str) -> None:
 
 @cache.command("gc")
 @root_option
-@click.option("--tracking-uri", default=None, help="default: sqlite:///<root>/mlflow.db")
+@click.option(
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    default=None,
+    help="default: MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db",
+)
 @click.option("--min-age", default=24.0, show_default=True, help="hours before leftovers go")
 @click.option("--delete", is_flag=True, help="delete (default: only list what would go)")
 def cache_gc(root: str, tracking_uri: str | None, min_age: float, delete: bool) -> None:

@@ -32,6 +32,7 @@ from stages.core.cache import CacheEntry, cache_key, dataset_output, model_outpu
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest.folder import SourceError, SourceItem, enumerate_folder, listing_digest
 from stages.ingest.generated import generate_dataset
+from stages.train_detector import check_detector_backend
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,16 @@ def resolve_root(root: str) -> str:
 
 
 def tracking_uri(config: PipelineConfig, root: str) -> str:
-    if config.tracking.uri:
-        return config.tracking.uri
+    """``tracking.uri``, else ``MLFLOW_TRACKING_URI`` (how a submitted job gets its server),
+    else a SQLite file under a local root."""
+    uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
     if "://" in root:
-        raise SourceError(f"root {root!r} is remote: set tracking.uri to an MLflow server URL")
+        raise SourceError(
+            f"root {root!r} is remote: set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow "
+            "server URL"
+        )
     return f"sqlite:///{root}/mlflow.db"
 
 
@@ -116,7 +123,11 @@ def init_ray(config: PipelineConfig, uri: str) -> None:
         return
     env = {"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0"}
     address = os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"log_to_driver": True}
+    # A submitted job's runtime env (working dir, env vars: see pipeline.submit) already reaches
+    # every worker, and Ray refuses to merge a second one that names the same variables.
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        kwargs["runtime_env"] = {"env_vars": env}
     if not address:
         kwargs["num_cpus"] = config.runtime.ray_num_cpus or max(4, os.cpu_count() or 1)
         kwargs["include_dashboard"] = False
@@ -141,6 +152,7 @@ def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) ->
                 f"unknown stage {until!r} for --until; choose one of {', '.join(names)}"
             )
         stages = stages[: names.index(until) + 1]
+    check_detector_backend(config.detector)  # before anything runs or is written
     root = resolve_root(root)
     storage = Storage(root)
     uri = tracking_uri(config, root)
@@ -148,7 +160,9 @@ def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) ->
     storage.fs.makedirs(storage.root, exist_ok=True)
     run_id = new_run_id(config)
     storage.write_bytes(storage.path("pipelines", run_id, "config.yaml"), to_yaml(config).encode())
-    tracker = Tracker(uri, config.tracking.experiment, f"{root}/mlartifacts")
+    # a server stores (proxies) artifacts itself; a database URI needs a place under the root
+    served = uri.startswith(("http://", "https://", "databricks"))
+    tracker = Tracker(uri, config.tracking.experiment, None if served else f"{root}/mlartifacts")
     parent = tracker.start_run(run_id, {"pseudoflow.run_id": run_id})
     tracker.log_params(parent, flatten(config))
     tracker.log_text(parent, to_yaml(config), "config.yaml")
