@@ -22,7 +22,8 @@ from stages.core.cache import (
     output_dataset,
 )
 from stages.core.storage import Storage, StorageError
-from stages.ingest.folder import enumerate_folder, listing_digest
+from stages.ingest.folder import listing_digest
+from stages.ingest.sources import enumerate_source
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def plan(config: PipelineConfig, root: str) -> list[PlanRow]:
     rows: list[PlanRow] = []
     ctx = Context(config, storage, "plan", [])
     if folder is not None:
-        items = enumerate_folder(folder, val_fraction=config.data.val_fraction)
+        items = enumerate_source(config.data, folder)
         ctx.source_digest = listing_digest(folder, items)
     for stage in STAGES:
         if not stage.enabled(config):

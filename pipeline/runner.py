@@ -30,8 +30,9 @@ from pipeline.graph import Context, Stage, planned
 from pipeline.tracking import HIT_TAG, KEY_TAG, STAGE_TAG, Tracker
 from stages.core.cache import CacheEntry, cache_key, dataset_output, model_output, new_token
 from stages.core.storage import DatasetRef, Storage
-from stages.ingest.folder import SourceError, SourceItem, enumerate_folder, listing_digest
+from stages.ingest.folder import SourceError, SourceItem, listing_digest
 from stages.ingest.generated import generate_dataset
+from stages.ingest.sources import enumerate_source
 from stages.train_detector import check_detector_backend
 
 logger = logging.getLogger(__name__)
@@ -72,10 +73,11 @@ def tracking_uri(config: PipelineConfig, root: str) -> str:
 
 
 def source_folder(config: PipelineConfig, storage: Storage, create: bool = True) -> str | None:
-    """The source folder's URL; the generated source is written under the root first (unless
-    ``create`` is false: then ``None`` when it does not exist yet)."""
+    """The source folder's URL: ``data.root`` for folder, voc and cityscapes; the generated source
+    is written under the root first (unless ``create`` is false: then ``None`` when it does not
+    exist yet)."""
     data = config.data
-    if data.source == "folder":
+    if data.source != "generated":
         assert data.root is not None  # checked by DataConfig
         return data.root
     spec = data.generated.spec(data.num_classes)
@@ -101,11 +103,13 @@ def _protocol(storage: Storage) -> str:
 
 
 def source_items(config: PipelineConfig, storage: Storage) -> tuple[list[SourceItem], str]:
-    """Enumerate (and for the generated source, first write) the input images, and digest their
-    listing. Raises :class:`SourceError` before any other work when the source is unusable."""
+    """Enumerate (and for the generated source, first write) the input images in the layout of
+    ``data.source``, and digest their listing (so a changed split list, or a changed, added or
+    removed file of an item, changes the ingest key). Raises :class:`SourceError` before any
+    other work when the source is unusable."""
     folder = source_folder(config, storage)
     assert folder is not None
-    items = enumerate_folder(folder, val_fraction=config.data.val_fraction)
+    items = enumerate_source(config.data, folder)
     return items, listing_digest(folder, items)
 
 

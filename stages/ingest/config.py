@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from stages.core.config import StrictModel
+from stages.ingest import cityscapes, voc
 from stages.ingest.generated import CLASS_NAMES, GeneratedSpec
+
+# Datasets whose classes are fixed: their names in index order.
+DATASET_CLASSES: dict[str, tuple[str, ...]] = {
+    "voc": voc.CLASS_NAMES,
+    "cityscapes": cityscapes.CLASS_NAMES,
+}
 
 
 class GeneratedSourceConfig(StrictModel):
@@ -25,31 +32,72 @@ class GeneratedSourceConfig(StrictModel):
         return GeneratedSpec(num_classes=num_classes, **self.model_dump())
 
 
+class VocSourceConfig(StrictModel):
+    """Pascal VOC 2012 splits (see ``stages.ingest.voc``): each a list name under
+    ImageSets/Segmentation (``train``) or a .txt path relative to data.root."""
+
+    labeled: str = "train"
+    unlabeled: str | None = Field(None, description="default: unlabeled_from less labeled")
+    unlabeled_from: str = "train"
+    val: str = "val"
+    augmented: bool = Field(False, description="labeled masks from SegmentationClassAug")
+
+
+class CityscapesSourceConfig(StrictModel):
+    """Cityscapes splits (see ``stages.ingest.cityscapes``): each a leftImg8bit split folder
+    (``train``) or a .txt list relative to data.root."""
+
+    labeled: str = "train"
+    unlabeled: str | None = Field(None, description="default: the rest of the train split")
+    val: str = "val"
+
+
 class DataConfig(StrictModel):
     """Where images come from and how they are presented to the models."""
 
-    source: Literal["generated", "folder"] = "generated"
-    root: str | None = Field(None, description="folder source: directory or fsspec URL")
-    num_classes: int = Field(5, ge=2, le=255)
+    source: Literal["generated", "folder", "voc", "cityscapes"] = "generated"
+    root: str | None = Field(None, description="folder, voc, cityscapes: directory or fsspec URL")
+    num_classes: int = Field(5, ge=2, le=255, description="voc and cityscapes: theirs by default")
     class_names: tuple[str, ...] | None = None
     image_size: int = Field(64, ge=16, description="side of the square model input")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     generated: GeneratedSourceConfig = GeneratedSourceConfig()
+    voc: VocSourceConfig = VocSourceConfig()
+    cityscapes: CityscapesSourceConfig = CityscapesSourceConfig()
     blocks: int = Field(4, ge=1, description="Ray Data blocks for ingest (execution only)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_num_classes(cls, raw: Any) -> Any:
+        """A dataset with fixed classes sets num_classes when the config leaves it out."""
+        if isinstance(raw, dict) and "num_classes" not in raw:
+            source = raw.get("source")
+            if isinstance(source, str) and source in DATASET_CLASSES:
+                return {**raw, "num_classes": len(DATASET_CLASSES[source])}
+        return raw
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.source == "folder" and not self.root:
-            raise ValueError("data.root is required when data.source is 'folder'")
+        problems = []
+        if self.source != "generated" and not self.root:
+            problems.append(f"data.root is required when data.source is {self.source!r}")
+        fixed = DATASET_CLASSES.get(self.source)
+        if fixed is not None and self.num_classes != len(fixed):
+            problems.append(
+                f"data.num_classes must be {len(fixed)} for {self.source} ({fixed[0]}, "
+                f"{fixed[1]}, ..., {fixed[-1]}); got {self.num_classes}"
+            )
         if self.source == "generated" and self.num_classes > len(CLASS_NAMES):
-            raise ValueError(
+            problems.append(
                 f"the generated dataset has at most {len(CLASS_NAMES)} classes "
                 f"({', '.join(CLASS_NAMES)}); got num_classes={self.num_classes}"
             )
         if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise ValueError(
+            problems.append(
                 f"class_names has {len(self.class_names)} names for {self.num_classes} classes"
             )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def names(self) -> list[str]:
@@ -57,4 +105,6 @@ class DataConfig(StrictModel):
             return list(self.class_names)
         if self.source == "generated":
             return list(CLASS_NAMES[: self.num_classes])
+        if self.source in DATASET_CLASSES:
+            return list(DATASET_CLASSES[self.source])
         return [f"class_{i}" for i in range(self.num_classes)]
