@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 
 import click
 
-from pipeline.config import ConfigError, PipelineConfig, load_config
-from stages.core.detectors import BackendUnavailable
-from stages.ingest.folder import SourceError
+# Configs, stages and torch are imported by the commands that need them, so that the cluster
+# verbs (status, logs, stop) answer in a second.
 
 if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
     from pipeline.runner import RunSummary
     from pipeline.submit import Cluster
 
@@ -28,6 +28,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load(config: str, overrides: tuple[str, ...]) -> PipelineConfig:
+    from pipeline.config import ConfigError, load_config
+
     try:
         return load_config(config, list(overrides))
     except ConfigError as exc:
@@ -64,6 +66,8 @@ set_option = click.option(
 def run(config: str, root: str, overrides: tuple[str, ...], until: str | None) -> None:
     """Run the pipeline (reusing cached stages) and print a summary."""
     from pipeline.runner import run_pipeline
+    from stages.core.detectors import BackendUnavailable
+    from stages.ingest.folder import SourceError
 
     cfg = _load(config, overrides)
     try:
@@ -82,6 +86,7 @@ def plan(config: str, root: str, overrides: tuple[str, ...]) -> None:
     """For each stage: reuse (cache key) or run, and why. Writes nothing."""
     from pipeline.cache import plan as make_plan
     from pipeline.runner import resolve_root
+    from stages.ingest.folder import SourceError
 
     cfg = _load(config, overrides)
     try:

@@ -23,11 +23,12 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from pipeline.config import PipelineConfig
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
 
 SUBMITTED_CONFIG = "pseudoflow-submitted.yaml"
 ID_PREFIX = "pseudoflow-"

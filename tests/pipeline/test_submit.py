@@ -2,9 +2,9 @@
 token auth, tracking on a real ``mlflow server`` (PostgreSQL backend from initdb/pg_ctl, SQLite
 where those are absent) with proxied artifacts. Every CLI call is a fresh process.
 
-The smoke run submitted here is the project's end-to-end check: WPL with a detector, prototypes
-from teacher features, and a student on two Ray Train workers whose prototype memory is
-refreshed (all-reduced) every 2 steps."""
+The smoke run submitted here is the project's end-to-end check: WPL with a detector trained on
+Ray Train, prototypes from teacher features, and a student whose prototype memory is refreshed
+every 2 steps (two workers sharing it: tests/stages/pseudolabel/test_memory.py)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ SMOKE_WPL = (
     "pseudolabel.wpl.score_thresh=0.0",
     "pseudolabel.wpl.conf_thresh=0.0",
     "pseudolabel.wpl.refresh_every=2",
-    "student.workers=2",
 )
 # The S3 credentials reach the cluster's nodes under other names than boto's, so a job can only
 # use them if its by-reference environment (``${PF_S3_*}``) is expanded on the cluster.
@@ -122,8 +121,12 @@ def test_submit_smoke_run_follow_and_find_it_in_mlflow(world: World, tmp_path: P
     # the same run again: the same id, found, not run twice; --again runs it under <id>-2
     again = _submit(world, tmp_path, *args)
     assert again.stdout.startswith(f"an identical run was already submitted: {job_id} (SUCCEEDED)")
-    changed = _submit(world, tmp_path, *args, "--set=student.steps=5", "--until=ingest")
-    assert _job_id(changed) != job_id
+    changed = _job_id(_submit(world, tmp_path, *args, "--set=student.steps=5"))
+    assert changed != job_id
+    stopped = _cli(world, "stop", changed, home=tmp_path)
+    assert stopped.stdout.startswith(f"stopping {changed}"), stopped.stderr
+    assert _cli(world, "logs", changed, "--follow", home=tmp_path).returncode == 1
+    assert _cli(world, "status", changed, home=tmp_path).stdout.startswith(f"{changed}: STOPPED")
 
     _check_outputs(root)
     _check_mlflow(world, root)
@@ -175,11 +178,9 @@ def _check_outputs(root: Path) -> None:
     student = root / stage_outputs(root)["student"]["path"]
     checkpoint = load_checkpoint(student.read_bytes(), source=str(student))
     assert "teacher:" in checkpoint["config"]
-    # both ranks' queues are saved; the prototypes they last refreshed are identical
-    first, second = checkpoint["memory"]
-    assert torch.equal(first["prototypes"].isnan(), second["prototypes"].isnan())
-    torch.testing.assert_close(first["prototypes"].nan_to_num(), second["prototypes"].nan_to_num())
-    assert first["labeled_count"].sum() + second["labeled_count"].sum() > 0
+    (memory,) = checkpoint["memory"]  # one worker's queues and refreshed prototypes
+    assert memory["labeled_count"].sum() > 0
+    assert not memory["prototypes"].isnan().all()
     logits = segment_logits(model_from_checkpoint(checkpoint), torch.zeros(2, 3, 32, 32))
     assert logits.shape == (2, 4, 32, 32)
 
