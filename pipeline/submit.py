@@ -237,10 +237,15 @@ def resolved_yaml(config: PipelineConfig) -> str:
 
 def tree_digest(folder: Path) -> str:
     """sha256 over the relative paths and contents of every file under ``folder``."""
-    digest = hashlib.sha256()
+    from fsspec.implementations.local import LocalFileSystem
+
+    from stages.core.cache import file_digest
+
+    fs, digest = LocalFileSystem(), hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        digest.update(
+            f"{path.relative_to(folder).as_posix()}\0{file_digest(fs, str(path))}\n".encode()
+        )
     return digest.hexdigest()
 
 

@@ -12,17 +12,13 @@ The credentials are dummy values that moto accepts; they reach no real account.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.servers import free_port, stop_group, wait_for_http
 
 HOST = "127.0.0.1"
 REGION = "us-east-1"
@@ -37,12 +33,6 @@ def moto_server_executable() -> Path:
 def moto_available() -> bool:
     """Whether ``moto_server`` is installed next to the interpreter."""
     return moto_server_executable().exists()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def s3_env(endpoint: str) -> dict[str, str]:
@@ -74,38 +64,6 @@ class S3Server:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def _wait_until_up(proc: subprocess.Popen[bytes], endpoint: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited early with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(endpoint + "/", timeout=2) as response:
-                response.read()
-            return
-        except urllib.error.HTTPError:
-            return  # any HTTP answer means the server is up
-        except OSError as exc:
-            last_error = exc
-            time.sleep(0.1)
-    raise TimeoutError(f"moto_server at {endpoint} did not answer within {timeout}s: {last_error}")
-
-
-def _stop_group(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    """Stop the server's whole process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=grace)
-
-
 @contextlib.contextmanager
 def s3_server(startup_timeout: float = 30.0, attempts: int = 3) -> Iterator[S3Server]:
     """Run ``moto_server`` on 127.0.0.1 on a free port; stop its process group on exit."""
@@ -115,7 +73,7 @@ def s3_server(startup_timeout: float = 30.0, attempts: int = 3) -> Iterator[S3Se
     proc: subprocess.Popen[bytes] | None = None
     endpoint = ""
     for attempt in range(attempts):
-        port = _free_port()
+        port = free_port()
         endpoint = f"http://{HOST}:{port}"
         proc = subprocess.Popen(
             [str(executable), "-H", HOST, "-p", str(port)],
@@ -125,20 +83,20 @@ def s3_server(startup_timeout: float = 30.0, attempts: int = 3) -> Iterator[S3Se
             start_new_session=True,
         )
         try:
-            _wait_until_up(proc, endpoint, startup_timeout)
+            wait_for_http(f"{endpoint}/", proc, timeout=startup_timeout)
             break
         except RuntimeError:  # lost the port to another process: try another one
-            _stop_group(proc)
+            stop_group(proc, timeout=5)
             if attempt == attempts - 1:
                 raise
         except BaseException:
-            _stop_group(proc)
+            stop_group(proc, timeout=5)
             raise
     assert proc is not None
     try:
         yield S3Server(endpoint=endpoint, pid=proc.pid, env=s3_env(endpoint))
     finally:
-        _stop_group(proc)
+        stop_group(proc, timeout=5)
 
 
 def make_bucket(endpoint: str, name: str) -> None:

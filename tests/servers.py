@@ -31,7 +31,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+def wait_for_http(
+    url: str, process: subprocess.Popen, log: Path | None = None, timeout: float = 120
+) -> None:
+    """Wait until ``url`` gives any HTTP answer; fail early if ``process`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -42,12 +45,12 @@ def wait_for_http(url: str, process: subprocess.Popen, log: Path, timeout: float
         except urllib.error.HTTPError:
             return  # it answers (401 and 403 included: token auth is on)
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.2)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s:\n{_tail(log)}")
 
 
-def _tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-3000:] if log.exists() else ""
+def _tail(log: Path | None) -> str:
+    return log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
 
 
 def stop_group(process: subprocess.Popen, timeout: float = 30) -> None:

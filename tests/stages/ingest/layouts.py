@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from stages.core import codec
+from stages.ingest.folder import SourceItem
 from stages.ingest.stage import ID_LENGTH
 from tests.conftest import write_png
 
@@ -122,3 +123,11 @@ def expected_id(path: Path) -> str:
     pixels, as ingest does)."""
     with Image.open(path) as image:
         return codec.pixel_digest(np.asarray(image.convert("RGB")))[:ID_LENGTH]
+
+
+def by_split(items: list[SourceItem]) -> dict[str, list[str]]:
+    """Stems per split, in the order the source listed them."""
+    found: dict[str, list[str]] = {"labeled": [], "unlabeled": [], "val": []}
+    for item in items:
+        found[item.split].append(item.stem)
+    return found

@@ -14,7 +14,7 @@ import pytest
 
 from stages.core import codec
 from stages.ingest.cityscapes import CLASS_NAMES, enumerate_cityscapes
-from stages.ingest.folder import SourceError, SourceItem, listing_digest
+from stages.ingest.folder import SourceError, listing_digest
 from stages.ingest.stage import load_item
 from tests.stages.ingest.layouts import (
     CITY_TEST,
@@ -22,6 +22,7 @@ from tests.stages.ingest.layouts import (
     CITY_VAL,
     IGNORE,
     PERSON_CITYSCAPES,
+    by_split,
     city_mask,
     city_split,
     expected_id,
@@ -29,13 +30,6 @@ from tests.stages.ingest.layouts import (
 )
 
 NUM_CLASSES = 19
-
-
-def _by_split(items: list[SourceItem]) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {"labeled": [], "unlabeled": [], "val": []}
-    for item in items:
-        found[item.split].append(item.stem)
-    return found
 
 
 def _image(root: Path, stem: str) -> Path:
@@ -59,7 +53,7 @@ def test_unimatch_list_and_rest_of_train_unlabeled(tmp_path: Path) -> None:
     )
     labeled = _write_list(root, "splits/cityscapes/1_3/labeled.txt", [line])
     items = enumerate_cityscapes(str(root), labeled=labeled)
-    assert _by_split(items) == {
+    assert by_split(items) == {
         "labeled": [stem],
         "unlabeled": sorted(CITY_TRAIN[1:]),
         "val": list(CITY_VAL),
@@ -88,7 +82,7 @@ def test_split_folders_and_a_plain_unlabeled_list(tmp_path: Path) -> None:
     root = write_cityscapes(tmp_path / "cityscapes")
     unlabeled = _write_list(root, "extra.txt", [CITY_TEST[0], ""])
     items = enumerate_cityscapes(str(root), labeled="train", unlabeled=unlabeled, val="val")
-    assert _by_split(items) == {
+    assert by_split(items) == {
         "labeled": sorted(CITY_TRAIN),
         "unlabeled": list(CITY_TEST),
         "val": list(CITY_VAL),
@@ -142,7 +136,7 @@ def test_cityscapes_on_s3_gives_s3_urls_that_load(s3: str, tmp_path: Path) -> No
     fs, path = fsspec.core.url_to_fs(url)
     fs.put(f"{local}/", f"{path}/", recursive=True)
     items = enumerate_cityscapes(url, labeled="train")
-    assert _by_split(items) == {
+    assert by_split(items) == {
         "labeled": sorted(CITY_TRAIN),
         "unlabeled": [],
         "val": list(CITY_VAL),

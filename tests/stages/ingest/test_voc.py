@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from stages.core import codec
-from stages.ingest.folder import SourceError, SourceItem, listing_digest
+from stages.ingest.folder import SourceError, listing_digest
 from stages.ingest.stage import load_item
 from stages.ingest.voc import CLASS_NAMES, enumerate_voc
 from tests.stages.ingest.layouts import (
@@ -22,6 +22,7 @@ from tests.stages.ingest.layouts import (
     VOC_SBD_ONLY,
     VOC_TRAIN,
     VOC_VAL,
+    by_split,
     class_mask,
     expected_id,
     voc_class,
@@ -29,13 +30,6 @@ from tests.stages.ingest.layouts import (
 )
 
 NUM_CLASSES = 21
-
-
-def _by_split(items: list[SourceItem]) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {"labeled": [], "unlabeled": [], "val": []}
-    for item in items:
-        found[item.split].append(item.stem)
-    return found
 
 
 def _write_list(root: Path, name: str, lines: list[str]) -> str:
@@ -53,7 +47,7 @@ def test_unimatch_labeled_list_and_rest_of_train_unlabeled(tmp_path: Path) -> No
         [f"JPEGImages/{s}.jpg SegmentationClass/{s}.png" for s in VOC_TRAIN[:2]],
     )
     items = enumerate_voc(str(root), labeled=labeled)
-    assert _by_split(items) == {
+    assert by_split(items) == {
         "labeled": sorted(VOC_TRAIN[:2]),
         "unlabeled": sorted(VOC_TRAIN[2:]),
         "val": sorted(VOC_VAL),
@@ -95,7 +89,7 @@ def test_plain_lists_and_explicit_unlabeled(tmp_path: Path) -> None:
         enumerate_voc(str(root), unlabeled=unlabeled)
     unlabeled = _write_list(root, "my/unlabeled.txt", [VOC_SBD_ONLY, "", VOC_SBD_ONLY])
     items = enumerate_voc(str(root), labeled="train", unlabeled=unlabeled, val="val")
-    assert _by_split(items) == {
+    assert by_split(items) == {
         "labeled": sorted(VOC_TRAIN),
         "unlabeled": [VOC_SBD_ONLY],
         "val": sorted(VOC_VAL),
@@ -110,7 +104,7 @@ def test_augmented_takes_labeled_masks_from_segmentation_class_aug(tmp_path: Pat
     assert VOC_SBD_ONLY in str(error.value)
 
     items = enumerate_voc(str(root), labeled=labeled, augmented=True)
-    assert _by_split(items)["labeled"] == [VOC_TRAIN[0], VOC_SBD_ONLY]
+    assert by_split(items)["labeled"] == [VOC_TRAIN[0], VOC_SBD_ONLY]
     masks = {i.stem: i.mask_url for i in items}
     assert masks[VOC_SBD_ONLY] == f"{root}/SegmentationClassAug/{VOC_SBD_ONLY}.png"
     assert masks[VOC_VAL[0]] == f"{root}/SegmentationClass/{VOC_VAL[0]}.png"  # official truth
@@ -126,7 +120,7 @@ def test_unlabeled_from_less_labeled(tmp_path: Path) -> None:
         enumerate_voc(str(root), labeled=labeled, unlabeled_from="trainval")
     items = enumerate_voc(str(root), labeled=labeled, unlabeled_from="train", val="val")
     expected = sorted(set(VOC_TRAIN) - {VOC_TRAIN[1]})
-    assert _by_split(items)["unlabeled"] == expected
+    assert by_split(items)["unlabeled"] == expected
 
 
 def test_missing_list_names_the_path_and_the_lists_there(tmp_path: Path) -> None:
