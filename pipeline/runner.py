@@ -119,7 +119,9 @@ def new_run_id(config: PipelineConfig) -> str:
 
 
 def init_ray(config: PipelineConfig, uri: str) -> None:
-    """Join ``RAY_ADDRESS`` if set, else start a local Ray; MLflow's URI reaches every worker."""
+    """Join the cluster at ``RAY_ADDRESS`` if set (``local``: always start a new local Ray), else
+    Ray's default (the cluster ``ray start`` left on this machine, or a new local Ray); MLflow's
+    URI reaches every worker."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -132,7 +134,7 @@ def init_ray(config: PipelineConfig, uri: str) -> None:
     # every worker, and Ray refuses to merge a second one that names the same variables.
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
         kwargs["runtime_env"] = {"env_vars": env}
-    if not address:
+    if not address or address == "local":
         kwargs["num_cpus"] = config.runtime.ray_num_cpus or max(4, os.cpu_count() or 1)
         kwargs["include_dashboard"] = False
     ray.init(address=address or None, **kwargs)

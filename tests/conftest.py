@@ -40,9 +40,9 @@ def ray_env(tmp_path: Path) -> dict[str, str]:
             "RAY_AUTH_TOKEN": secrets.token_hex(16),
             "RAY_USAGE_STATS_ENABLED": "0",
             "PYTHONUNBUFFERED": "1",
+            "RAY_ADDRESS": "local",  # a new local Ray, never another test's cluster
         }
     )
-    env.pop("RAY_ADDRESS", None)
     return env
 
 
@@ -66,7 +66,9 @@ def local_ray(extra_env: dict[str, str] | None = None) -> Iterator[None]:
     # earlier in this pytest process: make it re-read the environment set above.
     reset_auth_token_state()
     runtime_env = {"env_vars": extra_env} if extra_env else None
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env=runtime_env)
+    # "local": never join another cluster on this machine (a test's `ray start` head, or a
+    # parallel test worker's Ray).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env=runtime_env)
     try:
         yield
     finally:

@@ -338,7 +338,7 @@ def test_two_ray_workers_share_prototypes_and_resume_queues(
     reset_auth_token_state()
     # The worker loop lives in this test module, which the workers cannot import by name.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         first = _fit("first", tmp_path / "first", tmp_path / "ray")
         assert first.checkpoint is not None
