@@ -63,7 +63,15 @@ set_option = click.option(
 @root_option
 @set_option
 @click.option("--until", default=None, metavar="STAGE", help="stop after this stage")
-def run(config: str, root: str, overrides: tuple[str, ...], until: str | None) -> None:
+@click.option(
+    "--report/--no-report",
+    default=True,
+    show_default=True,
+    help="write the HTML report of a completed run (see `pseudoflow report`)",
+)
+def run(
+    config: str, root: str, overrides: tuple[str, ...], until: str | None, report: bool
+) -> None:
     """Run the pipeline (reusing cached stages) and print a summary."""
     from pipeline.runner import run_pipeline
     from stages.core.detectors import BackendUnavailable
@@ -76,6 +84,79 @@ def run(config: str, root: str, overrides: tuple[str, ...], until: str | None) -
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     click.echo(format_summary(summary))
+    if report and until is None:
+        _report_after_run(summary)
+
+
+def _report_after_run(summary: RunSummary) -> None:
+    """The run's report; a report that cannot be made is a warning, never a failed run."""
+    from pipeline.report import write_report
+    from stages.core.storage import Storage
+
+    try:
+        made = write_report(
+            Storage(summary.root), summary.run_id, tracking_uri=summary.tracking_uri
+        )
+    except Exception as exc:  # the run itself succeeded: say why, keep its exit code
+        logging.getLogger(__name__).warning("no report for %s: %s", summary.run_id, exc)
+        return
+    click.echo(f"report: {made.location}/index.html")
+
+
+@main.command()
+@click.argument("run", required=False)
+@root_option
+@click.option("--out", default=None, help="folder or URL to write to [default: ROOT/reports/RUN]")
+@click.option(
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    default=None,
+    help="MLflow to log the report to [default: where the run was tracked]",
+)
+@click.option("--no-mlflow", is_flag=True, help="write the files only")
+@click.option("--samples", default=6, show_default=True, help="images in the overlay grid")
+@click.option(
+    "--max-images",
+    default=200,
+    show_default=True,
+    help="unlabeled images with ground truth the per-policy figures use",
+)
+def report(
+    run: str | None,
+    root: str,
+    out: str | None,
+    tracking_uri: str | None,
+    no_mlflow: bool,
+    samples: int,
+    max_images: int,
+) -> None:
+    """Write RUN's report (the newest run if omitted): a static HTML page and PNGs, also
+    logged to the run's MLflow parent run."""
+    from pipeline.report import ReportError, write_report
+    from pipeline.runner import resolve_root
+    from stages.core.storage import Storage
+
+    try:
+        made = write_report(
+            Storage(resolve_root(root)),
+            run,
+            out=out,
+            tracking_uri=tracking_uri,
+            log=not no_mlflow,
+            samples=samples,
+            limit=max_images,
+        )
+    except ReportError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"report: {made.location}/index.html")
+    for quality in made.quality:
+        click.echo(
+            f"  {quality.policy:10} coverage {quality.coverage:.4f}  precision "
+            f"{quality.precision:.4f}  ({quality.source})"
+        )
+    if made.mlflow_run_id:
+        click.echo(f"logged to MLflow run {made.mlflow_run_id} (artifacts: report/)")
 
 
 @main.command()

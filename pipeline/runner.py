@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from pipeline.cache import drop_unused, entry_files
 from pipeline.config import PipelineConfig, flatten, to_yaml
 from pipeline.graph import Context, Stage, planned
-from pipeline.tracking import HIT_TAG, KEY_TAG, STAGE_TAG, Tracker
+from pipeline.tracking import HIT_TAG, KEY_TAG, RUN_TAG, STAGE_TAG, Tracker
 from stages.core.cache import CacheEntry, cache_key, dataset_output, model_output, new_token
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest.folder import SourceError, SourceItem, listing_digest
@@ -46,6 +46,7 @@ class RunSummary:
     root: str
     metrics: dict[str, float] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_started: dict[str, float] = field(default_factory=dict)  # epoch seconds
     cache: dict[str, tuple[str, bool]] = field(default_factory=dict)  # stage -> (key, hit)
 
     @property
@@ -169,7 +170,7 @@ def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) ->
     # a server stores (proxies) artifacts itself; a database URI needs a place under the root
     served = uri.startswith(("http://", "https://", "databricks"))
     tracker = Tracker(uri, config.tracking.experiment, None if served else f"{root}/mlartifacts")
-    parent = tracker.start_run(run_id, {"pseudoflow.run_id": run_id})
+    parent = tracker.start_run(run_id, {RUN_TAG: run_id})
     tracker.log_params(parent, flatten(config))
     tracker.log_text(parent, to_yaml(config), "config.yaml")
     summary = RunSummary(run_id, parent, uri, root)
@@ -183,7 +184,15 @@ def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) ->
         tracker.log_metrics(parent, _parent_metrics(summary, ctx))
         tracker.log_params(parent, {f"cache_key.{s}": k for s, (k, _) in summary.cache.items()})
         tracker.end_run(parent, ok)
-        record = {s: {"key": k, "hit": hit} for s, (k, hit) in summary.cache.items()}
+        record = {
+            s: {
+                "key": k,
+                "hit": hit,
+                "started": summary.stage_started.get(s),
+                "seconds": summary.stage_seconds.get(s),
+            }
+            for s, (k, hit) in summary.cache.items()
+        }
         storage.write_json(storage.path("pipelines", run_id, "stages.json"), record)
     return summary
 
@@ -203,6 +212,7 @@ def _run_stage(
     tracker.log_params(run, {**_stage_params(stage, ctx.config), "cache_key": key})
     tracker.log_text(run, to_yaml(ctx.config), "config.yaml")
     started = time.perf_counter()
+    summary.stage_started[stage.name] = time.time()
     try:
         if record is None:
             logger.info("stage %s: running (key %s)", stage.name, key[:12])

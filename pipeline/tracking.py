@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 STAGE_TAG = "pseudoflow.stage"
 KEY_TAG = "pseudoflow.cache_key"
 HIT_TAG = "pseudoflow.cache_hit"
+RUN_TAG = "pseudoflow.run_id"
 MAX_PARAMS_PER_BATCH = 100
 
 
@@ -118,6 +119,23 @@ def referenced_keys(uri: str) -> set[str]:
         if not token:
             break
     return keys
+
+
+def find_pipeline_run(uri: str, experiment: str, run_id: str) -> str | None:
+    """The MLflow parent run of pipeline run ``run_id`` (tagged ``pseudoflow.run_id``)."""
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs(
+        [found.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_id}'", max_results=1
+    )
+    return str(runs[0].info.run_id) if runs else None
+
+
+def log_folder(uri: str, run_id: str, folder: str, artifact_path: str) -> None:
+    """Log every file of a local ``folder`` as artifacts of ``run_id`` under ``artifact_path``."""
+    MlflowClient(tracking_uri=uri).log_artifacts(run_id, folder, artifact_path)
 
 
 class MlflowSink:

@@ -1,0 +1,326 @@
+"""``pseudoflow report`` on a run root written here by hand (no Ray, no model): the numbers it shows
+are checked against counts worked out below, its files against PNG signatures, its MLflow copy
+against a real SQLite store, and its page in headless Chromium (Debian's package)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import PipelineConfig, load_config, to_yaml
+from pipeline.graph import pseudolabel_fields
+from pipeline.report import (
+    ConfidenceSweep,
+    ReportError,
+    find_run,
+    load_run,
+    policy_quality,
+    write_report,
+)
+from stages.core import codec
+from stages.core.cache import CacheEntry, cache_key, dataset_output
+from stages.core.storage import DatasetRef, Storage
+from stages.pseudolabel import stage as pseudolabel
+from stages.teach import encode_signals
+from tests.conftest import run_cli
+
+RUN_ID = "smoke-20261121T100000-abcdef"
+OLDER = "smoke-20261120T090000-123456"
+PNG = b"\x89PNG\r\n\x1a\n"
+CHROMIUM = "/usr/bin/chromium"
+
+# Two unlabeled 2x4 images: per pixel (argmax class, its probability); the other two classes
+# share the rest. Truth 255 is unknown.
+PIXELS = {
+    "img-a": [
+        [(1, 0.97), (1, 0.97), (2, 0.6), (0, 0.99)],
+        [(0, 0.99), (2, 0.96), (1, 0.5), (0, 0.7)],
+    ],
+    "img-b": [[(2, 0.98)] * 4, [(0, 0.55)] * 4],
+}
+TRUTH = {
+    "img-a": [[1, 2, 2, 0], [0, 2, 255, 1]],
+    "img-b": [[2, 2, 2, 2], [0, 0, 1, 255]],
+}
+# Worked out by hand from the tables above (τ = 0.95):
+#   threshold keeps conf >= 0.95: a (0,0) (0,1) (0,3) (1,0) (1,1), b the first row -> 9 of the 14
+#   known pixels, 8 of them right (a (0,1) says 1, truth 2).
+#   CSL keeps every pixel: 14 known, right where the argmax is: a 5 of 7, b 6 of 7 -> 11.
+THRESHOLD = (9 / 14, 8 / 9)
+CSL = (14 / 14, 11 / 14)
+
+
+def _probs(pixels: list[list[tuple[int, float]]]) -> torch.Tensor:
+    """float[3, H, W]: the listed class gets its probability, the others half the rest each."""
+    h, w = len(pixels), len(pixels[0])
+    probs = torch.zeros(3, h, w)
+    for y, row in enumerate(pixels):
+        for x, (cls, p) in enumerate(row):
+            probs[:, y, x] = (1 - p) / 2
+            probs[cls, y, x] = p
+    return probs
+
+
+def _config() -> PipelineConfig:
+    return load_config("smoke", ["data.num_classes=3", "detector.enabled=false"])
+
+
+def _commit(storage: Storage, stage: str, fields: dict, outputs: dict, **record) -> str:
+    key = cache_key(stage, f"{stage}/test", fields)
+    return _commit_at(storage, stage, key, fields, outputs, **record)
+
+
+def _commit_at(storage: Storage, stage: str, key: str, fields: dict, outputs: dict, **record):
+    entry = CacheEntry(storage, stage, key)
+    full = {"fields": fields, "outputs": outputs, "metrics": {}, "results": {}, **record}
+    assert entry.commit("t0", full)[1]
+    return key
+
+
+def _dataset(storage: Storage, name: str, rows: list[dict], schema: pa.Schema | None = None):
+    ref = DatasetRef(storage, storage.path("data", name), name)
+    ref.write_table(pa.Table.from_pylist(rows, schema=schema))
+    ref.commit()
+    return dataset_output(ref)
+
+
+def _image(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (2, 4, 3), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Root:
+    storage: Storage
+    config: PipelineConfig
+    uri: str
+
+
+def build_root(base: Path) -> Root:
+    """A completed run's root: images, teacher signals, stored threshold pseudo-labels, an
+    evaluate record, the run's stages.json and config, and its MLflow parent run."""
+    storage, config = Storage(str(base / "root")), _config()
+    images = [
+        {
+            "image_id": image_id,
+            "stem": image_id,
+            "split": "unlabeled",
+            "height": 2,
+            "width": 4,
+            "image": codec.encode_png(_image(n)),
+            "mask": codec.encode_png(np.asarray(TRUTH[image_id], np.uint8)),
+            "content_hash": image_id,
+        }
+        for n, image_id in enumerate(PIXELS)
+    ]
+    ingest = _commit(storage, "ingest", {"n": 1}, {"images": _dataset(storage, "images", images)})
+    signals = []
+    for image_id, pixels in PIXELS.items():
+        index, prob, k = encode_signals(_probs(pixels), None)
+        signals.append(
+            {
+                "image_id": image_id,
+                "height": 2,
+                "width": 4,
+                "num_classes": 3,
+                "topk": k,
+                "topk_index": index,
+                "topk_prob": prob,
+                "split": "unlabeled",
+            }
+        )
+    signal_output = _dataset(storage, "teacher_signals", signals)
+    teach = _commit(storage, "teach", {"n": 2}, {"teacher_signals": signal_output})
+    labels = pseudolabel.label_batch(pa.Table.from_pylist(signals), config.pseudolabel.model_dump())
+    fields = {
+        "signals": teach,
+        "detections": None,
+        **pseudolabel_fields(config),
+        "num_classes": 3,
+    }
+    key = cache_key("pseudolabel", pseudolabel.SCHEMA, fields)
+    output = _dataset(storage, "pseudolabels", labels.to_pylist(), pseudolabel.PSEUDOLABELS_SCHEMA)
+    _commit_at(storage, "pseudolabel", key, fields, {"pseudolabels": output})
+    metrics = {"teacher_miou": 0.5, "student_miou": 0.625}
+    per_class = {"teacher": [0.9, 0.5, 0.1], "student": [0.95, 0.6, 0.3]}
+    evaluate = _commit(
+        storage, "evaluate", {"n": 3}, {}, metrics=metrics, results={"per_class_iou": per_class}
+    )
+    used = {"ingest": (ingest, True), "teach": (teach, False), "pseudolabel": (key, False)}
+    used["evaluate"] = (evaluate, False)
+    stages = {
+        stage: {"key": k, "hit": hit, "started": 1000.0 + 10 * n, "seconds": 5.0 + n}
+        for n, (stage, (k, hit)) in enumerate(used.items())
+    }
+    for run_id in (OLDER, RUN_ID):
+        folder = storage.path("pipelines", run_id)
+        storage.write_json(f"{folder}/stages.json", stages)
+        storage.write_bytes(f"{folder}/config.yaml", to_yaml(config).encode())
+    uri = f"sqlite:///{base}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment(
+        config.tracking.experiment, artifact_location=f"{base}/mlartifacts"
+    )
+    client.create_run(experiment, tags={"pseudoflow.run_id": RUN_ID}, run_name=RUN_ID)
+    return Root(storage, config, uri)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Root:
+    return build_root(tmp_path)
+
+
+def test_find_run_newest_prefix_and_unknown(root: Root) -> None:
+    assert find_run(root.storage, None) == RUN_ID
+    assert find_run(root.storage, "smoke-20261120") == OLDER
+    with pytest.raises(ReportError, match="'smoke-' matches several runs"):
+        find_run(root.storage, "smoke-")
+    with pytest.raises(
+        ReportError, match=f"'nope' is not a run .* the newest are: {OLDER}, {RUN_ID}"
+    ):
+        find_run(root.storage, "nope")
+    with pytest.raises(ReportError, match="no pipeline runs under"):
+        find_run(Storage(str(Path(root.storage.root).parent / "empty")), None)
+
+
+def test_policy_quality_matches_hand_counts(root: Root) -> None:
+    quality, sweep, missing = policy_quality(root.storage, load_run(root.storage, RUN_ID))
+    by_policy = {q.policy: q for q in quality}
+    assert set(by_policy) == {"threshold", "s4mc", "csl"}
+    assert by_policy["threshold"].source.startswith("stored (entry ")
+    assert by_policy["csl"].source == "applied here to the stored teacher signals"
+    assert (by_policy["threshold"].coverage, by_policy["threshold"].precision) == pytest.approx(
+        THRESHOLD
+    )
+    assert (by_policy["csl"].coverage, by_policy["csl"].precision) == pytest.approx(CSL)
+    assert by_policy["threshold"].images == by_policy["csl"].images == 2
+    assert missing == {"wpl": "needs the detect stage (detector.enabled: true)"}
+    # the threshold policy trains with weight 1 on its 9 kept pixels (all of them known here)
+    assert by_policy["threshold"].weight_values().tolist() == [1.0] * 9
+    # the sweep's every-pixel end is CSL's point; its end at conf >= 0.96 is the threshold's
+    coverage, precision = sweep.curve()
+    assert (coverage[0], precision[0]) == pytest.approx(CSL)
+    at_96 = int(0.96 * sweep.bins)
+    assert (coverage[at_96], precision[at_96]) == pytest.approx(THRESHOLD)
+
+
+def test_confidence_sweep_by_hand() -> None:
+    sweep = ConfidenceSweep()
+    conf = np.array([0.1, 0.5, 0.9, 0.9, 0.99])
+    label = np.array([1, 1, 2, 2, 0])
+    truth = np.array([1, 0, 2, 0, 255])  # right, wrong, right, wrong, unknown
+    sweep.add(conf, label, truth)
+    coverage, precision = sweep.curve()
+    assert (coverage[0], precision[0]) == pytest.approx((1.0, 0.5))
+    assert (coverage[100], precision[100]) == pytest.approx((0.75, 1 / 3))  # conf >= 0.5
+    assert (coverage[-1], precision[-1]) == pytest.approx((0.5, 0.5))  # conf >= 0.9
+    assert len(coverage) == int(0.9 * sweep.bins) + 1
+
+
+def test_report_files_and_its_copy_in_mlflow(root: Root, tmp_path: Path) -> None:
+    made = write_report(root.storage, tracking_uri=root.uri)
+    assert made.run_id == RUN_ID
+    folder = Path(root.storage.path("reports", RUN_ID))
+    assert made.location == str(folder)
+    names = {"index.html", "overlays.png", "quality.png", "weights.png", "iou_per_class.png"}
+    names.add("timeline.png")
+    assert set(made.files) == names
+    assert {p.name for p in folder.iterdir()} == names
+    for name in names - {"index.html"}:
+        data = (folder / name).read_bytes()
+        assert data.startswith(PNG), name
+        assert len(data) > 2000, name
+    page = (folder / "index.html").read_text()
+    assert f"pseudoflow report: {RUN_ID}" in page
+    assert '<td>threshold</td><td class="num">0.6429</td><td class="num">0.8889</td>' in page
+    assert '<td>csl</td><td class="num">1.0000</td><td class="num">0.7857</td>' in page
+    assert '<td>student mIoU (val)</td><td class="num">0.6250</td>' in page
+    assert "1 of 4 stages from the cache" in page
+    client = MlflowClient(tracking_uri=root.uri)
+    assert made.mlflow_run_id is not None
+    logged = {Path(a.path).name for a in client.list_artifacts(made.mlflow_run_id, "report")}
+    assert logged == names
+    # --out elsewhere, no MLflow
+    out = tmp_path / "elsewhere"
+    again = write_report(root.storage, OLDER, out=str(out), log=False)
+    assert again.mlflow_run_id is None
+    assert {p.name for p in out.iterdir()} == names
+
+
+def test_cli_report_and_its_errors(root: Root) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": root.uri}
+    result = run_cli("report", "--root", root.storage.root, env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"report: {root.storage.path('reports', RUN_ID)}/index.html" in result.stdout
+    assert "threshold  coverage 0.6429  precision 0.8889  (stored (entry " in result.stdout
+    assert "logged to MLflow run" in result.stdout
+    missing = run_cli("report", "nope", "--root", root.storage.root, "--no-mlflow")
+    assert missing.returncode == 2
+    assert "error: 'nope' is not a run under" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium: installed with apt-get when missing and this runs as root (CI's
+    fresh machine); skipped, with the command, where neither is possible."""
+    if not Path(CHROMIUM).exists() and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
+        subprocess.run(install, env=env, capture_output=True, timeout=900)
+    if not Path(CHROMIUM).exists():
+        pytest.skip("needs Debian's chromium package: apt-get install chromium")
+    return CHROMIUM
+
+
+def test_report_page_renders_in_headless_chromium(
+    root: Root, chromium: str, tmp_path: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    made = write_report(root.storage, log=False)
+    page_url = Path(made.location, "index.html").as_uri()
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
+        page.goto(page_url, wait_until="load")
+        loaded = page.evaluate(
+            "Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, "
+            "i.naturalWidth, i.naturalHeight])"
+        )
+        title = page.title()
+        shot = page.screenshot(full_page=True)
+        browser.close()
+    assert problems == []
+    assert title == f"pseudoflow report: {RUN_ID}"
+    assert {src for src, *_ in loaded} == set(made.files) - {"index.html"}
+    for src, complete, width, height in loaded:
+        assert complete, src
+        assert min(width, height) > 100, src
+    assert shot.startswith(PNG)
+    assert len(shot) > 20_000
+    (tmp_path / "screenshot.png").write_bytes(shot)
