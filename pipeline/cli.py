@@ -458,4 +458,10 @@ def format_summary(summary: RunSummary) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines.append(f"open it with: {summary.ui_command}")
+    lines.append("")
+    lines.append(f"{'stage':<15} {'how':<10} {'seconds':>8}  key")
+    for stage, (key, hit) in summary.cache.items():
+        how = "cache hit" if hit else "ran"
+        seconds = summary.stage_seconds.get(stage, 0.0)
+        lines.append(f"{stage:<15} {how:<10} {seconds:>8.1f}  {key[:12]}")
     return "\n".join(lines)

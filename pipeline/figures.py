@@ -143,7 +143,8 @@ def weight_histograms(weights: dict[str, np.ndarray]) -> bytes:
     top = max([1.0, *(float(w.max()) for w in weights.values() if w.size)])
     for ax, (name, values) in zip(axes[0], weights.items(), strict=False):
         ax.hist(values, bins=40, range=(0.0, top), color="tab:blue")
-        ax.set_yscale("log")
+        if values.size:  # log counts: the rare weights stay visible next to the common ones
+            ax.set_yscale("log")
         ax.set_title(f"{name} ({values.size} px)", fontsize=9)
         ax.set_xlabel("weight")
     axes[0, 0].set_ylabel("kept pixels")

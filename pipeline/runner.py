@@ -28,6 +28,7 @@ from pipeline.cache import drop_unused, entry_files
 from pipeline.config import PipelineConfig, flatten, to_yaml
 from pipeline.graph import Context, Stage, planned
 from pipeline.tracking import HIT_TAG, KEY_TAG, RUN_TAG, STAGE_TAG, Tracker
+from stages.core import progress
 from stages.core.cache import CacheEntry, cache_key, dataset_output, model_output, new_token
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest.folder import SourceError, SourceItem, listing_digest
@@ -126,6 +127,8 @@ def init_ray(config: PipelineConfig, uri: str) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    interactive = _is_terminal()
+    progress.set_interactive(interactive)
     if ray.is_initialized():
         return
     env = {"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -137,9 +140,16 @@ def init_ray(config: PipelineConfig, uri: str) -> None:
         kwargs["runtime_env"] = {"env_vars": env}
     if not address or address == "local":
         kwargs["num_cpus"] = config.runtime.ray_num_cpus or max(4, os.cpu_count() or 1)
-        kwargs["include_dashboard"] = False
+        # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls
+        # (without it, it warns every few seconds); it listens on loopback only.
+        kwargs["include_dashboard"] = True
+        kwargs["dashboard_host"] = "127.0.0.1"
     ray.init(address=address or None, **kwargs)
-    ray.data.DataContext.get_current().enable_progress_bars = _is_terminal()
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = interactive
+    if not interactive:  # which datasets started and ended stays in Ray Data's log file
+        progress.quiet_console("ray.data")
 
 
 def _is_terminal() -> bool:

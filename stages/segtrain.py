@@ -35,6 +35,7 @@ from stages.core.models import (
     segment_logits,
     segment_with_features,
 )
+from stages.core.progress import Poster
 from stages.core.storage import DatasetRef, Storage
 from stages.core.tables import join_on_image_id, read_dataset, read_split
 from stages.core.training import CHECKPOINT_FILE, fit, worker_logging
@@ -208,6 +209,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     size = loop_config["image_size"]
     weak, strong = data.weak_transform(size), data.strong_transform(size)
     sink: MetricSink | None = loop_config.get("sink") if rank == 0 else None
+    post = Poster(loop_config.get("progress") if rank == 0 else None, cfg.steps, start)
+    log_lines = rank == 0 and loop_config.get("log_lines", True)
     started, window = time.perf_counter(), []
     for step in range(start, cfg.steps):
         for group in optimizer.param_groups:
@@ -232,14 +235,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 prototypes = memory.refresh()
                 stats["wpl_prototypes"] = float((~prototypes.isnan().any(dim=1)).sum())
         window.append({"loss_s": loss_s.item(), "loss_u": loss_u.item(), **stats})
+        post(step + 1, {k: window[-1][k] for k in ("loss_s", "loss_u")})
         last = step + 1 == cfg.steps
         if (step + 1) % cfg.log_every == 0 or last:
             metrics = _window_metrics(window, step, cfg, started, start)
             window = []
-            if rank == 0:
+            if log_lines:
                 logger.info("step %d/%d %s", step + 1, cfg.steps, _fmt(metrics))
-                if sink is not None:
-                    sink.log_metrics(metrics, step + 1)
+            if sink is not None:
+                sink.log_metrics(metrics, step + 1)
             save = last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
             _report(metrics, model, optimizer, step + 1, loop_config, rank, bool(save), memory)
 

@@ -28,6 +28,7 @@ from stages.core.detectors import (
     detector_backend,
 )
 from stages.core.models import build_detector, make_checkpoint
+from stages.core.progress import Poster
 from stages.core.training import worker_logging
 from stages.segtrain import CHECKPOINT_FILE, MetricSink, poly_lr
 
@@ -159,6 +160,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
     shard = ray.train.get_dataset_shard("labeled")
     sink: MetricSink | None = loop_config.get("sink") if rank == 0 else None
+    post = Poster(loop_config.get("progress") if rank == 0 else None, cfg.steps)
+    log_lines = rank == 0 and loop_config.get("log_lines", True)
     step, started, losses = 0, time.perf_counter(), []
     while step < cfg.steps:
         for batch in shard.iter_torch_batches(
@@ -177,16 +180,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             optimizer.step()
             losses.append(float(loss.item()))
             step += 1
+            post(step, {"loss": losses[-1]})
             if step % cfg.log_every == 0 or step == cfg.steps:
                 metrics = {
                     "loss": float(np.mean(losses)),
                     "steps_per_s": step / (time.perf_counter() - started),
                 }
                 losses = []
-                if rank == 0:
+                if log_lines:
                     logger.info("detector step %d/%d loss=%.4g", step, cfg.steps, metrics["loss"])
-                    if sink is not None:
-                        sink.log_metrics(metrics, step)
+                if sink is not None:
+                    sink.log_metrics(metrics, step)
                 _report(metrics, model, model_args, step == cfg.steps and rank == 0)
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stages.core.progress import training_progress
 from stages.core.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def fit(
     ``name`` identifies the run under ``<root>/ray_train``: a rerun with the same name resumes
     from its latest checkpoint.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run_config = RunConfig(
@@ -38,15 +39,20 @@ def fit(
         storage_path=storage.path("ray_train"),
         storage_filesystem=None if storage.is_local else storage.arrow_fs(),
         failure_config=FailureConfig(max_failures=max_failures),
+        # Ray Train's own INFO lines (resources, process group, each report) stay in its logs
+        logging_config=LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]  # Train V2
     )
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-        run_config=run_config,
-        datasets=datasets,
-    )
-    result = trainer.fit()
+    with training_progress(name.rsplit("-", 1)[0]) as board:
+        # on a terminal rank 0 feeds the line drawn here; elsewhere it logs every log_every steps
+        progress = {"progress": board, "log_lines": board is None}
+        trainer = TorchTrainer(
+            loop,
+            train_loop_config={**loop_config, **progress},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+            run_config=run_config,
+            datasets=datasets,
+        )
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:

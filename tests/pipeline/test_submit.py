@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -111,6 +112,7 @@ def test_submit_smoke_run_follow_and_find_it_in_mlflow(world: World, tmp_path: P
     assert followed.returncode == 0, followed.stdout[-4000:] + followed.stderr[-2000:]
     assert "student mIoU (val)" in followed.stdout
     assert followed.stdout.rstrip().endswith(f"job {job_id}: SUCCEEDED")
+    _check_quiet_log(followed.stdout)
 
     status = _cli(world, "status", job_id, home=tmp_path)
     assert status.stdout.startswith(f"{job_id}: SUCCEEDED")
@@ -209,8 +211,26 @@ def _check_mlflow(world: World, root: Path) -> None:
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:")
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "config.yaml" in names, names
+    report = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
+    figures = {"overlays.png", "quality.png", "weights.png", "iou_per_class.png", "timeline.png"}
+    assert report == {"index.html", *figures}
+    assert (root / "reports" / run_dir.name / "index.html").is_file()
     stored = list(world.artifacts.rglob("config.yaml"))
     assert any(parent.info.run_id in str(p) for p in stored), stored
+
+
+def _check_quiet_log(log: str) -> None:
+    """A job's log is not a terminal: no redrawn lines, no Ray Data or Ray Train INFO chatter
+    from the driver, rank 0's plain step lines, the summary and the report's place."""
+    worker = re.compile(r"^(\x1b\[\d+m)?\(")  # "(RayTrainWorker pid=...)" and the like
+    driver = [line for line in log.splitlines() if not worker.match(line)]
+    assert not [line for line in driver if "Starting execution of Dataset" in line]
+    assert "Requesting resources" not in log  # Ray Train's own INFO stays in its files
+    assert "Failed to query Ray Train Controller" not in log
+    assert "\r" not in log
+    assert re.search(r"INFO stages.segtrain: step \d+/\d+ loss_s=", log)
+    assert re.search(r"^train_student +ran +\d+\.\d  [0-9a-f]{12}$", log, re.MULTILINE)
+    assert re.search(r"^report: .*/reports/smoke-.*/index.html$", log, re.MULTILINE)
 
 
 def _check_no_secrets(world: World, job_id: str, log: str) -> None:
