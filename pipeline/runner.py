@@ -137,7 +137,10 @@ def init_ray(config: PipelineConfig, uri: str) -> None:
     # A submitted job's runtime env (working dir, env vars: see pipeline.submit) already reaches
     # every worker, and Ray refuses to merge a second one that names the same variables.
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
-        kwargs["runtime_env"] = {"env_vars": env}
+        kwargs["runtime_env"] = {
+            "env_vars": env,
+            "worker_process_setup_hook": progress.WORKER_SETUP_HOOK,
+        }
     if not address or address == "local":
         kwargs["num_cpus"] = config.runtime.ray_num_cpus or max(4, os.cpu_count() or 1)
         # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from stages.core.progress import WORKER_SETUP_HOOK
+
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
@@ -320,6 +322,7 @@ def build_submission(
             "working_dir": str(working_dir),
             "excludes": list(EXCLUDED),
             "env_vars": job_env,
+            "worker_process_setup_hook": WORKER_SETUP_HOOK,  # quiet Ray Data INFO in workers
         },
         metadata={"pseudoflow.config": config.name, "pseudoflow.root": root},
     )

@@ -45,6 +45,18 @@ def quiet_console(name: str, level: int = logging.WARNING) -> None:
             handler.setLevel(level)
 
 
+WORKER_SETUP_HOOK = "stages.core.progress.quiet_worker_logs"
+
+
+def quiet_worker_logs() -> None:
+    """Ray ``worker_process_setup_hook``: in every worker, Ray Data's INFO lines (each dataset's
+    start, plan and end: in training one set per epoch, from the split coordinators) go to the
+    worker's log file only."""
+    import ray.data  # noqa: F401  (its import configures the ray.data loggers)
+
+    quiet_console("ray.data")
+
+
 def format_duration(seconds: float) -> str:
     """``75.2`` -> ``1:15``; ``3725`` -> ``1:02:05``."""
     total = round(seconds)
