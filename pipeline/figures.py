@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from stages.core.data import IGNORE_INDEX
+
 IGNORE_COLOUR = (255, 255, 255)
 
 

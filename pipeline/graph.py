@@ -122,6 +122,19 @@ def pseudolabel_fields(config: PipelineConfig) -> dict[str, Any]:
     return fields
 
 
+def pseudolabel_key_fields(
+    config: PipelineConfig, signals: str, detections: str | None
+) -> dict[str, Any]:
+    """What the pseudolabel stage's key is computed from: its inputs' digests (the detections
+    only for WPL) and the chosen policy's settings."""
+    return {
+        "signals": signals,
+        "detections": detections if _wpl(config) else None,
+        **pseudolabel_fields(config),
+        "num_classes": config.data.num_classes,
+    }
+
+
 def _train_fields(ctx: Context, section: BaseModel, weights: str | None) -> dict[str, Any]:
     base = {"num_classes": ctx.config.data.num_classes}
     if weights:
@@ -371,12 +384,11 @@ STAGES: tuple[Stage, ...] = (
         ("teacher_signals", "detections"),
         ("pseudolabels",),
         _pseudolabel,
-        lambda ctx: {
-            "signals": ctx.digest("teacher_signals"),
-            "detections": ctx.digest("detections") if _wpl(ctx.config) else None,
-            **pseudolabel_fields(ctx.config),
-            "num_classes": ctx.config.data.num_classes,
-        },
+        lambda ctx: pseudolabel_key_fields(
+            ctx.config,
+            ctx.digest("teacher_signals"),
+            ctx.digest("detections") if _wpl(ctx.config) else None,
+        ),
         pseudolabel.SCHEMA,
     ),
     Stage(

@@ -22,13 +22,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
+import yaml
 
 from pipeline import figures
-from pipeline.config import PipelineConfig, load_config
-from pipeline.graph import STAGES, pseudolabel_fields
+from pipeline.config import PipelineConfig, validate
+from pipeline.graph import STAGES, pseudolabel_key_fields
 from stages import evaluate
 from stages.core import codec
 from stages.core.cache import CacheEntry, cache_key, output_dataset
+from stages.core.data import IGNORE_INDEX
 from stages.core.storage import DatasetRef, Storage
 from stages.pseudolabel import stage as pseudolabel
 from stages.teach import decode_signals, full_probs
@@ -108,10 +110,7 @@ def load_run(storage: Storage, run_id: str) -> RunRecords:
         config_text = storage.read_bytes(f"{folder}/config.yaml").decode()
     except FileNotFoundError as exc:
         raise ReportError(f"run {run_id}: {exc.filename or exc} is missing") from exc
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as handle:
-        handle.write(config_text)
-        handle.flush()
-        config = load_config(handle.name)
+    config = validate(yaml.safe_load(config_text))
     uses = {}
     order = [s.name for s in STAGES]
     for stage, used in sorted(stages.items(), key=lambda item: order.index(item[0])):
@@ -141,7 +140,7 @@ class PolicyQuality:
         self, label: np.ndarray, keep: np.ndarray, weight: np.ndarray, truth: np.ndarray
     ) -> None:
         """label: int[H, W]; keep: bool[H, W]; weight: float[H, W]; truth: int[H, W] (255 unknown)."""
-        known = truth != figures.IGNORE_INDEX
+        known = truth != IGNORE_INDEX
         kept = keep & known
         self.valid += int(known.sum())
         self.kept += int(kept.sum())
@@ -162,16 +161,16 @@ class PolicyQuality:
         return np.concatenate(self.weights) if self.weights else np.zeros(0, np.float32)
 
 
-@dataclass
 class ConfidenceSweep:
     """Counts of labelled pixels per teacher-confidence bin, all and correctly labelled."""
 
-    bins: int = 200
-    total: np.ndarray = field(default_factory=lambda: np.zeros(200, np.int64))
-    correct: np.ndarray = field(default_factory=lambda: np.zeros(200, np.int64))
+    def __init__(self, bins: int = 200):
+        self.bins = bins
+        self.total = np.zeros(bins, np.int64)
+        self.correct = np.zeros(bins, np.int64)
 
     def add(self, conf: np.ndarray, label: np.ndarray, truth: np.ndarray) -> None:
-        known = truth != figures.IGNORE_INDEX
+        known = truth != IGNORE_INDEX
         index = np.minimum((conf[known] * self.bins).astype(np.int64), self.bins - 1)
         self.total += np.bincount(index, minlength=self.bins)
         self.correct += np.bincount(index[label[known] == truth[known]], minlength=self.bins)
@@ -210,12 +209,7 @@ def stored_labels(
         return None
     detect = records.stages.get("detect")
     cfg = config.model_copy(update={"pseudolabel": _with_policy(config, policy)})
-    fields = {
-        "signals": signals.key,
-        "detections": (detect.key if detect else None) if policy == "wpl" else None,
-        **pseudolabel_fields(cfg),
-        "num_classes": config.data.num_classes,
-    }
+    fields = pseudolabel_key_fields(cfg, signals.key, detect.key if detect else None)
     key = cache_key("pseudolabel", pseudolabel.SCHEMA, fields)
     record = CacheEntry(storage, "pseudolabel", key).record()
     if record is None:
@@ -374,11 +368,8 @@ def build_report(
         files["weights.png"] = figures.weight_histograms(
             {q.policy: q.weight_values() for q in quality}
         )
-    per_class = (
-        records.stages["evaluate"].record.get("results", {}).get("per_class_iou")
-        if ("evaluate" in records.stages)
-        else None
-    )
+    evaluated = records.stages.get("evaluate")
+    per_class = evaluated.record.get("results", {}).get("per_class_iou") if evaluated else None
     if per_class:
         files["iou_per_class.png"] = evaluate.iou_plot(config.data.names(), per_class)
     spans = timeline(records)
@@ -467,10 +458,10 @@ def _table(header: list[str], rows: list[list[str]], classes: list[str] | None =
 
 def _numeric(text: str) -> bool:
     try:
-        float(text.split()[0]) if text else None
+        float(text)
     except ValueError:
         return False
-    return bool(text)
+    return True
 
 
 def _figure(files: dict[str, bytes], name: str, alt: str) -> str:

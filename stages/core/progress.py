@@ -32,10 +32,6 @@ def set_interactive(value: bool) -> None:
     _interactive = value
 
 
-def interactive() -> bool:
-    return _interactive
-
-
 def quiet_console(name: str, level: int = logging.WARNING) -> None:
     """Raise the level of logger ``name``'s console handlers; its log files keep everything."""
     for handler in logging.getLogger(name).handlers:

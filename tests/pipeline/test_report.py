@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main
 from pipeline.config import PipelineConfig, load_config, to_yaml
-from pipeline.graph import pseudolabel_fields
+from pipeline.graph import pseudolabel_key_fields
 from pipeline.report import (
     ConfidenceSweep,
     ReportError,
@@ -142,12 +142,7 @@ def build_root(base: Path) -> Root:
     signal_output = _dataset(storage, "teacher_signals", signals)
     teach = _commit(storage, "teach", {"n": 2}, {"teacher_signals": signal_output})
     labels = pseudolabel.label_batch(pa.Table.from_pylist(signals), config.pseudolabel.model_dump())
-    fields = {
-        "signals": teach,
-        "detections": None,
-        **pseudolabel_fields(config),
-        "num_classes": 3,
-    }
+    fields = pseudolabel_key_fields(config, teach, None)
     key = cache_key("pseudolabel", pseudolabel.SCHEMA, fields)
     output = _dataset(storage, "pseudolabels", labels.to_pylist(), pseudolabel.PSEUDOLABELS_SCHEMA)
     _commit_at(storage, "pseudolabel", key, fields, {"pseudolabels": output})

@@ -131,3 +131,11 @@ def by_split(items: list[SourceItem]) -> dict[str, list[str]]:
     for item in items:
         found[item.split].append(item.stem)
     return found
+
+
+def write_list(root: Path, name: str, lines: list[str]) -> str:
+    """A split list file ``root/name`` with ``lines``; returns ``name`` (as a config names it)."""
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return name

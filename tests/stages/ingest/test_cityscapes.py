@@ -27,6 +27,7 @@ from tests.stages.ingest.layouts import (
     city_split,
     expected_id,
     write_cityscapes,
+    write_list,
 )
 
 NUM_CLASSES = 19
@@ -37,13 +38,6 @@ def _image(root: Path, stem: str) -> Path:
     return root / "leftImg8bit" / city_split(stem) / city / f"{stem}_leftImg8bit.png"
 
 
-def _write_list(root: Path, name: str, lines: list[str]) -> str:
-    path = root / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return name
-
-
 def test_unimatch_list_and_rest_of_train_unlabeled(tmp_path: Path) -> None:
     root = write_cityscapes(tmp_path / "cityscapes")
     stem = CITY_TRAIN[0]
@@ -51,7 +45,7 @@ def test_unimatch_list_and_rest_of_train_unlabeled(tmp_path: Path) -> None:
         f"leftImg8bit/train/aachen/{stem}_leftImg8bit.png "
         f"gtFine/train/aachen/{stem}_gtFine_labelTrainIds.png"
     )
-    labeled = _write_list(root, "splits/cityscapes/1_3/labeled.txt", [line])
+    labeled = write_list(root, "splits/cityscapes/1_3/labeled.txt", [line])
     items = enumerate_cityscapes(str(root), labeled=labeled)
     assert by_split(items) == {
         "labeled": [stem],
@@ -80,7 +74,7 @@ def test_unimatch_list_and_rest_of_train_unlabeled(tmp_path: Path) -> None:
 
 def test_split_folders_and_a_plain_unlabeled_list(tmp_path: Path) -> None:
     root = write_cityscapes(tmp_path / "cityscapes")
-    unlabeled = _write_list(root, "extra.txt", [CITY_TEST[0], ""])
+    unlabeled = write_list(root, "extra.txt", [CITY_TEST[0], ""])
     items = enumerate_cityscapes(str(root), labeled="train", unlabeled=unlabeled, val="val")
     assert by_split(items) == {
         "labeled": sorted(CITY_TRAIN),
@@ -113,7 +107,7 @@ def test_missing_list_and_list_naming_a_missing_image(tmp_path: Path) -> None:
     root = write_cityscapes(tmp_path / "cityscapes")
     with pytest.raises(SourceError, match=r"splits/1_4/labeled\.txt does not exist"):
         enumerate_cityscapes(str(root), labeled="splits/1_4/labeled.txt")
-    labeled = _write_list(root, "l.txt", [CITY_TRAIN[0], "ulm_000099_000019"])
+    labeled = write_list(root, "l.txt", [CITY_TRAIN[0], "ulm_000099_000019"])
     with pytest.raises(SourceError) as error:
         enumerate_cityscapes(str(root), labeled=labeled)
     assert f"{root}/l.txt names 1 (ulm_000099_000019) images" in str(error.value)

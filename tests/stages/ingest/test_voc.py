@@ -26,22 +26,16 @@ from tests.stages.ingest.layouts import (
     class_mask,
     expected_id,
     voc_class,
+    write_list,
     write_voc,
 )
 
 NUM_CLASSES = 21
 
 
-def _write_list(root: Path, name: str, lines: list[str]) -> str:
-    path = root / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return name
-
-
 def test_unimatch_labeled_list_and_rest_of_train_unlabeled(tmp_path: Path) -> None:
     root = write_voc(tmp_path / "VOC2012")
-    labeled = _write_list(
+    labeled = write_list(
         root,
         "splits/pascal/2/labeled.txt",
         [f"JPEGImages/{s}.jpg SegmentationClass/{s}.png" for s in VOC_TRAIN[:2]],
@@ -84,10 +78,10 @@ def test_palette_mask_gives_class_indices_and_keeps_the_255_border(tmp_path: Pat
 
 def test_plain_lists_and_explicit_unlabeled(tmp_path: Path) -> None:
     root = write_voc(tmp_path / "VOC2012")
-    unlabeled = _write_list(root, "my/unlabeled.txt", [f"  {VOC_SBD_ONLY}  ", "", VOC_TRAIN[0]])
+    unlabeled = write_list(root, "my/unlabeled.txt", [f"  {VOC_SBD_ONLY}  ", "", VOC_TRAIN[0]])
     with pytest.raises(SourceError, match="in both labeled"):  # train already holds VOC_TRAIN[0]
         enumerate_voc(str(root), unlabeled=unlabeled)
-    unlabeled = _write_list(root, "my/unlabeled.txt", [VOC_SBD_ONLY, "", VOC_SBD_ONLY])
+    unlabeled = write_list(root, "my/unlabeled.txt", [VOC_SBD_ONLY, "", VOC_SBD_ONLY])
     items = enumerate_voc(str(root), labeled="train", unlabeled=unlabeled, val="val")
     assert by_split(items) == {
         "labeled": sorted(VOC_TRAIN),
@@ -98,7 +92,7 @@ def test_plain_lists_and_explicit_unlabeled(tmp_path: Path) -> None:
 
 def test_augmented_takes_labeled_masks_from_segmentation_class_aug(tmp_path: Path) -> None:
     root = write_voc(tmp_path / "VOC2012")
-    labeled = _write_list(root, "splits/labeled.txt", [VOC_TRAIN[0], VOC_SBD_ONLY])
+    labeled = write_list(root, "splits/labeled.txt", [VOC_TRAIN[0], VOC_SBD_ONLY])
     with pytest.raises(SourceError, match=r"set data\.voc\.augmented: true") as error:
         enumerate_voc(str(root), labeled=labeled)  # the SBD image has no SegmentationClass mask
     assert VOC_SBD_ONLY in str(error.value)
@@ -115,7 +109,7 @@ def test_augmented_takes_labeled_masks_from_segmentation_class_aug(tmp_path: Pat
 
 def test_unlabeled_from_less_labeled(tmp_path: Path) -> None:
     root = write_voc(tmp_path / "VOC2012")
-    labeled = _write_list(root, "splits/labeled.txt", [VOC_TRAIN[1]])
+    labeled = write_list(root, "splits/labeled.txt", [VOC_TRAIN[1]])
     with pytest.raises(SourceError, match=r"in both unlabeled .* and val"):
         enumerate_voc(str(root), labeled=labeled, unlabeled_from="trainval")
     items = enumerate_voc(str(root), labeled=labeled, unlabeled_from="train", val="val")
@@ -137,7 +131,7 @@ def test_missing_list_names_the_path_and_the_lists_there(tmp_path: Path) -> None
 
 def test_list_naming_a_missing_image(tmp_path: Path) -> None:
     root = write_voc(tmp_path / "VOC2012")
-    labeled = _write_list(root, "splits/labeled.txt", [VOC_TRAIN[0], "2012_999999"])
+    labeled = write_list(root, "splits/labeled.txt", [VOC_TRAIN[0], "2012_999999"])
     with pytest.raises(SourceError) as error:
         enumerate_voc(str(root), labeled=labeled)
     assert f"{root}/splits/labeled.txt names 1 (2012_999999) images" in str(error.value)
