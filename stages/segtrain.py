@@ -37,7 +37,7 @@ from stages.core.models import (
 )
 from stages.core.progress import Poster
 from stages.core.storage import DatasetRef, Storage
-from stages.core.tables import join_on_image_id, read_dataset, read_split
+from stages.core.tables import join_on_image_id, read_split
 from stages.core.training import CHECKPOINT_FILE, fit, worker_logging
 from stages.pseudolabel import live
 from stages.pseudolabel.memory import (
@@ -455,10 +455,9 @@ def unlabeled_dataset(images: DatasetRef, pseudolabels: DatasetRef, image_size: 
     unlabeled images is never seen by training.
     """
     pixels = read_split(images, "unlabeled", ["image_id", "image"])
-    columns = ["image_id", "height", "width", "label", "keep", "weight", "weight_offset"]
+    columns = ["height", "width", "label", "keep", "weight", "weight_offset"]
     columns += ["margin", "refined_margin", "trusted", "reliable"]
-    labels = read_dataset(pseudolabels, columns)
-    joined = join_on_image_id(labels, pixels, num_partitions=4)
+    joined = join_on_image_id(pixels, pseudolabels, columns, num_partitions=4)
     return joined.map_batches(
         pseudolabel_rows_to_arrays, fn_kwargs={"image_size": image_size}, batch_size=16
     ).materialize()

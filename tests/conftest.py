@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.runner import KEEP_IDLE_WORKERS
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The pipeline's stages in run order, written out here (not taken from the code under test).
@@ -57,6 +59,7 @@ def local_ray(extra_env: dict[str, str] | None = None) -> Iterator[None]:
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
         "RAY_USAGE_STATS_ENABLED": "0",
+        KEEP_IDLE_WORKERS[0]: KEEP_IDLE_WORKERS[1],
         **(extra_env or {}),
     }
     saved = {k: os.environ.get(k) for k in [*env, "RAY_ADDRESS"]}

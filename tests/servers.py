@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.runner import KEEP_IDLE_WORKERS
+
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -100,6 +102,7 @@ def ray_head(
         "RAY_AUTH_TOKEN": token,
         "RAY_USAGE_STATS_ENABLED": "0",
         "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        KEEP_IDLE_WORKERS[0]: KEEP_IDLE_WORKERS[1],
         **(extra_env or {}),
     }
     for name in ("RAY_ADDRESS", *drop):

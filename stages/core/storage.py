@@ -184,6 +184,10 @@ class DatasetRef:
     def num_rows(self) -> int:
         return int(self.manifest()["rows"])
 
+    def size_bytes(self) -> int:
+        """Total size of the shards the manifest lists (one metadata call per shard)."""
+        return sum(int(self.storage.fs.size(path)) for path in self.files())
+
     def prepare(self) -> None:
         """Empty the directory before a fresh write (uncommitted leftovers are never trusted)."""
         fs = self.storage.fs

@@ -77,9 +77,45 @@ def keep_ids(dataset: Any, ids: set[str]) -> Any:
     return dataset.map_batches(_with_ids, fn_kwargs={"ids": value_set}, batch_format="pyarrow")
 
 
-def join_on_image_id(left: Any, right: Any, num_partitions: int) -> Any:
-    """Inner join of two Ray Datasets on ``image_id`` (hash shuffle; scales past one node)."""
-    return left.join(right, join_type="inner", num_partitions=num_partitions, on=("image_id",))
+# A table up to this size is joined by broadcast (Spark's autoBroadcastJoinThreshold idea):
+# one copy in the object store beats a hash shuffle's aggregator actors on small data.
+BROADCAST_JOIN_BYTES = 64 << 20
+
+
+def join_on_image_id(
+    large: Any,
+    small: DatasetRef,
+    columns: list[str],
+    num_partitions: int,
+    broadcast_bytes: int = BROADCAST_JOIN_BYTES,
+) -> Any:
+    """Inner join of a Ray Dataset with ``columns`` of a committed table on ``image_id``.
+
+    When ``small``'s shards total at most ``broadcast_bytes`` it is read once on the driver,
+    put in the object store and looked up per batch of ``large``; otherwise both sides go through
+    Ray Data's hash-shuffle join (scales past one node).
+    """
+    import ray
+
+    names = list(dict.fromkeys(["image_id", *columns]))
+    if small.size_bytes() > broadcast_bytes:
+        right = read_dataset(small, names)
+        return right.join(large, join_type="inner", num_partitions=num_partitions, on=("image_id",))
+    table = small.read_table(names)
+    added = [name for name in names if name != "image_id"]
+    return large.map_batches(
+        _lookup_inner, fn_kwargs={"source": ray.put(table), "names": added}, batch_format="pyarrow"
+    )
+
+
+def _lookup_inner(table: pa.Table, source: Any, names: list[str]) -> pa.Table:
+    """The rows of ``table`` with a match in ``source``, with ``names`` appended from it."""
+    if not isinstance(source, pa.Table):
+        import ray
+
+        source = ray.get(source)
+    matched = table.filter(pc.is_in(table["image_id"], value_set=source["image_id"]))
+    return lookup_columns(matched, source, names)
 
 
 def _non_null(table: pa.Table, column: str) -> pa.Table:
