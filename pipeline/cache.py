@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.config import PipelineConfig
-from pipeline.graph import STAGES, Context
+from pipeline.graph import Context, all_stages
 from stages.core.cache import (
     ATTEMPTS,
     ENTRY_FILE,
@@ -56,7 +56,7 @@ def plan(config: PipelineConfig, root: str) -> list[PlanRow]:
     if folder is not None:
         items = enumerate_source(config.data, folder)
         ctx.source_digest = listing_digest(folder, items)
-    for stage in STAGES:
+    for stage in all_stages(config):
         if not stage.enabled(config):
             rows.append(PlanRow(stage.name, "skip", None, "disabled in the config"))
             continue

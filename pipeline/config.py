@@ -49,6 +49,13 @@ class PipelineConfig(StrictModel):
     teach: TeachConfig = TeachConfig()
     pseudolabel: PseudolabelConfig = PseudolabelConfig()
     student: StudentConfig = StudentConfig()
+    rounds: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="teach -> pseudolabel -> train_student rounds; the last student "
+        "teaches the next round",
+    )
     evaluate: EvaluateConfig = EvaluateConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -59,6 +66,10 @@ class PipelineConfig(StrictModel):
         if self.pseudolabel.policy == "wpl" and not self.detector.enabled:
             raise ValueError(
                 "pseudolabel.policy 'wpl' needs detections: set detector.enabled: true"
+            )
+        if self.rounds > 1 and self.student.weights:
+            raise ValueError(
+                f"rounds: {self.rounds} trains a student per round; student.weights skips training"
             )
         bad = {k: v for k, v in (wpl.class_map or {}).items() if not 0 <= v < classes}
         if bad:

@@ -94,6 +94,26 @@ class Stage:
     figures: Callable[[PipelineConfig, dict[str, Any]], dict[str, bytes]] | None = None
 
 
+@dataclass(frozen=True)
+class Round:
+    """Round ``number`` of teach -> pseudolabel -> train_student. Round 1 learns from the
+    teacher; round r > 1 from round r - 1's student. Its stages and outputs carry ``_r<r>``."""
+
+    number: int
+
+    def name(self, base: str) -> str:
+        return base if self.number == 1 else f"{base}_r{self.number}"
+
+    @property
+    def teacher(self) -> str:
+        """The model output this round's teach stage runs."""
+        return "teacher" if self.number == 1 else Round(self.number - 1).name("student")
+
+
+def final_round(config: PipelineConfig) -> Round:
+    return Round(config.rounds)
+
+
 # Settings that change how a stage runs but never what it produces.
 TRAIN_EXECUTION = {"log_every", "checkpoint_every", "workers", "weights", "enabled"}
 INFERENCE_EXECUTION = set(InferenceConfig.model_fields)
@@ -161,34 +181,41 @@ def _detect_family(ctx: Context) -> dict[str, Any]:
     }
 
 
-def _teach_family(ctx: Context) -> dict[str, Any]:
+def _teach_family(ctx: Context, round_: Round) -> dict[str, Any]:
     return {
         "stage": "teach",
-        "teacher": ctx.digest("teacher"),
+        "teacher": ctx.digest(round_.teacher),
         "teach": semantic(ctx.config.teach, INFERENCE_EXECUTION),
         "image_size": ctx.config.data.image_size,
     }
 
 
-def _student_fields(ctx: Context) -> dict[str, Any]:
+def _student_fields(ctx: Context, round_: Round) -> dict[str, Any]:
     return {
         **_train_fields(ctx, ctx.config.student, ctx.config.student.weights),
         "unlabeled": ctx.digest("images", "unlabeled"),
-        "pseudolabels": ctx.digest("pseudolabels"),
+        "pseudolabels": ctx.digest(round_.name("pseudolabels")),
         "pseudolabel": pseudolabel_fields(ctx.config),
     }
 
 
 def _evaluate_fields(ctx: Context) -> dict[str, Any]:
-    return {
+    last = final_round(ctx.config)
+    fields = {
         "teacher": ctx.digest("teacher"),
-        "student": ctx.digest("student"),
+        "student": ctx.digest(last.name("student")),
         "val": ctx.digest("images", "val"),
         "unlabeled": ctx.digest("images", "unlabeled"),
-        "pseudolabels": ctx.digest("pseudolabels"),
+        "pseudolabels": ctx.digest(last.name("pseudolabels")),
         "num_classes": ctx.config.data.num_classes,
         "image_size": ctx.config.data.image_size,
     }
+    if last.number > 1:  # earlier rounds are evaluated too
+        fields["rounds"] = [
+            [ctx.digest(Round(r).name("student")), ctx.digest(Round(r).name("pseudolabels"))]
+            for r in range(1, last.number)
+        ]
+    return fields
 
 
 def _ingest(ctx: Context) -> dict[str, float]:
@@ -259,33 +286,33 @@ def _detect(ctx: Context) -> dict[str, float]:
     )
 
 
-def _teach(ctx: Context) -> dict[str, float]:
+def _teach(ctx: Context, round_: Round) -> dict[str, float]:
     return teach.run(
         ctx.config.teach,
         images=ctx.dataset("images"),
-        checkpoint_path=ctx.model_path("teacher"),
+        checkpoint_path=ctx.model_path(round_.teacher),
         image_size=ctx.config.data.image_size,
-        out=ctx.dataset("teacher_signals"),
-        pool=ctx.pool("teach", _teach_family(ctx)),
+        out=ctx.dataset(round_.name("teacher_signals")),
+        pool=ctx.pool("teach", _teach_family(ctx, round_)),
     )
 
 
-def _pseudolabel(ctx: Context) -> dict[str, float]:
+def _pseudolabel(ctx: Context, round_: Round) -> dict[str, float]:
     return pseudolabel.run(
         ctx.config.pseudolabel,
-        signals=ctx.dataset("teacher_signals"),
-        out=ctx.dataset("pseudolabels"),
+        signals=ctx.dataset(round_.name("teacher_signals")),
+        out=ctx.dataset(round_.name("pseudolabels")),
         detections=ctx.dataset("detections") if _wpl(ctx.config) else None,
     )
 
 
-def _train_student(ctx: Context) -> dict[str, float]:
+def _train_student(ctx: Context, round_: Round) -> dict[str, float]:
     cfg, data = ctx.config.student, ctx.config.data
     images = ctx.dataset("images")
     datasets = {
         "labeled": segtrain.labeled_dataset(images, data.image_size),
         "unlabeled": segtrain.unlabeled_dataset(
-            images, ctx.dataset("pseudolabels"), data.image_size
+            images, ctx.dataset(round_.name("pseudolabels")), data.image_size
         ),
     }
     extra = {
@@ -294,13 +321,14 @@ def _train_student(ctx: Context) -> dict[str, float]:
         "unlabeled_batch_size": cfg.unlabeled_batch_size,
         "pseudolabel": ctx.config.pseudolabel.model_dump(),
     }
+    stage = round_.name("train_student")
     return segtrain.run_segmenter(
         cfg,
         datasets=datasets,
         num_classes=data.num_classes,
         storage=ctx.storage,
-        out_path=ctx.model_path("student"),
-        name=ctx.train_name("train_student"),
+        out_path=ctx.model_path(round_.name("student")),
+        name=ctx.train_name(stage),
         loop_extra=extra,
         use_gpu=ctx.config.runtime.use_gpu,
     )
@@ -308,12 +336,17 @@ def _train_student(ctx: Context) -> dict[str, float]:
 
 def _evaluate(ctx: Context) -> dict[str, float]:
     data, images = ctx.config.data, ctx.dataset("images")
+    last = final_round(ctx.config)
+    rounds = [Round(r) for r in range(1, last.number + 1)]
+    # the final student is "student"; an earlier round's is "student_r<r>" in the metrics
+    names = {"teacher": "teacher", "student": last.name("student")}
+    names |= {f"student_r{r.number}": r.name("student") for r in rounds[:-1]}
     metrics: dict[str, float] = {}
     per_class: dict[str, list[float]] = {}
     results = evaluate.evaluate_models(
         ctx.config.evaluate,
         images=images,
-        checkpoints={m: ctx.model_path(m) for m in ("teacher", "student")},
+        checkpoints={label: ctx.model_path(name) for label, name in names.items()},
         num_classes=data.num_classes,
         image_size=data.image_size,
     )
@@ -323,7 +356,10 @@ def _evaluate(ctx: Context) -> dict[str, float]:
         for name, iou in zip(data.names(), result["iou"], strict=True):
             if iou == iou:  # not NaN
                 metrics[f"{model}_iou.{name}"] = iou
-    metrics.update(evaluate.pseudolabel_quality(images, ctx.dataset("pseudolabels")))
+    for r in rounds:  # round 1's keep their names: pseudolabel_coverage, ...
+        quality = evaluate.pseudolabel_quality(images, ctx.dataset(r.name("pseudolabels")))
+        prefix = "pseudolabel" if r.number == 1 else f"pseudolabel_r{r.number}"
+        metrics |= {key.replace("pseudolabel", prefix, 1): v for key, v in quality.items()}
     ctx.results["per_class_iou"] = per_class
     return metrics
 
@@ -337,6 +373,45 @@ def _evaluate_figures(config: PipelineConfig, results: dict[str, Any]) -> dict[s
 
 def _wpl(config: PipelineConfig) -> bool:
     return config.pseudolabel.policy == "wpl"
+
+
+def _round_stages(round_: Round) -> tuple[Stage, Stage, Stage]:
+    """teach -> pseudolabel -> train_student of one round, reading the round's teacher."""
+    signals, labels = round_.name("teacher_signals"), round_.name("pseudolabels")
+    return (
+        Stage(
+            round_.name("teach"),
+            ("images", round_.teacher),
+            (signals,),
+            lambda ctx: _teach(ctx, round_),
+            lambda ctx: {
+                **_teach_family(ctx, round_),
+                "labeled": ctx.digest("images", "labeled"),
+                "unlabeled": ctx.digest("images", "unlabeled"),
+            },
+            teach.SCHEMA,
+        ),
+        Stage(
+            round_.name("pseudolabel"),
+            (signals, "detections"),
+            (labels,),
+            lambda ctx: _pseudolabel(ctx, round_),
+            lambda ctx: pseudolabel_key_fields(
+                ctx.config,
+                ctx.digest(signals),
+                ctx.digest("detections") if _wpl(ctx.config) else None,
+            ),
+            pseudolabel.SCHEMA,
+        ),
+        Stage(
+            round_.name("train_student"),
+            ("images", labels),
+            (round_.name("student"),),
+            lambda ctx: _train_student(ctx, round_),
+            lambda ctx: _student_fields(ctx, round_),
+            "segmenter/1",
+        ),
+    )
 
 
 STAGES: tuple[Stage, ...] = (
@@ -367,38 +442,7 @@ STAGES: tuple[Stage, ...] = (
         detect.SCHEMA,
         lambda c: c.detector.enabled,
     ),
-    Stage(
-        "teach",
-        ("images", "teacher"),
-        ("teacher_signals",),
-        _teach,
-        lambda ctx: {
-            **_teach_family(ctx),
-            "labeled": ctx.digest("images", "labeled"),
-            "unlabeled": ctx.digest("images", "unlabeled"),
-        },
-        teach.SCHEMA,
-    ),
-    Stage(
-        "pseudolabel",
-        ("teacher_signals", "detections"),
-        ("pseudolabels",),
-        _pseudolabel,
-        lambda ctx: pseudolabel_key_fields(
-            ctx.config,
-            ctx.digest("teacher_signals"),
-            ctx.digest("detections") if _wpl(ctx.config) else None,
-        ),
-        pseudolabel.SCHEMA,
-    ),
-    Stage(
-        "train_student",
-        ("images", "pseudolabels"),
-        ("student",),
-        _train_student,
-        _student_fields,
-        "segmenter/1",
-    ),
+    *(stage for stage in _round_stages(Round(1))),
     Stage(
         "evaluate",
         ("images", "teacher", "student", "pseudolabels"),
@@ -411,5 +455,11 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+def all_stages(config: PipelineConfig) -> tuple[Stage, ...]:
+    """Every stage of a run in order: round 1 as in ``STAGES``, then rounds 2..N, evaluate last."""
+    later = (s for r in range(2, config.rounds + 1) for s in _round_stages(Round(r)))
+    return (*STAGES[:-1], *later, STAGES[-1])
+
+
 def planned(config: PipelineConfig) -> list[Stage]:
-    return [s for s in STAGES if s.enabled(config)]
+    return [s for s in all_stages(config) if s.enabled(config)]

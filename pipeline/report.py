@@ -26,7 +26,7 @@ import yaml
 
 from pipeline import figures
 from pipeline.config import PipelineConfig, validate
-from pipeline.graph import STAGES, pseudolabel_key_fields
+from pipeline.graph import all_stages, pseudolabel_key_fields
 from stages import evaluate
 from stages.core import codec
 from stages.core.cache import CacheEntry, cache_key, output_dataset
@@ -112,7 +112,7 @@ def load_run(storage: Storage, run_id: str) -> RunRecords:
         raise ReportError(f"run {run_id}: {exc.filename or exc} is missing") from exc
     config = validate(yaml.safe_load(config_text))
     uses = {}
-    order = [s.name for s in STAGES]
+    order = [s.name for s in all_stages(config)]
     for stage, used in sorted(stages.items(), key=lambda item: order.index(item[0])):
         record = CacheEntry(storage, stage, used["key"]).record()
         if record is None:  # collected since (cache gc): the run's other parts still show

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -252,8 +253,8 @@ def _run_stage(
     ctx.results.update(record.get("results", {}))
     tracker.log_metrics(run, {**metrics, "seconds": seconds})
     tracker.log_text(run, json.dumps(record, indent=2, sort_keys=True), "cache_entry.json")
-    if stage.name == "train_student":
-        _log_pseudolabel_input(tracker, run, ctx)
+    if stage.name.startswith("train_student"):
+        _log_pseudolabel_input(tracker, run, ctx, stage.reads[-1])
     for name, png in (stage.figures(ctx.config, ctx.results) if stage.figures else {}).items():
         tracker.log_bytes(run, png, f"plots/{name}")
         tracker.log_bytes(parent, png, f"plots/{name}")
@@ -321,13 +322,14 @@ def _footprint(ref: DatasetRef) -> dict[str, float]:
     return {"bytes": size, "bytes_per_pixel": size / pixels if pixels else 0.0}
 
 
-def _log_pseudolabel_input(tracker: Tracker, run: str, ctx: Context) -> None:
-    output = ctx.outputs.get("pseudolabels")
+def _log_pseudolabel_input(tracker: Tracker, run: str, ctx: Context, name: str) -> None:
+    """The pseudo-label set (``pseudolabels`` or a later round's) a student run trained on."""
+    output = ctx.outputs.get(name)
     if output is None:
         return
     tracker.log_dataset(
         run,
-        name=f"pseudolabels-{ctx.config.pseudolabel.policy}",
+        name=f"{name}-{ctx.config.pseudolabel.policy}",
         digest=output["key"],
         source=f"{ctx.storage.url.rstrip('/')}/{output['directory']}",
         profile={"rows": output["rows"], "schema": output["schema"], "key": output["key"]},
@@ -335,7 +337,8 @@ def _log_pseudolabel_input(tracker: Tracker, run: str, ctx: Context) -> None:
 
 
 def _stage_params(stage: Stage, config: PipelineConfig) -> dict[str, str]:
-    section = getattr(config, stage.name.removeprefix("train_"), None)
+    base = re.sub(r"_r\d+$", "", stage.name)  # a later round's stage has its section's name
+    section = getattr(config, base.removeprefix("train_"), None)
     params = {k: v for k, v in flatten(config).items() if k.split(".")[0] in {"data", "seed"}}
     if section is not None:
         params.update(

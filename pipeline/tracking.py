@@ -149,3 +149,26 @@ class MlflowSink:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
         MlflowClient(tracking_uri=self.uri).log_batch(self.run_id, metrics=batch)
+
+
+BENCH_EXPERIMENT = "pseudoflow-bench"
+
+
+def log_benchmark(
+    uri: str,
+    *,
+    name: str,
+    params: dict[str, str],
+    metrics: dict[str, float],
+    files: dict[str, bytes],
+    artifact_location: str | None,
+) -> str:
+    """One run in the ``pseudoflow-bench`` experiment: params, metrics and files; its id."""
+    tracker = Tracker(uri, BENCH_EXPERIMENT, artifact_location)
+    run_id = tracker.start_run(name, {"pseudoflow.bench": name})
+    tracker.log_params(run_id, params)
+    tracker.log_metrics(run_id, metrics)
+    for file_name, data in files.items():
+        tracker.log_bytes(run_id, data, file_name)
+    tracker.end_run(run_id, True)
+    return run_id

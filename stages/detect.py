@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from pydantic import Field
+from torch import nn
 
 from stages.core.cache import ShardPool
 from stages.core.detectors import split_backend
@@ -47,6 +48,18 @@ class DetectorPredictor:
         self.backend, _ = split_backend(checkpoint["model_args"])
         self.model = model.to(self.device)
         self.min_score = min_score
+
+    @classmethod
+    def of_model(
+        cls, model: nn.Module, model_args: dict[str, Any], min_score: float, device: torch.device
+    ) -> DetectorPredictor:
+        """The same predictor around a detector already in memory (its builder ``model_args``
+        name the backend)."""
+        predictor = cls.__new__(cls)
+        predictor.device, predictor.min_score = device, min_score
+        predictor.backend, _ = split_backend(model_args)
+        predictor.model = model.to(device).eval()
+        return predictor
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

@@ -13,11 +13,13 @@ across workers every ``refresh_every`` steps. Periodic work is ``if (step + 1) %
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -71,11 +73,14 @@ class SegTrainConfig(StrictModel):
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
     workers: int = Field(1, ge=1, description="Ray Train workers (execution only)")
     weights: str | None = Field(None, description="skip training and load this checkpoint file")
+    schedule: Literal["poly", "cosine"] = Field("poly", description="learning-rate decay to 0")
+    amp: bool = Field(True, description="float16 autocast and loss scaling on CUDA (CPU: off)")
 
 
 class StudentConfig(SegTrainConfig):
     alpha: float = Field(1.0, ge=0)
     unlabeled_batch_size: int = Field(8, ge=1)
+    cutmix: float = Field(0.5, ge=0, le=1, description="chance a strong view gets a CutMix box")
 
 
 def labeled_rows_to_arrays(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
@@ -154,8 +159,8 @@ def _augment(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample joint augmentation of the image and every map (one random draw per sample).
 
-    Returns normalised images ``float32[B, 3, S, S]`` and the maps: label int64, keep / trusted /
-    reliable bool, the rest float32.
+    Returns images ``uint8[B, 3, S, S]`` and the maps: label int64, keep / trusted / reliable
+    bool, the rest float32.
     """
     images: list[torch.Tensor] = []
     maps: dict[str, list[torch.Tensor]] = {}
@@ -173,7 +178,14 @@ def _augment(
             stacked[name] = value.bool()
         else:
             stacked[name] = value.float()
-    return data.normalize(torch.stack(images)), stacked
+    return torch.stack(images), stacked
+
+
+def learning_rate(cfg: SegTrainConfig, step: int) -> float:
+    """The schedule's rate at ``step`` of ``cfg.steps``: poly (power 0.9) or cosine, to 0."""
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.steps))
+    return poly_lr(cfg.lr, step, cfg.steps)
 
 
 def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
@@ -181,77 +193,146 @@ def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
     return base_lr * (1.0 - step / total) ** power
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker function (every rank runs it; rank 0 logs and checkpoints)."""
-    import ray.train
-    import ray.train.torch
+@dataclass
+class Learner:
+    """Everything one training run updates, and how: the network, its optimizer, the AMP
+    scaler, WPL's prototype memory, the settings and the augmentations."""
 
-    model_cls = StudentConfig if "alpha" in loop_config["train"] else SegTrainConfig
-    cfg = model_cls.model_validate(loop_config["train"])
-    alpha = float(loop_config.get("alpha", 0.0))
-    policy = PseudolabelConfig.model_validate(loop_config.get("pseudolabel", {}))
-    rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(loop_config["seed"] + rank)
-    torch.set_num_threads(loop_config["torch_threads"])
-    generator = torch.Generator().manual_seed(loop_config["seed"] * 1000 + rank)
-    worker_logging()
-    model = build_segmenter(arch=cfg.arch, num_classes=loop_config["num_classes"])
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    memory: PrototypeMemory | None
+    cfg: SegTrainConfig
+    policy: PseudolabelConfig
+    alpha: float
+    device: torch.device
+    generator: torch.Generator
+    weak: Any
+    photometric: Any
+
+
+def new_learner(
+    cfg: SegTrainConfig,
+    *,
+    num_classes: int,
+    image_size: int,
+    seed: int,
+    device: torch.device,
+    policy: PseudolabelConfig | None = None,
+) -> Learner:
+    """A fresh network (random weights) and optimizer on ``device``; a student (alpha > 0)
+    under WPL also gets its prototype memory."""
+    torch.manual_seed(seed)
+    policy = policy or PseudolabelConfig()
+    alpha = cfg.alpha if isinstance(cfg, StudentConfig) else 0.0
+    model = build_segmenter(arch=cfg.arch, num_classes=num_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    memory = _new_memory(policy, loop_config["num_classes"], model) if alpha > 0 else None
-    start = _restore(model, optimizer, memory, rank)
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
-    labeled = _batches(ray.train.get_dataset_shard("labeled"), cfg.batch_size, rank)
-    unlabeled = None
-    if alpha > 0:
-        shard = ray.train.get_dataset_shard("unlabeled")
-        unlabeled = _batches(shard, loop_config["unlabeled_batch_size"], 1000 + rank)
-    size = loop_config["image_size"]
-    weak, strong = data.weak_transform(size), data.strong_transform(size)
-    sink: MetricSink | None = loop_config.get("sink") if rank == 0 else None
-    post = Poster(loop_config.get("progress") if rank == 0 else None, cfg.steps, start)
-    log_lines = rank == 0 and loop_config.get("log_lines", True)
-    started, window = time.perf_counter(), []
-    for step in range(start, cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = poly_lr(cfg.lr, step, cfg.steps)
-        x, lab = _to(device, *_augment(next(labeled), weak))
-        logits, features = _forward(model, x, with_features=memory is not None)
-        loss_s = F.cross_entropy(logits, lab["label"], ignore_index=data.IGNORE_INDEX)
-        loss_u, stats = torch.zeros((), device=device), dict[str, float]()
-        features_u, maps = None, dict[str, torch.Tensor]()
-        if unlabeled is not None:
-            xu, maps = _to(device, *_augment(next(unlabeled), strong))
-            loss_u, stats, features_u = _unlabeled_loss(
-                model, xu, maps, policy, memory, (step, cfg.steps), generator
-            )
-        loss = loss_s + alpha * loss_u
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if memory is not None:
-            _feed_memory(memory, policy, generator, (features, logits, lab), (features_u, maps))
-            if (step + 1) % policy.wpl.refresh_every == 0:
-                prototypes = memory.refresh()
-                stats["wpl_prototypes"] = float((~prototypes.isnan().any(dim=1)).sum())
-        window.append({"loss_s": loss_s.item(), "loss_u": loss_u.item(), **stats})
-        post(step + 1, {k: window[-1][k] for k in ("loss_s", "loss_u")})
-        last = step + 1 == cfg.steps
-        if (step + 1) % cfg.log_every == 0 or last:
-            metrics = _window_metrics(window, step, cfg, started, start)
-            window = []
-            if log_lines:
-                logger.info("step %d/%d %s", step + 1, cfg.steps, _fmt(metrics))
-            if sink is not None:
-                sink.log_metrics(metrics, step + 1)
-            save = last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
-            _report(metrics, model, optimizer, step + 1, loop_config, rank, bool(save), memory)
+    return Learner(
+        model=model,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda"),
+        memory=_new_memory(policy, num_classes, model) if alpha > 0 else None,
+        cfg=cfg,
+        policy=policy,
+        alpha=alpha,
+        device=device,
+        generator=torch.Generator().manual_seed(seed * 1000 + 7),
+        weak=data.weak_transform(image_size),
+        photometric=data.photometric_transform(),
+    )
 
 
-def _to(
-    device: torch.device, images: torch.Tensor, maps: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    return images.to(device), {name: value.to(device) for name, value in maps.items()}
+def train_step(
+    learner: Learner,
+    labeled: dict[str, torch.Tensor],
+    unlabeled: dict[str, torch.Tensor] | None,
+    step: int,
+) -> dict[str, float]:
+    """One step of L = L_s + alpha * L_u, top to bottom (UniMatch's step, offline targets):
+
+    1. the labeled batch's weak view; the unlabeled batch's two strong views, each CutMixed
+       with a partner image whose stored maps are mixed in the same box (``_strong_views``),
+       plus CSL's TMP view of the first;
+    2. one forward of every view (float16 autocast on CUDA);
+    3. L_s on the labeled view; L_u averaged over the unlabeled views, each weighted by the
+       policy's live weight computed from its own (mixed) maps;
+    4. backward and step (loss scaling under AMP); WPL's memory takes this step's features and
+       is refreshed every ``refresh_every`` steps.
+    """
+    cfg, policy, memory, device = learner.cfg, learner.policy, learner.memory, learner.device
+    for group in learner.optimizer.param_groups:
+        group["lr"] = learning_rate(cfg, step)
+    images, lab = _augment(labeled, learner.weak)
+    views, targets = [data.normalize(images)], [lab]
+    if unlabeled is not None:
+        strong, mixed = _strong_views(unlabeled, learner)
+        more, more_maps = _unlabeled_views(strong, mixed, policy, learner.generator)
+        views, targets = views + more, targets + more_maps
+    targets = [_to(device, maps) for maps in targets]
+    amp = learner.scaler.is_enabled()
+    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        batch = torch.cat(views).to(device)
+        logits, features = _forward(learner.model, batch, with_features=memory is not None)
+    sizes = [len(view) for view in views]
+    logits_v = logits.float().split(sizes)
+    features_v = features.split(sizes) if features is not None else (None,) * len(views)
+    loss_s = F.cross_entropy(logits_v[0], targets[0]["label"], ignore_index=data.IGNORE_INDEX)
+    loss_u, stats = torch.zeros((), device=device), dict[str, float]()
+    if unlabeled is not None:
+        loss_u, stats = _unlabeled_loss(
+            logits_v[1:], features_v[1:], targets[1:], policy, memory, (step, cfg.steps)
+        )
+    loss = loss_s + learner.alpha * loss_u
+    learner.optimizer.zero_grad(set_to_none=True)
+    learner.scaler.scale(loss).backward()
+    learner.scaler.step(learner.optimizer)
+    learner.scaler.update()
+    if memory is not None:
+        labeled_part = (features_v[0], logits_v[0], targets[0])
+        _feed_memory(memory, policy, learner.generator, labeled_part, (features_v[1], targets[1]))
+        if (step + 1) % policy.wpl.refresh_every == 0:
+            prototypes = memory.refresh()
+            stats["wpl_prototypes"] = float((~prototypes.isnan().any(dim=1)).sum())
+    return {"loss_s": loss_s.item(), "loss_u": loss_u.item(), **stats}
+
+
+def _strong_views(
+    batch: dict[str, torch.Tensor], learner: Learner
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """The unlabeled batch's two strong views: one weak geometric draw per image, applied to the
+    image and every stored map; then per view a photometric draw per image and a CutMix box
+    (chance ``cutmix``) inside which the pixels and every map come from the previous image of
+    the batch (its own strong view). Returns normalised ``float32[B, 3, S, S]`` views and their
+    mixed maps."""
+    images, maps = _augment(batch, learner.weak)
+    partner = torch.roll(torch.arange(len(images)), 1)
+    chance = learner.cfg.cutmix if isinstance(learner.cfg, StudentConfig) else 0.0
+    height, width = images.shape[-2:]
+    views, mixed = [], []
+    for _ in range(2):
+        strong = data.normalize(torch.stack([learner.photometric(image) for image in images]))
+        box = data.cutmix_boxes(len(images), height, width, chance, learner.generator)
+        views.append(torch.where(box[:, None], strong[partner], strong))
+        mixed.append({k: torch.where(box, v[partner], v) for k, v in maps.items()})
+    return views, mixed
+
+
+def _unlabeled_views(
+    views: list[torch.Tensor],
+    maps: list[dict[str, torch.Tensor]],
+    policy: PseudolabelConfig,
+    generator: torch.Generator,
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """The strong views, and under CSL the TMP view of the first (same targets and weights)."""
+    if policy.policy != "csl":
+        return views, maps
+    cover = (policy.csl.block, policy.csl.cover)
+    hidden = live.tmp_view(views[0], maps[0]["trusted"], *cover, generator=generator)
+    return [*views, hidden], [*maps, maps[0]]
+
+
+def _to(device: torch.device, maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value.to(device) for name, value in maps.items()}
 
 
 def _forward(
@@ -263,34 +344,26 @@ def _forward(
     logits, features = segment_with_features(model, images)
     size = logits.shape[-2:]
     upsampled = F.interpolate(features.detach(), size=size, mode="bilinear", align_corners=False)
-    return logits, upsampled
+    return logits, upsampled.float()
 
 
 def _unlabeled_loss(
-    model: nn.Module,
-    images: torch.Tensor,
-    maps: dict[str, torch.Tensor],
+    logits: Sequence[torch.Tensor],
+    features: Sequence[torch.Tensor | None],
+    maps: Sequence[dict[str, torch.Tensor]],
     policy: PseudolabelConfig,
     memory: PrototypeMemory | None,
     progress: tuple[int, int],
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, dict[str, float], torch.Tensor | None]:
-    """L_u over the strong view (and CSL's TMP view, averaged), with the policy's live weight."""
-    valid = maps["label"] != data.IGNORE_INDEX
-    views = [images]
-    if policy.policy == "csl":
-        cover = (policy.csl.block, policy.csl.cover)
-        views.append(live.tmp_view(images, maps["trusted"], *cover, generator=generator))
-    logits, features = _forward(model, torch.cat(views), with_features=memory is not None)
-    if features is not None:
-        features = features[: len(images)]
-    weight = _live_weight(policy, maps, valid, features, memory, progress)
-    losses = [
-        weighted_unsup_loss(chunk, maps["label"], weight, valid)
-        for chunk in logits.chunk(len(views))
-    ]
-    stats = {"kept_fraction": float((weight > 0).float().mean())}
-    return torch.stack(losses).mean(), stats, features
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_u averaged over the unlabeled views, each with the policy's live weight from its own
+    maps; ``kept_fraction``: the first view's share of pixels with a weight above 0."""
+    losses, kept = [], []
+    for view_logits, view_features, view_maps in zip(logits, features, maps, strict=True):
+        valid = view_maps["label"] != data.IGNORE_INDEX
+        weight = _live_weight(policy, view_maps, valid, view_features, memory, progress)
+        losses.append(weighted_unsup_loss(view_logits, view_maps["label"], weight, valid))
+        kept.append(float((weight > 0).float().mean()))
+    return torch.stack(losses).mean(), {"kept_fraction": kept[0]}
 
 
 def _live_weight(
@@ -355,6 +428,51 @@ def _feed_memory(
         memory.push(queue, vectors[order], classes[order])
 
 
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker function (every rank runs it; rank 0 logs and checkpoints)."""
+    import ray.train
+    import ray.train.torch
+
+    model_cls = StudentConfig if "alpha" in loop_config["train"] else SegTrainConfig
+    cfg = model_cls.model_validate(loop_config["train"])
+    rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(loop_config["torch_threads"])
+    worker_logging()
+    learner = new_learner(
+        cfg,
+        num_classes=loop_config["num_classes"],
+        image_size=loop_config["image_size"],
+        seed=loop_config["seed"] + rank,
+        device=ray.train.torch.get_device(),
+        policy=PseudolabelConfig.model_validate(loop_config.get("pseudolabel", {})),
+    )
+    start = _restore(learner, rank)
+    learner.model = ray.train.torch.prepare_model(learner.model)
+    labeled = _batches(ray.train.get_dataset_shard("labeled"), cfg.batch_size, rank)
+    unlabeled = None
+    if learner.alpha > 0:
+        shard = ray.train.get_dataset_shard("unlabeled")
+        unlabeled = _batches(shard, loop_config["unlabeled_batch_size"], 1000 + rank)
+    sink: MetricSink | None = loop_config.get("sink") if rank == 0 else None
+    post = Poster(loop_config.get("progress") if rank == 0 else None, cfg.steps, start)
+    log_lines = rank == 0 and loop_config.get("log_lines", True)
+    started, window = time.perf_counter(), []
+    for step in range(start, cfg.steps):
+        stats = train_step(learner, next(labeled), next(unlabeled) if unlabeled else None, step)
+        window.append(stats)
+        post(step + 1, {k: stats[k] for k in ("loss_s", "loss_u")})
+        last = step + 1 == cfg.steps
+        if (step + 1) % cfg.log_every == 0 or last:
+            metrics = _window_metrics(window, step, cfg, started, start)
+            window = []
+            if log_lines:
+                logger.info("step %d/%d %s", step + 1, cfg.steps, _fmt(metrics))
+            if sink is not None:
+                sink.log_metrics(metrics, step + 1)
+            save = last or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
+            _report(metrics, learner, step + 1, loop_config, rank, bool(save))
+
+
 def _window_metrics(
     window: list[dict[str, float]], step: int, cfg: SegTrainConfig, started: float, start: int
 ) -> dict[str, float]:
@@ -365,7 +483,7 @@ def _window_metrics(
     }
     return {
         **metrics,
-        "lr": poly_lr(cfg.lr, step, cfg.steps),
+        "lr": learning_rate(cfg, step),
         "steps_per_s": (step + 1 - start) / max(elapsed, 1e-9),
         "step": float(step + 1),
     }
@@ -377,28 +495,29 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 def _report(
     metrics: dict[str, float],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    learner: Learner,
     step: int,
     loop_config: dict[str, Any],
     rank: int,
     save: bool,
-    memory: PrototypeMemory | None,
 ) -> None:
     """``ray.train.report`` on every rank alike; rank 0 attaches the checkpoint when saving, with
     every rank's prototype memory (gathered by a collective all ranks join)."""
     import ray.train
 
+    memory = learner.memory
     memory_states = gather_states(memory) if save and memory is not None else None
     if not (save and rank == 0):
         ray.train.report(metrics, checkpoint=None)
         return
-    inner: nn.Module = getattr(model, "module", model)
+    inner: nn.Module = getattr(learner.model, "module", learner.model)
     extra: dict[str, Any] = {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": learner.optimizer.state_dict(),
         "step": step,
         "config": loop_config["resolved_config"],
     }
+    if learner.scaler.is_enabled():
+        extra["scaler"] = learner.scaler.state_dict()
     if memory_states is not None:
         extra["memory"] = memory_states
     checkpoint = make_checkpoint(
@@ -415,12 +534,7 @@ def _report(
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _restore(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    memory: PrototypeMemory | None,
-    rank: int,
-) -> int:
+def _restore(learner: Learner, rank: int) -> int:
     """Resume from Ray Train's latest checkpoint (same run name): returns the step to start at.
     The prototype memory comes back too, so every rank holds the same prototypes as before."""
     import ray.train
@@ -430,10 +544,12 @@ def _restore(
         return 0
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["state_dict"])
-    optimizer.load_state_dict(state["optimizer"])
-    if memory is not None and "memory" in state:
-        restore_state(memory, state["memory"], rank)
+    learner.model.load_state_dict(state["state_dict"])
+    learner.optimizer.load_state_dict(state["optimizer"])
+    if "scaler" in state:
+        learner.scaler.load_state_dict(state["scaler"])
+    if learner.memory is not None and "memory" in state:
+        restore_state(learner.memory, state["memory"], rank)
     logger.info("resumed from step %d", state["step"])
     return int(state["step"])
 

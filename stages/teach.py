@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from pydantic import Field
+from torch import nn
 
 from stages.core import codec, data
 from stages.core.cache import ShardPool
@@ -120,6 +121,14 @@ class TeacherPredictor:
         model, _ = load_model(storage_url, checkpoint_path)
         self.model = model.to(self.device)
         self.topk = topk
+
+    @classmethod
+    def of_model(cls, model: nn.Module, topk: int | None, device: torch.device) -> TeacherPredictor:
+        """The same predictor around a network already in memory (``pseudoflow bench quality``:
+        a student becomes the next round's teacher)."""
+        predictor = cls.__new__(cls)
+        predictor.device, predictor.model, predictor.topk = device, model.to(device).eval(), topk
+        return predictor
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -141,23 +142,64 @@ def _targets(
     return images, targets
 
 
+@dataclass
+class DetectorLearner:
+    """A detector in training: network, its backend's loss, optimizer, builder arguments."""
+
+    model: nn.Module
+    backend: Any
+    optimizer: torch.optim.Optimizer
+    model_args: dict[str, Any]
+    cfg: DetectorConfig
+    num_classes: int
+    device: torch.device
+
+
+def new_detector_learner(
+    cfg: DetectorConfig, *, num_classes: int, seed: int, device: torch.device
+) -> DetectorLearner:
+    torch.manual_seed(seed)
+    model_args = detector_args(cfg, num_classes)
+    model = build_detector(**model_args).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+    backend = detector_backend(cfg.backend)
+    return DetectorLearner(model, backend, optimizer, model_args, cfg, num_classes, device)
+
+
+def detector_step(learner: DetectorLearner, batch: dict[str, torch.Tensor], step: int) -> float:
+    """One SGD step on a labeled batch (image uint8[B, 3, S, S], label [B, S, S]): a random
+    flip, boxes from the mask's components, the backend's summed losses. Returns the loss."""
+    cfg = learner.cfg
+    for group in learner.optimizer.param_groups:
+        group["lr"] = poly_lr(cfg.lr, step, cfg.steps)
+    images, targets = _targets(batch, learner.num_classes, cfg.min_box_area)
+    images = [i.to(learner.device) for i in images]
+    targets = [{k: v.to(learner.device) for k, v in t.items()} for t in targets]
+    losses = learner.backend.losses(learner.model, images, targets)
+    loss = torch.stack(list(losses.values())).sum()
+    learner.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    learner.optimizer.step()
+    return float(loss.item())
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker function for the detector (rank 0 logs and checkpoints)."""
     import ray.train
     import ray.train.torch
 
     cfg = DetectorConfig.model_validate(loop_config["train"])
-    num_classes = loop_config["num_classes"]
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(loop_config["seed"] + rank)
     torch.set_num_threads(loop_config["torch_threads"])
     worker_logging()
-    backend = detector_backend(cfg.backend)
-    model_args = detector_args(cfg, num_classes)
-    model = ray.train.torch.prepare_model(build_detector(**model_args))
-    device = ray.train.torch.get_device()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
+    learner = new_detector_learner(
+        cfg,
+        num_classes=loop_config["num_classes"],
+        seed=loop_config["seed"] + rank,
+        device=ray.train.torch.get_device(),
+    )
+    learner.model = ray.train.torch.prepare_model(learner.model)
     shard = ray.train.get_dataset_shard("labeled")
     sink: MetricSink | None = loop_config.get("sink") if rank == 0 else None
     post = Poster(loop_config.get("progress") if rank == 0 else None, cfg.steps)
@@ -169,16 +211,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         ):
             if step >= cfg.steps:
                 break
-            for group in optimizer.param_groups:
-                group["lr"] = poly_lr(cfg.lr, step, cfg.steps)
-            images, targets = _targets(batch, num_classes, cfg.min_box_area)
-            images = [i.to(device) for i in images]
-            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            loss = torch.stack(list(backend.losses(model, images, targets).values())).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.item()))
+            losses.append(detector_step(learner, batch, step))
             step += 1
             post(step, {"loss": losses[-1]})
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -191,7 +224,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     logger.info("detector step %d/%d loss=%.4g", step, cfg.steps, metrics["loss"])
                 if sink is not None:
                     sink.log_metrics(metrics, step)
-                _report(metrics, model, model_args, step == cfg.steps and rank == 0)
+                save = step == cfg.steps and rank == 0
+                _report(metrics, learner.model, learner.model_args, save)
 
 
 def _report(

@@ -7,6 +7,7 @@ photometric transforms touch the image only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -58,16 +59,42 @@ def weak_transform(size: int) -> v2.Transform:
     )
 
 
-def strong_transform(size: int) -> v2.Transform:
-    """Strong view: the weak geometry plus colour jitter, grayscale and blur (image only)."""
+def photometric_transform() -> v2.Transform:
+    """The strong view's photometric part (image only): colour jitter, grayscale, blur."""
     return v2.Compose(
         [
-            weak_transform(size),
             v2.RandomApply([v2.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8),
             v2.RandomGrayscale(p=0.2),
             v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.5),
         ]
     )
+
+
+def cutmix_boxes(
+    count: int,
+    height: int,
+    width: int,
+    chance: float,
+    generator: torch.Generator,
+    area: tuple[float, float] = (0.02, 0.4),
+    ratio: tuple[float, float] = (0.3, 1 / 0.3),
+) -> torch.Tensor:
+    """CutMix boxes as ``bool[count, height, width]``, UniMatch's draw: with probability
+    ``chance`` an image gets one box whose area is a uniform fraction in ``area`` of the image and
+    whose height/width ratio is uniform in ``ratio``, at a uniform position where it fits (its
+    sides clipped to the image); otherwise no box."""
+    boxes = torch.zeros((count, height, width), dtype=torch.bool)
+    draws = torch.rand((count, 5), generator=generator)
+    for i, (take, a, r, u, v) in enumerate(draws.tolist()):
+        if take >= chance:
+            continue
+        size = (area[0] + a * (area[1] - area[0])) * height * width
+        aspect = ratio[0] + r * (ratio[1] - ratio[0])
+        h = min(height, max(1, round(math.sqrt(size * aspect))))
+        w = min(width, max(1, round(math.sqrt(size / aspect))))
+        top, left = int(u * (height - h + 1)), int(v * (width - w + 1))
+        boxes[i, top : top + h, left : left + w] = True
+    return boxes
 
 
 def apply_joint(

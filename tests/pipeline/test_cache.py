@@ -259,6 +259,44 @@ def test_student_only_change_reruns_only_the_student(world: World, tmp_path: Pat
     assert same.cache["train_student"][0] == summary.cache["train_student"][0]
 
 
+def test_second_round_reuses_round_one_and_learns_from_its_student(
+    world: World, tmp_path: Path
+) -> None:
+    root = _copy(world, tmp_path)
+    config = _config(world, world.weights, "rounds=2")
+    summary = run_pipeline(config, str(root))
+    assert _hits(summary) == {
+        **dict.fromkeys(STAGES[:-1], True),
+        "teach_r2": False,
+        "pseudolabel_r2": False,
+        "train_student_r2": False,
+        "evaluate": False,
+    }
+    outputs = stage_outputs(root, root / "pipelines" / summary.run_id)
+    entries = {e.stage: e.record for e in iter_entries(Storage(str(root)))}
+    # round 2's teacher is round 1's student: its teach entry is keyed on that checkpoint
+    assert entries["teach_r2"]["fields"]["teacher"] == outputs["student"]["sha256"]
+    assert entries["teach_r2"]["outputs"]["teacher_signals_r2"]["rows"] == 8 + UNLABELED
+    assert entries["pseudolabel_r2"]["outputs"]["pseudolabels_r2"]["rows"] == UNLABELED
+    assert (
+        entries["train_student_r2"]["fields"]["pseudolabels"] == summary.cache["pseudolabel_r2"][0]
+    )
+    metrics = summary.metrics
+    for name in (
+        "student_miou",
+        "student_r1_miou",
+        "pseudolabel_coverage",
+        "pseudolabel_r2_coverage",
+    ):
+        assert f"evaluate.{name}" in metrics
+    # the round-1 student is the run with one round's student, evaluated again
+    assert metrics["evaluate.student_r1_miou"] == world.cold.metrics["evaluate.student_miou"]
+    runs = _stage_runs(root, summary)
+    assert {"teach_r2", "pseudolabel_r2", "train_student_r2"} <= set(runs)
+    inputs = runs["train_student_r2"].inputs.dataset_inputs
+    assert [i.dataset.name for i in inputs] == ["pseudolabels_r2-threshold"]
+
+
 def test_new_images_are_the_only_ones_inferred(world: World, tmp_path: Path) -> None:
     root = _copy(world, tmp_path)
     folder = tmp_path / "data"

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, builtin_configs, flatten, load_config, to_yaml
+from pipeline.graph import Round, planned
 from tests.conftest import STAGE_NAMES, run_cli
 
 
@@ -142,3 +143,28 @@ def test_wpl_needs_the_detector_and_a_valid_class_map() -> None:
     cfg = load_config("smoke", ["pseudolabel.policy=wpl", "pseudolabel.wpl.class_map={3: 1}"])
     assert cfg.pseudolabel.class_map(4) == {3: 1}
     assert load_config("smoke").pseudolabel.class_map(4) == {1: 1, 2: 2, 3: 3}
+
+
+def test_rounds_add_teach_pseudolabel_and_student_per_round_before_evaluate() -> None:
+    config = load_config("smoke", ["rounds=3"])
+    names = [stage.name for stage in planned(config)]
+    later = [f"{s}_r{r}" for r in (2, 3) for s in ("teach", "pseudolabel", "train_student")]
+    assert names == [*STAGE_NAMES[:-1], *later, "evaluate"]
+    assert [Round(r).teacher for r in (1, 2, 3)] == ["teacher", "student", "student_r2"]
+    stage = {s.name: s for s in planned(config)}
+    assert stage["teach_r3"].reads == ("images", "student_r2")
+    assert stage["train_student_r3"].writes == ("student_r3",)
+    result = run_cli("plan", "--config", "smoke", "--set", "rounds=2")
+    assert [line.split()[1] for line in result.stdout.splitlines()][-4:] == [
+        "teach_r2",
+        "pseudolabel_r2",
+        "train_student_r2",
+        "evaluate",
+    ]
+
+
+def test_rounds_need_a_trained_student() -> None:
+    with pytest.raises(ConfigError, match=r"rounds: 2 trains a student per round"):
+        load_config("smoke", ["rounds=2", "student.weights=/tmp/student.pt"])
+    with pytest.raises(ConfigError, match=r"rounds"):
+        load_config("smoke", ["rounds=0"])

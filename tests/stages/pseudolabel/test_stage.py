@@ -340,9 +340,14 @@ def test_csl_loss_averages_the_strong_and_the_tmp_view() -> None:
     model, maps = _Tiny(), _unlabeled_batch()
     images = torch.randn(2, 3, 4, 4)
     cfg = PseudolabelConfig(policy="csl", csl={"block": 4, "cover": 1.0})
-    loss, _, _ = segtrain._unlabeled_loss(
-        model, images, maps, cfg, None, (0, 10), torch.Generator().manual_seed(0)
+    views, targets = segtrain._unlabeled_views(
+        [images], [maps], cfg, torch.Generator().manual_seed(0)
     )
+    assert len(views) == 2
+    assert targets[1] is maps
+    torch.testing.assert_close(views[1], torch.zeros_like(images))  # every pixel trusted, covered
+    logits = [model(view)["out"] for view in views]
+    loss, _ = segtrain._unlabeled_loss(logits, [None, None], targets, cfg, None, (0, 10))
     valid = torch.ones(2, 4, 4, dtype=torch.bool)
     strong = ops.weighted_unsup_loss(model(images)["out"], maps["label"], maps["weight"], valid)
     hidden = ops.weighted_unsup_loss(
@@ -355,12 +360,13 @@ def test_s4mc_loss_uses_the_live_keep_mask() -> None:
     model, maps = _Tiny(), _unlabeled_batch()
     images = torch.randn(2, 3, 4, 4)
     cfg = PseudolabelConfig(policy="s4mc")
-    loss, stats, _ = segtrain._unlabeled_loss(
-        model, images, maps, cfg, None, (5, 10), torch.Generator()
-    )
+    views, targets = segtrain._unlabeled_views([images], [maps], cfg, torch.Generator())
+    assert len(views) == 1
+    logits = [model(images)["out"]]
+    loss, stats = segtrain._unlabeled_loss(logits, [None], targets, cfg, None, (5, 10))
     valid = torch.ones(2, 4, 4, dtype=torch.bool)
     keep = live.s4mc_keep(maps["margin"], maps["refined_margin"], valid, 5, 10)
-    expected = ops.weighted_unsup_loss(model(images)["out"], maps["label"], keep.float(), valid)
+    expected = ops.weighted_unsup_loss(logits[0], maps["label"], keep.float(), valid)
     torch.testing.assert_close(loss, expected)
     assert stats["kept_fraction"] == pytest.approx(float(keep.float().mean()))
 

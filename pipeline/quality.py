@@ -1,0 +1,497 @@
+"""``pseudoflow bench quality``: do offline pseudo-labels pay, per policy and round?
+
+On the generated dataset, for one student architecture, budget and set of seeds, it trains:
+
+- ``supervised``: the labeled split only (this network is also round 1's teacher);
+- ``full``: labeled + unlabeled ground truth (the ceiling);
+- one student per policy (threshold, s4mc, csl, wpl) on the teacher's pseudo-labels, and with
+  ``rounds`` = 2 a second one (``<policy>+r2``) on the pseudo-labels of the first.
+
+Every piece is the pipeline's own code run in this process instead of on Ray: the teacher's
+stored signals (``TeacherPredictor``, top-K, quantised), the detector and its detections for WPL,
+the pseudolabel stage's rows (``label_batch``, with WPL's teacher prototypes), their decoding
+into training maps (``pseudolabel_rows_to_arrays``), the student step (``segtrain.train_step``:
+two strong views, CutMix with the stored maps, the policy's live weights) and the evaluate
+stage's confusion counts. Seeds run in parallel processes, one torch thread each.
+
+The gap-closing ratio of a row is g = (mIoU_row - mIoU_supervised) / (mIoU_full -
+mIoU_supervised), from the means over seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from stages import evaluate, segtrain
+from stages.core import codec, data
+from stages.core.models import segment_logits
+from stages.detect import DetectorPredictor
+from stages.ingest.generated import GeneratedSpec, render_image, split_indices
+from stages.pseudolabel.stage import (
+    POLICIES,
+    PseudolabelConfig,
+    fill_memory,
+    label_batch,
+    queue_batch,
+)
+from stages.teach import TeacherPredictor
+from stages.train_detector import DetectorConfig, detector_step, new_detector_learner
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_BATCH = 32
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    """What the benchmark trains: the dataset, one student recipe for every row, the detector
+    (WPL), the policies, rounds and seeds."""
+
+    dataset: GeneratedSpec
+    student: segtrain.StudentConfig
+    detector: DetectorConfig
+    policies: tuple[str, ...] = POLICIES
+    rounds: int = 2
+    seeds: tuple[int, ...] = (0, 1, 2)
+    topk: int | None = None
+
+    @property
+    def supervised(self) -> segtrain.SegTrainConfig:
+        """The same recipe without the unlabeled part (supervised, full, and the teacher)."""
+        fields = segtrain.SegTrainConfig.model_fields
+        return segtrain.SegTrainConfig(
+            **{k: v for k, v in self.student.model_dump().items() if k in fields}
+        )
+
+
+def default_plan(*, quick: bool = False, seeds: int | None = None) -> QualityPlan:
+    """The benchmark's default (about an hour on 2 CPU cores) or ``quick`` (a smoke test of
+    every row in a few minutes; its numbers mean nothing)."""
+    if quick:
+        return QualityPlan(
+            dataset=GeneratedSpec(
+                seed=0, num_labeled=8, num_unlabeled=16, num_val=8, image_size=32, max_objects=2
+            ),
+            student=segtrain.StudentConfig(
+                steps=6, batch_size=4, unlabeled_batch_size=4, lr=0.01, log_every=1000
+            ),
+            detector=DetectorConfig(steps=2, batch_size=2, min_size=64),
+            seeds=tuple(range(seeds or 2)),
+        )
+    return QualityPlan(
+        dataset=GeneratedSpec(
+            seed=0, num_labeled=24, num_unlabeled=400, num_val=64, image_size=64, max_objects=4
+        ),
+        student=segtrain.StudentConfig(
+            steps=300, batch_size=8, unlabeled_batch_size=8, lr=0.01, log_every=1000
+        ),
+        detector=DetectorConfig(steps=60, batch_size=4, min_size=128),
+        seeds=tuple(range(seeds or 3)),
+    )
+
+
+@dataclass
+class Split:
+    """One split of the generated dataset in memory: images uint8[N, 3, S, S], masks
+    uint8[N, S, S], ids, and the PNG bytes the pipeline's row functions read."""
+
+    ids: list[str]
+    images: torch.Tensor
+    masks: torch.Tensor
+    image_png: list[bytes] = field(repr=False)
+    mask_png: list[bytes] = field(repr=False)
+
+    @classmethod
+    def render(cls, spec: GeneratedSpec, split: str) -> Split:
+        pairs = [render_image(spec, i) for i in split_indices(spec)[split]]
+        images = np.stack([image for image, _ in pairs]).transpose(0, 3, 1, 2)
+        masks = np.stack([mask for _, mask in pairs])
+        image_png = [codec.encode_png(image) for image, _ in pairs]
+        ids = [hashlib.sha256(png).hexdigest()[:32] for png in image_png]  # as ingest: hex
+        return cls(
+            ids,
+            torch.from_numpy(np.ascontiguousarray(images)),
+            torch.from_numpy(masks),
+            image_png,
+            [codec.encode_png(mask) for _, mask in pairs],
+        )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def join(self, other: Split) -> Split:
+        return Split(
+            self.ids + other.ids,
+            torch.cat([self.images, other.images]),
+            torch.cat([self.masks, other.masks]),
+            self.image_png + other.image_png,
+            self.mask_png + other.mask_png,
+        )
+
+    def rows(self, split: str, with_masks: bool) -> Iterator[dict[str, Any]]:
+        """Decoded-image batches as the inference stages get them (``decode_for_inference``)."""
+        side = self.images.shape[-1]
+        for start in range(0, len(self), INFERENCE_BATCH):
+            chunk = slice(start, start + INFERENCE_BATCH)
+            n = len(self.ids[chunk])
+            yield {
+                "image_id": np.asarray(self.ids[chunk], dtype=object),
+                "height": np.full(n, side),
+                "width": np.full(n, side),
+                "image": self.images[chunk].numpy(),
+                "split": np.asarray([split] * n, dtype=object),
+                "mask": np.asarray(
+                    self.mask_png[chunk] if with_masks else [None] * n, dtype=object
+                ),
+            }
+
+
+@dataclass
+class World:
+    """The three splits, rendered once per process."""
+
+    labeled: Split
+    unlabeled: Split
+    val: Split
+    num_classes: int
+    image_size: int
+
+
+def make_world(spec: GeneratedSpec) -> World:
+    return World(
+        Split.render(spec, "labeled"),
+        Split.render(spec, "unlabeled"),
+        Split.render(spec, "val"),
+        spec.num_classes,
+        spec.image_size,
+    )
+
+
+def _endless(arrays: dict[str, torch.Tensor], batch_size: int, seed: int) -> Iterator[dict]:
+    """Batches drawn without replacement, reshuffled every pass."""
+    generator = torch.Generator().manual_seed(seed)
+    count = len(next(iter(arrays.values())))
+    while True:
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, count - batch_size + 1 if count >= batch_size else 1, batch_size):
+            index = order[start : start + batch_size]
+            yield {name: value[index] for name, value in arrays.items()}
+
+
+def _labeled_arrays(split: Split) -> dict[str, torch.Tensor]:
+    return {
+        "image": split.images,
+        "label": split.masks,
+        "weight": torch.ones(split.masks.shape, dtype=torch.float32),
+    }
+
+
+def train_segmenter(
+    cfg: segtrain.SegTrainConfig,
+    world: World,
+    labeled: Split,
+    *,
+    seed: int,
+    unlabeled: dict[str, torch.Tensor] | None = None,
+    policy: PseudolabelConfig | None = None,
+) -> torch.nn.Module:
+    """``cfg.steps`` steps of ``segtrain.train_step`` (the Ray Train loop's step) on CPU."""
+    learner = segtrain.new_learner(
+        cfg,
+        num_classes=world.num_classes,
+        image_size=world.image_size,
+        seed=seed,
+        device=torch.device("cpu"),
+        policy=policy,
+    )
+    labeled_batches = _endless(_labeled_arrays(labeled), cfg.batch_size, seed)
+    unlabeled_batches = None
+    if unlabeled is not None and learner.alpha > 0:
+        batch = getattr(cfg, "unlabeled_batch_size", cfg.batch_size)
+        unlabeled_batches = _endless(unlabeled, batch, seed + 1000)
+    for step in range(cfg.steps):
+        extra = next(unlabeled_batches) if unlabeled_batches is not None else None
+        segtrain.train_step(learner, next(labeled_batches), extra, step)
+    return learner.model.eval()
+
+
+@torch.inference_mode()
+def val_iou(model: torch.nn.Module, split: Split, num_classes: int) -> tuple[float, list[float]]:
+    """The evaluate stage's mIoU (and per-class IoU) of ``model`` on ``split``."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    for start in range(0, len(split), INFERENCE_BATCH):
+        images = data.normalize(split.images[start : start + INFERENCE_BATCH])
+        pred = segment_logits(model, images).argmax(dim=1).numpy()
+        truth = split.masks[start : start + INFERENCE_BATCH].numpy()
+        for p, t in zip(pred, truth, strict=True):
+            matrix += evaluate.confusion(p, t, num_classes)
+    iou, miou = evaluate.iou_from_confusion(matrix)
+    return miou, iou.tolist()
+
+
+def teacher_signals(model: torch.nn.Module, world: World, topk: int | None) -> pa.Table:
+    """The teach stage's rows for the labeled (with masks) and unlabeled images."""
+    predictor = TeacherPredictor.of_model(model, topk, torch.device("cpu"))
+    tables = [
+        predictor(batch)
+        for split, part in (("labeled", world.labeled), ("unlabeled", world.unlabeled))
+        for batch in part.rows(split, with_masks=split == "labeled")
+    ]
+    return pa.concat_tables(tables)
+
+
+def train_detector(cfg: DetectorConfig, world: World, seed: int) -> DetectorPredictor:
+    """The detector trained on the labeled images (``detector_step``), as a predictor."""
+    learner = new_detector_learner(
+        cfg, num_classes=world.num_classes, seed=seed, device=torch.device("cpu")
+    )
+    batches = _endless(
+        {"image": world.labeled.images, "label": world.labeled.masks}, cfg.batch_size, seed
+    )
+    learner.model.train()
+    for step in range(cfg.steps):
+        detector_step(learner, next(batches), step)
+    return DetectorPredictor.of_model(
+        learner.model, learner.model_args, min_score=0.05, device=torch.device("cpu")
+    )
+
+
+def detections(predictor: DetectorPredictor, world: World) -> pa.Table:
+    return pa.concat_tables(
+        [predictor(batch) for batch in world.unlabeled.rows("unlabeled", with_masks=False)]
+    )
+
+
+def pseudolabel_rows(
+    policy: PseudolabelConfig, signals: pa.Table, found: pa.Table | None, world: World
+) -> pa.Table:
+    """The pseudolabel stage's rows for the unlabeled images (WPL: with the teacher's
+    prototypes, built the way ``teacher_prototypes`` builds them)."""
+    unlabeled = signals.filter(pc.equal(signals["split"], "unlabeled"))
+    prototypes = None
+    if policy.policy == "wpl":
+        labeled = signals.filter(pc.equal(signals["split"], "labeled"))
+        contributions = pa.concat_tables(
+            [
+                queue_batch(labeled, policy.model_dump()),
+                queue_batch(unlabeled, policy.model_dump(), detections=found),
+            ]
+        ).to_pylist()
+        newest_first = sorted(contributions, key=lambda row: row["image_id"], reverse=True)
+        dim = int(signals["feature_dim"][0].as_py())
+        prototypes = fill_memory(newest_first, policy.wpl.memory_size, world.num_classes, dim)
+    return label_batch(
+        unlabeled, policy.model_dump(), prototypes, found if policy.policy == "wpl" else None
+    )
+
+
+def label_quality(rows: pa.Table, world: World) -> tuple[float, float]:
+    """The evaluate stage's coverage (kept / valid pixels) and precision (right / kept)."""
+    masks = dict(zip(world.unlabeled.ids, world.unlabeled.mask_png, strict=True))
+    batch = {
+        "image_id": np.asarray(rows["image_id"].to_pylist(), dtype=object),
+        "height": np.asarray(rows["height"].to_pylist()),
+        "width": np.asarray(rows["width"].to_pylist()),
+        "mask": np.asarray([masks[i] for i in rows["image_id"].to_pylist()], dtype=object),
+        "label": np.asarray(rows["label"].to_pylist(), dtype=object),
+        "keep": np.asarray(rows["keep"].to_pylist(), dtype=object),
+    }
+    counts = evaluate.pseudolabel_counts(batch)
+    kept = float(counts["kept"].sum())
+    return kept / float(counts["valid"].sum()), float(
+        counts["correct"].sum()
+    ) / kept if kept else 0.0
+
+
+def unlabeled_arrays(rows: pa.Table, world: World) -> dict[str, torch.Tensor]:
+    """Pseudo-label rows joined with their images, decoded as the student's Ray Data step
+    decodes them (``pseudolabel_rows_to_arrays``)."""
+    pngs = dict(zip(world.unlabeled.ids, world.unlabeled.image_png, strict=True))
+    table = rows.append_column(
+        "image", pa.array([pngs[i] for i in rows["image_id"].to_pylist()], pa.binary())
+    )
+    batch = {name: np.asarray(table[name].to_pylist(), dtype=object) for name in table.column_names}
+    arrays = segtrain.pseudolabel_rows_to_arrays(batch, world.image_size)
+    return {name: torch.from_numpy(value) for name, value in arrays.items()}
+
+
+@dataclass
+class SeedResult:
+    """One row's outcome for one seed."""
+
+    name: str
+    seed: int
+    miou: float
+    coverage: float | None = None
+    precision: float | None = None
+    seconds: float = 0.0
+
+
+@contextmanager
+def _timed(results: list[SeedResult], name: str, seed: int) -> Iterator[SeedResult]:
+    """Yield the row's result to fill in; its seconds are set and it is appended on exit."""
+    result, started = SeedResult(name, seed, math.nan), time.perf_counter()
+    yield result
+    result.seconds = time.perf_counter() - started
+    results.append(result)
+    logger.info("seed %d: %-12s mIoU %.4f  (%.0f s)", seed, name, result.miou, result.seconds)
+
+
+def run_seed(plan: QualityPlan, seed: int) -> list[SeedResult]:
+    """Every row of the benchmark for one seed."""
+    world = make_world(plan.dataset)
+    results: list[SeedResult] = []
+    classes = world.num_classes
+    with _timed(results, "supervised", seed) as row:
+        teacher = train_segmenter(plan.supervised, world, world.labeled, seed=seed)
+        row.miou = val_iou(teacher, world.val, classes)[0]
+    with _timed(results, "full", seed) as row:
+        everything = world.labeled.join(world.unlabeled)
+        full = train_segmenter(plan.supervised, world, everything, seed=seed)
+        row.miou = val_iou(full, world.val, classes)[0]
+    found = None
+    if "wpl" in plan.policies:
+        found = detections(train_detector(plan.detector, world, seed), world)
+    signals = teacher_signals(teacher, world, plan.topk)
+    for policy in plan.policies:
+        cfg = PseudolabelConfig(policy=policy)
+        round_signals = signals
+        for round_number in range(1, plan.rounds + 1):
+            name = policy if round_number == 1 else f"{policy}+r{round_number}"
+            with _timed(results, name, seed) as row:
+                rows = pseudolabel_rows(cfg, round_signals, found, world)
+                row.coverage, row.precision = label_quality(rows, world)
+                arrays = unlabeled_arrays(rows, world)
+                student = train_segmenter(
+                    plan.student, world, world.labeled, seed=seed, unlabeled=arrays, policy=cfg
+                )
+                row.miou = val_iou(student, world.val, classes)[0]
+            if round_number < plan.rounds:
+                round_signals = teacher_signals(student, world, plan.topk)
+    return results
+
+
+def _seed_job(plan: QualityPlan, seed: int) -> list[SeedResult]:
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    return run_seed(plan, seed)
+
+
+def run_benchmark(plan: QualityPlan, jobs: int | None = None) -> list[SeedResult]:
+    """Every seed, ``jobs`` at a time in separate processes (default: one per CPU core)."""
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(plan.seeds)))
+    if jobs == 1:
+        return [result for seed in plan.seeds for result in run_seed(plan, seed)]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        outcomes = pool.map(_seed_job, [plan] * len(plan.seeds), plan.seeds)
+        return [result for outcome in outcomes for result in outcome]
+
+
+def summarize(results: list[SeedResult]) -> list[dict[str, Any]]:
+    """One object per row: ``name``, ``miou_mean``, ``miou_std`` (sample std over seeds),
+    ``seeds``, ``gap_closing`` (None unless full is above supervised), and for pseudo-label rows
+    mean ``coverage`` and ``precision``."""
+    names = list(dict.fromkeys(r.name for r in results))
+    by_name = {name: [r for r in results if r.name == name] for name in names}
+    means = {name: float(np.mean([r.miou for r in rows])) for name, rows in by_name.items()}
+    gap = means.get("full", math.nan) - means.get("supervised", math.nan)  # NaN: no such rows
+    summary = []
+    for name, rows in by_name.items():
+        mious = [r.miou for r in rows]
+        row: dict[str, Any] = {
+            "name": name,
+            "miou_mean": means[name],
+            "miou_std": float(np.std(mious, ddof=1)) if len(mious) > 1 else 0.0,
+            "seeds": [r.seed for r in rows],
+            "miou_per_seed": mious,
+            "gap_closing": (means[name] - means["supervised"]) / gap if gap > 0 else None,
+            "seconds": float(np.sum([r.seconds for r in rows])),
+        }
+        if rows[0].coverage is not None:
+            row["coverage"] = float(np.mean([r.coverage for r in rows]))
+            row["precision"] = float(np.mean([r.precision for r in rows]))
+        summary.append(row)
+    return summary
+
+
+def row_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """MLflow metrics of the rows: ``<row>.miou_mean``, ``.miou_std``, ``.gap_closing``, ...
+    (``csl+r2`` is logged as ``csl_r2``: MLflow names take no ``+``)."""
+    keys = ("miou_mean", "miou_std", "gap_closing", "coverage", "precision")
+    return {
+        f"{row['name'].replace('+', '_')}.{key}": float(row[key])
+        for row in rows
+        for key in keys
+        if row.get(key) is not None
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'row':<14} {'mIoU':>15} {'g':>7} {'coverage':>9} {'precision':>9}"]
+    for row in rows:
+        miou = f"{row['miou_mean']:.4f} ± {row['miou_std']:.4f}"
+        cover = f"{row['coverage']:.3f}" if "coverage" in row else "-"
+        prec = f"{row['precision']:.3f}" if "precision" in row else "-"
+        g = "-" if row["gap_closing"] is None else f"{row['gap_closing']:.3f}"
+        lines.append(f"{row['name']:<14} {miou:>15} {g:>7} {cover:>9} {prec:>9}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]]) -> bytes:
+    """mIoU (mean ± std over seeds) per row, round 1 and 2 side by side, with the supervised
+    and full lines: PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_name = {row["name"]: row for row in rows}
+    policies = [
+        r["name"] for r in rows if r["name"] not in {"supervised", "full"} and "+" not in r["name"]
+    ]
+    fig, ax = plt.subplots(figsize=(1.6 * len(policies) + 2.5, 3.8))
+    x = np.arange(len(policies))
+    for offset, suffix, label in ((-0.2, "", "round 1"), (0.2, "+r2", "round 2")):
+        present = [p for p in policies if p + suffix in by_name]
+        if not present:
+            continue
+        means = [by_name[p + suffix]["miou_mean"] for p in present]
+        stds = [by_name[p + suffix]["miou_std"] for p in present]
+        ax.bar(x[: len(present)] + offset, means, 0.4, yerr=stds, capsize=3, label=label)
+    for name, style in (("supervised", "--"), ("full", ":")):
+        if name in by_name:
+            ax.axhline(by_name[name]["miou_mean"], color="k", linestyle=style, label=name)
+    ax.set_xticks(x, policies)
+    ax.set_ylabel("val mIoU (mean ± std over seeds)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def plan_params(plan: QualityPlan) -> dict[str, str]:
+    """The plan, flattened, for MLflow params."""
+    flat = {f"dataset.{k}": v for k, v in asdict(plan.dataset).items()}
+    flat |= {f"student.{k}": v for k, v in plan.student.model_dump().items()}
+    flat |= {f"detector.{k}": v for k, v in plan.detector.model_dump().items()}
+    flat |= {"policies": ",".join(plan.policies), "rounds": plan.rounds, "seeds": plan.seeds}
+    return {k: str(v) for k, v in flat.items()}

@@ -1,0 +1,99 @@
+"""``pseudoflow bench quality``: the summary's numbers by hand, and the quick mode end to end
+(every row trained, the JSON keys, the run in a real SQLite MLflow store)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline import quality
+from pipeline.quality import SeedResult
+from tests.conftest import run_cli
+
+ROW_NAMES = [
+    "supervised",
+    "full",
+    "threshold",
+    "threshold+r2",
+    "s4mc",
+    "s4mc+r2",
+    "csl",
+    "csl+r2",
+    "wpl",
+    "wpl+r2",
+]
+
+
+def _results() -> list[SeedResult]:
+    return [
+        SeedResult("supervised", 0, 0.2),
+        SeedResult("supervised", 1, 0.4),
+        SeedResult("full", 0, 0.6),
+        SeedResult("full", 1, 0.8),
+        SeedResult("csl+r2", 0, 0.5, coverage=1.0, precision=0.7),
+        SeedResult("csl+r2", 1, 0.6, coverage=0.8, precision=0.9),
+    ]
+
+
+def test_summary_by_hand() -> None:
+    rows = {row["name"]: row for row in quality.summarize(_results())}
+    assert list(rows) == ["supervised", "full", "csl+r2"]
+    assert rows["supervised"]["miou_mean"] == pytest.approx(0.3)
+    assert rows["supervised"]["miou_std"] == pytest.approx(math.sqrt(0.02))  # ddof = 1
+    assert rows["supervised"]["gap_closing"] == pytest.approx(0.0)
+    assert rows["full"]["gap_closing"] == pytest.approx(1.0)
+    assert rows["csl+r2"]["gap_closing"] == pytest.approx((0.55 - 0.3) / (0.7 - 0.3))
+    assert rows["csl+r2"]["coverage"] == pytest.approx(0.9)
+    assert rows["csl+r2"]["precision"] == pytest.approx(0.8)
+    assert rows["csl+r2"]["seeds"] == [0, 1]
+    assert "coverage" not in rows["full"]
+    metrics = quality.row_metrics(list(rows.values()))
+    assert metrics["csl_r2.gap_closing"] == pytest.approx(0.625)
+    table = quality.format_table(list(rows.values()))
+    assert "csl+r2         0.5500 ± 0.0707   0.625     0.900     0.800" in table
+
+
+def test_gap_closing_is_undefined_without_a_gap() -> None:
+    flat = [SeedResult("supervised", 0, 0.5), SeedResult("full", 0, 0.5)]
+    assert [row["gap_closing"] for row in quality.summarize(flat)] == [None, None]
+    assert "nan" not in json.dumps(quality.summarize(flat)).lower()
+
+
+def test_batches_draw_every_item_once_per_pass() -> None:
+    arrays = {"x": torch.arange(10)}
+    batches = quality._endless(arrays, 3, seed=0)
+    first = torch.cat([next(batches)["x"] for _ in range(3)])
+    assert len(set(first.tolist())) == 9  # one pass: 3 full batches, no repeats
+
+
+def test_quick_benchmark_runs_every_row_and_logs_to_mlflow(tmp_path: Path) -> None:
+    out = tmp_path / "quality.json"
+    result = run_cli(
+        "bench", "quality", "--quick", "--seeds", "1", "--jobs", "1", "--json", str(out),
+        "--root", str(tmp_path / "runs"), timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [row["name"] for row in rows] == ROW_NAMES
+    for row in rows:
+        assert {"name", "miou_mean", "miou_std", "seeds", "gap_closing"} <= set(row)
+        assert row["seeds"] == [0]
+        assert 0.0 <= row["miou_mean"] <= 1.0
+    for row in rows[2:]:
+        assert 0.0 <= row["coverage"] <= 1.0
+    assert "wall time" in result.stdout
+    for name in ROW_NAMES:
+        assert result.stdout.count(f"\n{name} ") == 1
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/runs/mlflow.db")
+    experiment = client.get_experiment_by_name("pseudoflow-bench")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.metrics["full.miou_mean"] == pytest.approx(rows[1]["miou_mean"])
+    assert run.data.params["rounds"] == "2"
+    files = {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert files == {"quality.json", "quality.png", "quality.txt"}
