@@ -121,11 +121,6 @@ def new_run_id(config: PipelineConfig) -> str:
     return f"{config.name}-{stamp}-{secrets.token_hex(3)}"
 
 
-# Ray kills a worker idle above its soft limit after 1 s; a pipeline's next stage would then
-# start new processes and pay torch's ~5 s import again in each. Read by a raylet at its start.
-KEEP_IDLE_WORKERS = ("RAY_idle_worker_killing_time_threshold_ms", "300000")
-
-
 def init_ray(config: PipelineConfig, uri: str) -> None:
     """Join the cluster at ``RAY_ADDRESS`` if set (``local``: always start a new local Ray), else
     Ray's default (the cluster ``ray start`` left on this machine, or a new local Ray); MLflow's
@@ -133,8 +128,6 @@ def init_ray(config: PipelineConfig, uri: str) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # A Ray started here keeps its idle workers (torch already imported) between stages.
-    os.environ.setdefault(*KEEP_IDLE_WORKERS)
     interactive = _is_terminal()
     progress.set_interactive(interactive)
     if ray.is_initialized():

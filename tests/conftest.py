@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.runner import KEEP_IDLE_WORKERS
+from tests.servers import KEEP_IDLE_WORKERS
 
 REPO = Path(__file__).resolve().parents[1]
 

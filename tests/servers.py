@@ -22,9 +22,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.runner import KEEP_IDLE_WORKERS
-
 VENV_BIN = Path(sys.executable).parent
+
+# Ray kills a worker idle above its soft limit after 1 s, so each stage of a test's pipeline would
+# start new processes and pay torch's ~5 s import again. Test clusters keep them 5 minutes. (Not
+# the CLI's default: a Ray Data task worker reused that long sometimes prints an InterruptedError
+# traceback from a finished read's completion thread.)
+KEEP_IDLE_WORKERS = ("RAY_idle_worker_killing_time_threshold_ms", "300000")
 
 
 def free_port() -> int:
