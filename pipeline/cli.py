@@ -441,9 +441,7 @@ def bench_policies(size: int, classes: int, images: int, json_path: str | None) 
 @bench.command("quality")
 @click.option("--quick", is_flag=True, help="a tiny dataset and a few steps: checks every row runs")
 @click.option("--seeds", type=click.IntRange(1), default=None, help="seeds (default 3; quick 2)")
-@click.option(
-    "--jobs", type=click.IntRange(1), default=None, help="seeds at once (default: CPU cores)"
-)
+@click.option("--jobs", type=click.IntRange(1), default=None, help="seeds at once (default: all)")
 @click.option("--json", "json_path", default=None, help="write the rows as JSON here")
 @click.option("--root", default="runs", show_default=True, help="folder for MLflow's SQLite")
 @click.option("--tracking-uri", default=None, help="MLflow URI (default: ROOT/mlflow.db)")

@@ -25,7 +25,6 @@ import io
 import logging
 import math
 import multiprocessing
-import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -94,12 +93,21 @@ def default_plan(*, quick: bool = False, seeds: int | None = None) -> QualityPla
             detector=DetectorConfig(steps=2, batch_size=2, min_size=64),
             seeds=tuple(range(seeds or 2)),
         )
+    # colour_bias 0.5: with shapes as the only cue, a network from random weights learns little
+    # in this budget even with every label (full 0.22 mIoU after 300 steps); with a partial
+    # colour cue full reaches 0.49 and the 24 labels 0.39 after 600 steps.
     return QualityPlan(
         dataset=GeneratedSpec(
-            seed=0, num_labeled=24, num_unlabeled=400, num_val=64, image_size=64, max_objects=4
+            seed=0,
+            num_labeled=24,
+            num_unlabeled=400,
+            num_val=64,
+            image_size=64,
+            max_objects=4,
+            colour_bias=0.5,
         ),
         student=segtrain.StudentConfig(
-            steps=300, batch_size=8, unlabeled_batch_size=8, lr=0.01, log_every=1000
+            steps=300, batch_size=8, unlabeled_batch_size=4, lr=0.01, log_every=1000
         ),
         detector=DetectorConfig(steps=60, batch_size=4, min_size=128),
         seeds=tuple(range(seeds or 3)),
@@ -394,8 +402,9 @@ def _seed_job(plan: QualityPlan, seed: int) -> list[SeedResult]:
 
 
 def run_benchmark(plan: QualityPlan, jobs: int | None = None) -> list[SeedResult]:
-    """Every seed, ``jobs`` at a time in separate processes (default: one per CPU core)."""
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(plan.seeds)))
+    """Every seed, ``jobs`` at a time in separate processes of one torch thread each (default:
+    all seeds at once; small convolutions use one core better than two threads do)."""
+    jobs = max(1, min(jobs or len(plan.seeds), len(plan.seeds)))
     if jobs == 1:
         return [result for seed in plan.seeds for result in run_seed(plan, seed)]
     context = multiprocessing.get_context("spawn")

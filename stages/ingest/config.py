@@ -27,6 +27,9 @@ class GeneratedSourceConfig(StrictModel):
     image_size: int = Field(64, ge=16)
     max_objects: int = Field(4, ge=1)
     noise_std: float = Field(8.0, ge=0)
+    colour_bias: float = Field(
+        0.0, ge=0, le=1, description="weight of a class's own colour in its objects' colours"
+    )
 
     def spec(self, num_classes: int) -> GeneratedSpec:
         return GeneratedSpec(num_classes=num_classes, **self.model_dump())

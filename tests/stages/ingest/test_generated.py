@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from stages.ingest.generated import (
+    CLASS_COLOURS,
     CLASS_NAMES,
     SHAPES,
     GeneratedSpec,
@@ -120,6 +121,32 @@ def test_colour_does_not_separate_classes() -> None:
     assert np.abs(centroids[:, None] - centroids[None]).max() < 30.0
     predicted = 1 + np.argmin(np.linalg.norm(x[:, None] - centroids[None], axis=2), axis=1)
     assert (predicted == y).mean() < 0.4
+
+
+def test_colour_bias_moves_object_colours_towards_their_class_and_keeps_the_masks() -> None:
+    """With colour_bias = 1 an object's colour is its class colour plus its light shading (at
+    most 30 across the object), so with no noise a class's mean colour per image lies within
+    30 of CLASS_COLOURS; the random stream is unchanged, so the masks are the unbiased ones."""
+    plain = GeneratedSpec(image_size=32, noise_std=0.0)
+    biased = replace(plain, colour_bias=1.0)
+    for index in range(40):
+        _, mask = render_image(plain, index)
+        image, biased_mask = render_image(biased, index)
+        assert np.array_equal(mask, biased_mask)
+        for cls in np.unique(mask[mask > 0]):
+            mean = image[mask == cls].astype(np.float32).mean(axis=0)
+            assert np.abs(mean - CLASS_COLOURS[cls]).max() < 30.0, (index, cls, mean)
+    # half way: a class's mean colour over many objects is half its colour, half the mean of
+    # the uniform draws (127.5): ~100 objects a class, std of such a mean ~4
+    images, masks = _render_many(replace(plain, colour_bias=0.5), 200)
+    for cls in range(1, 5):
+        pixels = [
+            image[mask == cls].mean(axis=0)
+            for image, mask in zip(images, masks, strict=True)
+            if (mask == cls).any()
+        ]
+        centroid = np.mean(pixels, axis=0)
+        assert np.abs(centroid - (0.5 * 127.5 + 0.5 * CLASS_COLOURS[cls])).max() < 15.0, cls
 
 
 _RING = math.pi * 0.55**2  # outer radius 0.55 * size
