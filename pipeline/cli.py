@@ -396,7 +396,7 @@ def cache_gc(root: str, tracking_uri: str | None, min_age: float, delete: bool) 
     """Collect entries no MLflow run references and stale leftovers (dry run by default)."""
     from pipeline.cache import collect_garbage, human_bytes
     from pipeline.runner import resolve_root
-    from pipeline.tracking import referenced_keys
+    from pipeline.tracking import local_uri, referenced_keys
     from stages.core.storage import Storage
 
     root = resolve_root(root)
@@ -404,7 +404,7 @@ def cache_gc(root: str, tracking_uri: str | None, min_age: float, delete: bool) 
         if "://" in root:
             click.echo("error: a remote root needs --tracking-uri", err=True)
             sys.exit(2)
-        tracking_uri = f"sqlite:///{root}/mlflow.db"
+        tracking_uri = local_uri(root)
     storage = Storage(root)
     garbage = collect_garbage(
         storage, referenced_keys(tracking_uri), min_age_s=min_age * 3600, delete=delete
@@ -444,7 +444,12 @@ def bench_policies(size: int, classes: int, images: int, json_path: str | None) 
 @click.option("--jobs", type=click.IntRange(1), default=None, help="seeds at once (default: all)")
 @click.option("--json", "json_path", default=None, help="write the rows as JSON here")
 @click.option("--root", default="runs", show_default=True, help="folder for MLflow's SQLite")
-@click.option("--tracking-uri", default=None, help="MLflow URI (default: ROOT/mlflow.db)")
+@click.option(
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    default=None,
+    help="default: MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db",
+)
 @click.option("--no-mlflow", is_flag=True, help="do not log to MLflow")
 def bench_quality(
     quick: bool,
@@ -468,17 +473,18 @@ def bench_quality(
     started = time.perf_counter()
     rows = quality.summarize(quality.run_benchmark(plan, jobs))
     seconds = time.perf_counter() - started
-    click.echo(quality.format_table(rows))
+    table = quality.format_table(rows)
+    click.echo(table)
     click.echo(f"wall time {seconds:.0f} s, {len(plan.seeds)} seeds, {os.cpu_count()} CPUs")
     text = json.dumps(rows, indent=2)
     if json_path:
         with open(json_path, "w") as handle:
             handle.write(text + "\n")
     if not no_mlflow:
-        from pipeline.tracking import log_benchmark
+        from pipeline.tracking import artifact_location, local_uri, log_benchmark
 
         root = os.path.abspath(root)
-        uri = tracking_uri or f"sqlite:///{root}/mlflow.db"
+        uri = tracking_uri or local_uri(root)
         os.makedirs(root, exist_ok=True)
         run_id = log_benchmark(
             uri,
@@ -487,10 +493,10 @@ def bench_quality(
             metrics=quality.row_metrics(rows) | {"wall_seconds": seconds},
             files={
                 "quality.json": text.encode(),
-                "quality.txt": quality.format_table(rows).encode(),
+                "quality.txt": table.encode(),
                 "quality.png": quality.plot(rows),
             },
-            artifact_location=None if uri.startswith("http") else f"{root}/mlartifacts",
+            artifact_location=artifact_location(uri, root),
         )
         click.echo(f"MLflow run {run_id} in {uri} (experiment pseudoflow-bench)")
 

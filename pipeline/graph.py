@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -317,8 +317,6 @@ def _train_student(ctx: Context, round_: Round) -> dict[str, float]:
     }
     extra = {
         **ctx.loop_extra(),
-        "alpha": cfg.alpha,
-        "unlabeled_batch_size": cfg.unlabeled_batch_size,
         "pseudolabel": ctx.config.pseudolabel.model_dump(),
     }
     stage = round_.name("train_student")
@@ -442,7 +440,7 @@ STAGES: tuple[Stage, ...] = (
         detect.SCHEMA,
         lambda c: c.detector.enabled,
     ),
-    *(stage for stage in _round_stages(Round(1))),
+    *_round_stages(Round(1)),
     Stage(
         "evaluate",
         ("images", "teacher", "student", "pseudolabels"),
@@ -457,8 +455,15 @@ STAGES: tuple[Stage, ...] = (
 
 def all_stages(config: PipelineConfig) -> tuple[Stage, ...]:
     """Every stage of a run in order: round 1 as in ``STAGES``, then rounds 2..N, evaluate last."""
-    later = (s for r in range(2, config.rounds + 1) for s in _round_stages(Round(r)))
-    return (*STAGES[:-1], *later, STAGES[-1])
+    later = [s for r in range(2, config.rounds + 1) for s in _round_stages(Round(r))]
+    if not later:
+        return STAGES
+    last = final_round(config)  # evaluate reads every round's student and pseudo-labels
+    students = tuple(
+        Round(r).name(n) for r in range(1, last.number + 1) for n in ("student", "pseudolabels")
+    )
+    evaluate_stage = replace(STAGES[-1], reads=("images", "teacher", *students))
+    return (*STAGES[:-1], *later, evaluate_stage)
 
 
 def planned(config: PipelineConfig) -> list[Stage]:

@@ -20,7 +20,6 @@ mIoU_supervised), from the means over seeds.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import math
@@ -42,6 +41,7 @@ from stages.core import codec, data
 from stages.core.models import segment_logits
 from stages.detect import DetectorPredictor
 from stages.ingest.generated import GeneratedSpec, render_image, split_indices
+from stages.ingest.stage import ID_LENGTH
 from stages.pseudolabel.stage import (
     POLICIES,
     PseudolabelConfig,
@@ -95,7 +95,7 @@ def default_plan(*, quick: bool = False, seeds: int | None = None) -> QualityPla
         )
     # colour_bias 0.5: with shapes as the only cue, a network from random weights learns little
     # in this budget even with every label (full 0.22 mIoU after 300 steps); with a partial
-    # colour cue full reaches 0.49 and the 24 labels 0.39 after 600 steps.
+    # colour cue full reaches 0.48 and the 24 labels 0.40 after 600 steps.
     return QualityPlan(
         dataset=GeneratedSpec(
             seed=0,
@@ -130,13 +130,11 @@ class Split:
         pairs = [render_image(spec, i) for i in split_indices(spec)[split]]
         images = np.stack([image for image, _ in pairs]).transpose(0, 3, 1, 2)
         masks = np.stack([mask for _, mask in pairs])
-        image_png = [codec.encode_png(image) for image, _ in pairs]
-        ids = [hashlib.sha256(png).hexdigest()[:32] for png in image_png]  # as ingest: hex
         return cls(
-            ids,
+            [codec.pixel_digest(image)[:ID_LENGTH] for image, _ in pairs],  # as ingest does
             torch.from_numpy(np.ascontiguousarray(images)),
             torch.from_numpy(masks),
-            image_png,
+            [codec.encode_png(image) for image, _ in pairs],
             [codec.encode_png(mask) for _, mask in pairs],
         )
 
@@ -197,7 +195,7 @@ def _endless(arrays: dict[str, torch.Tensor], batch_size: int, seed: int) -> Ite
     count = len(next(iter(arrays.values())))
     while True:
         order = torch.randperm(count, generator=generator)
-        for start in range(0, count - batch_size + 1 if count >= batch_size else 1, batch_size):
+        for start in range(0, max(count - batch_size, 0) + 1, batch_size):
             index = order[start : start + batch_size]
             yield {name: value[index] for name, value in arrays.items()}
 
@@ -240,8 +238,8 @@ def train_segmenter(
 
 
 @torch.inference_mode()
-def val_iou(model: torch.nn.Module, split: Split, num_classes: int) -> tuple[float, list[float]]:
-    """The evaluate stage's mIoU (and per-class IoU) of ``model`` on ``split``."""
+def val_miou(model: torch.nn.Module, split: Split, num_classes: int) -> float:
+    """The evaluate stage's mIoU of ``model`` on ``split``."""
     matrix = np.zeros((num_classes, num_classes), np.int64)
     for start in range(0, len(split), INFERENCE_BATCH):
         images = data.normalize(split.images[start : start + INFERENCE_BATCH])
@@ -249,8 +247,7 @@ def val_iou(model: torch.nn.Module, split: Split, num_classes: int) -> tuple[flo
         truth = split.masks[start : start + INFERENCE_BATCH].numpy()
         for p, t in zip(pred, truth, strict=True):
             matrix += evaluate.confusion(p, t, num_classes)
-    iou, miou = evaluate.iou_from_confusion(matrix)
-    return miou, iou.tolist()
+    return evaluate.iou_from_confusion(matrix)[1]
 
 
 def teacher_signals(model: torch.nn.Module, world: World, topk: int | None) -> pa.Table:
@@ -321,10 +318,8 @@ def label_quality(rows: pa.Table, world: World) -> tuple[float, float]:
         "keep": np.asarray(rows["keep"].to_pylist(), dtype=object),
     }
     counts = evaluate.pseudolabel_counts(batch)
-    kept = float(counts["kept"].sum())
-    return kept / float(counts["valid"].sum()), float(
-        counts["correct"].sum()
-    ) / kept if kept else 0.0
+    valid, kept, correct = (float(counts[name].sum()) for name in ("valid", "kept", "correct"))
+    return kept / valid, correct / kept if kept else 0.0
 
 
 def unlabeled_arrays(rows: pa.Table, world: World) -> dict[str, torch.Tensor]:
@@ -368,11 +363,11 @@ def run_seed(plan: QualityPlan, seed: int) -> list[SeedResult]:
     classes = world.num_classes
     with _timed(results, "supervised", seed) as row:
         teacher = train_segmenter(plan.supervised, world, world.labeled, seed=seed)
-        row.miou = val_iou(teacher, world.val, classes)[0]
+        row.miou = val_miou(teacher, world.val, classes)
     with _timed(results, "full", seed) as row:
         everything = world.labeled.join(world.unlabeled)
         full = train_segmenter(plan.supervised, world, everything, seed=seed)
-        row.miou = val_iou(full, world.val, classes)[0]
+        row.miou = val_miou(full, world.val, classes)
     found = None
     if "wpl" in plan.policies:
         found = detections(train_detector(plan.detector, world, seed), world)
@@ -389,7 +384,7 @@ def run_seed(plan: QualityPlan, seed: int) -> list[SeedResult]:
                 student = train_segmenter(
                     plan.student, world, world.labeled, seed=seed, unlabeled=arrays, policy=cfg
                 )
-                row.miou = val_iou(student, world.val, classes)[0]
+                row.miou = val_miou(student, world.val, classes)
             if round_number < plan.rounds:
                 round_signals = teacher_signals(student, world, plan.topk)
     return results

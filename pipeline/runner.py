@@ -28,7 +28,15 @@ import pyarrow.parquet as pq
 from pipeline.cache import drop_unused, entry_files
 from pipeline.config import PipelineConfig, flatten, to_yaml
 from pipeline.graph import Context, Stage, planned
-from pipeline.tracking import HIT_TAG, KEY_TAG, RUN_TAG, STAGE_TAG, Tracker
+from pipeline.tracking import (
+    HIT_TAG,
+    KEY_TAG,
+    RUN_TAG,
+    STAGE_TAG,
+    Tracker,
+    artifact_location,
+    local_uri,
+)
 from stages.core import progress
 from stages.core.cache import CacheEntry, cache_key, dataset_output, model_output, new_token
 from stages.core.storage import DatasetRef, Storage
@@ -72,7 +80,7 @@ def tracking_uri(config: PipelineConfig, root: str) -> str:
             f"root {root!r} is remote: set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow "
             "server URL"
         )
-    return f"sqlite:///{root}/mlflow.db"
+    return local_uri(root)
 
 
 def source_folder(config: PipelineConfig, storage: Storage, create: bool = True) -> str | None:
@@ -181,9 +189,7 @@ def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) ->
     storage.fs.makedirs(storage.root, exist_ok=True)
     run_id = new_run_id(config)
     storage.write_bytes(storage.path("pipelines", run_id, "config.yaml"), to_yaml(config).encode())
-    # a server stores (proxies) artifacts itself; a database URI needs a place under the root
-    served = uri.startswith(("http://", "https://", "databricks"))
-    tracker = Tracker(uri, config.tracking.experiment, None if served else f"{root}/mlartifacts")
+    tracker = Tracker(uri, config.tracking.experiment, artifact_location(uri, root))
     parent = tracker.start_run(run_id, {RUN_TAG: run_id})
     tracker.log_params(parent, flatten(config))
     tracker.log_text(parent, to_yaml(config), "config.yaml")

@@ -26,6 +26,17 @@ RUN_TAG = "pseudoflow.run_id"
 MAX_PARAMS_PER_BATCH = 100
 
 
+def local_uri(root: str) -> str:
+    """The SQLite store under a local root: the default when no server is named."""
+    return f"sqlite:///{root}/mlflow.db"
+
+
+def artifact_location(uri: str, root: str) -> str | None:
+    """Where a new experiment keeps its artifacts: a server stores (proxies) them itself; a
+    database URI needs a place under the root."""
+    return None if uri.startswith(("http://", "https://", "databricks")) else f"{root}/mlartifacts"
+
+
 class Tracker:
     """Thin layer over :class:`MlflowClient` for the runner."""
 

@@ -3,11 +3,14 @@
 
     L = L_s + alpha * L_u,   L_u = sum_p w_p keep_p valid_p CE_p / sum_p valid_p   (methods.md §0)
 
-The labeled batch gets a weak view; the unlabeled batch a strong view whose geometry is applied to
-the image and to every stored map alike. The policy's live parts (methods.md §5) happen here:
-S4MC's keep mask from the batch's stored margins (DPA), CSL's extra TMP view (its loss averaged
-with the strong view's), WPL's prototype memory fed from the student's features and refreshed
-across workers every ``refresh_every`` steps. Periodic work is ``if (step + 1) % n == 0``.
+``train_step`` is the whole step (UniMatch's recipe on offline targets): the labeled batch gets a
+weak view; the unlabeled batch one weak geometric draw, applied to the image and to every stored
+map alike, then two strong photometric views, each CutMixed with a partner image whose maps are
+mixed in the same box. The policy's live parts (methods.md §5) happen here: S4MC's keep mask from
+each view's stored margins (DPA), CSL's extra TMP view (its loss averaged with the strong views'),
+WPL's prototype memory fed from the student's features and refreshed across workers every
+``refresh_every`` steps. Periodic work is ``if (step + 1) % n == 0``. ``train_loop`` runs it on
+Ray Train; ``pseudoflow bench quality`` runs it in-process.
 """
 
 from __future__ import annotations
@@ -357,13 +360,12 @@ def _unlabeled_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """L_u averaged over the unlabeled views, each with the policy's live weight from its own
     maps; ``kept_fraction``: the first view's share of pixels with a weight above 0."""
-    losses, kept = [], []
+    losses, weights = [], []
     for view_logits, view_features, view_maps in zip(logits, features, maps, strict=True):
         valid = view_maps["label"] != data.IGNORE_INDEX
-        weight = _live_weight(policy, view_maps, valid, view_features, memory, progress)
-        losses.append(weighted_unsup_loss(view_logits, view_maps["label"], weight, valid))
-        kept.append(float((weight > 0).float().mean()))
-    return torch.stack(losses).mean(), {"kept_fraction": kept[0]}
+        weights.append(_live_weight(policy, view_maps, valid, view_features, memory, progress))
+        losses.append(weighted_unsup_loss(view_logits, view_maps["label"], weights[-1], valid))
+    return torch.stack(losses).mean(), {"kept_fraction": float((weights[0] > 0).float().mean())}
 
 
 def _live_weight(
@@ -450,9 +452,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     learner.model = ray.train.torch.prepare_model(learner.model)
     labeled = _batches(ray.train.get_dataset_shard("labeled"), cfg.batch_size, rank)
     unlabeled = None
-    if learner.alpha > 0:
+    if isinstance(cfg, StudentConfig) and learner.alpha > 0:
         shard = ray.train.get_dataset_shard("unlabeled")
-        unlabeled = _batches(shard, loop_config["unlabeled_batch_size"], 1000 + rank)
+        unlabeled = _batches(shard, cfg.unlabeled_batch_size, 1000 + rank)
     sink: MetricSink | None = loop_config.get("sink") if rank == 0 else None
     post = Poster(loop_config.get("progress") if rank == 0 else None, cfg.steps, start)
     log_lines = rank == 0 and loop_config.get("log_lines", True)

@@ -154,6 +154,14 @@ def test_rounds_add_teach_pseudolabel_and_student_per_round_before_evaluate() ->
     stage = {s.name: s for s in planned(config)}
     assert stage["teach_r3"].reads == ("images", "student_r2")
     assert stage["train_student_r3"].writes == ("student_r3",)
+    every_round = ("student", "pseudolabels", "student_r2", "pseudolabels_r2", "student_r3")
+    assert stage["evaluate"].reads == ("images", "teacher", *every_round, "pseudolabels_r3")
+    assert planned(load_config("smoke"))[-1].reads == (
+        "images",
+        "teacher",
+        "student",
+        "pseudolabels",
+    )
     result = run_cli("plan", "--config", "smoke", "--set", "rounds=2")
     assert [line.split()[1] for line in result.stdout.splitlines()][-4:] == [
         "teach_r2",
