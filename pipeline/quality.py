@@ -234,7 +234,7 @@ def train_segmenter(
     for step in range(cfg.steps):
         extra = next(unlabeled_batches) if unlabeled_batches is not None else None
         segtrain.train_step(learner, next(labeled_batches), extra, step)
-    return learner.model.eval()
+    return learner.result.eval()
 
 
 @torch.inference_mode()

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages.core import codec, data
 from stages.core.config import StrictModel
@@ -80,10 +81,29 @@ class SegTrainConfig(StrictModel):
     amp: bool = Field(True, description="float16 autocast and loss scaling on CUDA (CPU: off)")
 
 
+class StrongViewConfig(StrictModel):
+    """The strong views' photometric draw (``data.photometric_transform``); UniMatch's values by
+    default. Where colour is what tells classes apart, ``hue`` and ``grayscale`` erase it."""
+
+    jitter: float = Field(0.5, ge=0, le=1, description="brightness, contrast, saturation")
+    hue: float = Field(0.25, ge=0, le=0.5)
+    jitter_chance: float = Field(0.8, ge=0, le=1)
+    grayscale: float = Field(0.2, ge=0, le=1, description="chance of a grayscale view")
+    blur: float = Field(0.5, ge=0, le=1, description="chance of a Gaussian blur")
+
+
 class StudentConfig(SegTrainConfig):
     alpha: float = Field(1.0, ge=0)
     unlabeled_batch_size: int = Field(8, ge=1)
     cutmix: float = Field(0.5, ge=0, le=1, description="chance a strong view gets a CutMix box")
+    strong: StrongViewConfig = Field(default_factory=StrongViewConfig)
+    ema: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="decay of an exponential moving average of the weights (0: none); with one,"
+        " the saved student (what evaluate scores and the next round's teacher) is the EMA",
+    )
 
 
 def labeled_rows_to_arrays(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
@@ -199,11 +219,13 @@ def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
 @dataclass
 class Learner:
     """Everything one training run updates, and how: the network, its optimizer, the AMP
-    scaler, WPL's prototype memory, the settings and the augmentations."""
+    scaler, the weights' EMA (``StudentConfig.ema``), WPL's prototype memory, the settings and
+    the augmentations."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
     memory: PrototypeMemory | None
     cfg: SegTrainConfig
     policy: PseudolabelConfig
@@ -212,6 +234,16 @@ class Learner:
     generator: torch.Generator
     weak: Any
     photometric: Any
+
+    @property
+    def network(self) -> nn.Module:
+        """The network without its data-parallel wrapper (Ray Train's ``prepare_model``)."""
+        return getattr(self.model, "module", self.model)
+
+    @property
+    def result(self) -> nn.Module:
+        """The network to save and use: the EMA where there is one, else the trained weights."""
+        return self.ema.module if self.ema is not None else self.network
 
 
 def new_learner(
@@ -224,16 +256,22 @@ def new_learner(
     policy: PseudolabelConfig | None = None,
 ) -> Learner:
     """A fresh network (random weights) and optimizer on ``device``; a student (alpha > 0)
-    under WPL also gets its prototype memory."""
+    under WPL also gets its prototype memory, and with ``ema`` > 0 the EMA of its weights
+    (parameters and buffers, so BatchNorm's statistics too)."""
     torch.manual_seed(seed)
     policy = policy or PseudolabelConfig()
     alpha = cfg.alpha if isinstance(cfg, StudentConfig) else 0.0
     model = build_segmenter(arch=cfg.arch, num_classes=num_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = None
+    if isinstance(cfg, StudentConfig) and cfg.ema > 0:
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    strong = cfg.strong if isinstance(cfg, StudentConfig) else StrongViewConfig()
     return Learner(
         model=model,
         optimizer=optimizer,
         scaler=torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda"),
+        ema=ema,
         memory=_new_memory(policy, num_classes, model) if alpha > 0 else None,
         cfg=cfg,
         policy=policy,
@@ -241,7 +279,7 @@ def new_learner(
         device=device,
         generator=torch.Generator().manual_seed(seed * 1000 + 7),
         weak=data.weak_transform(image_size),
-        photometric=data.photometric_transform(),
+        photometric=data.photometric_transform(**strong.model_dump()),
     )
 
 
@@ -259,8 +297,8 @@ def train_step(
     2. one forward of every view (float16 autocast on CUDA);
     3. L_s on the labeled view; L_u averaged over the unlabeled views, each weighted by the
        policy's live weight computed from its own (mixed) maps;
-    4. backward and step (loss scaling under AMP); WPL's memory takes this step's features and
-       is refreshed every ``refresh_every`` steps.
+    4. backward and step (loss scaling under AMP), then the EMA's update; WPL's memory takes
+       this step's features and is refreshed every ``refresh_every`` steps.
     """
     cfg, policy, memory, device = learner.cfg, learner.policy, learner.memory, learner.device
     for group in learner.optimizer.param_groups:
@@ -290,6 +328,8 @@ def train_step(
     learner.scaler.scale(loss).backward()
     learner.scaler.step(learner.optimizer)
     learner.scaler.update()
+    if learner.ema is not None:
+        learner.ema.update_parameters(learner.network)
     if memory is not None:
         labeled_part = (features_v[0], logits_v[0], targets[0])
         _feed_memory(memory, policy, learner.generator, labeled_part, (features_v[1], targets[1]))
@@ -512,7 +552,6 @@ def _report(
     if not (save and rank == 0):
         ray.train.report(metrics, checkpoint=None)
         return
-    inner: nn.Module = getattr(learner.model, "module", learner.model)
     extra: dict[str, Any] = {
         "optimizer": learner.optimizer.state_dict(),
         "step": step,
@@ -522,8 +561,12 @@ def _report(
         extra["scaler"] = learner.scaler.state_dict()
     if memory_states is not None:
         extra["memory"] = memory_states
+    if learner.ema is not None:  # the checkpoint's weights are the EMA; these resume training
+        trained = learner.network.state_dict()
+        extra["trained_state_dict"] = {k: v.detach().cpu() for k, v in trained.items()}
+        extra["ema_updates"] = int(learner.ema.n_averaged)
     checkpoint = make_checkpoint(
-        inner,
+        learner.result,
         kind="segmenter",
         model_args={
             "arch": loop_config["train"]["arch"],
@@ -546,7 +589,10 @@ def _restore(learner: Learner, rank: int) -> int:
         return 0
     with checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    learner.model.load_state_dict(state["state_dict"])
+    learner.model.load_state_dict(state.get("trained_state_dict", state["state_dict"]))
+    if learner.ema is not None:
+        learner.ema.module.load_state_dict(state["state_dict"])
+        learner.ema.n_averaged.fill_(state.get("ema_updates", state["step"]))
     learner.optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
         learner.scaler.load_state_dict(state["scaler"])

@@ -59,13 +59,23 @@ def weak_transform(size: int) -> v2.Transform:
     )
 
 
-def photometric_transform() -> v2.Transform:
-    """The strong view's photometric part (image only): colour jitter, grayscale, blur."""
+def photometric_transform(
+    *,
+    jitter: float = 0.5,
+    hue: float = 0.25,
+    jitter_chance: float = 0.8,
+    grayscale: float = 0.2,
+    blur: float = 0.5,
+) -> v2.Transform:
+    """The strong view's photometric part (image only), UniMatch's by default: with chance
+    ``jitter_chance`` a colour jitter (brightness, contrast and saturation by up to ``jitter``,
+    hue by up to ``hue``), random grayscale with chance ``grayscale``, a Gaussian blur with chance
+    ``blur``."""
     return v2.Compose(
         [
-            v2.RandomApply([v2.ColorJitter(0.5, 0.5, 0.5, 0.25)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-            v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.5),
+            v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter, hue)], p=jitter_chance),
+            v2.RandomGrayscale(p=grayscale),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=blur),
         ]
     )
 

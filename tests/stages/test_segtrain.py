@@ -4,6 +4,8 @@ stored maps, and whole steps of every policy on a real (tiny) torchvision networ
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,3 +138,97 @@ def test_supervised_step_ignores_the_unlabeled_loss() -> None:
     stats = segtrain.train_step(learner, _batches(32)[0], None, 0)
     assert stats["loss_u"] == 0.0
     assert stats["loss_s"] > 0
+
+
+def test_strong_view_settings_reach_the_photometric_draw() -> None:
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    off = {"jitter_chance": 0.0, "grayscale": 0.0, "blur": 0.0}
+    assert torch.equal(data.photometric_transform(**off)(image), image)
+    gray = data.photometric_transform(**(off | {"grayscale": 1.0}))(image)
+    assert torch.equal(gray[0], gray[1])
+    assert torch.equal(gray[1], gray[2])
+    assert not torch.equal(gray[0], image[0])
+    cfg = segtrain.StudentConfig(strong={"hue": 0.0, "grayscale": 0.0})
+    learner = segtrain.new_learner(
+        cfg, num_classes=4, image_size=16, seed=0, device=torch.device("cpu")
+    )
+    jitter = learner.photometric.transforms[0].transforms[0]
+    assert (jitter.hue, learner.photometric.transforms[1].p) == (None, 0.0)
+    assert jitter.brightness == pytest.approx((0.5, 1.5))
+    with pytest.raises(ValueError, match="hues"):
+        segtrain.StudentConfig(strong={"hues": 0.0})
+
+
+def _ema_learner(decay: float) -> segtrain.Learner:
+    cfg = segtrain.StudentConfig(steps=4, batch_size=2, unlabeled_batch_size=3, ema=decay)
+    return segtrain.new_learner(
+        cfg, num_classes=4, image_size=32, seed=0, device=torch.device("cpu")
+    )
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_ema_averages_weights_and_batchnorm_statistics_by_hand() -> None:
+    learner = _ema_learner(0.75)
+    assert learner.result is learner.ema.module  # type: ignore[union-attr]
+    labeled, unlabeled = _batches(32)
+    after = []
+    for step in range(2):
+        segtrain.train_step(learner, labeled, unlabeled, step)
+        after.append(_state(learner.model))
+    ema = learner.result.state_dict()
+    names = [k for k, v in after[0].items() if v.is_floating_point()]
+    assert any("running_mean" in k for k in names)
+    for name in names:  # first update copies, the second: 0.75 * first + 0.25 * second
+        expected = 0.75 * after[0][name] + 0.25 * after[1][name]
+        torch.testing.assert_close(ema[name], expected, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(ema[k], after[1][k]) for k in names)
+    assert (
+        segtrain.new_learner(
+            segtrain.StudentConfig(),
+            num_classes=4,
+            image_size=32,
+            seed=0,
+            device=torch.device("cpu"),
+        ).ema
+        is None
+    )
+
+
+def test_ema_checkpoint_holds_the_average_and_resumes_both(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import ray.train
+
+    learner = _ema_learner(0.5)
+    labeled, unlabeled = _batches(32)
+    for step in range(2):
+        segtrain.train_step(learner, labeled, unlabeled, step)
+    reported: list[ray.train.Checkpoint] = []
+
+    def report(metrics: dict, checkpoint: ray.train.Checkpoint | None = None) -> None:
+        saved = tmp_path / "saved"
+        shutil.copytree(checkpoint.path, saved)  # type: ignore[union-attr]
+        reported.append(ray.train.Checkpoint.from_directory(str(saved)))
+
+    monkeypatch.setattr(ray.train, "report", report)
+    loop_config = {"resolved_config": {}, "train": {"arch": learner.cfg.arch}, "num_classes": 4}
+    segtrain._report({}, learner, 2, loop_config, rank=0, save=True)
+    state = torch.load(
+        Path(reported[0].path) / segtrain.CHECKPOINT_FILE, map_location="cpu", weights_only=True
+    )
+    for name, value in learner.result.state_dict().items():
+        assert torch.equal(state["state_dict"][name], value)
+    for name, value in learner.model.state_dict().items():
+        assert torch.equal(state["trained_state_dict"][name], value)
+    assert state["ema_updates"] == 2
+
+    resumed = _ema_learner(0.5)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: reported[0])
+    assert segtrain._restore(resumed, rank=0) == 2
+    for one, other in ((learner.model, resumed.model), (learner.result, resumed.result)):
+        for (name, a), b in zip(one.state_dict().items(), other.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    assert int(resumed.ema.n_averaged) == 2  # type: ignore[union-attr]
