@@ -40,6 +40,7 @@ from stages.core.models import (
     make_checkpoint,
     segment_logits,
     segment_with_features,
+    unwrap,
 )
 from stages.core.progress import Poster
 from stages.core.storage import DatasetRef, Storage
@@ -238,7 +239,7 @@ class Learner:
     @property
     def network(self) -> nn.Module:
         """The network without its data-parallel wrapper (Ray Train's ``prepare_model``)."""
-        return getattr(self.model, "module", self.model)
+        return unwrap(self.model)
 
     @property
     def result(self) -> nn.Module:
@@ -592,7 +593,7 @@ def _restore(learner: Learner, rank: int) -> int:
     learner.model.load_state_dict(state.get("trained_state_dict", state["state_dict"]))
     if learner.ema is not None:
         learner.ema.module.load_state_dict(state["state_dict"])
-        learner.ema.n_averaged.fill_(state.get("ema_updates", state["step"]))
+        learner.ema.n_averaged.fill_(state["ema_updates"])
     learner.optimizer.load_state_dict(state["optimizer"])
     if "scaler" in state:
         learner.scaler.load_state_dict(state["scaler"])

@@ -236,8 +236,7 @@ def _report(
     if not save:
         ray.train.report(metrics, checkpoint=None)
         return
-    inner: nn.Module = getattr(model, "module", model)
-    checkpoint = make_checkpoint(inner, kind="detector", model_args=model_args)
+    checkpoint = make_checkpoint(model, kind="detector", model_args=model_args)
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(checkpoint, Path(tmp) / CHECKPOINT_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

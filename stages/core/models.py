@@ -60,11 +60,17 @@ def segment_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a data-parallel wrapper (Ray Train's ``prepare_model``), or itself."""
+    inner: nn.Module = getattr(model, "module", model)
+    return inner
+
+
 def feature_layer(model: nn.Module) -> nn.Module:
     """The segmenter's final classifier convolution, whose input is the decoder feature just
     before the classifier (methods.md §4). torchvision heads: LRASPP's ``high_classifier``,
     otherwise the last ``Conv2d`` of ``model.classifier`` (DeepLabV3, FCN)."""
-    inner = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    inner = unwrap(model)
     head = getattr(inner, "classifier", None)
     if head is None:
         raise ValueError(f"{type(inner).__name__} has no 'classifier' head to take features from")
@@ -112,8 +118,9 @@ def file_digest(path: str | Path) -> str:
 def make_checkpoint(
     model: nn.Module, *, kind: str, model_args: dict[str, Any], extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The dict saved for a trained model: format tag, kind, builder arguments, weights."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    """The dict saved for a trained model (unwrapped): format tag, kind, builder arguments,
+    weights."""
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     return {
         "format": CHECKPOINT_FORMAT,
         "kind": kind,
