@@ -467,13 +467,14 @@ def bench_quality(
     import time
 
     from pipeline import quality
+    from stages.ingest.generated import CLASS_NAMES
 
     _setup_logging(False)
     plan = quality.default_plan(quick=quick, seeds=seeds)
     started = time.perf_counter()
     rows = quality.summarize(quality.run_benchmark(plan, jobs))
     seconds = time.perf_counter() - started
-    table = quality.format_table(rows)
+    table = quality.format_table(rows, CLASS_NAMES[: plan.dataset.num_classes])
     click.echo(table)
     click.echo(f"wall time {seconds:.0f} s, {len(plan.seeds)} seeds, {os.cpu_count()} CPUs")
     text = json.dumps(rows, indent=2)

@@ -25,7 +25,7 @@ import logging
 import math
 import multiprocessing
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -306,8 +306,22 @@ def pseudolabel_rows(
     )
 
 
-def label_quality(rows: pa.Table, world: World) -> tuple[float, float]:
-    """The evaluate stage's coverage (kept / valid pixels) and precision (right / kept)."""
+@dataclass(frozen=True)
+class LabelQuality:
+    """Pseudo-labels against the unlabeled ground truth: overall coverage (kept / valid pixels)
+    and precision (right / kept), and per class ``c`` (index order) ``recall[c]``, the share of
+    the pixels of true class ``c`` kept with label ``c``, and ``precision_of[c]``, the share of
+    the kept pixels labeled ``c`` that are ``c`` (NaN where none is kept)."""
+
+    coverage: float
+    precision: float
+    recall: list[float]
+    precision_of: list[float]
+
+
+def label_quality(rows: pa.Table, world: World) -> LabelQuality:
+    """The evaluate stage's coverage and precision (``pseudolabel_counts``), and per class the
+    confusion of the kept pixels (``evaluate.confusion``) against the masks."""
     masks = dict(zip(world.unlabeled.ids, world.unlabeled.mask_png, strict=True))
     batch = {
         "image_id": np.asarray(rows["image_id"].to_pylist(), dtype=object),
@@ -319,7 +333,21 @@ def label_quality(rows: pa.Table, world: World) -> tuple[float, float]:
     }
     counts = evaluate.pseudolabel_counts(batch)
     valid, kept, correct = (float(counts[name].sum()) for name in ("valid", "kept", "correct"))
-    return kept / valid, correct / kept if kept else 0.0
+    classes = world.num_classes
+    matrix = np.zeros((classes, classes), np.int64)  # kept pixels; rows truth, columns label
+    truth_pixels = np.zeros(classes, np.int64)
+    for i, (h, w) in enumerate(zip(batch["height"], batch["width"], strict=True)):
+        truth = data.decode_mask(batch["mask"][i], int(h), int(w)).numpy()
+        keep = codec.unpack_mask(batch["keep"][i], int(h), int(w))
+        label = codec.decode_png(batch["label"][i])
+        truth_pixels += np.bincount(truth[truth != data.IGNORE_INDEX], minlength=classes)[:classes]
+        matrix += evaluate.confusion(label[keep], truth[keep], classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.diag(matrix) / truth_pixels
+        precision_of = np.diag(matrix) / matrix.sum(axis=0)
+    return LabelQuality(
+        kept / valid, correct / kept if kept else 0.0, recall.tolist(), precision_of.tolist()
+    )
 
 
 def unlabeled_arrays(rows: pa.Table, world: World) -> dict[str, torch.Tensor]:
@@ -341,8 +369,7 @@ class SeedResult:
     name: str
     seed: int
     miou: float
-    coverage: float | None = None
-    precision: float | None = None
+    labels: LabelQuality | None = None
     seconds: float = 0.0
 
 
@@ -379,7 +406,7 @@ def run_seed(plan: QualityPlan, seed: int) -> list[SeedResult]:
             name = policy if round_number == 1 else f"{policy}+r{round_number}"
             with _timed(results, name, seed) as row:
                 rows = pseudolabel_rows(cfg, round_signals, found, world)
-                row.coverage, row.precision = label_quality(rows, world)
+                row.labels = label_quality(rows, world)
                 arrays = unlabeled_arrays(rows, world)
                 student = train_segmenter(
                     plan.student, world, world.labeled, seed=seed, unlabeled=arrays, policy=cfg
@@ -411,7 +438,8 @@ def run_benchmark(plan: QualityPlan, jobs: int | None = None) -> list[SeedResult
 def summarize(results: list[SeedResult]) -> list[dict[str, Any]]:
     """One object per row: ``name``, ``miou_mean``, ``miou_std`` (sample std over seeds),
     ``seeds``, ``gap_closing`` (None unless full is above supervised), and for pseudo-label rows
-    mean ``coverage`` and ``precision``."""
+    mean ``coverage`` and ``precision`` and, per class, ``recall_per_class`` and
+    ``precision_per_class`` (means over the seeds that have a value; None where none has)."""
     names = list(dict.fromkeys(r.name for r in results))
     by_name = {name: [r for r in results if r.name == name] for name in names}
     means = {name: float(np.mean([r.miou for r in rows])) for name, rows in by_name.items()}
@@ -428,11 +456,22 @@ def summarize(results: list[SeedResult]) -> list[dict[str, Any]]:
             "gap_closing": (means[name] - means["supervised"]) / gap if gap > 0 else None,
             "seconds": float(np.sum([r.seconds for r in rows])),
         }
-        if rows[0].coverage is not None:
-            row["coverage"] = float(np.mean([r.coverage for r in rows]))
-            row["precision"] = float(np.mean([r.precision for r in rows]))
+        labels = [r.labels for r in rows if r.labels is not None]
+        if labels:
+            row["coverage"] = float(np.mean([q.coverage for q in labels]))
+            row["precision"] = float(np.mean([q.precision for q in labels]))
+            row["recall_per_class"] = _class_means([q.recall for q in labels])
+            row["precision_per_class"] = _class_means([q.precision_of for q in labels])
         summary.append(row)
     return summary
+
+
+def _class_means(per_seed: list[list[float]]) -> list[float | None]:
+    """Per class, the mean over the seeds where it is defined (None where it never is)."""
+    values = np.asarray(per_seed, np.float64)
+    defined = ~np.isnan(values)
+    totals, counts = np.where(defined, values, 0.0).sum(axis=0), defined.sum(axis=0)
+    return [float(t / n) if n else None for t, n in zip(totals, counts, strict=True)]
 
 
 def row_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -447,7 +486,9 @@ def row_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_table(rows: list[dict[str, Any]], class_names: Sequence[str] = ()) -> str:
+    """The rows as text; then, per pseudo-label row and class, the share of the class's pixels
+    kept with the right label and the precision of the pixels kept with that label."""
     lines = [f"{'row':<14} {'mIoU':>15} {'g':>7} {'coverage':>9} {'precision':>9}"]
     for row in rows:
         miou = f"{row['miou_mean']:.4f} ± {row['miou_std']:.4f}"
@@ -455,7 +496,21 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         prec = f"{row['precision']:.3f}" if "precision" in row else "-"
         g = "-" if row["gap_closing"] is None else f"{row['gap_closing']:.3f}"
         lines.append(f"{row['name']:<14} {miou:>15} {g:>7} {cover:>9} {prec:>9}")
+    labeled = [row for row in rows if "recall_per_class" in row]
+    if labeled:
+        count = len(labeled[0]["recall_per_class"])
+        names = list(class_names)[:count] + [f"class {c}" for c in range(len(class_names), count)]
+        lines += ["", "kept per class: recall / precision"]
+        lines.append(f"{'row':<14} " + " ".join(f"{name[:11]:>11}" for name in names))
+        for row in labeled:
+            pairs = zip(row["recall_per_class"], row["precision_per_class"], strict=True)
+            cells = [f"{_fraction(r)}/{_fraction(p)}" for r, p in pairs]
+            lines.append(f"{row['name']:<14} " + " ".join(f"{cell:>11}" for cell in cells))
     return "\n".join(lines)
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def plot(rows: list[dict[str, Any]]) -> bytes:
