@@ -320,33 +320,29 @@ class LabelQuality:
 
 
 def label_quality(rows: pa.Table, world: World) -> LabelQuality:
-    """The evaluate stage's coverage and precision (``pseudolabel_counts``), and per class the
-    confusion of the kept pixels (``evaluate.confusion``) against the masks."""
+    """Every number from one pass over the images: the confusion (``evaluate.confusion``) of the
+    kept pixels against the masks, whose total is the kept valid pixels and whose diagonal the
+    right ones (the evaluate stage's ``pseudolabel_counts``), and the valid pixels per class."""
     masks = dict(zip(world.unlabeled.ids, world.unlabeled.mask_png, strict=True))
-    batch = {
-        "image_id": np.asarray(rows["image_id"].to_pylist(), dtype=object),
-        "height": np.asarray(rows["height"].to_pylist()),
-        "width": np.asarray(rows["width"].to_pylist()),
-        "mask": np.asarray([masks[i] for i in rows["image_id"].to_pylist()], dtype=object),
-        "label": np.asarray(rows["label"].to_pylist(), dtype=object),
-        "keep": np.asarray(rows["keep"].to_pylist(), dtype=object),
-    }
-    counts = evaluate.pseudolabel_counts(batch)
-    valid, kept, correct = (float(counts[name].sum()) for name in ("valid", "kept", "correct"))
     classes = world.num_classes
     matrix = np.zeros((classes, classes), np.int64)  # kept pixels; rows truth, columns label
     truth_pixels = np.zeros(classes, np.int64)
-    for i, (h, w) in enumerate(zip(batch["height"], batch["width"], strict=True)):
-        truth = data.decode_mask(batch["mask"][i], int(h), int(w)).numpy()
-        keep = codec.unpack_mask(batch["keep"][i], int(h), int(w))
-        label = codec.decode_png(batch["label"][i])
+    for row in rows.select(["image_id", "height", "width", "label", "keep"]).to_pylist():
+        h, w = int(row["height"]), int(row["width"])
+        truth = data.decode_mask(masks[row["image_id"]], h, w).numpy()
+        keep = codec.unpack_mask(row["keep"], h, w)
+        label = codec.decode_png(row["label"])
         truth_pixels += np.bincount(truth[truth != data.IGNORE_INDEX], minlength=classes)[:classes]
         matrix += evaluate.confusion(label[keep], truth[keep], classes)
+    valid, kept, correct = truth_pixels.sum(), matrix.sum(), np.trace(matrix)
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.diag(matrix) / truth_pixels
         precision_of = np.diag(matrix) / matrix.sum(axis=0)
     return LabelQuality(
-        kept / valid, correct / kept if kept else 0.0, recall.tolist(), precision_of.tolist()
+        float(kept / valid),
+        float(correct / kept) if kept else 0.0,
+        recall.tolist(),
+        precision_of.tolist(),
     )
 
 
