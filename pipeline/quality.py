@@ -327,18 +327,17 @@ class LabelQuality:
 
 
 def label_quality(rows: pa.Table, world: World) -> LabelQuality:
-    """Every number from one pass over the images: the confusion (``evaluate.confusion``) of the
-    kept pixels against the masks, whose total is the kept valid pixels and whose diagonal the
-    right ones (the evaluate stage's ``pseudolabel_counts``), and the valid pixels per class."""
+    """Every number from one pass over the images, decoded as the evaluate stage decodes them
+    (``decode_pseudolabel``): the confusion of the kept pixels against the masks, whose total is
+    the kept valid pixels and whose diagonal the right ones, and the valid pixels per class."""
     masks = dict(zip(world.unlabeled.ids, world.unlabeled.mask_png, strict=True))
     classes = world.num_classes
     matrix = np.zeros((classes, classes), np.int64)  # kept pixels; rows truth, columns label
     truth_pixels = np.zeros(classes, np.int64)
     for row in rows.select(["image_id", "height", "width", "label", "keep"]).to_pylist():
-        h, w = int(row["height"]), int(row["width"])
-        truth = data.decode_mask(masks[row["image_id"]], h, w).numpy()
-        keep = codec.unpack_mask(row["keep"], h, w)
-        label = codec.decode_png(row["label"])
+        truth, label, keep = evaluate.decode_pseudolabel(
+            masks[row["image_id"]], row["label"], row["keep"], row["height"], row["width"]
+        )
         truth_pixels += np.bincount(truth[truth != data.IGNORE_INDEX], minlength=classes)[:classes]
         matrix += evaluate.confusion(label[keep], truth[keep], classes)
     valid, kept, correct = truth_pixels.sum(), matrix.sum(), np.trace(matrix)
@@ -532,12 +531,12 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
     fig, ax = plt.subplots(figsize=(1.6 * len(policies) + 2.5, 3.8))
     x = np.arange(len(policies))
     for offset, suffix, label in ((-0.2, "", "round 1"), (0.2, "+r2", "round 2")):
-        present = [p for p in policies if p + suffix in by_name]
+        present = [i for i, p in enumerate(policies) if p + suffix in by_name]
         if not present:
             continue
-        means = [by_name[p + suffix]["miou_mean"] for p in present]
-        stds = [by_name[p + suffix]["miou_std"] for p in present]
-        ax.errorbar(x[: len(present)] + offset, means, yerr=stds, fmt="o", capsize=3, label=label)
+        means = [by_name[policies[i] + suffix]["miou_mean"] for i in present]
+        stds = [by_name[policies[i] + suffix]["miou_std"] for i in present]
+        ax.errorbar(x[present] + offset, means, yerr=stds, fmt="o", capsize=3, label=label)
     for name, style in (("supervised", "--"), ("full", ":")):
         if name in by_name:
             ax.axhline(by_name[name]["miou_mean"], color="k", linestyle=style, label=name)

@@ -105,14 +105,27 @@ def evaluate_models(
     return results
 
 
+def decode_pseudolabel(
+    mask: bytes, label: bytes, keep: bytes, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image's ground truth ``uint8[H, W]`` (255 = ignore), stored pseudo-label
+    ``uint8[H, W]`` and keep map ``bool[H, W]``, the keep map restricted to the valid pixels."""
+    truth = data.decode_mask(mask, height, width).numpy()
+    keep_map = codec.unpack_mask(keep, height, width) & (truth != data.IGNORE_INDEX)
+    return truth, codec.decode_png(label), keep_map
+
+
 def pseudolabel_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per image: valid ground-truth pixels, kept pixels, and kept pixels whose label is right."""
     out: dict[str, list[int]] = {"valid": [], "kept": [], "correct": []}
     for i in range(len(batch["image_id"])):
-        h, w = int(batch["height"][i]), int(batch["width"][i])
-        truth = data.decode_mask(batch["mask"][i], h, w).numpy()
-        label = codec.decode_png(batch["label"][i])
-        keep = codec.unpack_mask(batch["keep"][i], h, w) & (truth != data.IGNORE_INDEX)
+        truth, label, keep = decode_pseudolabel(
+            batch["mask"][i],
+            batch["label"][i],
+            batch["keep"][i],
+            int(batch["height"][i]),
+            int(batch["width"][i]),
+        )
         out["valid"].append(int((truth != data.IGNORE_INDEX).sum()))
         out["kept"].append(int(keep.sum()))
         out["correct"].append(int((keep & (label == truth)).sum()))
