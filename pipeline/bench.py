@@ -3,6 +3,10 @@
 ``policies``: the per-image cost of each pseudo-label policy's math, on the same synthetic teacher
 signals, and of the whole stored-row path (decode signals, policy, encode) that the pseudolabel
 stage runs per image.
+
+``step``: one training step (forward, loss, backward, AdamW) of the segmentation network as
+torchvision builds it against the network as ``segtrain.new_learner`` trains it (channels-last,
+the faster dilated depthwise backward of :mod:`stages.core.fastconv`), same weights, same batch.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from stages.core.fastconv import swap_dilated_depthwise
+from stages.core.models import build_segmenter, segment_logits
 from stages.pseudolabel.stage import POLICIES, PseudolabelConfig, encode_row, policy_maps
 from stages.teach import decode_signals, encode_signals, full_probs
 
@@ -113,3 +120,79 @@ def format_costs(costs: list[PolicyCost], *, size: int, num_classes: int) -> str
 
 def rows_as_dicts(costs: list[PolicyCost]) -> list[dict[str, float | str]]:
     return [{"policy": c.policy, "math_ms": c.math_ms, "row_ms": c.row_ms} for c in costs]
+
+
+@dataclass(frozen=True)
+class StepCost:
+    stock_ms: float  # per step, the network as torchvision builds it
+    ours_ms: float  # per step, as the learner trains it
+    swapped: int  # dilated depthwise layers given the faster backward
+    gradient_error: float  # largest |difference| of one step's gradients / largest |gradient|
+
+
+def step_cost(
+    *, arch: str, size: int, batch: int, num_classes: int, steps: int, seed: int = 0
+) -> StepCost:
+    """Milliseconds per step of both networks, timed in alternating halves after a warm-up,
+    and how far their first step's gradients differ."""
+    torch.manual_seed(seed)
+    stock = build_segmenter(arch=arch, num_classes=num_classes)
+    ours = build_segmenter(arch=arch, num_classes=num_classes)
+    ours.load_state_dict(stock.state_dict())
+    swapped = swap_dilated_depthwise(ours)
+    ours = ours.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=generator)
+    labels = torch.randint(0, num_classes, (batch, size, size), generator=generator)
+    inputs = {"stock": images, "ours": images.contiguous(memory_format=torch.channels_last)}
+    models = {"stock": stock, "ours": ours}
+    grads = {name: _gradients(model, inputs[name], labels) for name, model in models.items()}
+    scale = max(float(g.abs().max()) for g in grads["stock"])
+    error = max(
+        float((a - b).abs().max()) for a, b in zip(grads["stock"], grads["ours"], strict=True)
+    )
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-3) for name, m in models.items()}
+    seconds = dict.fromkeys(models, 0.0)
+    for half in (steps // 2, steps - steps // 2):
+        for name, model in models.items():
+            _step(model, optimizers[name], inputs[name], labels)  # warm-up
+            start = time.perf_counter()
+            for _ in range(half):
+                _step(model, optimizers[name], inputs[name], labels)
+            seconds[name] += time.perf_counter() - start
+    per_step = {name: value * 1000 / steps for name, value in seconds.items()}
+    return StepCost(per_step["stock"], per_step["ours"], swapped, error / scale)
+
+
+def _gradients(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> list[torch.Tensor]:
+    model.train()
+    loss = F.cross_entropy(segment_logits(model, images), labels)
+    return list(torch.autograd.grad(loss, list(model.parameters())))
+
+
+def _step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+) -> None:
+    loss = F.cross_entropy(segment_logits(model, images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def format_step(cost: StepCost, *, arch: str, size: int, batch: int) -> str:
+    return "\n".join(
+        [
+            f"one training step of {arch}, {batch} images of {size}x{size} px, "
+            f"{torch.get_num_threads()} torch threads",
+            f"{'network':<44} {'ms/step':>9}",
+            f"{'as torchvision builds it':<44} {cost.stock_ms:>9.1f}",
+            f"{'as pseudoflow trains it':<44} {cost.ours_ms:>9.1f}",
+            f"speed-up x{cost.stock_ms / cost.ours_ms:.2f}; {cost.swapped} dilated depthwise "
+            f"layers swapped; gradients differ by {cost.gradient_error:.1e} of the largest",
+        ]
+    )

@@ -438,6 +438,29 @@ def bench_policies(size: int, classes: int, images: int, json_path: str | None) 
             json.dump(rows_as_dicts(costs), handle, indent=2)
 
 
+@bench.command("step")
+@click.option("--arch", default="lraspp_mobilenet_v3_large", show_default=True)
+@click.option("--size", default=64, show_default=True, help="image side in pixels")
+@click.option("--batch", default=16, show_default=True, help="images per step")
+@click.option("--classes", default=6, show_default=True, help="number of classes")
+@click.option("--steps", type=click.IntRange(2), default=20, show_default=True)
+@click.option("--json", "json_path", default=None, help="also write the result as JSON here")
+def bench_step(
+    arch: str, size: int, batch: int, classes: int, steps: int, json_path: str | None
+) -> None:
+    """A training step of the network as torchvision builds it and as pseudoflow trains it."""
+    import json
+    from dataclasses import asdict
+
+    from pipeline.bench import format_step, step_cost
+
+    cost = step_cost(arch=arch, size=size, batch=batch, num_classes=classes, steps=steps)
+    click.echo(format_step(cost, arch=arch, size=size, batch=batch))
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump(asdict(cost), handle, indent=2)
+
+
 @bench.command("quality")
 @click.option("--quick", is_flag=True, help="a tiny dataset and a few steps: checks every row runs")
 @click.option("--seeds", type=click.IntRange(1), default=None, help="seeds (default 3; quick 2)")

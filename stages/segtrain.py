@@ -31,7 +31,7 @@ from pydantic import Field
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from stages.core import codec, data
+from stages.core import codec, data, fastconv
 from stages.core.config import StrictModel
 from stages.core.models import (
     build_segmenter,
@@ -258,11 +258,15 @@ def new_learner(
 ) -> Learner:
     """A fresh network (random weights) and optimizer on ``device``; a student (alpha > 0)
     under WPL also gets its prototype memory, and with ``ema`` > 0 the EMA of its weights
-    (parameters and buffers, so BatchNorm's statistics too)."""
+    (parameters and buffers, so BatchNorm's statistics too). The network trains channels-last,
+    its dilated depthwise layers with the faster CPU backward of :mod:`stages.core.fastconv`
+    (same parameters and state-dict keys; ``pseudoflow bench step`` measures both)."""
     torch.manual_seed(seed)
     policy = policy or PseudolabelConfig()
     alpha = cfg.alpha if isinstance(cfg, StudentConfig) else 0.0
-    model = build_segmenter(arch=cfg.arch, num_classes=num_classes).to(device)
+    model = build_segmenter(arch=cfg.arch, num_classes=num_classes)
+    fastconv.swap_dilated_depthwise(model)
+    model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = None
     if isinstance(cfg, StudentConfig) and cfg.ema > 0:
@@ -313,7 +317,7 @@ def train_step(
     targets = [_to(device, maps) for maps in targets]
     amp = learner.scaler.is_enabled()
     with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-        batch = torch.cat(views).to(device)
+        batch = torch.cat(views).to(device, memory_format=torch.channels_last)
         logits, features = _forward(learner.model, batch, with_features=memory is not None)
     sizes = [len(view) for view in views]
     logits_v = logits.float().split(sizes)

@@ -120,7 +120,7 @@ def make_checkpoint(
 ) -> dict[str, Any]:
     """The dict saved for a trained model (unwrapped): format tag, kind, builder arguments,
     weights."""
-    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     return {
         "format": CHECKPOINT_FORMAT,
         "kind": kind,
