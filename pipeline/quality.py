@@ -80,7 +80,7 @@ class QualityPlan:
 
 
 def default_plan(*, quick: bool = False, seeds: int | None = None) -> QualityPlan:
-    """The benchmark's default (45 to 70 minutes on 2 CPU cores) or ``quick`` (a smoke test of
+    """The benchmark's default (about 25 minutes on 2 CPU cores) or ``quick`` (a smoke test of
     every row in a few minutes; its numbers mean nothing)."""
     if quick:
         return QualityPlan(
