@@ -454,7 +454,10 @@ def bench_step(
 
     from pipeline.bench import format_step, step_cost
 
-    cost = step_cost(arch=arch, size=size, batch=batch, num_classes=classes, steps=steps)
+    try:
+        cost = step_cost(arch=arch, size=size, batch=batch, num_classes=classes, steps=steps)
+    except ValueError as exc:  # an unknown arch: the message lists the valid ones
+        raise click.BadParameter(str(exc), param_hint="--arch") from exc
     click.echo(format_step(cost, arch=arch, size=size, batch=batch))
     if json_path:
         with open(json_path, "w") as handle:

@@ -35,3 +35,10 @@ def test_bench_step_compares_the_two_networks(tmp_path: Path) -> None:
     assert cost["gradient_error"] < 1e-2  # float32 summation order (channels-last), no more
     assert "2 images of 32x32 px" in result.stdout
     assert f"speed-up x{cost['stock_ms'] / cost['ours_ms']:.2f}" in result.stdout
+
+
+def test_bench_step_names_the_valid_architectures() -> None:
+    result = run_cli("bench", "step", "--arch", "unet9000")
+    assert result.returncode == 2
+    assert "unknown segmentation arch 'unet9000'" in result.stderr
+    assert "lraspp_mobilenet_v3_large" in result.stderr
