@@ -14,7 +14,8 @@ takes well under a millisecond. Both gradients can be computed from cheaper piec
 ``swap_dilated_depthwise`` replaces such layers of a built network by
 :class:`DilatedDepthwiseConv2d`: same parameters and state-dict keys, same forward; the new
 backward runs only on CPU tensors with autograd recording (elsewhere it is ``nn.Conv2d``'s).
-``pseudoflow bench step`` measures the step with and without it side by side.
+``pseudoflow bench step`` times a step of the network as the learner trains it (these layers,
+channels-last) against the stock one, side by side.
 """
 
 from __future__ import annotations
