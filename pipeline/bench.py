@@ -5,8 +5,8 @@ signals, and of the whole stored-row path (decode signals, policy, encode) that 
 stage runs per image.
 
 ``step``: one training step (forward, loss, backward, AdamW) of the segmentation network as
-torchvision builds it against the network as ``segtrain.new_learner`` trains it (channels-last,
-the faster dilated depthwise backward of :mod:`stages.core.fastconv`), same weights, same batch.
+torchvision builds it against the network as ``segtrain.new_learner`` trains it
+(``fastconv.training_layout``), same weights, same batch.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from stages.core.fastconv import swap_dilated_depthwise
+from stages.core.fastconv import training_layout
 from stages.core.models import build_segmenter, segment_logits
 from stages.pseudolabel.stage import POLICIES, PseudolabelConfig, encode_row, policy_maps
 from stages.teach import decode_signals, encode_signals, full_probs
@@ -139,8 +139,7 @@ def step_cost(
     stock = build_segmenter(arch=arch, num_classes=num_classes)
     ours = build_segmenter(arch=arch, num_classes=num_classes)
     ours.load_state_dict(stock.state_dict())
-    swapped = swap_dilated_depthwise(ours)
-    ours = ours.to(memory_format=torch.channels_last)
+    ours, swapped = training_layout(ours, torch.device("cpu"))
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch, 3, size, size, generator=generator)
     labels = torch.randint(0, num_classes, (batch, size, size), generator=generator)

@@ -258,15 +258,15 @@ def new_learner(
 ) -> Learner:
     """A fresh network (random weights) and optimizer on ``device``; a student (alpha > 0)
     under WPL also gets its prototype memory, and with ``ema`` > 0 the EMA of its weights
-    (parameters and buffers, so BatchNorm's statistics too). The network trains channels-last,
-    its dilated depthwise layers with the faster CPU backward of :mod:`stages.core.fastconv`
-    (same parameters and state-dict keys; ``pseudoflow bench step`` measures both)."""
+    (parameters and buffers, so BatchNorm's statistics too). The network is in
+    ``fastconv.training_layout``: channels-last, its dilated depthwise layers with the faster CPU
+    backward (same parameters and state-dict keys; ``pseudoflow bench step`` measures both)."""
     torch.manual_seed(seed)
     policy = policy or PseudolabelConfig()
     alpha = cfg.alpha if isinstance(cfg, StudentConfig) else 0.0
-    model = build_segmenter(arch=cfg.arch, num_classes=num_classes)
-    fastconv.swap_dilated_depthwise(model)
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model, _ = fastconv.training_layout(
+        build_segmenter(arch=cfg.arch, num_classes=num_classes), device
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = None
     if isinstance(cfg, StudentConfig) and cfg.ema > 0:

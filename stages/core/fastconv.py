@@ -14,8 +14,8 @@ takes well under a millisecond. Both gradients can be computed from cheaper piec
 ``swap_dilated_depthwise`` replaces such layers of a built network by
 :class:`DilatedDepthwiseConv2d`: same parameters and state-dict keys, same forward; the new
 backward runs only on CPU tensors with autograd recording (elsewhere it is ``nn.Conv2d``'s).
-``pseudoflow bench step`` times a step of the network as the learner trains it (these layers,
-channels-last) against the stock one, side by side.
+``training_layout`` is what a learner trains (that swap, channels-last); ``pseudoflow bench
+step`` times a step of it against the network as built, side by side.
 """
 
 from __future__ import annotations
@@ -135,3 +135,11 @@ def swap_dilated_depthwise(model: nn.Module) -> int:
             setattr(parent, name, fast)
             swapped += 1
     return swapped
+
+
+def training_layout(model: nn.Module, device: torch.device) -> tuple[nn.Module, int]:
+    """``model`` as it trains: its dilated depthwise layers swapped (``swap_dilated_depthwise``),
+    on ``device``, channels-last (feed it channels-last batches). Returns it and the number of
+    layers swapped."""
+    swapped = swap_dilated_depthwise(model)
+    return model.to(device).to(memory_format=torch.channels_last), swapped

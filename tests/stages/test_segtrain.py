@@ -13,6 +13,7 @@ from torchvision.transforms import v2
 
 from stages import segtrain
 from stages.core import data
+from stages.core.fastconv import DilatedDepthwiseConv2d
 from stages.pseudolabel.stage import POLICIES, PseudolabelConfig
 
 
@@ -126,6 +127,13 @@ def test_train_step_of_every_policy_updates_the_network(policy: str) -> None:
     )
     assert ("wpl_prototypes" in stats[1]) == (policy == "wpl")  # refreshed after step 2
     assert not learner.scaler.is_enabled()  # CPU: no AMP
+    # the training layout: the last stage's 3 dilated depthwise layers swapped, channels-last
+    swapped = [m for m in learner.model.modules() if isinstance(m, DilatedDepthwiseConv2d)]
+    assert len(swapped) == 3
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in (m.weight for m in swapped))
+    stem = learner.model.backbone["0"][0].weight
+    assert stem.is_contiguous(memory_format=torch.channels_last)
+    assert not stem.is_contiguous()
 
 
 def test_supervised_step_ignores_the_unlabeled_loss() -> None:
