@@ -16,12 +16,16 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import quality
 from pipeline.quality import LabelQuality, SeedResult, Split, World
-from stages.core import codec
+from stages import segtrain
+from stages.core import codec, data
+from stages.pseudolabel.ops import weighted_unsup_loss
+from stages.pseudolabel.stage import PseudolabelConfig
 from tests.conftest import run_cli
 
 ROW_NAMES = [
     "supervised",
     "full",
+    "oracle",
     "threshold",
     "threshold+r2",
     "s4mc",
@@ -102,6 +106,24 @@ def test_gap_closing_is_undefined_without_a_gap() -> None:
     assert "nan" not in json.dumps(quality.summarize(flat)).lower()
 
 
+def test_oracle_loss_is_the_plain_cross_entropy_of_the_ground_truth() -> None:
+    """The oracle row's student learns every unlabeled pixel with its true class at weight 1:
+    its L_u under the threshold policy's live weight is the mean cross-entropy (ln 2 where the
+    logits tie between two classes, 0.1269 where the true class leads by 2)."""
+    masks = torch.tensor([[[0, 1], [1, 0]]], dtype=torch.uint8)
+    split = Split(["a"], torch.zeros(1, 3, 2, 2, dtype=torch.uint8), masks, [b""], [b""])
+    maps = quality.oracle_arrays(split)
+    assert torch.equal(maps["label"], masks)
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 1, 0, 1] = 2.0  # pixel (0, 1) is class 1 and leads by 2; the rest tie
+    valid = maps["label"] != data.IGNORE_INDEX
+    weight = segtrain._live_weight(PseudolabelConfig(), maps, valid, None, None, (0, 1))
+    loss = weighted_unsup_loss(logits, maps["label"].long(), weight, valid)
+    tied, leading = math.log(2), math.log(1 + math.exp(-2))
+    assert loss.item() == pytest.approx((3 * tied + leading) / 4)
+    assert leading == pytest.approx(0.1269, abs=1e-4)
+
+
 def test_batches_draw_every_item_once_per_pass() -> None:
     arrays = {"x": torch.arange(10)}
     batches = quality._endless(arrays, 3, seed=0)
@@ -122,12 +144,13 @@ def test_quick_benchmark_runs_every_row_and_logs_to_mlflow(tmp_path: Path) -> No
         assert {"name", "miou_mean", "miou_std", "seeds", "gap_closing"} <= set(row)
         assert row["seeds"] == [0]
         assert 0.0 <= row["miou_mean"] <= 1.0
-    for row in rows[2:]:
+    assert "coverage" not in rows[2]  # oracle: no pseudo-labels to score
+    for row in rows[3:]:
         assert 0.0 <= row["coverage"] <= 1.0
         assert len(row["recall_per_class"]) == len(row["precision_per_class"]) == 5
     assert "wall time" in result.stdout
     for name in ROW_NAMES:  # the main table, and pseudo-label rows in the per-class one too
-        assert result.stdout.count(f"\n{name} ") == (1 if name in ("supervised", "full") else 2)
+        assert result.stdout.count(f"\n{name} ") == (1 if name in quality.REFERENCE_ROWS else 2)
     assert "ring" in result.stdout.split("kept per class")[1]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/runs/mlflow.db")
     experiment = client.get_experiment_by_name("pseudoflow-bench")
