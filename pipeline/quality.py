@@ -84,7 +84,7 @@ class QualityPlan:
 
 
 def default_plan(*, quick: bool = False, seeds: int | None = None) -> QualityPlan:
-    """The benchmark's default (about 50 minutes on 2 CPU cores) or ``quick`` (a smoke test of
+    """The benchmark's default (about 28 minutes on 2 CPU cores) or ``quick`` (a smoke test of
     every row in a few minutes; its numbers mean nothing)."""
     if quick:
         return QualityPlan(
@@ -564,7 +564,7 @@ def plot(rows: list[dict[str, Any]]) -> bytes:
     ax.set_xticks(x, policies)
     ax.set_xlim(-0.6, len(policies) - 0.4)
     ax.set_ylabel("val mIoU (mean ± std over seeds)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
