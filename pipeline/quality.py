@@ -103,7 +103,7 @@ def default_plan(*, quick: bool = False, seeds: int | None = None) -> QualityPla
     # the 300 steps leave the teacher underfit (0.54 mIoU on its own 24 images), unconfident on
     # objects, and no student beats it; at 0.003 nothing is learned (seed 0). 600 steps: at 300
     # the ceiling was 0.04 above supervised, within one seed's spread (full 0.556 to 0.631); at
-    # 600 it is 0.10 above (0.565 +- 0.004 against 0.668 +- 0.020, seeds 0 and 1).
+    # 600 it is 0.11 above (0.564 +- 0.004 against 0.673 +- 0.017, 3 seeds).
     return QualityPlan(
         dataset=GeneratedSpec(
             seed=0,
