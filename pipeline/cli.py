@@ -440,9 +440,11 @@ def bench_policies(size: int, classes: int, images: int, json_path: str | None) 
 
 @bench.command("step")
 @click.option("--arch", default="lraspp_mobilenet_v3_large", show_default=True)
-@click.option("--size", default=64, show_default=True, help="image side in pixels")
-@click.option("--batch", default=16, show_default=True, help="images per step")
-@click.option("--classes", default=6, show_default=True, help="number of classes")
+@click.option("--size", type=click.IntRange(16), default=64, show_default=True, help="image side")
+@click.option(
+    "--batch", type=click.IntRange(1), default=16, show_default=True, help="images a step"
+)
+@click.option("--classes", type=click.IntRange(2), default=6, show_default=True, help="classes")
 @click.option("--steps", type=click.IntRange(2), default=20, show_default=True)
 @click.option("--json", "json_path", default=None, help="also write the result as JSON here")
 def bench_step(
@@ -453,11 +455,13 @@ def bench_step(
     from dataclasses import asdict
 
     from pipeline.bench import format_step, step_cost
+    from stages.core.models import check_arch
 
     try:
-        cost = step_cost(arch=arch, size=size, batch=batch, num_classes=classes, steps=steps)
-    except ValueError as exc:  # an unknown arch: the message lists the valid ones
+        check_arch(arch)
+    except ValueError as exc:  # the message lists the valid ones
         raise click.BadParameter(str(exc), param_hint="--arch") from exc
+    cost = step_cost(arch=arch, size=size, batch=batch, num_classes=classes, steps=steps)
     click.echo(format_step(cost, arch=arch, size=size, batch=batch))
     if json_path:
         with open(json_path, "w") as handle:

@@ -371,15 +371,11 @@ def unlabeled_arrays(rows: pa.Table, world: World) -> dict[str, torch.Tensor]:
 
 
 def oracle_arrays(split: Split) -> dict[str, torch.Tensor]:
-    """The student's unlabeled arrays with the ground truth as pseudo-labels: every pixel kept
-    with weight 1, the threshold policy's maps (its live weight is the stored one)."""
-    ones = torch.ones(split.masks.shape, dtype=torch.float32)
-    return {
-        "image": split.images,
-        "label": split.masks,
-        "weight": ones,
-        "keep": ones.to(torch.uint8),
-    }
+    """The student's unlabeled arrays with the ground truth as pseudo-labels: the labeled arrays
+    (weight 1 everywhere) with every pixel kept, the threshold policy's maps (its live weight is
+    the stored one)."""
+    arrays = _labeled_arrays(split)
+    return arrays | {"keep": torch.ones(split.masks.shape, dtype=torch.uint8)}
 
 
 @dataclass

@@ -30,11 +30,16 @@ def segmentation_architectures() -> list[str]:
     return sorted(list_models(module=tv_segmentation))
 
 
-def build_segmenter(*, arch: str, num_classes: int) -> nn.Module:
-    """A torchvision segmentation network with random weights (``weights=None``, no download)."""
+def check_arch(arch: str) -> None:
+    """Raise ``ValueError`` naming the valid architectures unless ``arch`` is one."""
     valid = segmentation_architectures()
     if arch not in valid:
         raise ValueError(f"unknown segmentation arch {arch!r}; choose one of {', '.join(valid)}")
+
+
+def build_segmenter(*, arch: str, num_classes: int) -> nn.Module:
+    """A torchvision segmentation network with random weights (``weights=None``, no download)."""
+    check_arch(arch)
     kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": num_classes}
     if "aux_loss" in _builder_params(arch):
         kwargs["aux_loss"] = False

@@ -37,8 +37,11 @@ def test_bench_step_compares_the_two_networks(tmp_path: Path) -> None:
     assert f"speed-up x{cost['stock_ms'] / cost['ours_ms']:.2f}" in result.stdout
 
 
-def test_bench_step_names_the_valid_architectures() -> None:
+def test_bench_step_names_the_valid_architectures_and_sizes() -> None:
     result = run_cli("bench", "step", "--arch", "unet9000")
     assert result.returncode == 2
-    assert "unknown segmentation arch 'unet9000'" in result.stderr
+    assert "Invalid value for --arch: unknown segmentation arch 'unet9000'" in result.stderr
     assert "lraspp_mobilenet_v3_large" in result.stderr
+    small = run_cli("bench", "step", "--size", "8")
+    assert small.returncode == 2
+    assert "'--size': 8 is not in the range x>=16" in small.stderr
