@@ -84,7 +84,7 @@ class QualityPlan:
 
 
 def default_plan(*, quick: bool = False, seeds: int | None = None) -> QualityPlan:
-    """The benchmark's default (about 35 minutes on 2 CPU cores) or ``quick`` (a smoke test of
+    """The benchmark's default (about 39 minutes on 2 CPU cores) or ``quick`` (a smoke test of
     every row in a few minutes; its numbers mean nothing)."""
     if quick:
         return QualityPlan(
@@ -104,9 +104,9 @@ def default_plan(*, quick: bool = False, seeds: int | None = None) -> QualityPla
     # objects, and no student beats it; at 0.003 nothing is learned (seed 0). 600 steps: at 300
     # the ceiling was 0.04 above supervised, within one seed's spread (full 0.556 to 0.631); at
     # 600 it is 0.11 above (0.564 +- 0.004 against 0.673 +- 0.017, 3 seeds). 8 unlabeled images
-    # a step (UniMatch's equal batches, the StudentConfig default): with 4 the loop made 0.643 of
-    # perfect labels (oracle, g 0.73), with 8 0.663 (g 0.95, seeds 0 and 1); 16 added nothing to
-    # the policies' rows at 1.5 times the cost of a student step.
+    # a step (UniMatch's equal batches, the StudentConfig default), chosen on the oracle row: with
+    # 4 the loop made 0.643 of perfect labels (g 0.73), with 8 0.660 (g 0.88, 3 seeds); 16 added
+    # nothing to the policies' rows (seeds 0 and 1) at 1.5 times the cost of a student step.
     return QualityPlan(
         dataset=GeneratedSpec(
             seed=0,
