@@ -105,8 +105,8 @@ def default_plan(*, quick: bool = False, seeds: int | None = None) -> QualityPla
     # the ceiling was 0.04 above supervised, within one seed's spread (full 0.556 to 0.631); at
     # 600 it is 0.11 above (0.564 +- 0.004 against 0.673 +- 0.017, 3 seeds). 8 unlabeled images
     # a step (UniMatch's equal batches, the StudentConfig default), chosen on the oracle row: with
-    # 4 the loop made 0.643 of perfect labels (g 0.73), with 8 0.660 (g 0.88, 3 seeds); 16 added
-    # nothing to the policies' rows (seeds 0 and 1) at 1.5 times the cost of a student step.
+    # 4 the loop made 0.643 of perfect labels (g 0.73), with 8 0.660 (g 0.88, 3 seeds); 16 made
+    # 0.669 (seeds 0 and 1) at 1.5 times the cost of a student step with 8.
     return QualityPlan(
         dataset=GeneratedSpec(
             seed=0,
