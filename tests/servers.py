@@ -72,16 +72,33 @@ def stop_group(process: subprocess.Popen, timeout: float = 30) -> None:
 
 def kill_mentioning(text: str) -> None:
     """SIGKILL every process whose command line mentions ``text`` (a unique temp folder)."""
+    _kill_matching("cmdline", text.encode())
+
+
+def kill_with_env(name: str, value: str, timeout: float = 30.0) -> None:
+    """SIGKILL every process whose environment has ``name=value``, and wait until none is left."""
+    deadline = time.monotonic() + timeout
+    while alive := _kill_matching("environ", f"{name}={value}".encode(), whole_entry=True):
+        assert time.monotonic() < deadline, f"processes still alive after SIGKILL: {alive}"
+        time.sleep(0.1)
+
+
+def _kill_matching(field: str, needle: bytes, *, whole_entry: bool = False) -> list[int]:
+    """SIGKILL every other process whose ``/proc/<pid>/<field>`` (NUL-separated entries)
+    contains ``needle``, or has it as one whole entry; returns their pids."""
+    killed = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            entries = (entry / field).read_bytes().split(b"\0")
         except OSError:
-            continue
-        if text.encode() in cmdline:
+            continue  # gone, or not ours
+        if (needle in entries) if whole_entry else (needle in b" ".join(entries)):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed
 
 
 @dataclass(frozen=True)

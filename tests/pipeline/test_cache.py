@@ -32,6 +32,7 @@ from stages.core.models import build_segmenter
 from stages.core.storage import Storage
 from stages.ingest.generated import GeneratedSpec, generate_dataset
 from tests.conftest import local_ray, run_cli, stage_outputs, write_png
+from tests.servers import kill_with_env
 
 pytestmark = pytest.mark.ray
 
@@ -380,7 +381,7 @@ def test_run_killed_during_teach_resumes_and_ends_equal_to_a_clean_run(
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray it started
         process.wait()
-        _kill_processes_with_env("RAY_AUTH_TOKEN", ray_env["RAY_AUTH_TOKEN"])
+        kill_with_env("RAY_AUTH_TOKEN", ray_env["RAY_AUTH_TOKEN"])  # Ray outside the group
     committed = new_shards()  # no process of the killed run is left to commit another
     assert 3 <= committed < 8 + UNLABELED, "the kill must land while teach is running"
     teach_dirs = [p for p in (root / "cache" / "teach").iterdir() if p.name != "pool"]
@@ -399,30 +400,6 @@ def test_run_killed_during_teach_resumes_and_ends_equal_to_a_clean_run(
     assert got["image_id"].equals(want["image_id"])
     assert got["topk_index"].equals(want["topk_index"])
     assert got["topk_prob"].equals(want["topk_prob"])
-
-
-def _kill_processes_with_env(name: str, value: str, timeout: float = 30.0) -> None:
-    """SIGKILL every process whose environment has ``name=value``, until none is left: a Ray
-    process outside the driver's process group could otherwise still commit a shard."""
-    marker = f"{name}={value}".encode()
-    if not Path("/proc").is_dir():
-        return  # no procfs: the process-group kill is all there is
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if marker in (entry / "environ").read_bytes().split(b"\0"):
-                    os.kill(int(entry.name), signal.SIGKILL)
-                    alive.append(entry.name)
-            except (FileNotFoundError, PermissionError, ProcessLookupError):
-                continue  # gone, or not ours
-        if not alive:
-            return
-        assert time.monotonic() < deadline, f"processes still alive after SIGKILL: {alive}"
-        time.sleep(0.1)
 
 
 def test_cache_ls_verify_and_gc(world: World, tmp_path: Path) -> None:
