@@ -80,6 +80,11 @@ class SegTrainConfig(StrictModel):
     weights: str | None = Field(None, description="skip training and load this checkpoint file")
     schedule: Literal["poly", "cosine"] = Field("poly", description="learning-rate decay to 0")
     amp: bool = Field(True, description="float16 autocast and loss scaling on CUDA (CPU: off)")
+    grad_clip: float | None = Field(
+        1.0,
+        gt=0,
+        description="clip the gradients' total L2 norm to this before each step (None: never)",
+    )
 
 
 class StrongViewConfig(StrictModel):
@@ -302,8 +307,12 @@ def train_step(
     2. one forward of every view (float16 autocast on CUDA);
     3. L_s on the labeled view; L_u averaged over the unlabeled views, each weighted by the
        policy's live weight computed from its own (mixed) maps;
-    4. backward and step (loss scaling under AMP), then the EMA's update; WPL's memory takes
-       this step's features and is refreshed every ``refresh_every`` steps.
+    4. backward; the gradients' total norm clipped to ``grad_clip`` (after unscaling under AMP);
+       the step, then the EMA's update; WPL's memory takes this step's features and is
+       refreshed every ``refresh_every`` steps.
+
+    Returns the step's ``loss_s``, ``loss_u``, ``grad_norm`` (the total norm before clipping)
+    and the policy's statistics.
     """
     cfg, policy, memory, device = learner.cfg, learner.policy, learner.memory, learner.device
     for group in learner.optimizer.param_groups:
@@ -331,6 +340,8 @@ def train_step(
     loss = loss_s + learner.alpha * loss_u
     learner.optimizer.zero_grad(set_to_none=True)
     learner.scaler.scale(loss).backward()
+    learner.scaler.unscale_(learner.optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(learner.model.parameters(), cfg.grad_clip or math.inf)
     learner.scaler.step(learner.optimizer)
     learner.scaler.update()
     if learner.ema is not None:
@@ -341,7 +352,8 @@ def train_step(
         if (step + 1) % policy.wpl.refresh_every == 0:
             prototypes = memory.refresh()
             stats["wpl_prototypes"] = float((~prototypes.isnan().any(dim=1)).sum())
-    return {"loss_s": loss_s.item(), "loss_u": loss_u.item(), **stats}
+    losses = {"loss_s": loss_s.item(), "loss_u": loss_u.item(), "grad_norm": grad_norm.item()}
+    return {**losses, **stats}
 
 
 def _strong_views(

@@ -148,6 +148,29 @@ def test_supervised_step_ignores_the_unlabeled_loss() -> None:
     assert stats["loss_s"] > 0
 
 
+def _grad_norm(model: torch.nn.Module) -> float:
+    grads = [p.grad.double() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+
+def test_gradients_are_clipped_to_grad_clip_and_their_norm_before_is_reported() -> None:
+    batch = _batches(32)[0]
+    norms = {}
+    for clip in (None, 1e-3):
+        cfg = segtrain.SegTrainConfig(steps=3, batch_size=2, grad_clip=clip)
+        learner = segtrain.new_learner(
+            cfg, num_classes=4, image_size=32, seed=0, device=torch.device("cpu")
+        )
+        stats = segtrain.train_step(learner, batch, None, 0)
+        norms[clip] = (stats["grad_norm"], _grad_norm(learner.model))  # grads outlive the step
+    unclipped, after = norms[None]
+    assert after == pytest.approx(unclipped, rel=1e-5)  # None: the gradients as computed
+    assert unclipped > 1e-2
+    reported, clipped = norms[1e-3]
+    assert reported == pytest.approx(unclipped, rel=1e-5)  # same weights, batch and draws
+    assert clipped == pytest.approx(1e-3, rel=1e-4)
+
+
 def test_strong_view_settings_reach_the_photometric_draw() -> None:
     image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
     off = {"jitter_chance": 0.0, "grayscale": 0.0, "blur": 0.0}
