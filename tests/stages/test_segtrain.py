@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +15,11 @@ from torchvision.transforms import v2
 from stages import segtrain
 from stages.core import data
 from stages.core.fastconv import DilatedDepthwiseConv2d
+from stages.core.models import load_checkpoint
+from stages.core.storage import Storage
+from stages.core.training import fit
 from stages.pseudolabel.stage import POLICIES, PseudolabelConfig
+from tests.conftest import local_ray
 
 
 def test_schedules_by_hand() -> None:
@@ -263,3 +268,73 @@ def test_ema_checkpoint_holds_the_average_and_resumes_both(
         for (name, a), b in zip(one.state_dict().items(), other.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
     assert int(resumed.ema.n_averaged) == 2  # type: ignore[union-attr]
+
+
+def _rows(count: int, size: int, seed: int, *, unlabeled: bool) -> list[dict[str, Any]]:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        row = {
+            "image": torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator),
+            "label": torch.randint(0, 4, (size, size), dtype=torch.uint8, generator=generator),
+            "weight": torch.ones(size, size),
+        }
+        if unlabeled:
+            weight = torch.rand(size, size, generator=generator)
+            row["keep"] = (weight > 0.3).to(torch.uint8)
+            row["weight"] = weight * row["keep"]
+        rows.append({name: value.numpy() for name, value in row.items()})
+    return rows
+
+
+@pytest.mark.ray
+def test_the_ray_train_loop_trains_exactly_as_train_step_in_process(tmp_path: Path) -> None:
+    """``pseudoflow bench quality`` runs ``train_step`` in-process and claims the pipeline's
+    numbers: the Ray Train loop (one worker, its dataset shards) must end with the weights that
+    the same steps in this process reach on the same Ray Data batches."""
+    import ray.data
+
+    cfg = segtrain.StudentConfig(steps=4, batch_size=2, unlabeled_batch_size=3, log_every=2)
+    threads = torch.get_num_threads()
+    with local_ray():
+        datasets = {
+            "labeled": ray.data.from_items(_rows(5, 32, 1, unlabeled=False)).materialize(),
+            "unlabeled": ray.data.from_items(_rows(7, 32, 2, unlabeled=True)).materialize(),
+        }
+        loop_config = {
+            "train": cfg.model_dump(),
+            "num_classes": 4,
+            "image_size": 32,
+            "seed": 0,
+            "torch_threads": 1,
+            "resolved_config": {},
+        }
+        blob = fit(
+            segtrain.train_loop,
+            loop_config=loop_config,
+            datasets=datasets,
+            workers=1,
+            use_gpu=False,
+            storage=Storage(str(tmp_path)),
+            name="student-equivalence",
+        )
+        torch.set_num_threads(1)
+        try:
+            learner = segtrain.new_learner(
+                cfg, num_classes=4, image_size=32, seed=0, device=torch.device("cpu")
+            )
+            initial = {k: v.clone() for k, v in learner.network.state_dict().items()}
+            labeled = segtrain._batches(datasets["labeled"], 2, 0)  # rank 0's seeds
+            unlabeled = segtrain._batches(datasets["unlabeled"], 3, 1000)
+            for step in range(cfg.steps):
+                segtrain.train_step(learner, next(labeled), next(unlabeled), step)
+        finally:
+            torch.set_num_threads(threads)
+    trained = load_checkpoint(blob, source="ray train")["state_dict"]
+    here = learner.result.state_dict()
+    assert trained.keys() == here.keys()
+    moved = 0
+    for name, value in trained.items():
+        torch.testing.assert_close(value, here[name], rtol=1e-4, atol=1e-5, msg=name)
+        moved += int(not torch.allclose(value.float(), initial[name].float(), atol=1e-4))
+    assert moved > len(trained) // 2  # four steps changed most tensors: not a vacuous match

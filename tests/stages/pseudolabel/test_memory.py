@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import math
-import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from stages.pseudolabel.memory import (
     select_reliable,
 )
 from stages.pseudolabel.ops import IGNORE_INDEX
+from tests.conftest import local_ray
 
 NAN = math.nan
 
@@ -322,34 +322,20 @@ def _records(out: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.ray
-def test_two_ray_workers_share_prototypes_and_resume_queues(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    import ray
+def test_two_ray_workers_share_prototypes_and_resume_queues(tmp_path: Path) -> None:
     import ray.cloudpickle
-    from ray._private.authentication_test_utils import reset_auth_token_state
 
-    # Ray reads RAY_AUTH_MODE when ray._raylet is first imported, which may have happened earlier
-    # in this pytest process: make it re-read the environment set above.
-    reset_auth_token_state()
     # The worker loop lives in this test module, which the workers cannot import by name.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
-        first = _fit("first", tmp_path / "first", tmp_path / "ray")
-        assert first.checkpoint is not None
-        assert first.metrics["ranks"] == 2
-        second = _fit("second", tmp_path / "second", tmp_path / "ray")
-        assert second.error is None
+        with local_ray():
+            first = _fit("first", tmp_path / "first", tmp_path / "ray")
+            assert first.checkpoint is not None
+            assert first.metrics["ranks"] == 2
+            second = _fit("second", tmp_path / "second", tmp_path / "ray")
+            assert second.error is None
     finally:
-        ray.shutdown()
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-        monkeypatch.undo()
-        reset_auth_token_state()
     for record in _records(tmp_path / "first"):
         _assert_prototypes(torch.tensor(record["refreshed"]), _GLOBAL_PROTOTYPES)
     for record in _records(tmp_path / "second"):
