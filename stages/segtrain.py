@@ -311,8 +311,8 @@ def train_step(
        the step, then the EMA's update; WPL's memory takes this step's features and is
        refreshed every ``refresh_every`` steps.
 
-    Returns the step's ``loss_s``, ``loss_u``, ``grad_norm`` (the total norm before clipping)
-    and the policy's statistics.
+    Returns the step's ``loss_s``, ``loss_u``, ``grad_norm`` (the total norm before clipping;
+    absent when it is not finite) and the policy's statistics.
     """
     cfg, policy, memory, device = learner.cfg, learner.policy, learner.memory, learner.device
     for group in learner.optimizer.param_groups:
@@ -352,7 +352,9 @@ def train_step(
         if (step + 1) % policy.wpl.refresh_every == 0:
             prototypes = memory.refresh()
             stats["wpl_prototypes"] = float((~prototypes.isnan().any(dim=1)).sum())
-    losses = {"loss_s": loss_s.item(), "loss_u": loss_u.item(), "grad_norm": grad_norm.item()}
+    losses = {"loss_s": loss_s.item(), "loss_u": loss_u.item()}
+    if math.isfinite(norm := grad_norm.item()):  # AMP: an overflow's step is skipped, not logged
+        losses["grad_norm"] = norm
     return {**losses, **stats}
 
 

@@ -176,6 +176,18 @@ def test_gradients_are_clipped_to_grad_clip_and_their_norm_before_is_reported() 
     assert clipped == pytest.approx(1e-3, rel=1e-4)
 
 
+def test_a_step_with_gradients_that_are_not_finite_reports_no_grad_norm() -> None:
+    cfg = segtrain.SegTrainConfig(steps=3, batch_size=2)
+    learner = segtrain.new_learner(
+        cfg, num_classes=4, image_size=32, seed=0, device=torch.device("cpu")
+    )
+    with torch.no_grad():
+        segtrain.feature_layer(learner.network).weight.fill_(math.inf)
+    stats = segtrain.train_step(learner, _batches(32)[0], None, 0)
+    assert not math.isfinite(stats["loss_s"])
+    assert "grad_norm" not in stats
+
+
 def test_strong_view_settings_reach_the_photometric_draw() -> None:
     image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
     off = {"jitter_chance": 0.0, "grayscale": 0.0, "blur": 0.0}
