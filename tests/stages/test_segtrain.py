@@ -93,20 +93,28 @@ def test_strong_views_mix_pixels_and_every_map_in_the_same_box() -> None:
     assert not all(torch.equal(boxes[i], boxes[i + 3]) for i in range(3))  # two independent draws
 
 
-def _batches(size: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _batches(
+    size: int, n_labeled: int = 2, n_unlabeled: int = 3
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(5)
     labeled = {
-        "image": torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=generator),
-        "label": torch.randint(0, 4, (2, size, size), dtype=torch.uint8, generator=generator),
-        "weight": torch.ones(2, size, size),
+        "image": torch.randint(
+            0, 256, (n_labeled, 3, size, size), dtype=torch.uint8, generator=generator
+        ),
+        "label": torch.randint(
+            0, 4, (n_labeled, size, size), dtype=torch.uint8, generator=generator
+        ),
+        "weight": torch.ones(n_labeled, size, size),
     }
-    label = torch.randint(0, 4, (3, size, size), dtype=torch.uint8, generator=generator)
-    margin = torch.rand(3, size, size, generator=generator)
+    label = torch.randint(0, 4, (n_unlabeled, size, size), dtype=torch.uint8, generator=generator)
+    margin = torch.rand(n_unlabeled, size, size, generator=generator)
     unlabeled = {
-        "image": torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=generator),
+        "image": torch.randint(
+            0, 256, (n_unlabeled, 3, size, size), dtype=torch.uint8, generator=generator
+        ),
         "label": label,
-        "weight": torch.rand(3, size, size, generator=generator),
-        "keep": torch.ones(3, size, size, dtype=torch.uint8),
+        "weight": torch.rand(n_unlabeled, size, size, generator=generator),
+        "keep": torch.ones(n_unlabeled, size, size, dtype=torch.uint8),
         "margin": margin,
         "refined_margin": (margin + 0.1).clamp(max=1),
         "trusted": (margin > 0.5).to(torch.uint8),
@@ -282,21 +290,11 @@ def test_ema_checkpoint_holds_the_average_and_resumes_both(
     assert int(resumed.ema.n_averaged) == 2  # type: ignore[union-attr]
 
 
-def _rows(count: int, size: int, seed: int, *, unlabeled: bool) -> list[dict[str, Any]]:
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(count):
-        row = {
-            "image": torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=generator),
-            "label": torch.randint(0, 4, (size, size), dtype=torch.uint8, generator=generator),
-            "weight": torch.ones(size, size),
-        }
-        if unlabeled:
-            weight = torch.rand(size, size, generator=generator)
-            row["keep"] = (weight > 0.3).to(torch.uint8)
-            row["weight"] = weight * row["keep"]
-        rows.append({name: value.numpy() for name, value in row.items()})
-    return rows
+def _rows(batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    return [
+        {name: value[i].numpy() for name, value in batch.items()}
+        for i in range(len(batch["image"]))
+    ]
 
 
 @pytest.mark.ray
@@ -308,10 +306,11 @@ def test_the_ray_train_loop_trains_exactly_as_train_step_in_process(tmp_path: Pa
 
     cfg = segtrain.StudentConfig(steps=4, batch_size=2, unlabeled_batch_size=3, log_every=2)
     threads = torch.get_num_threads()
+    labeled_rows, unlabeled_rows = _batches(32, n_labeled=5, n_unlabeled=7)
     with local_ray():
         datasets = {
-            "labeled": ray.data.from_items(_rows(5, 32, 1, unlabeled=False)).materialize(),
-            "unlabeled": ray.data.from_items(_rows(7, 32, 2, unlabeled=True)).materialize(),
+            "labeled": ray.data.from_items(_rows(labeled_rows)).materialize(),
+            "unlabeled": ray.data.from_items(_rows(unlabeled_rows)).materialize(),
         }
         loop_config = {
             "train": cfg.model_dump(),
