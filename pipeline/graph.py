@@ -230,6 +230,7 @@ def _ingest(ctx: Context) -> dict[str, float]:
     ctx.results["quarantined_images"] = result.quarantined
     ctx.results["digests"] = result.digests
     metrics = {f"images_{split}": float(n) for split, n in result.per_split.items()}
+    metrics.update({f"images_{kind}": float(n) for kind, n in result.notes.items()})
     return {
         **metrics,
         "images": float(result.rows),

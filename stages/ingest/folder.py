@@ -64,6 +64,19 @@ def _read_splits(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, str] | N
     return assignment
 
 
+def _check_listed_masks(splits: dict[str, str], masks: dict[str, str], root: str) -> None:
+    """A labeled or val image listed without a mask would train on (or be scored against) an
+    all-ignore mask: refuse it before any work, naming the images."""
+    for split in ("labeled", "val"):
+        missing = sorted(s for s, listed in splits.items() if listed == split and s not in masks)
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise SourceError(
+                f"{len(missing)} {split} images ({', '.join(missing[:5])}{more}) have no mask "
+                f"{root}/masks/<stem>.png: add their masks, or list them in splits/unlabeled.txt"
+            )
+
+
 def _hash_split(stem: str, val_fraction: float) -> str:
     bucket = int.from_bytes(hashlib.sha256(stem.encode()).digest()[:8], "big") / 2**64
     return "val" if bucket < val_fraction else "labeled"
@@ -112,6 +125,7 @@ def enumerate_folder(url: str, *, val_fraction: float = 0.2) -> list[SourceItem]
         missing = sorted(set(splits) - set(images))
         if missing:
             raise SourceError(f"split lists name images that do not exist: {missing[:5]}")
+        _check_listed_masks(splits, masks, root)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     prefix = "" if protocol in {"file", "local"} else f"{protocol}://"
     items = []

@@ -8,6 +8,7 @@ written to the ``quarantine`` table with the reason, counted, and every other it
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -40,6 +41,18 @@ IMAGES_SCHEMA = pa.schema(
         ("content_hash", pa.string()),
     ]
 )
+# The items handed to the loading tasks. ``mask_url`` is a nullable string column: most items
+# of a semi-supervised split have no mask, and a block of only such items must still carry a
+# string column (inferred from Python values it would become Arrow's null type, which reaches a
+# numpy batch as float NaN, a truthy "path").
+ITEMS_SCHEMA = pa.schema(
+    [
+        ("stem", pa.string()),
+        ("split", pa.string()),
+        ("image_url", pa.string()),
+        ("mask_url", pa.string()),
+    ]
+)
 QUARANTINE_SCHEMA = pa.schema(
     [
         ("stem", pa.string()),
@@ -48,9 +61,18 @@ QUARANTINE_SCHEMA = pa.schema(
         ("reason", pa.string()),
     ]
 )
-_LOADED_SCHEMA = IMAGES_SCHEMA.append(pa.field("source", pa.string())).append(
-    pa.field("error", pa.string())
+_LOADED_SCHEMA = (
+    IMAGES_SCHEMA.append(pa.field("source", pa.string()))
+    .append(pa.field("error", pa.string()))
+    .append(pa.field("note", pa.string()))
 )
+
+# What loading did to a usable picture besides decoding it (the ``note`` column): counted per
+# kind in the stage's result and logged, so nothing is changed silently.
+ALPHA_DROPPED = "alpha_dropped"  # RGBA / LA / PA / transparency: the colour channels are kept
+SCALED_16BIT = "scaled_16bit"  # 16-bit grayscale: scaled to 0..255, not clipped
+NOTES = (ALPHA_DROPPED, SCALED_16BIT)
+_16BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 
 
 SCHEMA = "images/1"
@@ -62,20 +84,21 @@ class IngestResult:
     quarantined: int
     per_split: dict[str, int]
     digests: dict[str, str]  # per split: the content digest downstream cache keys use
+    notes: dict[str, int]  # NOTES kind -> images it applies to (kept, changed as it says)
 
 
-def _open_image(url: str, mode: str) -> np.ndarray:
+def _open_image(url: str, mode: str, notes: list[str]) -> np.ndarray:
     try:
         with fsspec.open(url, "rb") as handle, Image.open(handle) as image:
             image.load()
-            return _as_array(image, url, mode)
+            return _as_array(image, url, mode, notes)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"{url} is not a readable PNG/JPEG image ({type(exc).__name__})") from exc
 
 
-def _as_array(image: Image.Image, url: str, mode: str) -> np.ndarray:
+def _as_array(image: Image.Image, url: str, mode: str, notes: list[str]) -> np.ndarray:
     if mode == "RGB":
-        return np.asarray(image.convert("RGB"))
+        return _as_rgb(image, url, notes)
     if image.mode not in {"L", "P"}:
         raise ValueError(
             f"mask {url} has mode {image.mode!r}; expected a single-channel L or P PNG"
@@ -83,21 +106,52 @@ def _as_array(image: Image.Image, url: str, mode: str) -> np.ndarray:
     return np.asarray(image)
 
 
+def _as_rgb(image: Image.Image, url: str, notes: list[str]) -> np.ndarray:
+    """Any PNG/JPEG picture -> ``uint8[H, W, 3]``. 16-bit grayscale is scaled to 8 bits
+    (PIL's own conversion would clip everything above 255 to white); an alpha channel is dropped
+    (the colour underneath is kept) and noted."""
+    if image.mode in _16BIT_MODES:
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(
+                f"{url} has {image.mode} pixel values outside 0..65535; expected an 8- or 16-bit "
+                "image"
+            )
+        notes.append(SCALED_16BIT)
+        gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode == "F":
+        raise ValueError(f"{url} holds floating-point pixels; expected an 8- or 16-bit image")
+    if image.mode in {"RGBA", "LA", "PA", "RGBa", "La"} or "transparency" in image.info:
+        notes.append(ALPHA_DROPPED)
+    return np.asarray(image.convert("RGB"))
+
+
 def load_item(item: dict[str, Any], num_classes: int) -> dict[str, Any]:
-    """Decode and validate one item; returns an images row (``error`` set if it is unusable)."""
+    """Decode and validate one item; returns an images row (``error`` set if it is unusable).
+
+    ``item["mask_url"]`` is ``None`` for an item without a mask. Any exception while loading one
+    item makes that item's row an error row (quarantined with the reason), never the batch's."""
     row: dict[str, Any] = {
         "stem": item["stem"],
         "split": item["split"],
         "source": item["image_url"],
     }
+    notes: list[str] = []
     try:
-        image = _open_image(item["image_url"], "RGB")
+        image = _open_image(item["image_url"], "RGB", notes)
         mask = None
-        if item["mask_url"]:
-            mask = _open_image(item["mask_url"], "L")
-            _check_mask(mask, image, item["mask_url"], item["image_url"], num_classes)
+        mask_url = item["mask_url"]
+        if mask_url is not None:
+            if not isinstance(mask_url, str):
+                raise ValueError(f"mask location {mask_url!r} is not a path or URL string")
+            mask = _open_image(mask_url, "L", [])
+            _check_mask(mask, image, mask_url, item["image_url"], num_classes)
     except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         return {**row, "error": f"{item['stem']}: {exc}"}
+    except Exception as exc:  # one unusable item must never end the run: quarantine it
+        logger.exception("unexpected error loading %s", item["stem"])
+        return {**row, "error": f"{item['stem']}: unexpected {type(exc).__name__}: {exc}"}
     digest = codec.pixel_digest(image)
     return {
         **row,
@@ -108,6 +162,7 @@ def load_item(item: dict[str, Any], num_classes: int) -> dict[str, Any]:
         "mask": codec.encode_png(np.ascontiguousarray(mask)) if mask is not None else None,
         "content_hash": digest,
         "error": None,
+        "note": ",".join(notes) or None,
     }
 
 
@@ -127,11 +182,15 @@ def _check_mask(
         )
 
 
-def load_batch(batch: dict[str, np.ndarray], num_classes: int) -> pa.Table:
-    """Ray Data batch function: items (numpy columns) -> loaded rows with a fixed schema."""
-    keys = list(batch)
-    items = [dict(zip(keys, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-    rows = [load_item(item, num_classes) for item in items]
+def items_table(items: Sequence[SourceItem]) -> pa.Table:
+    """The source's items as a typed table (``mask_url`` a string column with nulls)."""
+    return pa.Table.from_pylist([asdict(i) for i in items], schema=ITEMS_SCHEMA)
+
+
+def load_batch(batch: pa.Table, num_classes: int) -> pa.Table:
+    """Ray Data batch function: items (an Arrow table of ``ITEMS_SCHEMA``) -> loaded rows with a
+    fixed schema. Items stay Arrow rows, so a missing mask is ``None``, whatever the batch holds."""
+    rows = [load_item(item, num_classes) for item in batch.to_pylist()]
     columns = {f.name: [r.get(f.name) for r in rows] for f in _LOADED_SCHEMA}
     return pa.table(columns, schema=_LOADED_SCHEMA)
 
@@ -164,10 +223,11 @@ def run(
     """Load ``items`` with Ray Data tasks, write ``images`` and ``quarantine``; commit both."""
     import ray
 
-    dataset: Any = ray.data.from_items([asdict(i) for i in items], override_num_blocks=num_blocks)
+    dataset: Any = ray.data.from_arrow(item_blocks(items_table(items), num_blocks))
     loaded = dataset.map_batches(
-        load_batch, fn_kwargs={"num_classes": num_classes}, batch_size=16, batch_format="numpy"
+        load_batch, fn_kwargs={"num_classes": num_classes}, batch_size=16, batch_format="pyarrow"
     ).materialize()
+    notes = _count_notes(loaded)
     bad = pa.concat_tables([_bad_rows(t) for t in _iter_tables(loaded)], promote_options="none")
     good = loaded.map_batches(_good_rows, batch_format="pyarrow", batch_size=None)
     duplicates = _duplicates(good)
@@ -184,10 +244,42 @@ def run(
     quarantine.commit({"schema": "quarantine/1"}, id_column="stem")
     for row in bad.to_pylist():
         logger.warning("quarantined %s (%s): %s", row["stem"], row["split"], row["reason"])
+    for kind, count in notes.items():
+        if count:
+            logger.warning("%d images: %s", count, _NOTE_TEXT[kind])
     per_split, digests = split_summary(out)
     return IngestResult(
-        rows=manifest["rows"], quarantined=bad.num_rows, per_split=per_split, digests=digests
+        rows=manifest["rows"],
+        quarantined=bad.num_rows,
+        per_split=per_split,
+        digests=digests,
+        notes=notes,
     )
+
+
+_NOTE_TEXT = {
+    ALPHA_DROPPED: "alpha channel dropped (the colour channels are kept, not composited)",
+    SCALED_16BIT: "16-bit grayscale scaled to 8 bits (value * 255 / 65535)",
+}
+
+
+def item_blocks(table: pa.Table, num_blocks: int) -> list[pa.Table]:
+    """``table`` cut into ``num_blocks`` consecutive slices of near-equal size (in the source's
+    order: a block may hold only one split's items), each keeping the full schema."""
+    count = max(1, min(num_blocks, table.num_rows))
+    bounds = [i * table.num_rows // count for i in range(count + 1)]
+    return [table.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
+
+
+def _count_notes(loaded: Any) -> dict[str, int]:
+    counts = dict.fromkeys(NOTES, 0)
+    for table in _iter_tables(loaded.select_columns(["note", "error"])):
+        usable = table.filter(pc.is_null(table["error"]))
+        for note in usable["note"].to_pylist():
+            for kind in (note or "").split(","):
+                if kind:
+                    counts[kind] += 1
+    return counts
 
 
 def _iter_tables(dataset: Any) -> list[pa.Table]:
