@@ -18,7 +18,7 @@ from stages.core.cache import ShardPool, digest_json, file_digest, output_datase
 from stages.core.inference import InferenceConfig
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest import stage as ingest
-from stages.ingest.folder import SourceError, SourceItem
+from stages.ingest.folder import SPLITS, SourceError, SourceItem
 from stages.pseudolabel import stage as pseudolabel
 
 
@@ -218,6 +218,65 @@ def _evaluate_fields(ctx: Context) -> dict[str, Any]:
     return fields
 
 
+def needed_splits(config: PipelineConfig) -> dict[str, str]:
+    """The splits this run cannot do without, each with the stage that needs it."""
+    needs = {"unlabeled": "teach", "val": "evaluate"}
+    training = [
+        name
+        for name, weights in (
+            ("teacher", config.teacher.weights),
+            ("student", config.student.weights),
+        )
+        if weights is None
+    ]
+    if config.detector.enabled and config.detector.weights is None:
+        training.append("detector")
+    if training:
+        needs["labeled"] = "training the " + " and ".join(training)
+    return needs
+
+
+def check_splits(config: PipelineConfig, counts: dict[str, int], where: str) -> None:
+    """Refuse a run whose needed split is empty (a training loop over an empty shard would never
+    yield a batch); ``where`` says whose counts these are (the source's listing, or ingest's)."""
+    empty = {split: need for split, need in needed_splits(config).items() if not counts.get(split)}
+    if not empty:
+        return
+    found = ", ".join(f"{split} {counts.get(split, 0)}" for split in SPLITS)
+    hint = {
+        "folder": "the folder's splits/<split>.txt lists, or its masks/ and data.val_fraction",
+        "voc": "data.voc and its split lists",
+        "cityscapes": "data.cityscapes and its split lists",
+        "generated": "data.generated",
+    }[config.data.source]
+    raise SourceError(
+        f"{where}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
+        f"({found}); needed for {'; '.join(empty.values())}. Check {hint}"
+    )
+
+
+def split_counts(items: list[SourceItem]) -> dict[str, int]:
+    counts = dict.fromkeys(SPLITS, 0)
+    for item in items:
+        counts[item.split] += 1
+    return counts
+
+
+def _check_bad_fraction(ctx: Context, quarantined: int, rows: int) -> None:
+    """Fail the run when more than ``data.max_bad_fraction`` of the source's items were
+    quarantined: a folder of mostly unreadable files is a broken source, not a dataset."""
+    total = quarantined + rows
+    limit = ctx.config.data.max_bad_fraction
+    if total and quarantined / total > limit:
+        directory = ctx.dataset("quarantine").directory
+        table = directory if ctx.storage.is_local else ctx.storage.fs.unstrip_protocol(directory)
+        raise SourceError(
+            f"{quarantined} of {total} items ({quarantined / total:.1%}) were quarantined, more "
+            f"than data.max_bad_fraction={limit}; the reasons are in the quarantine table at "
+            f"{table}"
+        )
+
+
 def _ingest(ctx: Context) -> dict[str, float]:
     data = ctx.config.data
     result = ingest.run(
@@ -227,6 +286,8 @@ def _ingest(ctx: Context) -> dict[str, float]:
         quarantine=ctx.dataset("quarantine"),
         num_blocks=data.blocks,
     )
+    _check_bad_fraction(ctx, result.quarantined, result.rows)
+    check_splits(ctx.config, result.per_split, "after ingest (quarantined items removed)")
     ctx.results["quarantined_images"] = result.quarantined
     ctx.results["digests"] = result.digests
     metrics = {f"images_{split}": float(n) for split, n in result.per_split.items()}

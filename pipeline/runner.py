@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cache import drop_unused, entry_files
 from pipeline.config import PipelineConfig, flatten, to_yaml
-from pipeline.graph import Context, Stage, planned
+from pipeline.graph import Context, Stage, check_splits, planned, split_counts
 from pipeline.tracking import (
     HIT_TAG,
     KEY_TAG,
@@ -186,6 +186,7 @@ def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) ->
     storage = Storage(root)
     uri = tracking_uri(config, root)
     items, digest = source_items(config, storage)  # fails here, before anything is written
+    check_splits(config, split_counts(items), f"data source {config.data.source}")
     storage.fs.makedirs(storage.root, exist_ok=True)
     run_id = new_run_id(config)
     storage.write_bytes(storage.path("pipelines", run_id, "config.yaml"), to_yaml(config).encode())

@@ -45,7 +45,7 @@ from stages.core.models import (
 from stages.core.progress import Poster
 from stages.core.storage import DatasetRef, Storage
 from stages.core.tables import join_on_image_id, read_split
-from stages.core.training import CHECKPOINT_FILE, fit, worker_logging
+from stages.core.training import CHECKPOINT_FILE, EmptyShardError, fit, worker_logging
 from stages.pseudolabel import live
 from stages.pseudolabel.memory import (
     PrototypeMemory,
@@ -170,16 +170,27 @@ def _stored_maps(row: dict[str, Any]) -> dict[str, torch.Tensor]:
     return maps
 
 
-def _batches(shard: Any, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches from a Ray Data shard, reshuffled locally each pass."""
+def _batches(
+    shard: Any, batch_size: int, seed: int, name: str = "labeled"
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches from a Ray Data shard, reshuffled locally each pass. A pass that yields
+    nothing (an empty split, or fewer rows than workers) raises instead of looping forever."""
     epoch = 0
     while True:
-        yield from shard.iter_torch_batches(
+        empty = True
+        for batch in shard.iter_torch_batches(
             batch_size=batch_size,
             drop_last=False,
             local_shuffle_buffer_size=4 * batch_size,
             local_shuffle_seed=seed + epoch,
-        )
+        ):
+            empty = False
+            yield batch
+        if empty:
+            raise EmptyShardError(
+                f"this worker's {name} shard holds no rows: the {name} split is empty, or has "
+                "fewer images than there are training workers"
+            )
         epoch += 1
 
 
@@ -513,7 +524,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     unlabeled = None
     if isinstance(cfg, StudentConfig) and learner.alpha > 0:
         shard = ray.train.get_dataset_shard("unlabeled")
-        unlabeled = _batches(shard, cfg.unlabeled_batch_size, 1000 + rank)
+        unlabeled = _batches(shard, cfg.unlabeled_batch_size, 1000 + rank, "unlabeled")
     sink: MetricSink | None = loop_config.get("sink") if rank == 0 else None
     post = Poster(loop_config.get("progress") if rank == 0 else None, cfg.steps, start)
     log_lines = rank == 0 and loop_config.get("log_lines", True)

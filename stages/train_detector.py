@@ -30,7 +30,7 @@ from stages.core.detectors import (
 )
 from stages.core.models import build_detector, make_checkpoint
 from stages.core.progress import Poster
-from stages.core.training import worker_logging
+from stages.core.training import EmptyShardError, worker_logging
 from stages.segtrain import CHECKPOINT_FILE, MetricSink, poly_lr
 
 logger = logging.getLogger(__name__)
@@ -206,6 +206,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     log_lines = rank == 0 and loop_config.get("log_lines", True)
     step, started, losses = 0, time.perf_counter(), []
     while step < cfg.steps:
+        first = step
         for batch in shard.iter_torch_batches(
             batch_size=cfg.batch_size, local_shuffle_buffer_size=32
         ):
@@ -226,6 +227,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     sink.log_metrics(metrics, step)
                 save = step == cfg.steps and rank == 0
                 _report(metrics, learner.model, learner.model_args, save)
+        if step == first:
+            raise EmptyShardError(
+                "this worker's labeled shard holds no rows: the labeled split is empty, or has "
+                "fewer images than there are training workers"
+            )
 
 
 def _report(

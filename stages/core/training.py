@@ -71,3 +71,7 @@ def worker_logging() -> None:
         package.addHandler(handler)
         package.setLevel(logging.INFO)
         package.propagate = False
+
+
+class EmptyShardError(RuntimeError):
+    """A training worker was given no rows to train on (its loop would never yield a batch)."""

@@ -61,13 +61,18 @@ class DataConfig(StrictModel):
     source: Literal["generated", "folder", "voc", "cityscapes"] = "generated"
     root: str | None = Field(None, description="folder, voc, cityscapes: directory or fsspec URL")
     num_classes: int = Field(5, ge=2, le=255, description="voc and cityscapes: theirs by default")
-    class_names: tuple[str, ...] | None = None
+    class_names: tuple[str, ...] | None = Field(
+        None, strict=False, description="names in index order (a YAML list)"
+    )
     image_size: int = Field(64, ge=16, description="side of the square model input")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     generated: GeneratedSourceConfig = GeneratedSourceConfig()
     voc: VocSourceConfig = VocSourceConfig()
     cityscapes: CityscapesSourceConfig = CityscapesSourceConfig()
     blocks: int = Field(4, ge=1, description="Ray Data blocks for ingest (execution only)")
+    max_bad_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="fail the run when more of the items are quarantined"
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, Strict, field_validator
 
 from stages.core import codec
 from stages.core.config import StrictModel
@@ -77,12 +77,16 @@ class CSLOptions(StrictModel):
     cover: float = Field(0.7, ge=0.0, le=1.0, description="TMP probability of covering a cell")
 
 
+# A class_map key: an int, or its decimal string (a config saved as JSON-mode YAML has string keys).
+_ClassKey = Annotated[int, Strict(False)]
+
+
 class WPLOptions(StrictModel):
     k: int = Field(5, ge=1, description="top-k activation indices compared")
     score_thresh: float = Field(0.95, ge=0.0, le=1.0, description="detections used for boxes")
     conf_thresh: float = Field(0.95, ge=0.0, le=1.0, description="reliability / queue confidence")
     weight_form: Literal["fraction", "plus_one"] = "fraction"
-    class_map: dict[int, int] | None = Field(
+    class_map: dict[_ClassKey, int] | None = Field(
         None, description="detector class -> segmentation class; null: identity on 1..C-1"
     )
     refresh_every: int = Field(20, ge=1, description="student steps between prototype refreshes")

@@ -60,6 +60,7 @@ def _config(world_or_folder: World | Path, weights: Path, *overrides: str) -> Pi
             f"teacher.weights={weights}",
             "student.steps=2",
             "teach.shard_rows=4",
+            "data.max_bad_fraction=0.1",  # 2 of the 30 items are bad on purpose
             *overrides,
         ],
     )

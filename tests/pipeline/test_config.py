@@ -27,6 +27,41 @@ def test_overrides_are_typed_and_dotted() -> None:
     assert cfg.data.blocks == 3
 
 
+def test_quoted_strings_are_not_coerced_to_numbers_or_booleans(tmp_path: Path) -> None:
+    """A YAML string ('5', 'off', '0.9') where a number or a boolean belongs is an error, as
+    StrictModel promises; pydantic's lax mode turned them into 5, False and 0.9."""
+    path = tmp_path / "quoted.yaml"
+    path.write_text(
+        "name: quoted\nstudent: {steps: '5'}\nteacher: {amp: 'off'}\npseudolabel: {tau: '0.9'}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert set(caught.value.problems) == {
+        "student.steps: Input should be a valid integer (got '5')",
+        "teacher.amp: Input should be a valid boolean (got 'off')",
+        "pseudolabel.tau: Input should be a valid number (got '0.9')",
+    }
+
+
+def test_lists_and_saved_class_maps_still_load(tmp_path: Path) -> None:
+    """YAML lists fill tuple fields, and a class_map saved as JSON-mode YAML (string keys) loads
+    back to the same config."""
+    config = load_config(
+        "smoke",
+        [
+            "data.class_names=[sky, road, car, person]",
+            "pseudolabel.policy=wpl",
+            "pseudolabel.wpl.class_map={1: 2, 3: 1}",
+        ],
+    )
+    assert config.data.class_names == ("sky", "road", "car", "person")
+    path = tmp_path / "saved.yaml"
+    path.write_text(to_yaml(config))
+    assert "'1': 2" in path.read_text()
+    assert load_config(str(path)) == config
+    assert load_config(str(path)).pseudolabel.wpl.class_map == {1: 2, 3: 1}
+
+
 def test_all_errors_reported_together_with_dotted_paths() -> None:
     with pytest.raises(ConfigError) as info:
         load_config("smoke", ["data.sourc=x", "student.steps=abc", "pseudolabel.policy=s4mx"])
