@@ -63,9 +63,12 @@ class Context:
     def pool(self, stage: str, family: dict[str, Any]) -> ShardPool:
         return ShardPool.of(self.storage, stage, digest_json(family))
 
-    def train_name(self, stage: str) -> str:
-        """Ray Train run name: a rerun of the same key resumes from its checkpoints."""
-        return f"{stage}-{self.keys[stage][:16]}"
+    def train_name(self, stage: str, token: str | None = None) -> str:
+        """Ray Train run name of attempt ``token`` (default: the running one) of the stage's
+        key: racing attempts never share a folder, and a rerun that takes over a dead attempt
+        (same token) resumes from its checkpoints. Only the stage name precedes the last "-"."""
+        token = token or posixpath.basename(self.attempt)
+        return f"{stage}-{self.keys[stage][:16]}_{token.replace('-', '_')}"
 
     def loop_extra(self) -> dict[str, Any]:
         threads = self.config.runtime.torch_threads or os.cpu_count() or 1
@@ -253,6 +256,27 @@ def check_splits(config: PipelineConfig, counts: dict[str, int], where: str) -> 
         f"{where}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
         f"({found}); needed for {'; '.join(empty.values())}. Check {hint}"
     )
+
+
+def check_weights(config: PipelineConfig) -> None:
+    """Every weights file the config names exists (local path or fsspec URL): refuse before any
+    work, not when its stage starts after ingest."""
+    sections = {"teacher": config.teacher.weights, "student": config.student.weights}
+    if config.detector.enabled:
+        sections["detector"] = config.detector.weights
+    for section, path in sections.items():
+        if path is None:
+            continue
+        try:
+            fs, inner = fsspec.core.url_to_fs(path)
+            found = fs.isfile(inner)
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"{section}.weights={path!r} cannot be read: {exc}") from exc
+        if not found:
+            raise SourceError(
+                f"{section}.weights={path!r} does not exist: give a checkpoint file (local path "
+                "or URL), or leave it unset to train"
+            )
 
 
 def split_counts(items: list[SourceItem]) -> dict[str, int]:

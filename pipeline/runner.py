@@ -27,7 +27,14 @@ import pyarrow.parquet as pq
 
 from pipeline.cache import drop_unused, entry_files
 from pipeline.config import PipelineConfig, flatten, to_yaml
-from pipeline.graph import Context, Stage, check_splits, planned, split_counts
+from pipeline.graph import (
+    Context,
+    Stage,
+    check_splits,
+    check_weights,
+    planned,
+    split_counts,
+)
 from pipeline.tracking import (
     HIT_TAG,
     KEY_TAG,
@@ -185,6 +192,7 @@ def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) ->
     root = resolve_root(root)
     storage = Storage(root)
     uri = tracking_uri(config, root)
+    check_weights(config)
     items, digest = source_items(config, storage)  # fails here, before anything is written
     check_splits(config, split_counts(items), f"data source {config.data.source}")
     storage.fs.makedirs(storage.root, exist_ok=True)

@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -35,6 +35,7 @@ from stages.core import codec, data, fastconv
 from stages.core.config import StrictModel
 from stages.core.models import (
     build_segmenter,
+    check_arch,
     feature_layer,
     given_checkpoint,
     make_checkpoint,
@@ -85,6 +86,12 @@ class SegTrainConfig(StrictModel):
         gt=0,
         description="clip the gradients' total L2 norm to this before each step (None: never)",
     )
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        check_arch(value)  # at config time, not after ingest
+        return value
 
 
 class StrongViewConfig(StrictModel):

@@ -264,7 +264,9 @@ def run(
     from stages.core.training import fit
 
     if cfg.weights:
-        blob = given_checkpoint(cfg.weights, kind="detector", num_classes=num_classes)
+        blob = given_checkpoint(
+            cfg.weights, kind="detector", num_classes=num_classes, arch=cfg.arch
+        )
         found = load_checkpoint(blob, source=cfg.weights)["model_args"].get("backend")
         if (found or DEFAULT_BACKEND) != cfg.backend:
             raise ValueError(

@@ -165,8 +165,9 @@ def load_checkpoint(data: bytes, *, source: str) -> dict[str, Any]:
 def given_checkpoint(path: str, *, kind: str, num_classes: int, arch: str | None = None) -> bytes:
     """Checkpoint bytes for weights a user points to (local path or fsspec URL).
 
-    Accepted: a pseudoflow checkpoint of ``kind`` with ``num_classes`` classes, or, for a
-    segmenter, a plain state dict of ``arch``. The network is built once to check it loads.
+    Accepted: a pseudoflow checkpoint of ``kind`` with ``num_classes`` classes (and of ``arch``,
+    when given), or, for a segmenter, a plain state dict of ``arch``. The network is built once to
+    check it loads.
     """
     import fsspec
 
@@ -193,6 +194,10 @@ def given_checkpoint(path: str, *, kind: str, num_classes: int, arch: str | None
             f"{path}: a {found[0]} with {found[1]} classes; expected a {kind} "
             f"with {num_classes} classes"
         )
+    found_arch = checkpoint["model_args"].get("arch")
+    if arch is not None and found_arch != arch:
+        # The cache key records the configured arch: a different network must not pass as it.
+        raise ValueError(f"{path}: a {found_arch} {kind}; the config's arch is {arch}")
     try:
         model_from_checkpoint(checkpoint)
     except (RuntimeError, TypeError, KeyError) as exc:

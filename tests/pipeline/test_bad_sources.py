@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.graph import check_splits, needed_splits
 from pipeline.runner import run_pipeline
 from stages import segtrain, train_detector
@@ -166,3 +166,33 @@ def test_quarantine_limits_fail_the_run_after_ingest(tmp_path: Path) -> None:
         "after ingest (quarantined items removed): the val split is empty (labeled 6, "
         "unlabeled 8, val 0); needed for evaluate."
     )
+
+
+def test_unknown_arch_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config("smoke", ["student.arch=deeplabv3_resnet5"])
+    assert caught.value.problems == [
+        "student.arch: unknown segmentation arch 'deeplabv3_resnet5'; choose one of "
+        "deeplabv3_mobilenet_v3_large, deeplabv3_resnet101, deeplabv3_resnet50, fcn_resnet101, "
+        "fcn_resnet50, lraspp_mobilenet_v3_large (got 'deeplabv3_resnet5')"
+    ]
+
+
+def test_missing_weights_file_stops_the_run_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _folder(tmp_path / "data", val=1, corrupt={})
+    missing = tmp_path / "teacher-typo.pt"
+
+    def no_ray(*args: object, **kwargs: object) -> None:
+        raise AssertionError("no stage may start")
+
+    monkeypatch.setattr("pipeline.runner.init_ray", no_ray)
+    config = _config(folder, tmp_path, f"teacher.weights={missing}")
+    with pytest.raises(SourceError) as caught:
+        run_pipeline(config, str(tmp_path / "runs"))
+    assert str(caught.value) == (
+        f"teacher.weights='{missing}' does not exist: give a checkpoint file (local path or URL), "
+        "or leave it unset to train"
+    )
+    assert not (tmp_path / "runs").exists()

@@ -129,3 +129,17 @@ def test_given_checkpoint_accepts_state_dict_and_checks_kind_and_classes(tmp_pat
         given_checkpoint(str(plain), kind="detector", num_classes=3)
     with pytest.raises(ValueError, match="cannot be read"):
         given_checkpoint(str(tmp_path / "missing.pt"), kind="segmenter", num_classes=3, arch="x")
+
+
+def test_given_pseudoflow_checkpoint_of_another_arch_is_refused(tmp_path: Path) -> None:
+    """The cache key records the configured arch: a checkpoint of another network must not pass
+    as it (it was accepted, and its weights used under the config's name)."""
+    args = {"arch": "lraspp_mobilenet_v3_large", "num_classes": 3}
+    _, saved = _save(tmp_path, build_segmenter(**args), "segmenter", args)
+    with pytest.raises(ValueError) as caught:
+        given_checkpoint(saved, kind="segmenter", num_classes=3, arch="fcn_resnet50")
+    assert str(caught.value) == (
+        f"{saved}: a lraspp_mobilenet_v3_large segmenter; the config's arch is fcn_resnet50"
+    )
+    blob = given_checkpoint(saved, kind="segmenter", num_classes=3, arch=args["arch"])
+    assert load_checkpoint(blob, source="blob")["model_args"] == args
