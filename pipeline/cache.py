@@ -1,17 +1,29 @@
 """Looking after the cache: what a run would reuse and why (``plan``), and ``cache ls | verify |
-gc``. The entries themselves are written by the runner (:mod:`stages.core.cache`)."""
+gc``. The entries themselves are written by the runner (:mod:`stages.core.cache`).
+
+``gc`` asks MLflow which keys runs still reference. It reads the tracking store each pipeline run
+under the root recorded (``pipelines/<run_id>/tracking.json``, credentials masked) unless one is
+given, never creates a store (a SQLite or file store that does not exist is an error), and
+refuses a store that holds no pseudoflow runs while the root holds pipeline runs that logged to
+it: a mistyped URI would otherwise make every entry garbage.
+"""
 
 from __future__ import annotations
 
+import os
 import posixpath
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
 
 from pipeline.config import PipelineConfig
 from pipeline.graph import Context, all_stages
+from pipeline.redact import MASK, redact
 from stages.core.cache import (
     ATTEMPTS,
     ENTRY_FILE,
@@ -19,7 +31,10 @@ from stages.core.cache import (
     CacheEntry,
     cache_key,
     file_digest,
+    modified,
     output_dataset,
+    output_files,
+    pool_schemas,
 )
 from stages.core.storage import Storage, StorageError
 from stages.ingest.folder import listing_digest
@@ -28,10 +43,14 @@ from stages.ingest.sources import enumerate_source
 
 @dataclass(frozen=True)
 class Entry:
+    """A committed entry; ``damage`` says why it cannot be reused (then ``record`` may be
+    empty: its ``_ENTRY.json`` did not parse)."""
+
     stage: str
     key: str
     record: dict[str, Any]
     age_s: float
+    damage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +90,11 @@ def plan(config: PipelineConfig, root: str) -> list[PlanRow]:
             continue
         key = cache_key(stage.name, stage.schema, fields)
         ctx.keys[stage.name] = key
-        record = CacheEntry(storage, stage.name, key).record()
+        record, damage = CacheEntry(storage, stage.name, key).load()
+        if damage is not None:
+            reason = f"its committed entry is damaged ({damage}): it is recomputed"
+            rows.append(PlanRow(stage.name, "run", key, reason))
+            continue
         if record is None:
             rows.append(PlanRow(stage.name, "run", key, explain(storage, stage.name, fields)))
             continue
@@ -82,7 +105,8 @@ def plan(config: PipelineConfig, root: str) -> list[PlanRow]:
 
 def explain(storage: Storage, stage: str, fields: dict[str, Any]) -> str:
     """Why ``fields`` miss the cache: how they differ from the newest committed entry."""
-    entries = sorted(iter_entries(storage, stage), key=lambda e: e.record["created"])
+    usable = (e for e in iter_entries(storage, stage) if e.damage is None)
+    entries = sorted(usable, key=lambda e: e.record["created"])
     if not entries:
         return "no entry of this stage in the cache yet"
     changed = _diff(entries[-1].record["fields"], fields)
@@ -115,7 +139,8 @@ def _short(value: Any) -> str:
 
 # ------------------------------------------------------------------------------------ entries
 def iter_entries(storage: Storage, stage: str | None = None) -> Iterator[Entry]:
-    """Every committed entry under the root (of one stage, if given), with its age."""
+    """Every committed entry under the root (of one stage, if given), with its age; a damaged
+    one (see :meth:`CacheEntry.load`) comes with its ``damage``."""
     fs, base = storage.fs, storage.path("cache")
     if not fs.exists(base):
         return
@@ -128,31 +153,44 @@ def iter_entries(storage: Storage, stage: str | None = None) -> Iterator[Entry]:
             key = posixpath.basename(key_dir)
             if key == POOL:
                 continue
-            record = CacheEntry(storage, stage, key).record()
-            if record is None:
+            entry = CacheEntry(storage, stage, key)
+            record, damage = entry.load()
+            if record is None and damage is None:
                 continue
-            created = datetime.fromisoformat(record["created"]).timestamp()
-            yield Entry(stage, key, record, time.time() - created)
+            try:
+                assert record is not None
+                created = datetime.fromisoformat(record["created"]).timestamp()
+            except (AssertionError, KeyError, TypeError, ValueError):
+                try:
+                    created = modified(fs.info(entry.record_path))
+                except FileNotFoundError:  # removed since the listing
+                    continue
+            yield Entry(stage, key, record or {}, time.time() - created, damage)
 
 
 def entry_files(storage: Storage, record: dict[str, Any]) -> set[str]:
     """The files an entry's outputs consist of (dataset shards anywhere, model files)."""
+    return output_files(storage, record["outputs"])
+
+
+def _committed_files(storage: Storage) -> set[str]:
+    """Every file any usable committed entry under the root references."""
     files: set[str] = set()
-    for name, output in record["outputs"].items():
-        if output["kind"] == "model":
-            files.add(storage.resolve(output["path"]))
-            continue
-        ref = output_dataset(storage, name, output)
-        files.update(ref.files())
-        files.update({ref.manifest_path, ref.marker_path})
+    for entry in iter_entries(storage):
+        if entry.damage is None:
+            try:
+                files |= entry_files(storage, entry.record)
+            except (FileNotFoundError, StorageError):
+                continue  # damaged since it was read: it protects nothing
     return files
 
 
 def drop_unused(storage: Storage, ours: set[str], winner: dict[str, Any]) -> list[str]:
     """After losing a commit race: delete the files of our outputs (``ours``, listed before our
-    attempt was discarded) that the winner's entry does not use, such as inference shards we
-    committed to a pool, so that one copy stays. Returns the deleted paths."""
-    unused = sorted(ours - entry_files(storage, winner))
+    attempt was discarded) that no committed entry uses (the winner's, or any other key's that
+    reuses a pool shard we wrote), such as inference shards we committed to a pool, so that one
+    copy stays. Returns the deleted paths."""
+    unused = sorted(ours - entry_files(storage, winner) - _committed_files(storage))
     for path in unused:
         if storage.fs.exists(path):
             storage.fs.rm(path)
@@ -175,9 +213,14 @@ def entry_bytes(storage: Storage, record: dict[str, Any]) -> int:
 
 # ------------------------------------------------------------------------------------- verify
 def verify_entry(storage: Storage, entry: Entry) -> list[str]:
-    """Problems of one entry: a shard missing, unreadable or holding other rows/ids than its
-    manifest says; a model file missing or with another sha256."""
+    """Problems of one entry: its record unreadable or an output's manifest missing (damaged);
+    a shard missing, unreadable, holding other rows/ids than its manifest says or (for an
+    inference stage's output) another Arrow schema than the stage's; a model file missing or
+    with another sha256."""
+    if entry.damage is not None:
+        return [f"damaged entry: {entry.damage}"]
     problems = []
+    expected = pool_schemas()
     for name, output in entry.record["outputs"].items():
         try:
             if output["kind"] == "model":
@@ -186,7 +229,7 @@ def verify_entry(storage: Storage, entry: Entry) -> list[str]:
                     problems.append(f"{name}: {path} differs from the recorded sha256")
                 continue
             ref = output_dataset(storage, name, output)
-            ref.verify(deep=True)
+            ref.verify(deep=True, schema=expected.get(output.get("schema") or ""))
             if ref.manifest()["id_digest"] != output["id_digest"]:
                 problems.append(f"{name}: manifest id set differs from the entry's")
         except FileNotFoundError as exc:
@@ -194,6 +237,164 @@ def verify_entry(storage: Storage, entry: Entry) -> list[str]:
         except StorageError as exc:
             problems.append(f"{name}: {exc}")
     return problems
+
+
+# ------------------------------------------------------------------------------ output checks
+def check_output_schemas(storage: Storage, outputs: dict[str, dict[str, Any]]) -> None:
+    """Before an entry is committed: every shard of an inference stage's dataset output must
+    have the stage's Arrow schema (footers only); raises :class:`StorageError` naming the file."""
+    expected = pool_schemas()
+    for name, output in outputs.items():
+        schema = expected.get(output.get("schema") or "")
+        if output["kind"] == "dataset" and schema is not None:
+            output_dataset(storage, name, output).verify(schema=schema)
+
+
+# ----------------------------------------------------------------------------------- tracking
+TRACKING_FILE = "tracking.json"
+
+
+class TrackingError(ValueError):
+    """gc cannot trust the tracking store it would read: nothing is collected."""
+
+
+def tracking_record(uri: str, root: str) -> dict[str, Any]:
+    """What a pipeline run stores about its tracking store: the URI (a password or secret query
+    value masked, :func:`pipeline.redact.redact`), and whether it is the default SQLite file
+    under the root ``root`` (which moves with the root)."""
+    from pipeline.tracking import local_uri
+
+    shown = redact(uri)
+    return {
+        "uri": shown,
+        "credentials_removed": shown != uri,
+        "under_root": "://" not in root and uri == local_uri(root),
+    }
+
+
+def _pipeline_runs(storage: Storage) -> list[str]:
+    base = storage.path("pipelines")
+    if not storage.fs.exists(base):
+        return []
+    return sorted(
+        posixpath.basename(i["name"]) for i in _children(storage, base) if i["type"] == "directory"
+    )
+
+
+def _recorded_uri(storage: Storage, run_id: str) -> tuple[str | None, bool]:
+    """The tracking URI pipeline run ``run_id`` recorded (``tracking.json``; a run from before
+    that file existed: its config's ``tracking.uri``), and whether credentials were removed.
+    The default SQLite file under the root is the one under the root as it is now (a copied or
+    moved root brings its store along)."""
+    from pipeline.tracking import local_uri
+
+    try:
+        recorded = storage.read_json(storage.path("pipelines", run_id, TRACKING_FILE))
+    except FileNotFoundError:
+        recorded = None
+    if recorded is not None:
+        if recorded.get("under_root") and storage.is_local:
+            return local_uri(storage.root), False
+        return str(recorded["uri"]), bool(recorded.get("credentials_removed"))
+    try:
+        config = yaml.safe_load(
+            storage.read_bytes(storage.path("pipelines", run_id, "config.yaml"))
+        )
+    except FileNotFoundError:
+        return None, False
+    uri = ((config or {}).get("tracking") or {}).get("uri")
+    if not uri:
+        return None, False
+    return str(uri), MASK in str(uri)  # configs are stored redacted
+
+
+def gc_tracking_uris(storage: Storage, given: str | None) -> dict[str, list[str]]:
+    """The tracking stores gc must read -> the pipeline runs under the root that logged there:
+    ``given`` for all of them, else the URI each run recorded, else (a run that recorded none,
+    or no run at all) ``MLFLOW_TRACKING_URI`` or the SQLite file under a local root."""
+    from pipeline.tracking import local_uri
+
+    runs = _pipeline_runs(storage)
+    if given is not None:
+        return {given: runs}
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    fallback = env or (local_uri(storage.root) if storage.is_local else None)
+    uris: dict[str, list[str]] = {}
+    for run_id in runs:
+        uri, redacted = _recorded_uri(storage, run_id)
+        if uri is not None and redacted:
+            if env is None or redact(env) != uri:
+                raise TrackingError(
+                    f"pipeline run {run_id} logged to {uri}, whose credentials are not stored: "
+                    "pass --tracking-uri (or set MLFLOW_TRACKING_URI) with them"
+                )
+            uri = env
+        uri = uri or fallback
+        if uri is None:
+            raise TrackingError(
+                f"pipeline run {run_id} recorded no tracking URI and the root is remote: "
+                "pass --tracking-uri"
+            )
+        uris.setdefault(uri, []).append(run_id)
+    if not uris:
+        if fallback is None:
+            raise TrackingError("a remote root needs --tracking-uri")
+        uris[fallback] = []
+    return uris
+
+
+def check_tracking_store(uri: str) -> None:
+    """Refuse a store gc would create by reading it: a SQLite file or a file store (local
+    folder) that does not exist, or an in-memory database."""
+    shown = redact(uri)
+    scheme = urlsplit(uri).scheme
+    if scheme == "sqlite":
+        path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+        if uri in {"sqlite://", "sqlite:///"} or path in {"", ":memory:"}:
+            raise TrackingError(
+                f"tracking store {shown} is an in-memory database: it holds no runs"
+            )
+        if not os.path.isfile(path):
+            raise TrackingError(
+                f"tracking store {shown}: the SQLite file {path} does not exist (gc never creates "
+                "a tracking store); pass the --tracking-uri the runs logged to"
+            )
+    elif scheme in {"", "file"}:
+        path = urlsplit(uri).path if scheme else uri
+        if not os.path.isdir(path):
+            raise TrackingError(
+                f"tracking store {shown}: the folder {path} does not exist (gc never creates a "
+                "tracking store); pass the --tracking-uri the runs logged to"
+            )
+
+
+def gc_references(
+    storage: Storage, given: str | None = None, *, allow_empty: bool = False
+) -> set[str]:
+    """The cache keys MLflow runs reference, read from the stores of :func:`gc_tracking_uris`
+    (each checked by :func:`check_tracking_store`). A store holding no pseudoflow run while
+    pipeline runs under the root logged there (any run, for ``given``) raises
+    :class:`TrackingError` unless ``allow_empty``."""
+    from pipeline.tracking import referenced_keys
+
+    keys: set[str] = set()
+    for uri, runs in gc_tracking_uris(storage, given).items():
+        check_tracking_store(uri)
+        try:
+            found = referenced_keys(uri)
+        except Exception as exc:  # the store's own error, without the URI's credentials
+            message = redact(str(exc).replace(uri, redact(uri)))
+            raise TrackingError(f"tracking store {redact(uri)}: {message}") from exc
+        if not found and runs and not allow_empty:
+            shown = ", ".join(runs[:3]) + (f" (+{len(runs) - 3} more)" if len(runs) > 3 else "")
+            raise TrackingError(
+                f"tracking store {redact(uri)} holds no pseudoflow runs, but {len(runs)} "
+                f"pipeline runs under the root logged there ({shown}): refusing to treat every "
+                "entry as garbage. Check the URI, or pass --allow-empty-tracking if those runs "
+                "were deleted on purpose"
+            )
+        keys |= found
+    return keys
 
 
 # ----------------------------------------------------------------------------------------- gc
@@ -207,13 +408,14 @@ class Garbage:
 def collect_garbage(
     storage: Storage, referenced: set[str], *, min_age_s: float, delete: bool
 ) -> list[Garbage]:
-    """What no MLflow run needs any more, deleted only if ``delete``:
+    """What no MLflow run needs any more, deleted only if ``delete``; nothing written less than
+    ``min_age_s`` ago goes (a running job may be using or writing it):
 
     * committed entries whose key no MLflow run is tagged with (``referenced``);
-    * attempt folders that are not their entry's committed attempt, older than ``min_age_s``
-      (crashed or losing writers);
-    * inference shards no kept entry references, older than ``min_age_s`` (younger ones may be
-      a running job's progress, or what a killed run's rerun will resume from);
+    * damaged entries (they are never reused);
+    * attempt folders that are not their entry's committed attempt (crashed or losing writers);
+    * inference shards no kept entry references (younger ones may be a running job's progress,
+      or what a killed run's rerun will resume from);
     * Ray Train run folders of entries that are committed or collected.
     """
     now = time.time()
@@ -222,17 +424,21 @@ def collect_garbage(
     committed: set[tuple[str, str]] = set()
     for entry in iter_entries(storage):
         committed.add((entry.stage, entry.key))
-        if entry.key in referenced:
+        directory = CacheEntry(storage, entry.stage, entry.key).directory
+        young = _age(storage, directory, now) < min_age_s
+        if entry.damage is not None:
+            if not young:
+                why = f"damaged entry: {entry.damage}"
+                garbage.append(Garbage(directory, _tree_bytes(storage, directory), why))
+        elif entry.key in referenced or young:
             kept_files |= entry_files(storage, entry.record)
-            directory = CacheEntry(storage, entry.stage, entry.key).directory
             garbage += _stale_attempts(storage, directory, entry.record["attempt"], now, min_age_s)
         else:
-            directory = CacheEntry(storage, entry.stage, entry.key).directory
             why = "no MLflow run references this entry"
             garbage.append(Garbage(directory, _tree_bytes(storage, directory), why))
     garbage += _unreferenced_shards(storage, kept_files, now, min_age_s)
     garbage += _uncommitted_entries(storage, committed, now, min_age_s)
-    garbage += _train_folders(storage, committed)
+    garbage += _train_folders(storage, committed, now, min_age_s)
     if delete:
         for item in garbage:
             if storage.fs.exists(item.path):
@@ -260,8 +466,7 @@ def _age(storage: Storage, path: str, now: float) -> float:
 
 
 def _mtime(info: dict[str, Any]) -> float:
-    value = info.get("mtime") or info.get("LastModified") or info.get("created") or 0.0
-    return value.timestamp() if isinstance(value, datetime) else float(value)
+    return modified(info)
 
 
 def _stale_attempts(
@@ -313,12 +518,19 @@ def _uncommitted_entries(
     return found
 
 
-def _train_folders(storage: Storage, committed: set[tuple[str, str]]) -> list[Garbage]:
-    """Ray Train folders ``<stage>-<key[:16]>`` of committed entries: the model is in the entry."""
+def _train_folders(
+    storage: Storage, committed: set[tuple[str, str]], now: float, min_age_s: float
+) -> list[Garbage]:
+    """Ray Train folders ``<stage>-<key[:16]>_<attempt>`` (or, from older runs, without the
+    attempt) of committed entries, older than ``min_age_s``: the model is in the entry (a
+    younger one may be a losing attempt still training)."""
     prefixes = {f"{stage}-{key[:16]}" for stage, key in committed}
     found = []
     for info in _children(storage, storage.path("ray_train")):
-        if posixpath.basename(info["name"]) in prefixes:
+        stage, _, rest = posixpath.basename(info["name"]).partition("-")
+        if f"{stage}-{rest[:16]}" not in prefixes:
+            continue
+        if _age(storage, info["name"], now) >= min_age_s:
             size = _tree_bytes(storage, info["name"])
             found.append(Garbage(info["name"], size, "training finished and committed"))
     return found

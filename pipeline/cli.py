@@ -16,7 +16,7 @@ import click
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
     from pipeline.runner import RunSummary
-    from pipeline.submit import Cluster
+    from pipeline.submit import Cluster, Submission
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -25,6 +25,9 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from pipeline.redact import redact_logs
+
+    redact_logs()  # URL passwords and ?token=... never reach the console as they are
 
 
 def _load(config: str, overrides: tuple[str, ...]) -> PipelineConfig:
@@ -81,7 +84,9 @@ def run(
     try:
         summary = run_pipeline(cfg, root, until=until)
     except (SourceError, BackendUnavailable) as exc:
-        click.echo(f"error: {exc}", err=True)
+        from pipeline.redact import redact
+
+        click.echo(f"error: {redact(str(exc))}", err=True)
         sys.exit(2)
     click.echo(format_summary(summary))
     if report and until is None:
@@ -100,7 +105,9 @@ def _report_after_run(summary: RunSummary) -> None:
     except Exception as exc:  # the run itself succeeded: say why, keep its exit code
         logging.getLogger(__name__).warning("no report for %s: %s", summary.run_id, exc)
         return
-    click.echo(f"report: {made.location}/index.html")
+    from pipeline.redact import redact
+
+    click.echo(f"report: {redact(made.location)}/index.html")
 
 
 @main.command()
@@ -202,7 +209,13 @@ def _cluster(address: str, token_file: str | None) -> Cluster:
 
 
 @main.command()
-@address_option
+@click.option(
+    "--address",
+    envvar="RAY_API_SERVER_ADDRESS",
+    default=None,
+    help="the cluster's dashboard (Jobs API) URL, e.g. http://127.0.0.1:8265 through a tunnel "
+    "(required unless --dry-run)",
+)
 @token_option
 @config_option
 @click.option("--root", required=True, help="storage root every node sees (s3://... or absolute)")
@@ -219,8 +232,13 @@ def _cluster(address: str, token_file: str | None) -> Cluster:
 @click.option("--python", default="python", show_default=True, help="the cluster's python")
 @click.option("--until", default=None, metavar="STAGE", help="stop after this stage")
 @click.option("--again", is_flag=True, help="submit even if an identical run was submitted")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="list what would be shipped (paths, sizes) and the job; submit nothing",
+)
 def submit(
-    address: str,
+    address: str | None,
     token_file: str | None,
     config: str,
     root: str,
@@ -231,22 +249,37 @@ def submit(
     python: str,
     until: str | None,
     again: bool,
+    dry_run: bool,
 ) -> None:
-    """Submit a run to a Ray cluster (Jobs API, token auth); print its submission id."""
+    """Submit a run to a Ray cluster (Jobs API, token auth); print its submission id.
+
+    Ships what git tracks (outside git: the package only), never dotfiles or credential files,
+    plus the resolved config; --dry-run lists it."""
     import tempfile
     from pathlib import Path
 
     from pipeline import submit as jobs
+    from pipeline.redact import redact
 
+    if not address and not dry_run:
+        raise click.UsageError("Missing option '--address' (or RAY_API_SERVER_ADDRESS).")
     cfg = _load(config, overrides)
     with _submit_errors():
         uri = jobs.check_tracking_uri(cfg.tracking.uri or tracking_uri)
         env = jobs.parse_env(env_values, env_refs)
         root = jobs.check_root(root)
-        cluster = _cluster(address, token_file)
+        jobs.check_config(cfg)
+        cluster = None if dry_run else _cluster(address or "", token_file)
         with tempfile.TemporaryDirectory(prefix="pseudoflow-submit-") as tmp:
             staged = Path(tmp) / "job"
-            jobs.stage_working_dir(jobs.project_root(), staged, cfg)
+            source = jobs.project_root()
+            shipped = jobs.stage_working_dir(source, staged, cfg)
+            untracked = jobs.untracked_package_files(source)
+            if untracked:
+                names = ", ".join(p.as_posix() for p in untracked)
+                click.echo(
+                    f"warning: not shipped (untracked in git; git add them): {names}", err=True
+                )
             submission = jobs.build_submission(
                 cfg,
                 root=root,
@@ -256,6 +289,9 @@ def submit(
                 python=python,
                 until=until,
             )
+            if cluster is None:
+                _print_dry_run(shipped, submission)
+                return
             job_id, existing = jobs.submit(cluster, submission, again=again)
     if existing is not None:
         click.echo(
@@ -264,7 +300,24 @@ def submit(
         )
     else:
         click.echo(f"submitted {job_id}")
-    click.echo(f"follow it with: pseudoflow logs {job_id} --follow --address {address}")
+    click.echo(
+        f"follow it with: pseudoflow logs {job_id} --follow --address {redact(address or '')}"
+    )
+
+
+def _print_dry_run(shipped: list[tuple[str, int]], submission: Submission) -> None:
+    from pipeline.redact import redact
+    from pipeline.submit import human_size
+
+    click.echo("dry run: nothing submitted. The job's working directory would hold:")
+    for path, size in shipped:
+        click.echo(f"  {human_size(size):>10}  {path}")
+    total = sum(size for _, size in shipped)
+    click.echo(f"{len(shipped)} files, {human_size(total)} in all")
+    click.echo(f"submission id: {submission.submission_id}")
+    click.echo(f"entrypoint: {redact(submission.entrypoint)}")
+    for name, value in sorted(submission.runtime_env["env_vars"].items()):
+        click.echo(f"env: {name}={redact(value)}")
 
 
 @main.command()
@@ -341,24 +394,26 @@ def cache() -> None:
 @cache.command("ls")
 @root_option
 def cache_ls(root: str) -> None:
-    """List committed entries with size, age and rows."""
+    """List committed entries with size, age and rows (a damaged one: DAMAGED and why)."""
     from pipeline.cache import entry_bytes, human_age, human_bytes, iter_entries
     from pipeline.runner import resolve_root
     from stages.core.storage import Storage
 
     storage = Storage(resolve_root(root))
     entries = list(iter_entries(storage))
-    sizes = [entry_bytes(storage, e.record) for e in entries]
+    sizes = [0 if e.damage else entry_bytes(storage, e.record) for e in entries]
     click.echo(f"{'stage':15} {'key':12} {'size':>10} {'age':>7}  outputs")
     for e, size_bytes in zip(entries, sizes, strict=True):
-        outputs = ", ".join(
+        outputs = f"DAMAGED: {e.damage}" if e.damage else ""
+        outputs = outputs or ", ".join(
             f"{n} ({o['rows']} rows)" if o["kind"] == "dataset" else n
             for n, o in e.record["outputs"].items()
         )
         size, age = human_bytes(size_bytes), human_age(e.age_s)
         click.echo(f"{e.stage:15} {e.key[:12]:12} {size:>10} {age:>7}  {outputs}")
     total = human_bytes(sum(sizes))
-    click.echo(f"{len(entries)} entries, {total}")
+    damaged = sum(e.damage is not None for e in entries)
+    click.echo(f"{len(entries)} entries, {total}" + (f", {damaged} damaged" if damaged else ""))
 
 
 @cache.command("verify")
@@ -386,29 +441,37 @@ def cache_verify(root: str) -> None:
 @root_option
 @click.option(
     "--tracking-uri",
-    envvar="MLFLOW_TRACKING_URI",
     default=None,
-    help="default: MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db",
+    help="read only this store [default: the store each pipeline run under the root recorded; "
+    "for runs that recorded none, MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db]",
 )
-@click.option("--min-age", default=24.0, show_default=True, help="hours before leftovers go")
+@click.option(
+    "--min-age",
+    default=24.0,
+    show_default=True,
+    help="hours: nothing written more recently goes (entries, leftovers)",
+)
 @click.option("--delete", is_flag=True, help="delete (default: only list what would go)")
-def cache_gc(root: str, tracking_uri: str | None, min_age: float, delete: bool) -> None:
+@click.option(
+    "--allow-empty-tracking",
+    is_flag=True,
+    help="collect even if a store the root's runs logged to holds no pseudoflow runs",
+)
+def cache_gc(
+    root: str, tracking_uri: str | None, min_age: float, delete: bool, allow_empty_tracking: bool
+) -> None:
     """Collect entries no MLflow run references and stale leftovers (dry run by default)."""
-    from pipeline.cache import collect_garbage, human_bytes
+    from pipeline.cache import TrackingError, collect_garbage, gc_references, human_bytes
     from pipeline.runner import resolve_root
-    from pipeline.tracking import local_uri, referenced_keys
     from stages.core.storage import Storage
 
-    root = resolve_root(root)
-    if tracking_uri is None:
-        if "://" in root:
-            click.echo("error: a remote root needs --tracking-uri", err=True)
-            sys.exit(2)
-        tracking_uri = local_uri(root)
-    storage = Storage(root)
-    garbage = collect_garbage(
-        storage, referenced_keys(tracking_uri), min_age_s=min_age * 3600, delete=delete
-    )
+    storage = Storage(resolve_root(root))
+    try:
+        referenced = gc_references(storage, tracking_uri, allow_empty=allow_empty_tracking)
+    except TrackingError as exc:
+        click.echo(f"error: {exc}; nothing collected", err=True)
+        sys.exit(2)
+    garbage = collect_garbage(storage, referenced, min_age_s=min_age * 3600, delete=delete)
     for item in garbage:
         click.echo(f"{'deleted' if delete else 'would delete'} {item.path} ({item.why})")
     verb = "freed" if delete else "would free (dry run; --delete to collect)"

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from pipeline.redact import redact, redact_values
 from stages.core.config import StrictModel
 from stages.detect import DetectConfig
 from stages.evaluate import EvaluateConfig
@@ -173,7 +174,8 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def flatten(config: PipelineConfig) -> dict[str, str]:
-    """Dotted key -> string value of every leaf (MLflow params)."""
+    """Dotted key -> string value of every leaf (MLflow params), credentials redacted (a URL's
+    ``user:password@``, ``?token=...``: see :mod:`pipeline.redact`)."""
     flat: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -181,11 +183,13 @@ def flatten(config: PipelineConfig) -> dict[str, str]:
             for key, child in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), child)
         else:
-            flat[prefix] = str(value)
+            flat[prefix] = redact(str(value))
 
     walk("", config.model_dump(mode="json"))
     return flat
 
 
 def to_yaml(config: PipelineConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML to show or store (MLflow artifact, files under the root, checkpoints):
+    credentials redacted. A run uses the config object itself, never this text."""
+    return yaml.safe_dump(redact_values(config.model_dump(mode="json")), sort_keys=False)

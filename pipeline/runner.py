@@ -25,7 +25,13 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.cache import drop_unused, entry_files
+from pipeline.cache import (
+    TRACKING_FILE,
+    check_output_schemas,
+    drop_unused,
+    entry_files,
+    tracking_record,
+)
 from pipeline.config import PipelineConfig, flatten, to_yaml
 from pipeline.graph import (
     Context,
@@ -35,6 +41,7 @@ from pipeline.graph import (
     planned,
     split_counts,
 )
+from pipeline.redact import redact
 from pipeline.tracking import (
     HIT_TAG,
     KEY_TAG,
@@ -45,7 +52,14 @@ from pipeline.tracking import (
     local_uri,
 )
 from stages.core import progress
-from stages.core.cache import CacheEntry, cache_key, dataset_output, model_output, new_token
+from stages.core.cache import (
+    CacheEntry,
+    Heartbeat,
+    cache_key,
+    dataset_output,
+    model_output,
+    new_token,
+)
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest.folder import SourceError, SourceItem, listing_digest
 from stages.ingest.generated import generate_dataset
@@ -68,7 +82,8 @@ class RunSummary:
 
     @property
     def ui_command(self) -> str:
-        return f"mlflow ui --backend-store-uri {self.tracking_uri}"
+        """The command that opens the run's MLflow (credentials in the URI shown as ``***``)."""
+        return f"mlflow ui --backend-store-uri {redact(self.tracking_uri)}"
 
 
 def resolve_root(root: str) -> str:
@@ -163,7 +178,15 @@ def init_ray(config: PipelineConfig, uri: str) -> None:
         # (without it, it warns every few seconds); it listens on loopback only.
         kwargs["include_dashboard"] = True
         kwargs["dashboard_host"] = "127.0.0.1"
-    ray.init(address=address or None, **kwargs)
+    ray_worker_log = logging.getLogger("ray._private.worker")
+    if _not_ray_dashboard_line not in ray_worker_log.filters:  # ours below says it, once
+        ray_worker_log.addFilter(_not_ray_dashboard_line)
+    context = ray.init(address=address or None, **kwargs)
+    if context.dashboard_url:
+        host_port = context.dashboard_url.split("://")[-1]
+        where = " (loopback only: reach it through an SSH tunnel)"
+        loopback = host_port.rsplit(":", 1)[0] == "127.0.0.1"
+        logger.info("Ray dashboard listening on http://%s%s", host_port, where if loopback else "")
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = interactive
@@ -175,6 +198,11 @@ def _is_terminal() -> bool:
     import sys
 
     return sys.stderr.isatty()
+
+
+def _not_ray_dashboard_line(record: logging.LogRecord) -> bool:
+    """Drop Ray's own "View the dashboard at" line: :func:`init_ray` says where it listens."""
+    return "View the dashboard at" not in str(record.msg)
 
 
 def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) -> RunSummary:
@@ -229,11 +257,15 @@ def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) ->
 def _run_stage(
     stage: Stage, ctx: Context, tracker: Tracker, parent: str, summary: RunSummary
 ) -> dict[str, float]:
+    _record_tracking(ctx, summary.tracking_uri)
     fields = stage.fields(ctx)
     key = cache_key(stage.name, stage.schema, fields)
     ctx.keys[stage.name] = key
     entry = CacheEntry(ctx.storage, stage.name, key)
-    record = entry.record()
+    record, damage = entry.load()
+    if damage is not None:  # never reused: recomputed, and the commit replaces it
+        logger.warning("stage %s: committed entry %s is damaged (%s)", stage.name, key[:12], damage)
+        record = None
     hit = record is not None
     summary.cache[stage.name] = (key, hit)
     tags = {STAGE_TAG: stage.name, KEY_TAG: key, HIT_TAG: str(hit).lower()}
@@ -274,30 +306,52 @@ def _run_stage(
 def _execute(
     stage: Stage, ctx: Context, entry: CacheEntry, fields: dict[str, Any], sink: Any
 ) -> dict[str, Any]:
-    """Run ``stage`` into a fresh attempt folder and commit its entry (or adopt the record of a
-    run that committed the same key first)."""
+    """Run ``stage`` into an attempt folder and commit its entry (or adopt the record of a run
+    that committed the same key first).
+
+    The attempt is fresh, or a dead attempt of the same key (its heartbeat stopped) that left a
+    Ray Train folder: taking it over keeps its token, so training resumes from its checkpoints.
+    Each attempt trains in its own folder (``Context.train_name``), so racing attempts never
+    share one, and each removes only its own once committed."""
     init_ray(ctx.config, sink.uri)
-    token = new_token()
+    storage = ctx.storage
+
+    def resumable(token: str) -> bool:
+        return bool(storage.fs.exists(storage.path("ray_train", ctx.train_name(stage.name, token))))
+
+    token = entry.take_over(resumable) or new_token()
     ctx.writing, ctx.attempt, ctx.sink = stage.writes, entry.attempt_dir(token), sink
+    train_dir = storage.path("ray_train", ctx.train_name(stage.name))
+    if storage.fs.exists(train_dir):
+        logger.info("%s: taking over dead attempt %s, resuming its training", stage.name, token)
     earlier, ctx.results = ctx.results, {}  # what this stage sets is stored in its record
     try:
-        metrics = stage.run(ctx)
-        outputs = _outputs(stage, ctx)
+        with Heartbeat(storage, entry.heartbeat_path(token)):
+            metrics = stage.run(ctx)
+            outputs = _outputs(stage, ctx)
     finally:
         results, ctx.results = ctx.results, earlier
         ctx.writing, ctx.attempt = (), ""
+    check_output_schemas(storage, outputs)  # a shard of another schema is named, not committed
     written = {"outputs": outputs}
-    ours = entry_files(ctx.storage, written)  # read before a lost race discards the attempt
+    ours = entry_files(storage, written)  # read before a lost race discards the attempt
     record, won = entry.commit(
         token, {"fields": fields, "outputs": outputs, "metrics": metrics, "results": results}
     )
     if not won:
-        dropped = drop_unused(ctx.storage, ours, record)
+        dropped = drop_unused(storage, ours, record)
         logger.info("%s: lost the commit race; removed %d unused files", stage.name, len(dropped))
-    train_dir = ctx.storage.path("ray_train", ctx.train_name(stage.name))
-    if ctx.storage.fs.exists(train_dir):  # the model is in the entry now
-        ctx.storage.fs.rm(train_dir, recursive=True)
+    if storage.fs.exists(train_dir):  # the model is in the entry now
+        storage.fs.rm(train_dir, recursive=True)
     return record
+
+
+def _record_tracking(ctx: Context, uri: str) -> None:
+    """``pipelines/<run_id>/tracking.json``: the tracking store this run logs to (credentials
+    removed), for ``cache gc``; written before the run's first stage uses or commits an entry."""
+    path = ctx.storage.path("pipelines", ctx.run_id, TRACKING_FILE)
+    if not ctx.storage.fs.exists(path):
+        ctx.storage.write_json(path, tracking_record(uri, ctx.storage.root))
 
 
 def _outputs(stage: Stage, ctx: Context) -> dict[str, dict[str, Any]]:
@@ -350,7 +404,10 @@ def _stage_params(stage: Stage, config: PipelineConfig) -> dict[str, str]:
     params = {k: v for k, v in flatten(config).items() if k.split(".")[0] in {"data", "seed"}}
     if section is not None:
         params.update(
-            {f"{stage.name}.{k}": str(v) for k, v in section.model_dump(mode="json").items()}
+            {
+                f"{stage.name}.{k}": redact(str(v))
+                for k, v in section.model_dump(mode="json").items()
+            }
         )
     return params
 

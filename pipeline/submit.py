@@ -7,7 +7,10 @@ root, tracking URI, environment, code), so an identical resubmission finds the f
 
 Secrets never travel in a submission: the Ray token goes in the Authorization header only, and
 storage or MLflow credentials are passed *by reference* (``${NAME}`` in the runtime
-environment, expanded by Ray on the cluster from the nodes' own environment).
+environment, expanded by Ray on the cluster from the nodes' own environment). What is shipped is
+what git tracks (or, outside git, only the package files), never a dotfile or a credential file
+(:func:`project_files`); a variable, tracking URI, root or config value that carries a secret is
+refused before anything is sent, with a message that names it and never echoes its value.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from pipeline.redact import has_password, secret_query_names
 from stages.core.progress import WORKER_SETUP_HOOK
 
 if TYPE_CHECKING:
@@ -54,8 +58,58 @@ EXCLUDED = (
     "*.pth",
     "*.parquet",
 )
+# Never shipped, whatever lists them (git included): credential and key files by name. Dotfiles
+# and dot-folders (.env, .aws/, .ray/auth_token, .ssh/, .netrc, ...) are never shipped either.
+SECRET_FILES = (
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.jks",
+    "*.keystore",
+    "*.kdbx",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "*credentials*",
+    "*.env",
+    "*.env.*",
+    "*auth_token*",
+    "*.token",
+    "*.secret",
+    "*.secrets",
+    "*.netrc",
+    "*.pgpass",
+    "*.tfstate*",
+)
+# Outside a git checkout only the package is shipped: these top-level files and folders.
+PACKAGE_PATHS = ("pyproject.toml", "pipeline", "stages")
 MAX_WORKING_DIR_BYTES = 50 * 2**20
-SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE", re.I)
+# An environment name is a secret's when one of its underscore-separated words is one of these.
+SECRET_WORDS = frozenset(
+    {
+        "KEY",
+        "KEYS",
+        "APIKEY",
+        "TOKEN",
+        "TOKENS",
+        "SECRET",
+        "SECRETS",
+        "PASSWORD",
+        "PASSWORDS",
+        "PASSWD",
+        "PASSPHRASE",
+        "CREDENTIAL",
+        "CREDENTIALS",
+        "PRIVATE",
+        "AUTH",
+    }
+)
+CREDENTIALS_ON_THE_CLUSTER = (
+    "credentials reach a job from the cluster nodes' own environment (a Kubernetes Secret, the "
+    "launcher's node environment) or an instance role, never from the submitting machine"
+)
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -188,49 +242,74 @@ def project_root() -> Path:
 
 
 def project_files(source: Path) -> list[Path]:
-    """The files of the checkout a job needs: in a git checkout, tracked and untracked files
-    that git does not ignore; in any case never :data:`EXCLUDED` ones. Relative paths."""
+    """The files of the checkout a job needs, as relative paths: in a git checkout, the files git
+    tracks (never untracked or ignored ones); elsewhere only the package (:data:`PACKAGE_PATHS`).
+    Whatever the source, never a dotfile or dot-folder, a :data:`SECRET_FILES` credential file, an
+    :data:`EXCLUDED` one or a symlink."""
     if (source / ".git").exists() and shutil.which("git"):
-        listed = subprocess.run(
-            [
-                "git",
-                "-C",
-                str(source),
-                "ls-files",
-                "-z",
-                "--cached",
-                "--others",
-                "--exclude-standard",
-            ],
-            capture_output=True,
-            check=True,
-        ).stdout.decode()
-        candidates = [Path(p) for p in listed.split("\0") if p]
+        tracked = set(_git_ls(source, "--cached"))
+        # tracked, yet ignored (added with --force): not shipped either
+        ignored = set(_git_ls(source, "--cached", "--ignored", "--exclude-standard"))
+        candidates = [Path(p) for p in tracked - ignored]
     else:
-        candidates = [p.relative_to(source) for p in source.rglob("*")]
-    return sorted(
-        p
-        for p in candidates
-        if (source / p).is_file()
-        and not (source / p).is_symlink()
-        and not any(fnmatch.fnmatch(part, pattern) for part in p.parts for pattern in EXCLUDED)
+        candidates = [
+            p.relative_to(source)
+            for top in PACKAGE_PATHS
+            for p in ([source / top] if (source / top).is_file() else (source / top).rglob("*"))
+        ]
+    return sorted(p for p in candidates if _shippable(source, p))
+
+
+def untracked_package_files(source: Path) -> list[Path]:
+    """Files of the package (:data:`PACKAGE_PATHS`) that git neither tracks nor ignores: a new
+    module not yet added is not shipped, and the job would miss it (``submit`` says so)."""
+    if not ((source / ".git").exists() and shutil.which("git")):
+        return []
+    untracked = map(Path, _git_ls(source, "--others", "--exclude-standard"))
+    return sorted(p for p in untracked if p.parts[0] in PACKAGE_PATHS and _shippable(source, p))
+
+
+def _git_ls(source: Path, *options: str) -> list[str]:
+    command = ["git", "-C", str(source), "ls-files", "-z", *options]
+    listed = subprocess.run(command, capture_output=True, check=True).stdout.decode()
+    return [p for p in listed.split("\0") if p]
+
+
+def _shippable(source: Path, relative: Path) -> bool:
+    path = source / relative
+    if not path.is_file() or path.is_symlink():
+        return False
+    return not any(
+        part.startswith(".")
+        or any(fnmatch.fnmatch(part.lower(), pattern) for pattern in (*EXCLUDED, *SECRET_FILES))
+        for part in relative.parts
     )
 
 
-def stage_working_dir(source: Path, dest: Path, config: PipelineConfig) -> None:
-    """Copy the project into ``dest`` without data, runs and environments (see
-    :func:`project_files`), and write the resolved config there as :data:`SUBMITTED_CONFIG`."""
+def stage_working_dir(source: Path, dest: Path, config: PipelineConfig) -> list[tuple[str, int]]:
+    """Copy the project into ``dest`` (only :func:`project_files`), write the resolved config
+    there as :data:`SUBMITTED_CONFIG`, and return what was staged: (relative path, bytes)."""
     for relative in project_files(source):
         (dest / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source / relative, dest / relative)
     (dest / SUBMITTED_CONFIG).write_text(resolved_yaml(config))
-    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    staged = sorted(
+        (p.relative_to(dest).as_posix(), p.stat().st_size) for p in dest.rglob("*") if p.is_file()
+    )
+    size = sum(n for _, n in staged)
     if size > MAX_WORKING_DIR_BYTES:
         raise SubmitError(
             f"the job's working directory would be {size / 2**20:.0f} MiB (limit "
             f"{MAX_WORKING_DIR_BYTES / 2**20:.0f} MiB): data and weights belong under the "
             "storage root, not in the source checkout"
         )
+    return staged
+
+
+def human_size(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    return f"{size / 1024:.1f} KiB" if size < 2**20 else f"{size / 2**20:.1f} MiB"
 
 
 def resolved_yaml(config: PipelineConfig) -> str:
@@ -254,17 +333,29 @@ def tree_digest(folder: Path) -> str:
 def parse_env(values: tuple[str, ...], refs: tuple[str, ...]) -> dict[str, str]:
     """Job environment: ``NAME=VALUE`` plain values (never secrets) and ``NAME[=CLUSTER_NAME]``
     references, which the job receives as ``${CLUSTER_NAME}``: Ray expands them on the
-    cluster, from the nodes' own environment, so the value never leaves the cluster."""
+    cluster, from the nodes' own environment, so the value never leaves the cluster.
+
+    A plain value is refused when its name looks like a secret's (a word of it is one of
+    :data:`SECRET_WORDS`) or the value is a URL with a password or a secret query parameter; the
+    error names the variable, never its value."""
     env: dict[str, str] = {}
     for item in values:
         name, sep, value = item.partition("=")
-        _check_name(name, item)
+        _check_name(name, item if sep == "" else f"{name}=...")
         if not sep:
             raise SubmitError(f"--env {item!r}: expected NAME=VALUE")
-        if SECRET_NAME.search(name):
+        if looks_secret(name):
             raise SubmitError(
                 f"--env {name}=...: {name} looks like a secret; secrets are passed by reference "
-                f"(--env-ref {name}), so their values never leave the cluster"
+                f"(--env-ref {name}), so their values never leave the cluster: "
+                f"{CREDENTIALS_ON_THE_CLUSTER}"
+            )
+        what = _credentials_in(value)
+        if what:
+            raise SubmitError(
+                f"--env {name}=...: the value of {name} {what}; put the whole value in the "
+                f"cluster nodes' own environment and pass it by reference (--env-ref {name}): "
+                f"{CREDENTIALS_ON_THE_CLUSTER}"
             )
         env[name] = value
     for item in refs:
@@ -273,6 +364,22 @@ def parse_env(values: tuple[str, ...], refs: tuple[str, ...]) -> dict[str, str]:
         _check_name(cluster_name or name, item)
         env[name] = "${" + (cluster_name or name) + "}"
     return env
+
+
+def looks_secret(name: str) -> bool:
+    """Whether an environment name looks like a secret's: ``OPENAI_API_KEY``, ``MY_TOKEN``, but
+    not ``KEYBOARD`` or ``AUTHOR`` (whole underscore-separated words only)."""
+    return any(word in SECRET_WORDS for word in name.upper().split("_"))
+
+
+def _credentials_in(value: str) -> str | None:
+    """What secret ``value`` carries, in words without the secret, or ``None``."""
+    if has_password(value):
+        return "is a URL with a password in it (user:password@)"
+    names = secret_query_names(value)
+    if names:
+        return f"is a URL with a secret in its query ({', '.join(sorted(set(names)))})"
+    return None
 
 
 def _check_name(name: str, item: str) -> None:
@@ -329,7 +436,15 @@ def build_submission(
 
 
 def check_root(root: str) -> str:
-    """A cluster run's root must name the same place on every node: a URL or an absolute path."""
+    """A cluster run's root must name the same place on every node: a URL or an absolute path,
+    without credentials in it."""
+    what = _credentials_in(root)
+    if what:
+        raise SubmitError(
+            f"--root {what}: give the storage URL only (s3://bucket/prefix); "
+            f"{CREDENTIALS_ON_THE_CLUSTER} (for S3: --env-ref AWS_ACCESS_KEY_ID --env-ref "
+            "AWS_SECRET_ACCESS_KEY, or the nodes' instance role)"
+        )
     if "://" in root or Path(root).is_absolute():
         return root
     raise SubmitError(
@@ -340,18 +455,46 @@ def check_root(root: str) -> str:
 
 
 def check_tracking_uri(uri: str | None) -> str:
+    """The MLflow server a cluster run logs to: its URL only, never credentials (the cluster
+    nodes hold ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` themselves)."""
     if not uri:
         raise SubmitError(
             "a cluster run logs to an MLflow server: pass --tracking-uri http://HOST:5000 or set "
             "MLFLOW_TRACKING_URI (README, 'Cluster')"
         )
-    if re.match(r"^[a-z+]+://[^/@]*:[^/@]*@", uri):
+    what = _credentials_in(uri)
+    if what:
+        kind = "carries a password" if has_password(uri) else "carries a secret"
         raise SubmitError(
-            "the tracking URI carries a password: give the server's URL only and pass the "
-            "credentials by reference (--env-ref MLFLOW_TRACKING_USERNAME --env-ref "
-            "MLFLOW_TRACKING_PASSWORD)"
+            f"the tracking URI {kind}: it {what}. Give the server's URL only "
+            "(http://HOST:5000); MLflow credentials go in MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD in the cluster nodes' own environment, passed by reference "
+            "(--env-ref MLFLOW_TRACKING_USERNAME --env-ref MLFLOW_TRACKING_PASSWORD)"
         )
     return uri
+
+
+def check_config(config: PipelineConfig) -> PipelineConfig:
+    """The resolved config is shipped as a file: none of its values may carry credentials."""
+    problems = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), child)
+        elif isinstance(value, list):
+            for index, child in enumerate(value):
+                walk(f"{prefix}.{index}", child)
+        elif isinstance(value, str) and (what := _credentials_in(value)):
+            problems.append(f"{prefix} {what}")
+
+    walk("", config.model_dump(mode="json"))
+    if problems:
+        raise SubmitError(
+            f"the config is shipped to the cluster and {'; '.join(problems)}: give URLs "
+            f"without credentials; {CREDENTIALS_ON_THE_CLUSTER}"
+        )
+    return config
 
 
 def submit(cluster: Cluster, submission: Submission, again: bool = False) -> tuple[str, Any]:

@@ -3,6 +3,9 @@
 One parent run per pipeline run, one nested run per stage tagged ``pseudoflow.stage``. The
 tracking URI is always explicit. :class:`MlflowSink` is a small picklable object handed to Ray
 Train workers so that rank 0 logs its metrics live to the stage's run.
+
+What :class:`Tracker` logs (params, tags, text artifacts, dataset sources) is redacted first
+(:mod:`pipeline.redact`): a URL's ``user:password@`` or ``?token=...`` is stored as ``***``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
+
+from pipeline.redact import redact
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +57,7 @@ class Tracker:
             )
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
-        all_tags = dict(tags)
+        all_tags = {key: redact(value) for key, value in tags.items()}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
@@ -62,7 +67,7 @@ class Tracker:
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
-        items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
+        items = [Param(k, redact(v)[:6000]) for k, v in sorted(params.items())]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
 
@@ -74,10 +79,10 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
+            self.client.set_tag(run_id, key, redact(value))
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+        self.client.log_text(run_id, redact(text), artifact_file)
 
     def log_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +106,7 @@ class Tracker:
             name=name,
             digest=digest[:36],
             source_type="pseudoflow-cache",
-            source=json.dumps({"uri": source}),
+            source=json.dumps({"uri": redact(source)}),
             profile=json.dumps(profile, sort_keys=True),
         )
         tags = [InputTag("mlflow.data.context", context)]

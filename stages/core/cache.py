@@ -20,33 +20,62 @@ one creates it; the other deletes its attempt and uses the winner's record. Read
 
 Inference shards are committed one by one while a stage runs (file first, then its manifest with
 row count, id set and family key), so a killed run leaves them behind and the rerun infers only
-the images no committed shard covers; a new key (new images) references the old shards.
+the images no committed shard covers; a new key (new images) references the old shards. A
+family key covers the stage's output schema version and the package version too, and a shard
+must have the stage's Arrow schema to be committed.
+
+A committed entry is *damaged* when its ``_ENTRY.json`` does not parse or an output it records
+(a dataset's manifest and marker, a model file) is missing: it is never reused, and the next
+writer of its key replaces it (:meth:`CacheEntry.commit`).
+
+A running attempt keeps ``attempts/<token>/_ALIVE`` fresh (:class:`Heartbeat`); an attempt
+whose heartbeat stopped is dead, and a rerun of the same key may take it over (same token, so
+its Ray Train run resumes from its checkpoints: :meth:`CacheEntry.take_over`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import posixpath
 import secrets
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cache
 from importlib import metadata
+from types import TracebackType
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.core.storage import DatasetRef, Storage, StorageError, id_digest
+from stages.core.storage import DatasetRef, Storage, StorageError, check_schema, id_digest
 
 logger = logging.getLogger(__name__)
 
 ENTRY_FILE = "_ENTRY.json"
 ATTEMPTS = "attempts"
 POOL = "pool"
+HEARTBEAT = "_ALIVE"
+TAKEN = "_TAKEN-"  # + n + .json: the n-th takeover of a dead attempt
+HEARTBEAT_S = 30.0  # how often a running attempt writes its heartbeat
+STALE_S = 300.0  # an attempt whose heartbeat is older is dead
+# The stages that commit inference shards to a pool, and the module holding each one's output
+# schema: SCHEMA (its version) and the Arrow schema named here.
+POOL_SCHEMAS = {
+    "detect": ("stages.detect", "DETECTIONS_SCHEMA"),
+    "teach": ("stages.teach", "SIGNALS_SCHEMA"),
+}
+
+
+class DamagedEntry(StorageError):
+    """A committed entry whose record does not parse."""
 
 
 @cache
@@ -100,18 +129,46 @@ class CacheEntry:
         return posixpath.join(self.directory, ENTRY_FILE)
 
     def record(self) -> dict[str, Any] | None:
-        """The committed record, or ``None`` when nothing is committed under this key."""
+        """The committed record, or ``None`` when nothing is committed under this key; raises
+        :class:`DamagedEntry` when the record does not parse."""
+        record, damage = self._read()
+        if record is None and damage is not None:
+            raise DamagedEntry(f"{self.record_path}: {damage}")
+        return record
+
+    def load(self) -> tuple[dict[str, Any] | None, str | None]:
+        """``(record, damage)``: ``(None, None)`` when nothing is committed; the record and
+        ``None`` when it can be reused; else why it is damaged (its record does not parse, or
+        an output it records is missing), with the record if it parsed."""
+        record, damage = self._read()
+        if record is not None and damage is None:
+            damage = record_damage(self.storage, record)
+        return record, damage
+
+    def _read(self) -> tuple[dict[str, Any] | None, str | None]:
         try:
-            return self.storage.read_json(self.record_path)
+            data = self.storage.read_bytes(self.record_path)
         except FileNotFoundError:
-            return None
+            return None, None
+        try:
+            record = json.loads(data)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            return None, f"{ENTRY_FILE} does not parse ({len(data)} bytes): {exc}"
+        if not isinstance(record, dict):
+            return None, f"{ENTRY_FILE} holds a {type(record).__name__}, not a record"
+        return record, None
 
     def attempt_dir(self, token: str) -> str:
         return self.storage.path("cache", self.stage, self.key, ATTEMPTS, token)
 
+    def heartbeat_path(self, token: str) -> str:
+        return posixpath.join(self.attempt_dir(token), HEARTBEAT)
+
     def commit(self, token: str, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Create the record unless another writer committed first. Returns the record now in
-        force and whether it is ours; a losing writer's attempt folder is deleted."""
+        force and whether it is ours; a losing writer's attempt folder is deleted. A damaged
+        record in the way is replaced (its attempt's files are left to ``cache gc``). On a local
+        filesystem every file the outputs consist of is fsync'ed first."""
         full = {
             **record,
             "stage": self.stage,
@@ -120,19 +177,139 @@ class CacheEntry:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "version": package_version(),
         }
-        if self.storage.create_exclusive(self.record_path, full):
-            return full, True
-        logger.info("%s %s: another run committed first; using its output", self.stage, self.key)
-        self.discard(token)
-        winner = self.record()
-        if winner is None:
-            raise StorageError(f"{self.record_path}: exists but cannot be read")
-        return winner, False
+        self.storage.sync(output_files(self.storage, full.get("outputs", {})))
+        for _ in range(3):
+            if self.storage.create_exclusive(self.record_path, full):
+                return full, True
+            winner, damage = self.load()
+            if winner is not None and damage is None:
+                logger.info(
+                    "%s %s: another run committed first; using its output", self.stage, self.key
+                )
+                self.discard(token)
+                return winner, False
+            if damage is not None:
+                logger.warning(
+                    "%s %s: replacing the damaged committed entry (%s)",
+                    self.stage,
+                    self.key,
+                    damage,
+                )
+                # another writer may have removed it first: the next try sees its record
+                with contextlib.suppress(FileNotFoundError):
+                    self.storage.fs.rm(self.record_path)
+        raise StorageError(f"{self.record_path}: could not commit; it keeps changing under us")
+
+    def take_over(self, resumable: Callable[[str], bool], stale_s: float = STALE_S) -> str | None:
+        """The token of a dead attempt of this key (no heartbeat for ``stale_s``) for which
+        ``resumable(token)`` holds, newest first, claimed for the caller (one claimer wins);
+        ``None`` when there is none. The caller must keep its heartbeat fresh from then on."""
+        fs = self.storage.fs
+        base = self.storage.path("cache", self.stage, self.key, ATTEMPTS)
+        if not fs.exists(base):
+            return None
+        now = time.time()
+        for folder in sorted(fs.ls(base, detail=False), reverse=True):
+            token = posixpath.basename(folder)
+            if not resumable(token):
+                continue
+            infos = fs.find(folder, detail=True, withdirs=False)
+            alive = [i for p, i in infos.items() if _is_liveness(posixpath.basename(p))]
+            newest = max((modified(i) for i in alive or infos.values()), default=0.0)
+            if now - newest < stale_s:
+                continue  # alive, or taken over a moment ago
+            taken = sum(posixpath.basename(p).startswith(TAKEN) for p in infos)
+            claim = posixpath.join(folder, f"{TAKEN}{taken}.json")
+            if self.storage.create_exclusive(claim, {"at": now}):
+                return token
+        return None
 
     def discard(self, token: str) -> None:
         path = self.attempt_dir(token)
         if self.storage.fs.exists(path):
             self.storage.fs.rm(path, recursive=True)
+
+
+def _is_liveness(name: str) -> bool:
+    return name == HEARTBEAT or name.startswith(TAKEN)
+
+
+def modified(info: dict[str, Any]) -> float:
+    """A file's modification time (epoch seconds) from an fsspec ``info`` dict."""
+    value = info.get("mtime") or info.get("LastModified") or info.get("created") or 0.0
+    return value.timestamp() if isinstance(value, datetime) else float(value)
+
+
+class Heartbeat:
+    """While in its ``with`` block, rewrite ``path`` every ``interval`` seconds (a thread), so
+    that a running attempt is never taken for a dead one."""
+
+    def __init__(self, storage: Storage, path: str, interval: float = HEARTBEAT_S):
+        self.storage, self.path, self.interval = storage, path, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="attempt-heartbeat", daemon=True)
+
+    def _write(self) -> None:
+        self.storage.write_bytes(self.path, f"{time.time():.3f}\n".encode())
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._write()
+            except Exception as exc:  # a missed beat must not end the run
+                logger.warning("heartbeat %s not written: %s", self.path, exc)
+
+    def __enter__(self) -> Heartbeat:
+        self._write()
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def record_damage(storage: Storage, record: dict[str, Any]) -> str | None:
+    """Why a parsed record cannot be reused (a field or an output's committed files are
+    missing, or a manifest does not parse), or ``None``. Cheap: no shard is opened."""
+    missing = [f for f in ("outputs", "attempt", "created") if f not in record]
+    if missing or not isinstance(record.get("outputs"), dict):
+        return f"{ENTRY_FILE} lacks {', '.join(missing) or 'an outputs mapping'}"
+    fs = storage.fs
+    for name, output in record["outputs"].items():
+        try:
+            if output["kind"] == "model":
+                path = storage.resolve(output["path"])
+                if not fs.exists(path):
+                    return f"{name}: model file {path} is missing"
+                continue
+            ref = output_dataset(storage, name, output)
+            for path in (ref.manifest_path, ref.marker_path):
+                if not fs.exists(path):
+                    return f"{name}: {path} is missing"
+            ref.manifest()
+        except (KeyError, TypeError, ValueError) as exc:  # ValueError: JSON, unsafe path
+            return f"{name}: its record or manifest is unreadable: {exc!r}"
+    return None
+
+
+def output_files(storage: Storage, outputs: dict[str, Any]) -> set[str]:
+    """The files recorded outputs consist of: model files; a dataset's shards (wherever they
+    lie), manifest and marker."""
+    files: set[str] = set()
+    for name, output in outputs.items():
+        if output["kind"] == "model":
+            files.add(storage.resolve(output["path"]))
+            continue
+        ref = output_dataset(storage, name, output)
+        files.update(ref.files())
+        files.update({ref.manifest_path, ref.marker_path})
+    return files
 
 
 def dataset_output(ref: DatasetRef, **extra: Any) -> dict[str, Any]:
@@ -165,17 +342,38 @@ def output_dataset(storage: Storage, name: str, output: dict[str, Any]) -> Datas
 # --- inference shards ---------------------------------------------------------------------------
 
 
+def pool_schema(stage: str) -> tuple[str, pa.Schema]:
+    """The output schema of a stage that commits shards to a pool: its version and its Arrow
+    schema (imported when needed: those stage modules import this one)."""
+    if stage not in POOL_SCHEMAS:
+        raise ValueError(f"stage {stage!r} has no shard pool; pools: {', '.join(POOL_SCHEMAS)}")
+    module, name = POOL_SCHEMAS[stage]
+    loaded = importlib.import_module(module)
+    return str(loaded.SCHEMA), getattr(loaded, name)
+
+
+def pool_schemas() -> dict[str, pa.Schema]:
+    """Output schema version -> Arrow schema, for every stage that has a shard pool."""
+    return dict(pool_schema(stage) for stage in POOL_SCHEMAS)
+
+
 @dataclass(frozen=True)
 class ShardPool:
-    """The committed inference shards of one family (stage + model + semantic settings)."""
+    """The committed inference shards of one family (stage + model + semantic settings +
+    output schema + package version); ``schema``: the Arrow schema every shard must have."""
 
     storage: Storage
     directory: str
     family: str
+    schema: pa.Schema | None = None
 
     @classmethod
     def of(cls, storage: Storage, stage: str, family: str) -> ShardPool:
-        return cls(storage, storage.path("cache", stage, POOL, family), family)
+        """The pool of ``stage`` for ``family`` (a digest of the model and semantic settings),
+        kept apart per output schema version and package version."""
+        version, schema = pool_schema(stage)
+        key = digest_json({"family": family, "schema": version, "version": package_version()})
+        return cls(storage, storage.path("cache", stage, POOL, key), key, schema)
 
     def committed(self) -> list[dict[str, Any]]:
         """Manifests of the committed shards, oldest first. A manifest whose family differs or
@@ -211,20 +409,31 @@ class ShardPool:
             "directory": self.directory,
             "family": self.family,
             "token": token,
+            "schema": self.schema,
         }
 
 
 def write_shard(
-    table: pa.Table, *, storage_url: str, directory: str, family: str, token: str
+    table: pa.Table,
+    *,
+    storage_url: str,
+    directory: str,
+    family: str,
+    token: str,
+    schema: pa.Schema | None = None,
 ) -> pa.Table:
     """Ray Data batch function: write ``table`` as one shard and commit it (file, then manifest
-    created exclusively). Returns one row naming the shard."""
+    created exclusively; on a local filesystem the file is fsync'ed first). A table whose
+    Arrow schema is not ``schema`` is refused. Returns one row naming the shard."""
     storage = Storage(storage_url)
     name = f"{token}-{secrets.token_hex(6)}"
     path = posixpath.join(directory, f"{name}.parquet")
+    if schema is not None:
+        check_schema(table.schema, schema, f"shard {path} (family {family[:12]})")
     storage.fs.makedirs(directory, exist_ok=True)
     with storage.fs.open(path, "wb") as handle:
         pq.write_table(table, handle, compression="zstd")
+    storage.sync([path])
     ids = table.column("image_id").to_pylist()
     manifest = {
         "family": family,

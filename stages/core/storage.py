@@ -10,6 +10,10 @@ parts (manifest paths are checked too), so nothing taken from data can escape th
 Nothing here needs an atomic rename: a single object written in one call is atomic on object
 stores, local files are written to a temporary name and renamed, and "create only if absent"
 (:meth:`Storage.create_exclusive`) decides races between writers of the same entry.
+
+Durability on local filesystems: what a commit marker vouches for (shards, the manifest) is
+fsync'ed, file and directory, before the marker is written (:meth:`Storage.sync`), so that a
+crash of the machine never leaves a marker over data the disk does not hold yet.
 """
 
 from __future__ import annotations
@@ -96,6 +100,19 @@ class Storage:
         """A root-relative path read from a manifest -> a path inside the root (checked)."""
         return self.path(*relative.split("/"))
 
+    def sync(self, paths: Iterable[str]) -> None:
+        """Make ``paths`` (files) durable before something that vouches for them is written:
+        on a local filesystem each file and each of their directories is fsync'ed; on an object
+        store an object is durable once its write returned, so nothing is done."""
+        if not self.is_local:
+            return
+        directories: set[str] = set()
+        for path in paths:
+            _fsync(path, os.O_RDONLY)
+            directories.add(os.path.dirname(path))
+        for directory in sorted(directories):
+            _fsync(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
     def write_json(self, path: str, payload: dict[str, Any]) -> None:
         self.write_bytes(path, json.dumps(payload, indent=2, sort_keys=True).encode())
 
@@ -112,6 +129,7 @@ class Storage:
                 return False
             finally:
                 os.unlink(temp)
+            self.sync_directory(path)
             return True
         try:
             self.fs.pipe_file(path, data, mode="create")
@@ -129,8 +147,14 @@ class Storage:
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         if self.is_local:
             os.replace(_write_temp(path, data), path)
+            self.sync_directory(path)
             return
         self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
+
+    def sync_directory(self, path: str) -> None:
+        """On a local filesystem, fsync the directory holding ``path`` (a new name in it)."""
+        if self.is_local:
+            _fsync(os.path.dirname(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
     def read_bytes(self, path: str) -> bytes:
         with self.fs.open(path, "rb") as handle:
@@ -138,12 +162,41 @@ class Storage:
         return data
 
 
+def check_schema(actual: pa.Schema, expected: pa.Schema, what: str) -> None:
+    """Raise :class:`StorageError` naming ``what`` (a file) unless ``actual`` has exactly the
+    columns and types of ``expected`` (schema metadata aside)."""
+    if actual.equals(expected, check_metadata=False):
+        return
+    have = {f.name: f.type for f in actual}
+    want = {f.name: f.type for f in expected}
+    differences = [f"missing column {n!r} ({t})" for n, t in want.items() if n not in have]
+    differences += [f"unexpected column {n!r} ({t})" for n, t in have.items() if n not in want]
+    differences += [
+        f"column {n!r} is {have[n]}, expected {t}"
+        for n, t in want.items()
+        if n in have and not have[n].equals(t)
+    ]
+    if not differences:  # same columns and types, another order or nullability
+        differences = [f"columns {actual.names}, expected {expected.names}"]
+    raise StorageError(f"{what}: schema differs from the expected one: {'; '.join(differences)}")
+
+
 def _write_temp(path: str, data: bytes) -> str:
     """Write ``data`` to a new file next to ``path`` (same filesystem); return its path."""
     temp = f"{path}.{secrets.token_hex(6)}.tmp"
     with open(temp, "wb") as handle:
         handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())  # the content is on disk before any name points at it
     return temp
+
+
+def _fsync(path: str, flags: int) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -206,14 +259,20 @@ class DatasetRef:
         shards: Sequence[str],
         extra: dict[str, Any] | None = None,
         id_column: str = "image_id",
+        schema: pa.Schema | None = None,
     ) -> dict:
         """Commit the dataset made of ``shards`` (paths anywhere under the root): the manifest
-        with each file's row count and the id digest first, then the marker."""
+        with each file's row count and the id digest first, then the marker. With ``schema``,
+        every shard must have that Arrow schema (the first that does not is named). On a local
+        filesystem the shards and the manifest are fsync'ed before the marker is written."""
         fs = self.storage.fs
         files, ids = [], []
         for shard in shards:
             with fs.open(shard, "rb") as handle:
-                table = pq.read_table(handle, columns=[id_column])
+                parquet = pq.ParquetFile(handle)
+                if schema is not None:
+                    check_schema(parquet.schema_arrow, schema, f"dataset {self.name!r}: {shard}")
+                table = parquet.read(columns=[id_column])
             files.append({"path": self.storage.relative(shard), "rows": table.num_rows})
             ids.extend(table.column(id_column).to_pylist())
         if len(ids) != len(set(ids)):
@@ -226,14 +285,16 @@ class DatasetRef:
             "id_digest": id_digest(ids),
             **(extra or {}),
         }
-        self.storage.write_json(self.manifest_path, manifest)
+        self.storage.sync(shards)
+        self.storage.write_json(self.manifest_path, manifest)  # fsync'ed, file and directory
         self.storage.write_json(self.marker_path, {"rows": len(ids)})
         logger.info("committed %s: %d rows in %d shards", self.name, len(ids), len(files))
         return manifest
 
-    def verify(self, deep: bool = False) -> None:
+    def verify(self, deep: bool = False, schema: pa.Schema | None = None) -> None:
         """Raise :class:`StorageError` unless every shard matches the manifest's row counts (read
-        from the Parquet footers); ``deep`` also reads the id column and checks the id digest."""
+        from the Parquet footers); ``deep`` also reads the id column and checks the id digest.
+        With ``schema``, every shard's Arrow schema must be that one (the file is named)."""
         manifest = self.manifest()
         ids: list[str] = []
         for entry in manifest["files"]:
@@ -242,6 +303,8 @@ class DatasetRef:
                 with self.storage.fs.open(path, "rb") as handle:
                     parquet = pq.ParquetFile(handle)
                     rows = parquet.metadata.num_rows
+                    if schema is not None:
+                        check_schema(parquet.schema_arrow, schema, f"dataset {self.name!r}: {path}")
                     if deep:
                         column = manifest.get("id_column", "image_id")
                         ids.extend(parquet.read(columns=[column]).column(0).to_pylist())

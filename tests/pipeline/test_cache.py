@@ -426,8 +426,14 @@ def test_cache_ls_verify_and_gc(world: World, tmp_path: Path) -> None:
         filter_string="tags.`pseudoflow.stage` = 'evaluate'",
     ):
         client.delete_run(run.info.run_id)
-    dry = collect_garbage(storage, referenced_keys(uri), min_age_s=3600, delete=False)
     evaluate_dir = storage.path("cache", "evaluate", world.cold.cache["evaluate"][0])
+    # An unreferenced entry younger than --min-age is kept: a run may be reusing it.
+    young = collect_garbage(storage, referenced_keys(uri), min_age_s=3600, delete=False)
+    assert {g.path for g in young} == {fresh, fresh.removesuffix(".parquet") + ".json"}
+    old = time.time() - 7200
+    for path in [evaluate_dir, *(str(p) for p in Path(evaluate_dir).rglob("*"))]:
+        os.utime(path, (old, old))
+    dry = collect_garbage(storage, referenced_keys(uri), min_age_s=3600, delete=False)
     assert {g.path for g in dry} == {fresh, fresh.removesuffix(".parquet") + ".json", evaluate_dir}
     assert Path(evaluate_dir).exists()  # a dry run deletes nothing
     result = run_cli("cache", "gc", "--root", str(root), "--min-age", "1", "--delete")

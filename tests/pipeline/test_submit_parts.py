@@ -14,17 +14,36 @@ from pipeline.submit import (
     SUBMITTED_CONFIG,
     SubmitError,
     build_submission,
+    check_config,
     check_root,
     check_tracking_uri,
     find_token,
     parse_env,
     project_files,
     stage_working_dir,
+    untracked_package_files,
+)
+
+# Credential files a checkout may hold, tracked by mistake or not: never shipped.
+SECRET_FILES = (
+    ".env",
+    "stages/.env.local",
+    ".aws/credentials",
+    ".ray/auth_token",
+    ".ssh/config",
+    "id_rsa",
+    "id_rsa.pub",
+    "deploy/server.pem",
+    "pipeline/gcp-credentials.json",
+    "stages/tls.key",
+    "prod.env",
 )
 
 
-def _checkout(folder: Path) -> Path:
-    """A small git checkout: code, a config, and things that must never be shipped."""
+def _checkout(folder: Path, *, track: bool = True) -> Path:
+    """A small git checkout: code, a config, credential files and things that must never be
+    shipped. With ``track``, everything but the untracked and ignored notes is ``git add``ed
+    (credential files included: committed by mistake) and an ignored note is force-added."""
     files = {
         "pyproject.toml": "[project]\nname = 'x'\n",
         "pipeline/__init__.py": "",
@@ -35,28 +54,52 @@ def _checkout(folder: Path) -> Path:
         "stages/__pycache__/a.cpython-311.pyc": "",
         "weights/model.pt": "",
         "notes/ignored.txt": "secret notes\n",
+        "notes/ignored-but-tracked.txt": "forced\n",
         "notes/kept.md": "kept\n",
-        ".gitignore": "notes/ignored.txt\n",
+        "notes/untracked.md": "not added\n",
+        "stages/new_untracked.py": "B = 2\n",
+        ".gitignore": "notes/ignored*.txt\n",
+        **{name: "pf-secret-value\n" for name in SECRET_FILES},
     }
     for name, text in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
     subprocess.run(["git", "init", "-q", str(folder)], check=True)
+    if track:
+        untracked = {"notes/untracked.md", "stages/new_untracked.py", "notes/ignored.txt"}
+        add = [n for n in files if n not in untracked and n != "notes/ignored-but-tracked.txt"]
+        subprocess.run(["git", "-C", str(folder), "add", "-f", "--", *add], check=True)
+        forced = ["git", "-C", str(folder), "add", "-f", "notes/ignored-but-tracked.txt"]
+        subprocess.run(forced, check=True)
     return folder
 
 
-def test_project_files_ship_code_never_data_runs_envs_or_ignored_files(tmp_path: Path) -> None:
+def test_project_files_ship_tracked_code_never_secrets_data_runs_envs_or_ignored_files(
+    tmp_path: Path,
+) -> None:
     source = _checkout(tmp_path / "src")
-    expected = [
-        "notes/kept.md",
+    # tracked only: not the untracked note or module, not the tracked-but-ignored note, and no
+    # credential file although every one of them is tracked
+    expected = ["notes/kept.md", "pipeline/__init__.py", "pyproject.toml", "stages/a.py"]
+    assert [p.as_posix() for p in project_files(source)] == expected
+    assert [p.as_posix() for p in untracked_package_files(source)] == ["stages/new_untracked.py"]
+    # without git: only the package (pyproject.toml, pipeline/, stages/), never a credential
+    subprocess.run(["rm", "-rf", str(source / ".git")], check=True)
+    shipped = [p.as_posix() for p in project_files(source)]
+    assert shipped == [
         "pipeline/__init__.py",
         "pyproject.toml",
         "stages/a.py",
+        "stages/new_untracked.py",
     ]
-    assert [p.as_posix() for p in project_files(source)] == expected
-    # without git, the same exclusions by pattern (the ignored note is then shipped)
-    subprocess.run(["rm", "-rf", str(source / ".git")], check=True)
-    assert [p.as_posix() for p in project_files(source)] == sorted([*expected, "notes/ignored.txt"])
+    assert untracked_package_files(source) == []
+
+
+def test_untracked_credential_files_are_not_shipped_either(tmp_path: Path) -> None:
+    source = _checkout(tmp_path / "src", track=False)  # nothing tracked: a fresh checkout
+    (source / "stages" / "b.py").write_text("")
+    subprocess.run(["git", "-C", str(source), "add", "stages/b.py"], check=True)
+    assert [p.as_posix() for p in project_files(source)] == ["stages/b.py"]
 
 
 def test_staged_config_is_the_resolved_config_and_loads_back(tmp_path: Path) -> None:
@@ -173,3 +216,131 @@ def test_token_comes_from_the_flag_then_env_then_token_path_then_home(
         find_token(str(flag))
     with pytest.raises(SubmitError, match="cannot read the Ray token"):
         find_token(str(tmp_path / "missing"))
+
+
+def test_env_names_that_look_secret_are_refused_as_whole_words() -> None:
+    for name in (
+        "OPENAI_API_KEY",
+        "GITHUB_AUTH",
+        "DB_PASSWD",
+        "SSH_PRIVATE_KEY",
+        "HF_TOKEN",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "APP_SECRETS",
+    ):
+        with pytest.raises(SubmitError) as info:
+            parse_env((f"{name}=pf-value-1234",), ())
+        message = str(info.value)
+        assert f"{name} looks like a secret" in message
+        assert f"--env-ref {name}" in message
+        assert "cluster nodes' own environment" in message
+        assert "instance role" in message
+        assert "pf-value-1234" not in message
+    # a word inside another word is not a secret's name; nor are plain URLs without a password
+    plain = (
+        "AWS_ENDPOINT_URL=http://s3:9000",
+        "AWS_DEFAULT_REGION=eu-west-1",
+        "KEYBOARD=us",
+        "MONKEY_COUNT=3",
+        "AUTHOR=me",
+        "TOKENIZERS_PARALLELISM=false",
+        "HTTP_PROXY=http://proxy.internal:3128",
+        "NOTES=a:b@c",
+    )
+    assert parse_env(plain, ()) == dict(item.split("=", 1) for item in plain)
+
+
+def test_env_values_with_credentials_are_refused_without_echoing_them() -> None:
+    for value, why in (
+        ("postgresql://app:pf-db-pw@db:5432/app", "a URL with a password in it"),
+        ("HTTPS://app:pf-db-pw@db.example.com/x", "a URL with a password in it"),
+        ("https://b.s3.amazonaws.com/k?X-Amz-Signature=pf-db-pw", "X-Amz-Signature"),
+    ):
+        with pytest.raises(SubmitError) as info:
+            parse_env((f"DATABASE_URL={value}",), ())
+        message = str(info.value)
+        assert message.startswith("--env DATABASE_URL=...: the value of DATABASE_URL is ")
+        assert why in message
+        assert "--env-ref DATABASE_URL" in message
+        assert "cluster nodes' own environment" in message
+        assert "pf-db-pw" not in message
+    # a bad name is reported without the value either
+    with pytest.raises(SubmitError, match="upper case") as bad:
+        parse_env(("openai_api_key=pf-db-pw",), ())
+    assert "pf-db-pw" not in str(bad.value)
+
+
+def test_tracking_uri_root_and_config_with_credentials_are_refused() -> None:
+    for uri in (
+        "postgresql+psycopg2://mlflow:pf-pw-1@db:5432/mlflow",
+        "HTTPS://alice:pf-pw-1@mlflow.example.com",
+        "http://alice:pf%2Fpw-1@mlflow:5000",
+    ):
+        with pytest.raises(SubmitError, match="the tracking URI carries a password") as info:
+            check_tracking_uri(uri)
+        assert "pf-pw-1" not in str(info.value)
+        assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in str(info.value)
+    with pytest.raises(SubmitError, match=r"carries a secret: .*\(token\)") as query:
+        check_tracking_uri("https://mlflow.example.com/?token=pf-pw-1")
+    assert "pf-pw-1" not in str(query.value)
+    assert check_tracking_uri("https://alice@mlflow.example.com") == (
+        "https://alice@mlflow.example.com"  # a user name alone is no secret
+    )
+    with pytest.raises(SubmitError, match="--root is a URL with a password") as root:
+        check_root("s3://AKIA:pf-pw-1@bucket/runs")
+    assert "pf-pw-1" not in str(root.value)
+    config = load_config("smoke", ["data.root=https://u:pf-pw-1@host/data"])
+    with pytest.raises(SubmitError, match=r"data\.root is a URL with a password") as shipped:
+        check_config(config)
+    assert "pf-pw-1" not in str(shipped.value)
+    assert check_config(load_config("smoke")) == load_config("smoke")
+
+
+def _dry_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
+    from click.testing import CliRunner
+
+    from pipeline import submit as jobs
+    from pipeline.cli import main
+
+    source = _checkout(tmp_path / "src")
+    monkeypatch.setattr(jobs, "project_root", lambda: source)
+
+    def no_cluster(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a dry run must not contact a cluster")
+
+    monkeypatch.setattr(jobs, "Cluster", no_cluster)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    base = ["submit", "--config", "smoke", "--root", "s3://b/p", "--tracking-uri", "http://m:5000"]
+    result = CliRunner().invoke(main, [*base, *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_dry_run_lists_what_would_be_shipped_and_submits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, err = _dry_run(
+        tmp_path, monkeypatch, "--dry-run", "--env-ref", "AWS_SECRET_ACCESS_KEY"
+    )
+    assert code == 0, out + err
+    lines = out.splitlines()
+    assert lines[0] == "dry run: nothing submitted. The job's working directory would hold:"
+    listed = [line.split()[-1] for line in lines[1:6]]
+    assert listed == [
+        "notes/kept.md",
+        "pipeline/__init__.py",
+        "pseudoflow-submitted.yaml",
+        "pyproject.toml",
+        "stages/a.py",
+    ]
+    config_size = len(yaml.safe_dump(load_config("smoke").model_dump(mode="json"), sort_keys=True))
+    total = len("kept\n") + len("[project]\nname = 'x'\n") + len("A = 1\n") + config_size
+    assert lines[6] == f"5 files, {total / 1024:.1f} KiB in all"
+    assert lines[7].startswith("submission id: pseudoflow-smoke-")
+    assert "env: AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY}" in lines
+    assert "pf-secret-value" not in out + err
+    assert "warning: not shipped (untracked in git; git add them): stages/new_untracked.py" in err
+    # without --dry-run a cluster address is needed
+    code, out, err = _dry_run(tmp_path / "again", monkeypatch)
+    assert code == 2
+    assert "Missing option '--address'" in err

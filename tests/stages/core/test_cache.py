@@ -105,11 +105,16 @@ def test_racing_writers_leave_one_committed_copy_and_no_torn_read(storage: Stora
     assert sorted(table["image_id"].to_pylist()) == ids
 
 
+def _pool(storage: Storage, family: str) -> ShardPool:
+    """A pool of any schema (the rows here are not a stage's)."""
+    return ShardPool(storage, storage.path("cache", "teach", "pool", family), family)
+
+
 def test_shard_pool_reuses_only_wanted_disjoint_shards(storage: Storage) -> None:
-    pool = ShardPool.of(storage, "teach", "family-a")
+    pool = _pool(storage, "family-a")
     for ids in (["a", "b"], ["c"], ["b", "d"]):
         write_shard(_rows(ids), **pool.writer_kwargs(cache.new_token()))
-    other = ShardPool.of(storage, "teach", "family-b")
+    other = _pool(storage, "family-b")
     write_shard(_rows(["e"]), **other.writer_kwargs(cache.new_token()))
 
     def cover(wanted: set[str]) -> tuple[list[list[str]], set[str]]:
@@ -171,7 +176,7 @@ def test_a_losing_writer_removes_the_pool_shards_the_winner_does_not_use(tmp_pat
     from pipeline.cache import drop_unused, entry_files
 
     storage = Storage(str(tmp_path / "root"))
-    pool = ShardPool.of(storage, "teach", "family")
+    pool = _pool(storage, "family")
     entry = CacheEntry(storage, "teach", "k" * 64)
     outputs = {}
     for token in ("winner", "loser"):
