@@ -200,3 +200,60 @@ def test_listed_labeled_or_val_image_without_mask_stops_before_work(
     message = str(caught.value)
     assert f"2 {split} images (b, c) have no mask {tmp_path}/masks/<stem>.png" in message
     assert "splits/unlabeled.txt" in message
+
+
+def _jpeg_cmyk(path: Path) -> None:
+    Image.new("CMYK", (4, 3), (0, 255, 255, 0)).save(path, "JPEG", quality=100)
+
+
+def _palette(path: Path) -> None:
+    image = Image.frombytes("P", (4, 3), bytes([0, 1] * 6))
+    image.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    image.save(path)
+
+
+def _truncated(path: Path) -> None:
+    write_png(path, np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8))
+    path.write_bytes(path.read_bytes()[:200])
+
+
+IMAGE_KINDS = {
+    # kind: (writer, the error's words, or None when the image is kept)
+    "zero_byte": (lambda p: p.write_bytes(b""), "is not a readable PNG/JPEG image"),
+    "text_named_png": (lambda p: p.write_text("not an image"), "is not a readable PNG/JPEG image"),
+    "truncated": (_truncated, "is not a readable PNG/JPEG image"),
+    "cmyk_jpeg": (_jpeg_cmyk, None),
+    "palette": (_palette, None),
+    "grayscale": (lambda p: write_png(p, np.full((3, 4), 77, np.uint8)), None),
+}
+
+
+@pytest.mark.parametrize("kind", list(IMAGE_KINDS))
+def test_image_kinds_are_kept_as_rgb_or_quarantined_with_the_reason(
+    tmp_path: Path, kind: str
+) -> None:
+    write, error = IMAGE_KINDS[kind]
+    path = tmp_path / f"{kind}.png"
+    write(path)
+    row = load_item(_item(path, None, "unlabeled"), num_classes=3)
+    if error is not None:
+        assert row["error"].startswith(f"{kind}: {path} {error}")
+        return
+    assert row["error"] is None
+    rgb = codec.decode_png(row["image"])
+    assert rgb.shape == (3, 4, 3)
+    expected = {
+        "cmyk_jpeg": (255, 0, 0),  # CMYK (0, 255, 255, 0) is red
+        "palette": (10, 20, 30),  # index 0 of the palette, at the top-left pixel
+        "grayscale": (77, 77, 77),
+    }[kind]
+    assert tuple(int(v) for v in rgb[0, 0]) == pytest.approx(expected, abs=2)  # JPEG rounding
+
+
+def test_rgb_mask_is_quarantined_with_its_mode(tmp_path: Path) -> None:
+    write_png(tmp_path / "i.png", np.zeros((2, 2, 3), np.uint8))
+    write_png(tmp_path / "m.png", np.zeros((2, 2, 3), np.uint8))
+    row = load_item(_item(tmp_path / "i.png", tmp_path / "m.png"), num_classes=3)
+    assert row["error"] == (
+        f"i: mask {tmp_path / 'm.png'} has mode 'RGB'; expected a single-channel L or P PNG"
+    )
