@@ -19,7 +19,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -45,8 +45,16 @@ from stages.core.models import (
 )
 from stages.core.progress import Poster
 from stages.core.storage import DatasetRef, Storage
-from stages.core.tables import join_on_image_id, read_split
-from stages.core.training import CHECKPOINT_FILE, EmptyShardError, fit, worker_logging
+from stages.core.tables import join_on_image_id, ordered, read_split
+from stages.core.training import (
+    CHECKPOINT_FILE,
+    endless_batches,
+    fit,
+    inject_fault,
+    restore_rng,
+    rng_state,
+    worker_logging,
+)
 from stages.pseudolabel import live
 from stages.pseudolabel.memory import (
     PrototypeMemory,
@@ -76,7 +84,12 @@ class SegTrainConfig(StrictModel):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     log_every: int = Field(25, ge=1)
-    checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
+    checkpoint_every: int = Field(
+        100, ge=0, description="steps between resumable checkpoints (0: only at the end)"
+    )
+    max_failures: int = Field(
+        2, ge=0, description="worker-group restarts, each resuming from the last checkpoint"
+    )
     workers: int = Field(1, ge=1, description="Ray Train workers (execution only)")
     weights: str | None = Field(None, description="skip training and load this checkpoint file")
     schedule: Literal["poly", "cosine"] = Field("poly", description="learning-rate decay to 0")
@@ -175,30 +188,6 @@ def _stored_maps(row: dict[str, Any]) -> dict[str, torch.Tensor]:
         if row.get(name) is not None:
             maps[name] = torch.from_numpy(codec.unpack_mask(row[name], h, w).astype(np.uint8))
     return maps
-
-
-def _batches(
-    shard: Any, batch_size: int, seed: int, name: str = "labeled"
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches from a Ray Data shard, reshuffled locally each pass. A pass that yields
-    nothing (an empty split, or fewer rows than workers) raises instead of looping forever."""
-    epoch = 0
-    while True:
-        empty = True
-        for batch in shard.iter_torch_batches(
-            batch_size=batch_size,
-            drop_last=False,
-            local_shuffle_buffer_size=4 * batch_size,
-            local_shuffle_seed=seed + epoch,
-        ):
-            empty = False
-            yield batch
-        if empty:
-            raise EmptyShardError(
-                f"this worker's {name} shard holds no rows: the {name} split is empty, or has "
-                "fewer images than there are training workers"
-            )
-        epoch += 1
 
 
 def _augment(
@@ -527,16 +516,21 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     )
     start = _restore(learner, rank)
     learner.model = ray.train.torch.prepare_model(learner.model)
-    labeled = _batches(ray.train.get_dataset_shard("labeled"), cfg.batch_size, rank)
+    labeled = endless_batches(ray.train.get_dataset_shard("labeled"), cfg.batch_size, rank)
     unlabeled = None
     if isinstance(cfg, StudentConfig) and learner.alpha > 0:
         shard = ray.train.get_dataset_shard("unlabeled")
-        unlabeled = _batches(shard, cfg.unlabeled_batch_size, 1000 + rank, "unlabeled")
+        unlabeled = endless_batches(shard, cfg.unlabeled_batch_size, 1000 + rank, "unlabeled")
+    for _ in range(start):  # the data position: the batches the checkpoint already trained on
+        next(labeled)
+        if unlabeled is not None:
+            next(unlabeled)
     sink: MetricSink | None = loop_config.get("sink") if rank == 0 else None
     post = Poster(loop_config.get("progress") if rank == 0 else None, cfg.steps, start)
     log_lines = rank == 0 and loop_config.get("log_lines", True)
     started, window = time.perf_counter(), []
     for step in range(start, cfg.steps):
+        inject_fault(step, "segmenter")
         stats = train_step(learner, next(labeled), next(unlabeled) if unlabeled else None, step)
         window.append(stats)
         post(step + 1, {k: stats[k] for k in ("loss_s", "loss_u")})
@@ -593,6 +587,7 @@ def _report(
         "optimizer": learner.optimizer.state_dict(),
         "step": step,
         "config": loop_config["resolved_config"],
+        "rng": rng_state(learner.generator),
     }
     if learner.scaler.is_enabled():
         extra["scaler"] = learner.scaler.state_dict()
@@ -635,18 +630,25 @@ def _restore(learner: Learner, rank: int) -> int:
         learner.scaler.load_state_dict(state["scaler"])
     if learner.memory is not None and "memory" in state:
         restore_state(learner.memory, state["memory"], rank)
+    if "rng" in state:
+        restore_rng(state["rng"], learner.generator, rank, int(state["step"]))
     logger.info("resumed from step %d", state["step"])
     return int(state["step"])
 
 
 def labeled_dataset(images: DatasetRef, image_size: int) -> Any:
-    """The labeled split as fixed-size arrays (materialised: it is iterated every epoch)."""
+    """The labeled split as fixed-size arrays, in ``image_id`` order (materialised: it is iterated
+    every epoch; ordered, so a run's batches are the same whichever task finished first)."""
     columns = ["image_id", "height", "width", "image", "mask"]
-    return (
-        read_split(images, "labeled", columns)
-        .map_batches(labeled_rows_to_arrays, fn_kwargs={"image_size": image_size}, batch_size=16)
-        .materialize()
-    )
+    with ordered():
+        return (
+            read_split(images, "labeled", columns)
+            .sort("image_id")
+            .map_batches(
+                labeled_rows_to_arrays, fn_kwargs={"image_size": image_size}, batch_size=16
+            )
+            .materialize()
+        )
 
 
 def unlabeled_dataset(images: DatasetRef, pseudolabels: DatasetRef, image_size: int) -> Any:
@@ -655,13 +657,18 @@ def unlabeled_dataset(images: DatasetRef, pseudolabels: DatasetRef, image_size: 
     Only image columns are read from ``images``: the ground truth that generated data keeps for
     unlabeled images is never seen by training.
     """
-    pixels = read_split(images, "unlabeled", ["image_id", "image"])
     columns = ["height", "width", "label", "keep", "weight", "weight_offset"]
     columns += ["margin", "refined_margin", "trusted", "reliable"]
-    joined = join_on_image_id(pixels, pseudolabels, columns, num_partitions=4)
-    return joined.map_batches(
-        pseudolabel_rows_to_arrays, fn_kwargs={"image_size": image_size}, batch_size=16
-    ).materialize()
+    with ordered():
+        pixels = read_split(images, "unlabeled", ["image_id", "image"])
+        joined = join_on_image_id(pixels, pseudolabels, columns, num_partitions=4)
+        return (
+            joined.sort("image_id")
+            .map_batches(
+                pseudolabel_rows_to_arrays, fn_kwargs={"image_size": image_size}, batch_size=16
+            )
+            .materialize()
+        )
 
 
 def run_segmenter(
@@ -691,6 +698,7 @@ def run_segmenter(
         use_gpu=use_gpu,
         storage=storage,
         name=name,
+        max_failures=cfg.max_failures,
     )
     storage.write_bytes(out_path, blob)
     return {"trained_steps": float(cfg.steps)}

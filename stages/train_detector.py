@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,13 @@ from stages.core.detectors import (
 )
 from stages.core.models import build_detector, make_checkpoint
 from stages.core.progress import Poster
-from stages.core.training import EmptyShardError, worker_logging
+from stages.core.training import (
+    endless_batches,
+    inject_fault,
+    restore_rng,
+    rng_state,
+    worker_logging,
+)
 from stages.segtrain import CHECKPOINT_FILE, MetricSink, poly_lr
 
 logger = logging.getLogger(__name__)
@@ -57,6 +63,12 @@ class DetectorConfig(StrictModel):
     roi_samples: int = Field(64, ge=1, description="RoIs sampled per image for the box head")
     max_detections: int = Field(32, ge=1, description="detections returned per image")
     log_every: int = Field(25, ge=1)
+    checkpoint_every: int = Field(
+        100, ge=0, description="steps between resumable checkpoints (0: only at the end)"
+    )
+    max_failures: int = Field(
+        2, ge=0, description="worker-group restarts, each resuming from the last checkpoint"
+    )
     workers: int = Field(1, ge=1)
     weights: str | None = None
 
@@ -153,6 +165,7 @@ class DetectorLearner:
     cfg: DetectorConfig
     num_classes: int
     device: torch.device
+    generator: torch.Generator = field(default_factory=torch.Generator)  # saved with checkpoints
 
 
 def new_detector_learner(
@@ -199,53 +212,71 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         seed=loop_config["seed"] + rank,
         device=ray.train.torch.get_device(),
     )
+    start = _restore(learner)
     learner.model = ray.train.torch.prepare_model(learner.model)
-    shard = ray.train.get_dataset_shard("labeled")
+    batches = endless_batches(ray.train.get_dataset_shard("labeled"), cfg.batch_size, rank)
+    for _ in range(start):  # the data position: the batches the checkpoint already trained on
+        next(batches)
     sink: MetricSink | None = loop_config.get("sink") if rank == 0 else None
-    post = Poster(loop_config.get("progress") if rank == 0 else None, cfg.steps)
+    post = Poster(loop_config.get("progress") if rank == 0 else None, cfg.steps, start)
     log_lines = rank == 0 and loop_config.get("log_lines", True)
-    step, started, losses = 0, time.perf_counter(), []
-    while step < cfg.steps:
-        first = step
-        for batch in shard.iter_torch_batches(
-            batch_size=cfg.batch_size, local_shuffle_buffer_size=32
-        ):
-            if step >= cfg.steps:
-                break
-            losses.append(detector_step(learner, batch, step))
-            step += 1
-            post(step, {"loss": losses[-1]})
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                metrics = {
-                    "loss": float(np.mean(losses)),
-                    "steps_per_s": step / (time.perf_counter() - started),
-                }
-                losses = []
-                if log_lines:
-                    logger.info("detector step %d/%d loss=%.4g", step, cfg.steps, metrics["loss"])
-                if sink is not None:
-                    sink.log_metrics(metrics, step)
-                save = step == cfg.steps and rank == 0
-                _report(metrics, learner.model, learner.model_args, save)
-        if step == first:
-            raise EmptyShardError(
-                "this worker's labeled shard holds no rows: the labeled split is empty, or has "
-                "fewer images than there are training workers"
-            )
+    started, losses = time.perf_counter(), []
+    for step in range(start, cfg.steps):
+        inject_fault(step, "detector")
+        losses.append(detector_step(learner, next(batches), step))
+        post(step + 1, {"loss": losses[-1]})
+        last = step + 1 == cfg.steps
+        if (step + 1) % cfg.log_every == 0 or last:
+            metrics = {
+                "loss": float(np.mean(losses)),
+                "steps_per_s": (step + 1 - start) / (time.perf_counter() - started),
+            }
+            losses = []
+            if log_lines:
+                logger.info("detector step %d/%d loss=%.4g", step + 1, cfg.steps, metrics["loss"])
+            if sink is not None:
+                sink.log_metrics(metrics, step + 1)
+            every = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+            _report(metrics, learner, step + 1, bool(rank == 0 and (last or every)))
 
 
-def _report(
-    metrics: dict[str, float], model: torch.nn.Module, model_args: dict[str, Any], save: bool
-) -> None:
+def _report(metrics: dict[str, float], learner: DetectorLearner, step: int, save: bool) -> None:
+    """``ray.train.report``; with ``save``, a checkpoint that resumes training (weights,
+    optimizer, step, random state) and is the model a finished run keeps."""
     import ray.train
 
     if not save:
         ray.train.report(metrics, checkpoint=None)
         return
-    checkpoint = make_checkpoint(model, kind="detector", model_args=model_args)
+    extra = {
+        "optimizer": learner.optimizer.state_dict(),
+        "step": step,
+        "rng": rng_state(learner.generator),
+    }
+    checkpoint = make_checkpoint(
+        learner.model, kind="detector", model_args=learner.model_args, extra=extra
+    )
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(checkpoint, Path(tmp) / CHECKPOINT_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _restore(learner: DetectorLearner) -> int:
+    """Resume from Ray Train's latest checkpoint (a restarted worker group): the step to start at."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    learner.model.load_state_dict(state["state_dict"])
+    learner.optimizer.load_state_dict(state["optimizer"])
+    step = int(state["step"])
+    if "rng" in state:
+        restore_rng(state["rng"], learner.generator, 0, step)
+    logger.info("detector resumed from step %d", step)
+    return step
 
 
 def run(
@@ -283,6 +314,7 @@ def run(
         use_gpu=use_gpu,
         storage=storage,
         name=name,
+        max_failures=cfg.max_failures,
     )
     storage.write_bytes(out_path, blob)
     return {"trained_steps": float(cfg.steps)}

@@ -18,7 +18,7 @@ from stages.core.cache import ShardPool, new_token, write_shard
 from stages.core.config import StrictModel
 from stages.core.models import load_checkpoint, model_from_checkpoint
 from stages.core.storage import DatasetRef, Storage, StorageError
-from stages.core.tables import keep_ids, read_split, split_ids
+from stages.core.tables import keep_ids, ordered, read_split, split_ids
 
 
 class InferenceConfig(StrictModel):
@@ -81,7 +81,26 @@ def predict_split(
 ) -> Any:
     """A lazy Ray Dataset: one split's (or several splits') images (only the ids in ``only`` if
     given), decoded and resized by CPU tasks, then passed through ``predictor`` (a callable
-    class) on an actor pool of ``cfg.actors`` actors."""
+    class) on an actor pool of ``cfg.actors`` actors. Rows keep their order (:func:`ordered`):
+    batches are made up the same way in every run, and a network's output on an image can depend
+    on its batch's make-up (kernels chosen by batch size), so results are reproducible."""
+    with ordered():
+        return _predict_split(
+            images, split, columns, predictor, predictor_kwargs, cfg, image_size, only, shard_rows
+        )
+
+
+def _predict_split(
+    images: DatasetRef,
+    split: str | tuple[str, ...],
+    columns: list[str],
+    predictor: type,
+    predictor_kwargs: dict[str, Any],
+    cfg: InferenceConfig,
+    image_size: int,
+    only: set[str] | None,
+    shard_rows: int | None,
+) -> Any:
     import ray
 
     rows = read_split(images, split, columns)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -10,6 +12,23 @@ import pyarrow.compute as pc
 from stages.core.storage import DatasetRef
 
 SPLITS = ("labeled", "unlabeled", "val")
+
+
+@contextlib.contextmanager
+def ordered() -> Iterator[None]:
+    """Ray Datasets created inside keep their rows in order through every operator
+    (``preserve_order``), so a run's batches, and so its results, do not depend on which task
+    finished first. A Dataset copies the current DataContext when it is created and its derived
+    datasets share that copy: the setting stays with the datasets made here, and nothing else."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    saved = options.preserve_order
+    options.preserve_order = True
+    try:
+        yield
+    finally:
+        options.preserve_order = saved
 
 
 def read_dataset(ref: DatasetRef, columns: list[str] | None = None) -> Any:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from stages.core.progress import training_progress
 from stages.core.storage import Storage
@@ -31,14 +34,16 @@ def fit(
     ``name`` identifies the run under ``<root>/ray_train``: a rerun with the same name resumes
     from its latest checkpoint.
     """
-    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run_config = RunConfig(
         name=name,
         storage_path=storage.path("ray_train"),
         storage_filesystem=None if storage.is_local else storage.arrow_fs(),
+        # a failed worker group restarts from the latest checkpoint, up to max_failures times
         failure_config=FailureConfig(max_failures=max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
         # Ray Train's own INFO lines (resources, process group, each report) stay in its logs
         logging_config=LoggingConfig(log_level="WARNING"),  # type: ignore[call-arg]  # Train V2
     )
@@ -75,3 +80,68 @@ def worker_logging() -> None:
 
 class EmptyShardError(RuntimeError):
     """A training worker was given no rows to train on (its loop would never yield a batch)."""
+
+
+# Fault injection for tests: "<step>:<marker prefix>" makes a training worker of each kind
+# (segmenter, detector) that reaches <step> die once (os._exit, as a killed node leaves it); the
+# file "<marker prefix>.<kind>" records that it happened.
+FAULT_ENV = "PSEUDOFLOW_FAULT_AT_STEP"
+
+
+def inject_fault(step: int, kind: str) -> None:
+    """Kill this worker process at the step ``PSEUDOFLOW_FAULT_AT_STEP`` names, the first time
+    for ``kind`` only (unset, as outside tests: nothing)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    at, prefix = spec.split(":", 1)
+    marker = f"{prefix}.{kind}"
+    if step == int(at) and not os.path.exists(marker):
+        Path(marker).write_text(f"killed at step {step}\n")
+        os._exit(1)
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """The random state a resumed run needs to draw what a clean run draws: the global torch
+    RNG (torchvision's transforms), CUDA's where present, and the loop's own generator."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator, rank: int, step: int) -> None:
+    """Put back rank 0's random state (the checkpoint holds rank 0's). Other ranks re-draw from a
+    seed of their rank and step: deterministic, though not the stream a clean run would draw."""
+    if rank == 0:
+        torch.set_rng_state(state["torch"])
+        generator.set_state(state["generator"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        return
+    torch.manual_seed(1_000_003 * rank + step)
+    generator.manual_seed(2_000_003 * rank + step)
+
+
+def endless_batches(
+    shard: Any, batch_size: int, seed: int, name: str = "labeled"
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches from a Ray Data shard, reshuffled locally each pass. A pass that yields
+    nothing (an empty split, or fewer rows than workers) raises instead of looping forever."""
+    epoch = 0
+    while True:
+        empty = True
+        for batch in shard.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=False,
+            local_shuffle_buffer_size=4 * batch_size,
+            local_shuffle_seed=seed + epoch,
+        ):
+            empty = False
+            yield batch
+        if empty:
+            raise EmptyShardError(
+                f"this worker's {name} shard holds no rows: the {name} split is empty, or has "
+                "fewer images than there are training workers"
+            )
+        epoch += 1

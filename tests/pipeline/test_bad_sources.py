@@ -16,7 +16,8 @@ import pytest
 from pipeline.config import ConfigError, load_config
 from pipeline.graph import check_splits, needed_splits
 from pipeline.runner import run_pipeline
-from stages import segtrain, train_detector
+from stages import train_detector
+from stages.core import training
 from stages.core.training import EmptyShardError
 from stages.ingest.folder import SourceError
 from tests.conftest import local_ray, write_png
@@ -35,11 +36,11 @@ class _Shard:
 
 @pytest.mark.timeout(20)
 def test_batches_over_an_empty_shard_raise_instead_of_looping_forever() -> None:
-    batches = segtrain._batches(_Shard(0), batch_size=4, seed=0, name="unlabeled")
+    batches = training.endless_batches(_Shard(0), batch_size=4, seed=0, name="unlabeled")
     with pytest.raises(EmptyShardError, match="this worker's unlabeled shard holds no rows"):
         next(batches)
     full = _Shard(2)
-    taken = [next(b) for b in [segtrain._batches(full, 4, 0)] * 5]
+    taken = [next(b) for b in [training.endless_batches(full, 4, 0)] * 5]
     assert len(taken) == 5
     assert full.passes == 3  # endless over a non-empty shard: 2 batches a pass
 
@@ -53,6 +54,7 @@ def test_detector_loop_over_an_empty_shard_raises(monkeypatch: pytest.MonkeyPatc
         ray.train, "get_context", lambda: types.SimpleNamespace(get_world_rank=lambda: 0)
     )
     monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: _Shard(0))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: "cpu")
     monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model: model)
     config = load_config("smoke")
@@ -80,9 +82,10 @@ def test_needed_splits_follow_what_the_run_trains() -> None:
     check_splits(given, {"labeled": 0, "unlabeled": 3, "val": 1}, "here")  # nothing to train
 
 
-def _folder(root: Path, val: int, corrupt: dict[str, int]) -> Path:
+def _folder(root: Path, val: int, corrupt: dict[str, int], duplicate: bool = False) -> Path:
     """images/ + masks/ + split lists: 6 labeled, 8 unlabeled, ``val`` val images; ``corrupt``
-    names, per split, how many more (listed) files are not images at all."""
+    names, per split, how many more (listed) files are not images at all; ``duplicate`` adds a
+    copy of a labeled picture to the unlabeled list."""
     lists: dict[str, list[str]] = {"labeled": [], "unlabeled": [], "val": []}
     rng = np.random.default_rng(0)
     for split, count in (("labeled", 6), ("unlabeled", 8), ("val", val)):
@@ -99,6 +102,11 @@ def _folder(root: Path, val: int, corrupt: dict[str, int]) -> Path:
             if split != "unlabeled":
                 write_png(root / "masks" / f"{stem}.png", np.zeros((16, 16), np.uint8))
             lists[split].append(stem)
+    if duplicate:  # the same pixels as labeled0, listed as unlabeled
+        (root / "images" / "unlabeled_dup.png").write_bytes(
+            (root / "images" / "labeled0.png").read_bytes()
+        )
+        lists["unlabeled"].append("unlabeled_dup")
     (root / "splits").mkdir()
     for split, stems in lists.items():
         (root / "splits" / f"{split}.txt").write_text("".join(f"{s}\n" for s in stems))
@@ -138,8 +146,8 @@ def test_empty_val_split_stops_the_run_before_any_work(
 
 @pytest.mark.ray
 def test_quarantine_limits_fail_the_run_after_ingest(tmp_path: Path) -> None:
-    # 3 bad items of 18 (16.7 %) is more than the default 5 %.
-    too_bad = _folder(tmp_path / "bad", val=1, corrupt={"unlabeled": 3})
+    # 3 unreadable items and a duplicate picture, 4 of 19 (21.1 %): more than the default 5 %.
+    too_bad = _folder(tmp_path / "bad", val=1, corrupt={"unlabeled": 3}, duplicate=True)
     # Every val item bad, allowed by the fraction: val is empty after ingest.
     no_val = _folder(tmp_path / "noval", val=0, corrupt={"val": 2})
     with local_ray():
@@ -147,11 +155,14 @@ def test_quarantine_limits_fail_the_run_after_ingest(tmp_path: Path) -> None:
             run_pipeline(_config(too_bad, tmp_path), str(tmp_path / "runs"))
         message = str(caught.value)
         assert message.startswith(
-            "3 of 18 items (16.7%) were quarantined, more than data.max_bad_fraction=0.05; the "
+            "4 of 19 items (21.1%) were quarantined, more than data.max_bad_fraction=0.05; the "
             "reasons are in the quarantine table at "
         )
         table = Path(message.rsplit(" ", 1)[1])
         reasons = pq.read_table(table).to_pylist()
+        dup = [r for r in reasons if r["stem"] == "unlabeled_dup"]
+        assert [r["reason"] for r in dup] == ["same picture as labeled0"]
+        reasons = [r for r in reasons if r["stem"] != "unlabeled_dup"]
         assert sorted(r["stem"] for r in reasons) == [
             "bad_unlabeled0",
             "bad_unlabeled1",

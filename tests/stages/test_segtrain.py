@@ -13,7 +13,7 @@ import torch
 from torchvision.transforms import v2
 
 from stages import segtrain
-from stages.core import data
+from stages.core import data, training
 from stages.core.fastconv import DilatedDepthwiseConv2d
 from stages.core.models import load_checkpoint
 from stages.core.storage import Storage
@@ -335,8 +335,8 @@ def test_the_ray_train_loop_trains_exactly_as_train_step_in_process(tmp_path: Pa
                 cfg, num_classes=4, image_size=32, seed=0, device=torch.device("cpu")
             )
             initial = {k: v.clone() for k, v in learner.network.state_dict().items()}
-            labeled = segtrain._batches(datasets["labeled"], 2, 0)  # rank 0's seeds
-            unlabeled = segtrain._batches(datasets["unlabeled"], 3, 1000)
+            labeled = training.endless_batches(datasets["labeled"], 2, 0)  # rank 0's seeds
+            unlabeled = training.endless_batches(datasets["unlabeled"], 3, 1000)
             for step in range(cfg.steps):
                 segtrain.train_step(learner, next(labeled), next(unlabeled), step)
         finally:
