@@ -84,47 +84,31 @@ def predict_split(
     class) on an actor pool of ``cfg.actors`` actors. Rows keep their order (:func:`ordered`):
     batches are made up the same way in every run, and a network's output on an image can depend
     on its batch's make-up (kernels chosen by batch size), so results are reproducible."""
-    with ordered():
-        return _predict_split(
-            images, split, columns, predictor, predictor_kwargs, cfg, image_size, only, shard_rows
-        )
-
-
-def _predict_split(
-    images: DatasetRef,
-    split: str | tuple[str, ...],
-    columns: list[str],
-    predictor: type,
-    predictor_kwargs: dict[str, Any],
-    cfg: InferenceConfig,
-    image_size: int,
-    only: set[str] | None,
-    shard_rows: int | None,
-) -> Any:
     import ray
 
-    rows = read_split(images, split, columns)
-    if only is not None:
-        rows = keep_ids(rows, only)
-    if shard_rows is not None:
-        # Blocks of about one shard each: predictions then stream to the shard writer (and
-        # commit) as they are made, instead of once per input file.
-        rows = rows.repartition(target_num_rows_per_block=shard_rows)
-    decoded = rows.map_batches(
-        decode_for_inference, fn_kwargs={"image_size": image_size}, batch_size=cfg.batch_size
-    )
-    return decoded.map_batches(
-        predictor,
-        fn_constructor_kwargs={
-            "storage_url": images.storage.url,
-            "gpus": cfg.gpus_per_actor,
-            **predictor_kwargs,
-        },
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_gpus=cfg.gpus_per_actor,
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-    )
+    with ordered():
+        rows = read_split(images, split, columns)
+        if only is not None:
+            rows = keep_ids(rows, only)
+        if shard_rows is not None:
+            # Blocks of about one shard each: predictions then stream to the shard writer (and
+            # commit) as they are made, instead of once per input file.
+            rows = rows.repartition(target_num_rows_per_block=shard_rows)
+        decoded = rows.map_batches(
+            decode_for_inference, fn_kwargs={"image_size": image_size}, batch_size=cfg.batch_size
+        )
+        return decoded.map_batches(
+            predictor,
+            fn_constructor_kwargs={
+                "storage_url": images.storage.url,
+                "gpus": cfg.gpus_per_actor,
+                **predictor_kwargs,
+            },
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+            num_gpus=cfg.gpus_per_actor,
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+        )
 
 
 def predict_into_pool(
