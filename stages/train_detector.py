@@ -295,14 +295,17 @@ def run(
     from stages.core.training import fit
 
     if cfg.weights:
-        blob = given_checkpoint(
-            cfg.weights, kind="detector", num_classes=num_classes, arch=cfg.arch
-        )
-        found = load_checkpoint(blob, source=cfg.weights)["model_args"].get("backend")
-        if (found or DEFAULT_BACKEND) != cfg.backend:
+        blob = given_checkpoint(cfg.weights, kind="detector", num_classes=num_classes)
+        model_args = load_checkpoint(blob, source=cfg.weights)["model_args"]
+        found = model_args.get("backend") or DEFAULT_BACKEND
+        if found != cfg.backend:
             raise ValueError(
-                f"{cfg.weights}: a {found or DEFAULT_BACKEND} detector; detector.backend is "
-                f"{cfg.backend}"
+                f"{cfg.weights}: a {found} detector; detector.backend is {cfg.backend}"
+            )
+        if model_args.get("arch") != cfg.arch:  # the cache key records the config's arch
+            raise ValueError(
+                f"{cfg.weights}: a {model_args.get('arch')} detector; the config's arch is "
+                f"{cfg.arch}"
             )
         storage.write_bytes(out_path, blob)
         return {"trained_steps": 0.0}

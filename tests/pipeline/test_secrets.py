@@ -135,6 +135,15 @@ def test_cli_logging_redacts_every_record(
 
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])  # as in a fresh `pseudoflow` process
+    # Earlier tests in the same process may have given the package loggers handlers of their own
+    # (a Ray worker's logging setup), stopped their propagation or disabled logging: undo that.
+    monkeypatch.setattr(root.manager, "disable", 0)
+    for name in ("stages", "stages.ingest", "stages.ingest.folder"):
+        named = logging.getLogger(name)
+        monkeypatch.setattr(named, "handlers", [])
+        monkeypatch.setattr(named, "propagate", True)
+        monkeypatch.setattr(named, "disabled", False)
+        monkeypatch.setattr(named, "level", logging.NOTSET)
     _setup_logging(False)
     try:
         logging.getLogger("stages.ingest.folder").info("folder %s: 3 images", "https://u:pf-pw@h/d")
