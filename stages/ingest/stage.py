@@ -227,8 +227,11 @@ def run(
     loaded = dataset.map_batches(
         load_batch, fn_kwargs={"num_classes": num_classes}, batch_size=16, batch_format="pyarrow"
     ).materialize()
-    notes = _count_notes(loaded)
-    bad = pa.concat_tables([_bad_rows(t) for t in _iter_tables(loaded)], promote_options="none")
+    # One pass on the driver over the small columns only (never the encoded images): the
+    # quarantine rows and the note counts.
+    outcome = _iter_tables(loaded.select_columns(["stem", "split", "source", "error", "note"]))
+    notes = _count_notes(outcome)
+    bad = pa.concat_tables([_bad_rows(t) for t in outcome], promote_options="none")
     good = loaded.map_batches(_good_rows, batch_format="pyarrow", batch_size=None)
     duplicates = _duplicates(good)
     if duplicates:
@@ -271,9 +274,10 @@ def item_blocks(table: pa.Table, num_blocks: int) -> list[pa.Table]:
     return [table.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
 
 
-def _count_notes(loaded: Any) -> dict[str, int]:
+def _count_notes(tables: list[pa.Table]) -> dict[str, int]:
+    """NOTES kind -> usable images it applies to, from loaded rows' ``note`` and ``error``."""
     counts = dict.fromkeys(NOTES, 0)
-    for table in _iter_tables(loaded.select_columns(["note", "error"])):
+    for table in tables:
         usable = table.filter(pc.is_null(table["error"]))
         for note in usable["note"].to_pylist():
             for kind in (note or "").split(","):
