@@ -7,15 +7,21 @@ stage runs per image.
 ``step``: one training step (forward, loss, backward, AdamW) of the segmentation network as
 torchvision builds it against the network as ``segtrain.new_learner`` trains it
 (``fastconv.training_layout``), same weights, same batch.
+
+``detectors``: the per-image cost of the detect stage's ``DetectorPredictor`` (uint8 images in,
+detections rows out) with each detector backend's network, on the same synthetic images, the
+backends timed alternately.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -195,3 +201,130 @@ def format_step(cost: StepCost, *, arch: str, size: int, batch: int) -> str:
             f"layers swapped; gradients differ by {cost.gradient_error:.1e} of the largest",
         ]
     )
+
+
+@dataclass(frozen=True)
+class DetectorCost:
+    backend: str
+    arch: str
+    ms_per_image: float  # median over repetitions of one DetectorPredictor call / its images
+    ratio: float  # ms_per_image / that of the first row (torchvision's)
+    boxes_per_image: float  # detections kept per image (all RoIs score alike: NMS, max_detections)
+
+
+def detector_costs(
+    models: Sequence[tuple[str, str]],
+    *,
+    size: int,
+    batch: int,
+    min_size: int,
+    num_classes: int,
+    reps: int,
+    device: str = "cpu",
+    seed: int = 0,
+) -> list[DetectorCost]:
+    """Per-image milliseconds of ``DetectorPredictor`` around each ``(backend, arch)`` detector
+    (random weights, built as ``train_detector`` builds it with ``min_size``), on one batch of
+    ``batch`` synthetic ``size``² images. After a warm-up call each, the models are called in
+    turn ``reps`` times (so that load on the machine falls on all of them alike); each one's
+    cost is its median call over ``batch``. Ratios are to the first model's.
+
+    Random weights are made to do a trained network's work: BatchNorm statistics from the bench
+    images (``calibrate_batchnorm``; with the initial ones a deep random ResNet's activations
+    grow until every box is degenerate and dropped), and every box classifier scoring all RoIs
+    alike, above the 0.05 cut (``uniform_class_scores``; random heads keep anywhere from no box
+    to all of them)."""
+    from stages.core.models import build_detector
+    from stages.detect import DetectorPredictor
+    from stages.train_detector import DetectorConfig, detector_args
+
+    rng = np.random.default_rng(seed)
+    images = {
+        "image_id": np.array([f"{i:04d}" for i in range(batch)]),
+        "height": np.full(batch, size),
+        "width": np.full(batch, size),
+        "image": rng.integers(0, 256, (batch, 3, size, size), dtype=np.uint8),
+    }
+    predictors = []
+    for backend, arch in models:
+        torch.manual_seed(seed)
+        cfg = DetectorConfig.model_validate(
+            {"backend": backend, "arch": arch, "min_size": min_size}
+        )
+        args = detector_args(cfg, num_classes)
+        model = build_detector(**args)
+        uniform_class_scores(model, backend)
+        calibrate_batchnorm(model, backend, [torch.from_numpy(i) / 255.0 for i in images["image"]])
+        predictors.append(DetectorPredictor.of_model(model, args, 0.05, torch.device(device)))
+    boxes = [float(np.mean(p(images)["num_boxes"].to_numpy())) for p in predictors]  # warm-up
+    seconds: list[list[float]] = [[] for _ in predictors]
+    for _ in range(reps):
+        for times, predictor in zip(seconds, predictors, strict=True):
+            start = time.perf_counter()
+            predictor(images)
+            times.append(time.perf_counter() - start)
+    per_image = [statistics.median(t) * 1000 / batch for t in seconds]
+    return [
+        DetectorCost(backend, arch, ms, ms / per_image[0], n)
+        for (backend, arch), ms, n in zip(models, per_image, boxes, strict=True)
+    ]
+
+
+def uniform_class_scores(model: torch.nn.Module, backend: str) -> None:
+    """Zero the RoI box classifier's weights and biases: every RoI scores each class (and
+    background) 1/C, so every (RoI, class) pair passes the backends' 0.05 cut for C < 20. The
+    classifier is ``roi_heads.box_predictor.cls_score`` of torchvision's FasterRCNN and of the
+    GeneralizedRCNN inside the detectron2 backend's detector."""
+    inner: Any = model.rcnn if backend == "detectron2" else model
+    layer = inner.roi_heads.box_predictor.cls_score
+    if not isinstance(layer, torch.nn.Linear):
+        raise TypeError(f"{backend} box classifier is a {type(layer).__name__}, not a Linear")
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+
+
+def calibrate_batchnorm(model: torch.nn.Module, backend: str, images: list[torch.Tensor]) -> None:
+    """Set every BatchNorm layer's running statistics to those of one prediction pass over
+    ``images`` (float[3, H, W] in [0, 1]); the model is left in eval mode."""
+    from stages.core.detectors import detector_backend
+
+    model.eval()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average: exactly this pass's batch statistics
+        norm.train()
+    with torch.no_grad():
+        detector_backend(backend).predict(model, images)
+    for norm in norms:
+        norm.eval()
+
+
+def format_detector_costs(
+    costs: list[DetectorCost],
+    *,
+    size: int,
+    batch: int,
+    min_size: int,
+    reps: int,
+    device: str,
+    skipped: Sequence[str] = (),
+) -> str:
+    width = max(len(c.arch) for c in costs)
+    lines = [
+        f"DetectorPredictor per image: {batch} images of {size}x{size} px a call, detector size "
+        f"{min_size}, median of {reps} calls, {device}, {torch.get_num_threads()} torch threads",
+        f"{'backend':<12} {'arch':<{width}} {'ms/image':>9} {'ratio':>6} {'boxes/image':>11}",
+    ]
+    for c in costs:
+        lines.append(
+            f"{c.backend:<12} {c.arch:<{width}} {c.ms_per_image:>9.1f} {c.ratio:>6.2f} "
+            f"{c.boxes_per_image:>11.1f}"
+        )
+    lines.append(
+        "ratio = ms/image / torchvision's; random weights, BatchNorm statistics of these images, "
+        "every RoI scoring each class 1/C"
+    )
+    lines.extend(skipped)
+    return "\n".join(lines)

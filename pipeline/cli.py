@@ -531,6 +531,114 @@ def bench_step(
             json.dump(asdict(cost), handle, indent=2)
 
 
+@bench.command("detectors")
+@click.option("--quick", is_flag=True, help="tiny images, 2 images a call, 3 calls: checks it runs")
+@click.option(
+    "--backend",
+    "backends",
+    type=click.Choice(["torchvision", "detectron2"]),
+    multiple=True,
+    help="backends to time (repeatable; default both; torchvision is always the baseline)",
+)
+@click.option(
+    "--detectron2-arch",
+    "d2_archs",
+    multiple=True,
+    help="detectron2 model-zoo configs to time (repeatable; default: the backend's default)",
+)
+@click.option("--torchvision-arch", default=None, help="default: the backend's default")
+@click.option("--size", type=click.IntRange(16), default=None, help="image side [64; quick 32]")
+@click.option(
+    "--min-size",
+    type=click.IntRange(32),
+    default=None,
+    help="the detectors' internal size (detector.min_size) [128; quick 64]",
+)
+@click.option("--batch", type=click.IntRange(1), default=None, help="images a call [16; quick 2]")
+@click.option("--reps", type=click.IntRange(1), default=None, help="timed calls [5; quick 3]")
+@click.option(
+    "--classes",
+    type=click.IntRange(2, 19),
+    default=4,
+    show_default=True,
+    help="classes, background included (every RoI scores each 1/C, above the 0.05 cut)",
+)
+@click.option("--json", "json_path", default=None, help="also write the rows as JSON here")
+def bench_detectors(
+    quick: bool,
+    backends: tuple[str, ...],
+    d2_archs: tuple[str, ...],
+    torchvision_arch: str | None,
+    size: int | None,
+    min_size: int | None,
+    batch: int | None,
+    reps: int | None,
+    classes: int,
+    json_path: str | None,
+) -> None:
+    """Per-image cost of the detect stage's predictor with each detector backend, on the same
+    synthetic images, timed alternately; ratios to torchvision's. detectron2 is skipped, with
+    the reason, where it cannot be imported."""
+    import json
+    from dataclasses import asdict
+
+    import torch
+
+    from pipeline.bench import detector_costs, format_detector_costs
+    from stages.core.detectors import (
+        DEFAULT_ARCHITECTURES,
+        BackendUnavailable,
+        check_arch,
+        detector_backend,
+    )
+
+    wanted = set(backends or ("torchvision", "detectron2"))
+    models = [("torchvision", torchvision_arch or DEFAULT_ARCHITECTURES["torchvision"])]
+    skipped = []
+    if "detectron2" in wanted:
+        try:
+            detector_backend("detectron2")
+        except BackendUnavailable as exc:
+            skipped.append(f"detectron2: not timed: {exc}")
+        else:
+            models += [("detectron2", a) for a in d2_archs or [DEFAULT_ARCHITECTURES["detectron2"]]]
+    elif d2_archs:
+        raise click.UsageError("--detectron2-arch without the detectron2 backend")
+    for backend, arch in models:
+        try:
+            check_arch(backend, arch)
+        except ValueError as exc:  # the message lists the valid ones
+            raise click.BadParameter(str(exc), param_hint=f"--{backend}-arch") from exc
+    size = size or (32 if quick else 64)
+    min_size = min_size or (64 if quick else 128)
+    batch = batch or (2 if quick else 16)
+    reps = reps or (3 if quick else 5)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    costs = detector_costs(
+        models,
+        size=size,
+        batch=batch,
+        min_size=min_size,
+        num_classes=classes,
+        reps=reps,
+        device=device,
+    )
+    click.echo(
+        format_detector_costs(
+            costs,
+            size=size,
+            batch=batch,
+            min_size=min_size,
+            reps=reps,
+            device=device,
+            skipped=skipped,
+        )
+    )
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump([asdict(c) for c in costs], handle, indent=2)
+
+
 @bench.command("quality")
 @click.option("--quick", is_flag=True, help="a tiny dataset and a few steps: checks every row runs")
 @click.option("--seeds", type=click.IntRange(1), default=None, help="seeds (default 3; quick 2)")

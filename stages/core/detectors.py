@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
@@ -61,6 +63,14 @@ DETECTRON2_OPTIONS = {
     "box_batch_size_per_image": "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
     "box_detections_per_img": "TEST.DETECTIONS_PER_IMAGE",
 }
+# ImageNet's per-channel pixel mean and std in 0-255 units, RGB order: the normalisation
+# torchvision's detectors apply (in 0-1 units) and detectron2's own from-scratch configs use
+# (configs/Misc/scratch_*). The model zoo's R-50/R-101 configs set PIXEL_STD to 1, a convention
+# of MSRA's pretrained weights (the std folded into conv1); on random weights it feeds the network
+# pixels ~58x too large, and in eval mode (BatchNorm's initial running statistics) a fresh
+# network's box scores saturate: every RoI is background with probability 1 - 1e-17, no box.
+IMAGENET_PIXEL_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_PIXEL_STD = (58.395, 57.12, 57.375)
 DEFAULT_ARCHITECTURES: dict[str, str] = {
     "torchvision": "fasterrcnn_mobilenet_v3_large_fpn",
     "detectron2": "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml",
@@ -190,6 +200,17 @@ def detectron2_inputs(
     return inputs
 
 
+def imagenet_pixels(input_format: str) -> tuple[list[float], list[float]]:
+    """detectron2's ``MODEL.PIXEL_MEAN`` and ``MODEL.PIXEL_STD`` for ImageNet normalisation of
+    0-255 pixels in ``input_format`` channel order ("BGR" or "RGB")."""
+    mean, std = list(IMAGENET_PIXEL_MEAN), list(IMAGENET_PIXEL_STD)
+    if input_format == "BGR":
+        return mean[::-1], std[::-1]
+    if input_format == "RGB":
+        return mean, std
+    raise ValueError(f"detectron2 INPUT.FORMAT {input_format!r}; pseudoflow feeds BGR or RGB")
+
+
 def from_detectron2(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor) -> Target:
     """detectron2's ``pred_boxes.tensor`` float[N, 4], ``scores`` float[N] and ``pred_classes``
     int64[N] in 0..C-2 -> our boxes, scores and labels in 1..C-1."""
@@ -198,23 +219,62 @@ def from_detectron2(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Te
 
 class Detectron2Detector(nn.Module):
     """A detectron2 ``GeneralizedRCNN`` and the resize its inputs get: GeneralizedRCNN only
-    normalises and pads (detectron2's data loader resizes), so the backend resizes with these."""
+    normalises and pads (detectron2's data loader resizes), so the backend resizes with these.
 
-    def __init__(self, rcnn: nn.Module, *, min_size: int, max_size: int, input_format: str):
+    The RCNN's input normalisation (``pixel_mean``, ``pixel_std``; detectron2 keeps them out of
+    the state dict) is saved with the weights, so a checkpoint is rebuilt with the normalisation it
+    was trained with. A checkpoint without it (written before pseudoflow normalised detectron2's
+    input) loads ``legacy_pixels``: the model-zoo config's values it was trained with."""
+
+    def __init__(
+        self,
+        rcnn: nn.Module,
+        *,
+        min_size: int,
+        max_size: int,
+        input_format: str,
+        legacy_pixels: tuple[list[float], list[float]],
+    ):
         super().__init__()
         self.rcnn = rcnn
         self.min_size = min_size
         self.max_size = max_size
         self.input_format = input_format
+        self.legacy_pixels = legacy_pixels
+        for name in ("pixel_mean", "pixel_std"):
+            rcnn.register_buffer(name, getattr(rcnn, name), persistent=True)
+        self.register_load_state_dict_pre_hook(_legacy_pixels)
 
     def forward(self, batched_inputs: list[dict[str, Any]]) -> Any:
         return self.rcnn(batched_inputs)
+
+
+def _legacy_pixels(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook: a state dict without the RCNN's normalisation gets the values
+    the model was built with before pseudoflow saved them."""
+    assert isinstance(module, Detectron2Detector)
+    for name, values in zip(("pixel_mean", "pixel_std"), module.legacy_pixels, strict=True):
+        state_dict.setdefault(f"{prefix}rcnn.{name}", torch.tensor(values).view(-1, 1, 1))
 
 
 def _detectron2(module: str) -> Any:
     """A detectron2 module, imported by name so that neither importing nor type-checking
     ``stages`` needs detectron2."""
     return importlib.import_module(f"detectron2.{module}")
+
+
+def detectron2_config_file(arch: str) -> str:
+    """The path of model-zoo config ``arch`` in the installed detectron2, found as
+    ``detectron2.model_zoo.get_config_file`` finds it but without importing
+    ``detectron2.model_zoo``: that module imports ``pkg_resources``, which setuptools 81 and later
+    no longer ship."""
+    spec = importlib.util.find_spec("detectron2.model_zoo")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("detectron2 is installed without its model_zoo package")
+    path = Path(next(iter(spec.submodule_search_locations)), "configs", arch)
+    if not path.is_file():
+        raise RuntimeError(f"detectron2's model-zoo config {arch} is not installed ({path})")
+    return str(path)
 
 
 def _inner(model: nn.Module) -> Detectron2Detector:
@@ -243,7 +303,7 @@ class Detectron2Backend:
                 f"detectron2 detector options {unknown}; choose from {', '.join(DETECTRON2_OPTIONS)}"
             )
         cfg = _detectron2("config").get_cfg()
-        cfg.merge_from_file(_detectron2("model_zoo").get_config_file(arch))
+        cfg.merge_from_file(detectron2_config_file(arch))
         cfg.merge_from_list(
             [item for k, v in options.items() for item in (DETECTRON2_OPTIONS[k], v)]
         )
@@ -252,12 +312,20 @@ class Detectron2Backend:
         cfg.MODEL.BACKBONE.FREEZE_AT = 0  # random weights: nothing is pretrained to keep
         cfg.MODEL.RESNETS.NORM = "BN"  # FrozenBN would freeze random statistics
         cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes - 1  # no background class
+        # Random weights get ImageNet-normalised pixels (see IMAGENET_PIXEL_STD); the config's
+        # own values are what checkpoints that saved no normalisation were trained with.
+        legacy = list(cfg.MODEL.PIXEL_MEAN), list(cfg.MODEL.PIXEL_STD)
+        cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = imagenet_pixels(cfg.INPUT.FORMAT)
         # Recorded for completeness: GeneralizedRCNN does not resize, Detectron2Detector does.
         cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (min_size,), max_size
         cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = min_size, max_size
         rcnn = _detectron2("modeling").build_model(cfg)
         return Detectron2Detector(
-            rcnn, min_size=min_size, max_size=max_size, input_format=cfg.INPUT.FORMAT
+            rcnn,
+            min_size=min_size,
+            max_size=max_size,
+            input_format=cfg.INPUT.FORMAT,
+            legacy_pixels=legacy,
         )
 
     def _inputs(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -23,6 +24,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
@@ -825,6 +828,128 @@ def test_cuda_image_builds_detectron2_from_a_pinned_commit() -> None:
     )
     readme = (DOCKER / "README.md").read_text()
     assert commit in readme, "docker/README.md does not say which detectron2 commit is built"
+
+
+# What detectron2 imports at run time, besides torch: its setup.py requirements that
+# detectron2.config, .modeling, .model_zoo and .engine import (Pillow, matplotlib, tqdm,
+# tensorboard and packaging come with its own `pip install`).
+DETECTRON2_RUNTIME = (
+    "fvcore",
+    "iopath",
+    "pycocotools",
+    "omegaconf",
+    "hydra-core",
+    "yacs",
+    "termcolor",
+    "tabulate",
+    "black",
+    "cloudpickle",
+)
+
+
+def pip_requirements(run: str) -> list[Requirement]:
+    """The requirements every `pip install` of one RUN instruction names (options and local
+    paths left out)."""
+    lexer = shlex.shlex(run, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in {"&&", "||", ";", "|", "(", ")"}:
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    found = []
+    for words in commands:
+        starts = [i for i in range(len(words) - 1) if words[i : i + 2] == ["pip", "install"]]
+        for word in words[starts[0] + 2 :] if starts else []:
+            if not word.startswith(("-", "/", ".")):
+                found.append(Requirement(word))
+    return found
+
+
+def builder_runs(path: Path) -> list[str]:
+    """The builder stage's RUN instructions, ARG defaults substituted."""
+    values = dockerfile_args(path)
+    instructions = parse_dockerfile(path.read_text())
+    froms = [i for i, inst in enumerate(instructions) if inst.keyword == "FROM"]
+    builder = instructions[froms[0] : froms[1]]
+    return [substitute(inst.args, values) for inst in builder if inst.keyword == "RUN"]
+
+
+def test_pip_requirements_reads_names_and_specifiers() -> None:
+    run = (
+        'FORCE_CUDA=1 pip install --no-build-isolation /tmp/x "setuptools<81" black '
+        '&& pip install "ray[data]==2.1" ./pkg && python -c "import a; print(1)"; pip install x'
+    )
+    assert [str(r) for r in pip_requirements(run)] == [
+        "setuptools<81",
+        "black",
+        "ray[data]==2.1",
+        "x",
+    ]
+    assert pip_requirements("apt-get install -y git") == []
+
+
+def test_cuda_image_installs_what_detectron2_needs_at_import() -> None:
+    """detectron2.model_zoo imports pkg_resources, which setuptools 81+ no longer ships: the
+    image installs setuptools<81 and every runtime package before building detectron2, never
+    moves setuptools past 80 later, and imports detectron2.model_zoo in its last check."""
+    runs = builder_runs(DOCKERFILES["cuda"])
+    build = next(i for i, r in enumerate(runs) if "pip install" in r and "/tmp/detectron2" in r)
+    before = {canonicalize_name(r.name): r for run in runs[:build] for r in pip_requirements(run)}
+    missing = [name for name in ("setuptools", *DETECTRON2_RUNTIME) if name not in before]
+    assert not missing, f"Dockerfile.cuda does not install {missing} before detectron2"
+    for run in runs:
+        for req in pip_requirements(run):
+            if canonicalize_name(req.name) == "setuptools":
+                assert not req.specifier.contains("81.0"), (
+                    f"{req}: setuptools without pkg_resources"
+                )
+                assert req.specifier.contains("80.10.2"), req
+    assert "detectron2.model_zoo" in runs[-1], "the last check does not import detectron2.model_zoo"
+    listed = readme_requirements()
+    for name in ("setuptools", *DETECTRON2_RUNTIME):
+        assert listed.get(name) == before[name].specifier, (
+            f"docker/README.md lists {name}{listed.get(name, ' not at all')}; "
+            f"Dockerfile.cuda installs {before[name]}"
+        )
+
+
+def readme_requirements() -> dict[str, Any]:
+    """name -> specifier of every `requirement` in backticks in docker/README.md."""
+    listed = {}
+    for text in re.findall(
+        r"`([A-Za-z][\w.\-]*(?:[<>=!~][^`]*)?)`", (DOCKER / "README.md").read_text()
+    ):
+        try:
+            req = Requirement(text)
+        except ValueError:
+            continue
+        listed[canonicalize_name(req.name)] = req.specifier
+    return listed
+
+
+def test_cuda_image_ranges_are_detectron2s_own() -> None:
+    """Where detectron2 is installed, its metadata requires what the Dockerfile installs."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        declared = requires("detectron2") or []
+    except PackageNotFoundError:
+        pytest.skip("detectron2 is not installed here")
+    wanted = {
+        canonicalize_name(r.name): r.specifier
+        for r in map(Requirement, declared)
+        if r.marker is None or r.marker.evaluate({"extra": ""})  # not the dev/all extras
+    }
+    runs = builder_runs(DOCKERFILES["cuda"])
+    installed = {
+        canonicalize_name(r.name): r.specifier for run in runs for r in pip_requirements(run)
+    }
+    for name in DETECTRON2_RUNTIME:
+        assert name in wanted, f"detectron2 no longer requires {name}"
+        assert name in installed, f"Dockerfile.cuda does not install {name}"
+        assert installed[name] == wanted[name], f"{name}: {installed[name]} != {wanted[name]}"
 
 
 def test_code_and_image_pin_the_same_detectron2_commit() -> None:
