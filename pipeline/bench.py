@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from stages.core.fastconv import training_layout
 from stages.core.models import build_segmenter, segment_logits
 from stages.pseudolabel.stage import POLICIES, PseudolabelConfig, encode_row, policy_maps
-from stages.teach import decode_signals, encode_signals, full_probs
+from stages.teach import SignalSpec, decode_signals, quantized_maps, stored_maps
 
 
 @dataclass(frozen=True)
@@ -69,14 +69,12 @@ def policy_costs(
     """Per-image milliseconds of every policy on ``images`` synthetic ``size``² images."""
     generator = torch.Generator().manual_seed(seed)
     samples = [_synthetic_image(size, num_classes, dim, generator) for _ in range(images)]
+    spec = SignalSpec(margins=True, dispersion=True, features=True)  # every policy's
     for sample in samples:
-        indices, probs, k = encode_signals(sample["probs"], None)
-        sample["row"] = {
-            "topk": k,
-            "height": size,
-            "width": size,
-            "topk_index": indices,
-            "topk_prob": probs,
+        maps = quantized_maps(sample["probs"][None], spec)[:, 0].numpy()
+        sample["row"] = {"height": size, "width": size}
+        sample["row"] |= {
+            name: m.tobytes() for name, m in zip(stored_maps(spec), maps, strict=True)
         }
     prototypes = torch.rand(num_classes, dim, generator=generator)
     prototypes[0] = float("nan")  # a class without a prototype, as with background in practice
@@ -88,8 +86,9 @@ def policy_costs(
             return policy_maps(cfg, sample["probs"], **_wpl_inputs(cfg, sample, prototypes))
 
         def row(sample: dict[str, Any], cfg: PseudolabelConfig = cfg) -> object:
-            probs = full_probs(*decode_signals(sample["row"]), num_classes)
-            maps = policy_maps(cfg, probs, **_wpl_inputs(cfg, sample, prototypes))
+            maps = policy_maps(
+                cfg, decode_signals(sample["row"]), **_wpl_inputs(cfg, sample, prototypes)
+            )
             return encode_row(cfg, "x", maps)
 
         costs.append(PolicyCost(policy, _per_image_ms(math, samples), _per_image_ms(row, samples)))

@@ -184,11 +184,17 @@ def _detect_family(ctx: Context) -> dict[str, Any]:
     }
 
 
+def _signal_spec(ctx: Context) -> teach.SignalSpec:
+    return pseudolabel.signal_spec(ctx.config.pseudolabel, ctx.config.teach.policies)
+
+
 def _teach_family(ctx: Context, round_: Round) -> dict[str, Any]:
     return {
         "stage": "teach",
         "teacher": ctx.digest(round_.teacher),
-        "teach": semantic(ctx.config.teach, INFERENCE_EXECUTION),
+        # teach.policies counts through the signals it makes the stage store
+        "teach": semantic(ctx.config.teach, INFERENCE_EXECUTION | {"policies"}),
+        "signals": _signal_spec(ctx).model_dump(),
         "image_size": ctx.config.data.image_size,
     }
 
@@ -375,6 +381,7 @@ def _detect(ctx: Context) -> dict[str, float]:
 def _teach(ctx: Context, round_: Round) -> dict[str, float]:
     return teach.run(
         ctx.config.teach,
+        spec=_signal_spec(ctx),
         images=ctx.dataset("images"),
         checkpoint_path=ctx.model_path(round_.teacher),
         image_size=ctx.config.data.image_size,

@@ -11,8 +11,8 @@ On the generated dataset, for one student architecture, budget and set of seeds,
   ``rounds`` = 2 a second one (``<policy>+r2``) on the pseudo-labels of the first.
 
 Every piece is the pipeline's own code run in this process instead of on Ray: the teacher's
-stored signals (``TeacherPredictor``, top-K, quantised), the detector and its detections for WPL,
-the pseudolabel stage's rows (``label_batch``, with WPL's teacher prototypes), their decoding
+stored signals (``TeacherPredictor``: per-pixel statistics, quantised), the detector and its
+detections for WPL, the pseudolabel stage's rows (``label_batch``, with WPL's teacher prototypes), their decoding
 into training maps (``pseudolabel_rows_to_arrays``), the student step (``segtrain.train_step``:
 two strong views, CutMix with the stored maps, the policy's live weights) and the evaluate
 stage's confusion counts. Seeds run in parallel processes, one torch thread each.
@@ -51,8 +51,9 @@ from stages.pseudolabel.stage import (
     fill_memory,
     label_batch,
     queue_batch,
+    signal_spec,
 )
-from stages.teach import TeacherPredictor
+from stages.teach import SignalSpec, TeacherPredictor
 from stages.train_detector import DetectorConfig, detector_step, new_detector_learner
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,6 @@ class QualityPlan:
     policies: tuple[str, ...] = POLICIES
     rounds: int = 2
     seeds: tuple[int, ...] = (0, 1, 2)
-    topk: int | None = None
 
     @property
     def supervised(self) -> segtrain.SegTrainConfig:
@@ -267,15 +267,20 @@ def val_miou(model: torch.nn.Module, split: Split, num_classes: int) -> float:
     return evaluate.iou_from_confusion(matrix)[1]
 
 
-def teacher_signals(model: torch.nn.Module, world: World, topk: int | None) -> pa.Table:
+def teacher_signals(model: torch.nn.Module, world: World, spec: SignalSpec) -> pa.Table:
     """The teach stage's rows for the labeled (with masks) and unlabeled images."""
-    predictor = TeacherPredictor.of_model(model, topk, torch.device("cpu"))
+    predictor = TeacherPredictor.of_model(model, torch.device("cpu"), spec)
     tables = [
         predictor(batch)
         for split, part in (("labeled", world.labeled), ("unlabeled", world.unlabeled))
         for batch in part.rows(split, with_masks=split == "labeled")
     ]
     return pa.concat_tables(tables)
+
+
+def _spec(plan: QualityPlan) -> SignalSpec:
+    """Signals every policy of the plan can be computed from."""
+    return signal_spec(PseudolabelConfig(), plan.policies)
 
 
 def train_detector(cfg: DetectorConfig, world: World, seed: int) -> DetectorPredictor:
@@ -345,9 +350,7 @@ def label_quality(rows: pa.Table, world: World) -> LabelQuality:
     matrix = np.zeros((classes, classes), np.int64)  # kept pixels; rows truth, columns label
     truth_pixels = np.zeros(classes, np.int64)
     for row in rows.select(["image_id", "height", "width", "label", "keep"]).to_pylist():
-        truth, label, keep = evaluate.decode_pseudolabel(
-            masks[row["image_id"]], row["label"], row["keep"], row["height"], row["width"]
-        )
+        truth, label, keep = evaluate.decode_pseudolabel(masks[row["image_id"]], row)
         truth_pixels += np.bincount(truth[truth != data.IGNORE_INDEX], minlength=classes)[:classes]
         matrix += evaluate.confusion(label[keep], truth[keep], classes)
     valid, kept, correct = truth_pixels.sum(), matrix.sum(), np.trace(matrix)
@@ -423,7 +426,7 @@ def run_seed(plan: QualityPlan, seed: int) -> list[SeedResult]:
     found = None
     if "wpl" in plan.policies:
         found = detections(train_detector(plan.detector, world, seed), world)
-    signals = teacher_signals(teacher, world, plan.topk)
+    signals = teacher_signals(teacher, world, _spec(plan))
     for policy in plan.policies:
         cfg = PseudolabelConfig(policy=policy)
         round_signals = signals
@@ -438,7 +441,7 @@ def run_seed(plan: QualityPlan, seed: int) -> list[SeedResult]:
                 )
                 row.miou = val_miou(student, world.val, classes)
             if round_number < plan.rounds:
-                round_signals = teacher_signals(student, world, plan.topk)
+                round_signals = teacher_signals(student, world, _spec(plan))
     return results
 
 

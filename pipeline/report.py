@@ -33,7 +33,7 @@ from stages.core.cache import CacheEntry, cache_key, output_dataset
 from stages.core.data import IGNORE_INDEX
 from stages.core.storage import DatasetRef, Storage
 from stages.pseudolabel import stage as pseudolabel
-from stages.teach import decode_signals, full_probs
+from stages.teach import MAPS, decode_signals
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ RELIABILITY = {
     "csl": "trusted: w = 1",
     "wpl": "reliable R: detector ∧ segmentation",
 }
-SIGNAL_COLUMNS = ["image_id", "height", "width", "num_classes", "topk", "topk_index", "topk_prob"]
+SIGNAL_COLUMNS = ["image_id", "height", "width", "num_classes", *MAPS]
 LABEL_COLUMNS = ["image_id", "height", "width", "label", "keep", "weight", "weight_offset"]
 
 
@@ -224,11 +224,8 @@ def _with_policy(config: PipelineConfig, policy: str) -> pseudolabel.Pseudolabel
 def decode_labels(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A stored ``pseudolabels`` row -> label int64[H, W], keep bool[H, W] and the training
     weight float32[H, W] (``weight_offset`` added where kept, 0 elsewhere)."""
-    h, w = int(row["height"]), int(row["width"])
-    keep = codec.unpack_mask(row["keep"], h, w)
-    q = codec.from_bytes(row["weight"], np.uint8, (h, w))
-    weight = codec.dequantize_unit(q, codec.WEIGHT_LEVELS) + row["weight_offset"] * keep
-    return codec.decode_png(row["label"]).astype(np.int64), keep, weight.astype(np.float32)
+    maps = pseudolabel.decode_pseudolabels(row, ("label", "keep", "weight"))
+    return maps["label"].astype(np.int64), maps["keep"], maps["weight"]
 
 
 def _stored_maps(
@@ -272,15 +269,18 @@ def policy_quality(
             computed.append(_with_policy(records.config, policy))
     rows = output_dataset(storage, "teacher_signals", signals).read_rows(SIGNAL_COLUMNS, set(truth))
     for row in rows.to_pylist():
-        probs = full_probs(*decode_signals(row), int(row["num_classes"]))
+        signals = decode_signals(row)
         target = truth[row["image_id"]]
-        top = probs.max(dim=0)
-        sweep.add(top.values.numpy(), top.indices.numpy(), target)
+        sweep.add(signals["conf"].numpy(), signals["label"].numpy(), target)
         for cfg in computed:
-            maps = pseudolabel.policy_maps(cfg, probs)
+            if why := pseudolabel.missing_signals(cfg, row):
+                missing[cfg.policy] = why
+                continue
+            maps = pseudolabel.policy_maps(cfg, signals)
             keep = maps["keep"].numpy()
             weight = maps["weight"].float().numpy() * keep
             results[cfg.policy].add(maps["label"].numpy(), keep, weight, target)
+    results = {p: q for p, q in results.items() if p not in missing}
     return [results[p] for p in pseudolabel.POLICIES if p in results], sweep, missing
 
 
@@ -308,9 +308,8 @@ def overlay_samples(
         [*LABEL_COLUMNS, "trusted", "reliable", "policy"], ids
     ).to_pylist():
         label, keep, weight = decode_labels(row)
-        h, w = keep.shape
         mask_column = {"csl": "trusted", "wpl": "reliable"}.get(row["policy"], "keep")
-        reliable = codec.unpack_mask(row[mask_column], h, w) if row[mask_column] else keep
+        reliable = pseudolabel.decode_pseudolabels(row, [mask_column]).get(mask_column, keep)
         picture = pictures[row["image_id"]]
         truth = codec.decode_png(picture["mask"]) if picture["mask"] is not None else None
         samples.append(

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from stages.core import codec, data
+from stages.core import data
 from stages.core.inference import (
     InferenceConfig,
     load_model,
@@ -22,6 +22,7 @@ from stages.core.inference import (
 from stages.core.models import segment_logits
 from stages.core.storage import DatasetRef
 from stages.core.tables import drop_null, keep_ids, lookup_columns, read_dataset, read_split
+from stages.pseudolabel.stage import decode_pseudolabels
 
 
 class EvaluateConfig(InferenceConfig):
@@ -106,26 +107,22 @@ def evaluate_models(
 
 
 def decode_pseudolabel(
-    mask: bytes, label: bytes, keep: bytes, height: int, width: int
+    mask: bytes, row: dict[str, Any]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One image's ground truth ``uint8[H, W]`` (255 = ignore), stored pseudo-label
-    ``uint8[H, W]`` and keep map ``bool[H, W]``, the keep map restricted to the valid pixels."""
-    truth = data.decode_mask(mask, height, width).numpy()
-    keep_map = codec.unpack_mask(keep, height, width) & (truth != data.IGNORE_INDEX)
-    return truth, codec.decode_png(label), keep_map
+    """One image's ground truth ``uint8[H, W]`` (255 = ignore), and its stored pseudo-label
+    ``uint8[H, W]`` and keep map ``bool[H, W]`` from its ``pseudolabels`` row, the keep map
+    restricted to the valid pixels."""
+    truth = data.decode_mask(mask, int(row["height"]), int(row["width"])).numpy()
+    maps = decode_pseudolabels(row, ("label", "keep"))
+    return truth, maps["label"], maps["keep"] & (truth != data.IGNORE_INDEX)
 
 
 def pseudolabel_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per image: valid ground-truth pixels, kept pixels, and kept pixels whose label is right."""
     out: dict[str, list[int]] = {"valid": [], "kept": [], "correct": []}
     for i in range(len(batch["image_id"])):
-        truth, label, keep = decode_pseudolabel(
-            batch["mask"][i],
-            batch["label"][i],
-            batch["keep"][i],
-            int(batch["height"][i]),
-            int(batch["width"][i]),
-        )
+        row = {name: batch[name][i] for name in ("label", "keep", "height", "width")}
+        truth, label, keep = decode_pseudolabel(batch["mask"][i], row)
         out["valid"].append(int((truth != data.IGNORE_INDEX).sum()))
         out["kept"].append(int(keep.sum()))
         out["correct"].append(int((keep & (label == truth)).sum()))

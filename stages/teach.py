@@ -1,28 +1,37 @@
 """The teach stage: the teacher over the labeled and unlabeled images -> ``teacher_signals``.
 
-What is stored lets every pseudo-label policy be computed later without running the teacher again
-(a policy change never triggers inference), compactly, never as float32 logits:
+The teacher's probabilities ``P`` (``C`` per pixel) are never stored: on the device that runs the
+teacher, batched over all images of a size, they are reduced to the per-pixel statistics every
+policy reads (methods.md §5), quantised there, and copied to the host once per batch:
 
-* per pixel, at the image's own resolution, the top-K classes (uint8) and their softmax
-  probabilities quantised to uint16 (``p = q / 65535``, error <= 1/131070 per stored value);
-* the teacher's decoder features just before the classifier (methods.md §4, for WPL's prototypes)
-  at the head's own stride, as float16.
+* always ``label`` ŷ = argmax_c P and ``conf`` = max_c P (threshold, WPL);
+* S4MC: ``margin`` κ = p_(1) − p_(2) and ``refined_margin`` κ̃ = margin(P̃) (with the
+  ``neighborhood`` and ``beta`` of :class:`SignalSpec`), and ``refined_label`` argmax P̃ under
+  ``label_from: refined``;
+* CSL: ``dispersion``, the residual dispersion r (methods.md §3), stored as ``√(4r)`` (r ≤ 1/4);
+* WPL: the teacher's decoder features just before the classifier (methods.md §4, the
+  prototypes' input) at the head's own stride, as float16.
 
-Bounds. With K = C (the default, ``topk: null``) the probabilities are exact up to quantisation.
-With K < C the missing mass ``1 - sum(top-K)`` is spread evenly over the C - K missing classes
-(:func:`full_probs`); every missing class's true probability lies in ``[0, min(p_(K), 1 - sum)]``
-as does its estimate, so its error is at most ``min(p_(K), 1 - sum(top-K))``. The top-2 margin and
-the confidence stay exact (up to quantisation) whenever K >= 2. A threshold decision such as
-``conf >= tau`` can differ from the one on float32 probabilities only for pixels within 1/131070
-of the threshold. Labeled images are included (``split`` column, and
-their ground-truth ``mask``) because WPL's labeled prototype queue is fed from them; unlabeled rows
-never carry a mask.
+Which of them a run stores (:class:`SignalSpec`) follows from its policy and ``teach.policies``
+(the policies to store signals for besides it); the spec is part of the stage's cache key.
+
+All maps are at the image's own resolution, uint8 ``q = round(255·v)``: 1 byte per pixel each
+before Parquet's zstd, against 3·C bytes for the top-C probabilities stored before (63 at 21
+classes). Bounds: a stored value is within 1/510 of the exact one, so a decision ``conf >= τ`` (or
+``κ̃ > γ``) can differ from the one on float32 probabilities only for pixels within 1/510 of the
+threshold; r is within ``√r/255`` of its value. What each policy's output loses against the exact
+probabilities is measured in ``tests/stages/pseudolabel/test_stage.py`` and stated in README.
+
+Labeled images are included (``split`` column, and their ground-truth ``mask``) because WPL's
+labeled prototype queue is fed from them; unlabeled rows never carry a mask.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -32,32 +41,33 @@ from torch import nn
 
 from stages.core import codec, data
 from stages.core.cache import ShardPool
-from stages.core.inference import (
-    InferenceConfig,
-    load_model,
-    pick_device,
-    predict_into_pool,
-    upsample_probs,
-)
+from stages.core.config import StrictModel
+from stages.core.inference import InferenceConfig, load_model, pick_device, predict_into_pool
 from stages.core.models import segment_with_features
 from stages.core.storage import DatasetRef
+from stages.pseudolabel import ops
 
 logger = logging.getLogger(__name__)
 
+SIGNAL_LEVELS = 255  # every stored map is uint8 q = round(v * 255)
+MAPS = ("label", "conf", "margin", "refined_margin", "refined_label", "dispersion")
 SIGNALS_SCHEMA = pa.schema(
     [
         ("image_id", pa.string()),
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("num_classes", pa.int32()),
-        ("topk", pa.int32()),
-        ("topk_index", pa.binary()),  # uint8[K, H, W]
-        ("topk_prob", pa.binary()),  # uint16[K, H, W], p = q / 65535
+        ("label", pa.binary()),  # uint8[H, W], argmax_c P
+        ("conf", pa.binary()),  # uint8[H, W], max_c P = q / 255
+        ("margin", pa.binary()),  # uint8[H, W], κ = q / 255
+        ("refined_margin", pa.binary()),  # uint8[H, W], κ̃ = q / 255
+        ("refined_label", pa.binary()),  # uint8[H, W], argmax_c P̃ (null unless the spec asks)
+        ("dispersion", pa.binary()),  # uint8[H, W], √(4r) = q / 255
         ("split", pa.string()),
         ("feature_dim", pa.int32()),
         ("feature_height", pa.int32()),
         ("feature_width", pa.int32()),
-        ("features", pa.binary()),  # float16[D, h, w], the classifier's input
+        ("features", pa.binary()),  # float16[D, h, w], the classifier's input (WPL only)
         ("mask", pa.binary()),  # labeled rows: the ground-truth PNG (WPL's labeled queue)
     ]
 )
@@ -66,95 +76,225 @@ SIGNALS_SCHEMA = pa.schema(
 SPLITS = ("labeled", "unlabeled")
 
 
+POLICY_NAMES = ("threshold", "s4mc", "csl", "wpl")
+
+
+class SignalSpec(StrictModel):
+    """Which statistics are stored, and what they depend on besides the teacher and the images:
+    part of the teach stage's cache key, so that a change of one of these reruns the teacher and
+    nothing else does. ``label`` and ``conf`` are always stored (threshold, WPL)."""
+
+    margins: bool = Field(False, description="κ and κ̃ (S4MC)")
+    neighborhood: Literal[4, 8] = Field(8, description="S4MC's refinement neighbourhood")
+    beta: float = Field(1.0, ge=0.0, le=1.0, description="S4MC's refinement strength")
+    refined_label: bool = Field(False, description="argmax P̃ (S4MC label_from: refined)")
+    dispersion: bool = Field(False, description="r (CSL)")
+    features: bool = Field(False, description="the decoder features (WPL)")
+
+
 class TeachConfig(InferenceConfig):
-    topk: int | None = Field(
-        None, ge=2, le=255, description="classes kept per pixel; null: all (exact)"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "bf16",
+        description="the teacher's forward on CUDA: bfloat16 or float16 autocast (with "
+        "channels-last), or float32; CPUs always run float32. Softmax and every statistic are "
+        "float32",
+    )
+    policies: list[Literal["threshold", "s4mc", "csl", "wpl"]] = Field(
+        default_factory=list,
+        description="policies whose signals are stored besides pseudolabel.policy's, so that "
+        "switching to one reuses this teach stage and the report compares them",
     )
 
 
-def encode_signals(probs: torch.Tensor, topk: int | None) -> tuple[bytes, bytes, int]:
-    """``probs: float[C, H, W]`` -> (top-K indices uint8 bytes, quantised probs uint16 bytes, K)."""
-    k = probs.shape[0] if topk is None else min(topk, probs.shape[0])
-    values, indices = probs.topk(k, dim=0)
-    index_bytes = codec.to_bytes(indices.to(torch.uint8).cpu().numpy())
-    prob_bytes = codec.to_bytes(codec.quantize_unit(values.cpu().numpy(), codec.PROB_LEVELS))
-    return index_bytes, prob_bytes, k
+def quantize(values: torch.Tensor) -> torch.Tensor:
+    """Floats in [0, 1] -> uint8 ``round(v * 255)`` on their device."""
+    return (values.clamp(0.0, 1.0) * SIGNAL_LEVELS).round_().to(torch.uint8)
 
 
-def decode_signals(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """A ``teacher_signals`` row -> (indices ``uint8[K, H, W]``, probs ``float32[K, H, W]``)."""
-    shape = (int(row["topk"]), int(row["height"]), int(row["width"]))
-    indices = codec.from_bytes(row["topk_index"], np.uint8, shape)
-    probs = codec.dequantize_unit(
-        codec.from_bytes(row["topk_prob"], np.uint16, shape), codec.PROB_LEVELS
-    )
-    return indices, probs
+def signal_maps(probs: torch.Tensor, spec: SignalSpec) -> dict[str, torch.Tensor]:
+    """The statistics of ``probs: float[B, C, H, W]`` that ``spec`` asks for, exact (float
+    ``[B, H, W]``; labels int64), computed batched on the probabilities' device. CSL's r is
+    ``(Σ_c P_c² − m² − (1 − m)²/(C − 1)) / (C − 1)``: methods.md §3's sum over c ≠ ŷ written with
+    one reduction over the classes (Σ_c P_c = 1)."""
+    classes = probs.shape[1]
+    if classes < 2 or classes > 255:
+        raise ValueError(f"teacher signals need 2 to 255 classes, got {classes}")
+    conf, label = probs.max(dim=1)
+    maps = {"label": label, "conf": conf}
+    if spec.margins:
+        refined = ops.s4mc_refine(probs, neighborhood=spec.neighborhood, beta=spec.beta)
+        maps |= {"margin": ops.margin(probs), "refined_margin": ops.margin(refined)}
+        if spec.refined_label:
+            maps["refined_label"] = refined.argmax(dim=1)
+    if spec.dispersion:
+        squares = torch.linalg.vector_norm(probs, dim=1).square()
+        spread = squares - conf.square() - (1.0 - conf).square() / (classes - 1)
+        maps["dispersion"] = spread.clamp(min=0.0) / (classes - 1)
+    return maps
 
 
-def full_probs(indices: np.ndarray, probs: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Stored top-K signals -> probabilities ``float32[C, H, W]``.
+def quantized_maps(probs: torch.Tensor, spec: SignalSpec) -> torch.Tensor:
+    """:func:`signal_maps` as stored: ``uint8[M, B, H, W]`` with M = :func:`stored_maps` (spec),
+    on the probabilities' device."""
+    maps = signal_maps(probs, spec)
+    out = []
+    for name in stored_maps(spec):
+        value = maps[name]
+        if name in ("label", "refined_label"):
+            out.append(value.to(torch.uint8))
+        elif name == "dispersion":
+            out.append(quantize((4.0 * value).sqrt()))
+        else:
+            out.append(quantize(value))
+    return torch.stack(out)
 
-    indices: uint8[K, H, W]; probs: float32[K, H, W] in [0, 1], descending. With K < C the missing
-    mass is spread evenly over the missing classes (see the module docstring for the bound).
-    """
-    k = indices.shape[0]
-    index = torch.from_numpy(indices.astype(np.int64))
-    values = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))
-    spread = 0.0
-    if k < num_classes:
-        spread = ((1.0 - values.sum(dim=0)).clamp(min=0.0) / (num_classes - k))[None]
-    out = torch.zeros((num_classes, *indices.shape[1:]), dtype=torch.float32) + spread
-    return out.scatter_(0, index, values)
+
+def stored_maps(spec: SignalSpec) -> list[str]:
+    """The map columns a spec fills, in :data:`MAPS` order."""
+    wanted = {"label", "conf"}
+    if spec.margins:
+        wanted |= {"margin", "refined_margin"} | (
+            {"refined_label"} if spec.refined_label else set()
+        )
+    if spec.dispersion:
+        wanted.add("dispersion")
+    return [name for name in MAPS if name in wanted]
+
+
+def decode_signals(row: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A ``teacher_signals`` row -> its maps ``[H, W]``: ``label`` (and ``refined_label``, where
+    stored) int64, ``conf``, ``margin``, ``refined_margin`` and ``dispersion`` (r) float32."""
+    shape = (int(row["height"]), int(row["width"]))
+    out: dict[str, torch.Tensor] = {}
+    for name in MAPS:
+        if row.get(name) is None:
+            continue
+        values = codec.from_bytes(row[name], np.uint8, shape)
+        if name in ("label", "refined_label"):
+            out[name] = torch.from_numpy(values.astype(np.int64))
+            continue
+        unit = torch.from_numpy(codec.dequantize_unit(values, SIGNAL_LEVELS))
+        out[name] = unit.square_() / 4.0 if name == "dispersion" else unit
+    return out
 
 
 def decode_features(row: dict[str, Any]) -> torch.Tensor:
     """A ``teacher_signals`` row -> the teacher's features ``float32[D, h, w]``."""
+    if row.get("features") is None:
+        raise ValueError(
+            f"teacher signals of image {row['image_id']} hold no features: they were made for a "
+            "policy other than wpl; run teach again with pseudolabel.policy=wpl"
+        )
     shape = (int(row["feature_dim"]), int(row["feature_height"]), int(row["feature_width"]))
     return torch.from_numpy(codec.from_bytes(row["features"], np.float16, shape).astype(np.float32))
+
+
+def size_groups(heights: np.ndarray, widths: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+    """``(height, width, indices)`` of the images of each size, sizes in first-seen order."""
+    sizes = np.stack([np.asarray(heights, np.int64), np.asarray(widths, np.int64)], axis=1)
+    found, first, inverse = np.unique(sizes, axis=0, return_index=True, return_inverse=True)
+    for group in np.argsort(first):
+        h, w = found[group]
+        yield int(h), int(w), np.flatnonzero(inverse.reshape(-1) == group)
 
 
 class TeacherPredictor:
     """Callable class for ``map_batches``: decoded images -> teacher signal rows."""
 
-    def __init__(self, storage_url: str, checkpoint_path: str, topk: int | None, gpus: float = 0.0):
-        self.device = pick_device(gpus)
+    def __init__(
+        self,
+        storage_url: str,
+        checkpoint_path: str,
+        spec: dict[str, Any],
+        precision: str = "bf16",
+        gpus: float = 0.0,
+    ):
         model, _ = load_model(storage_url, checkpoint_path)
-        self.model = model.to(self.device)
-        self.topk = topk
+        self._setup(model, pick_device(gpus), SignalSpec.model_validate(spec), precision)
 
     @classmethod
-    def of_model(cls, model: nn.Module, topk: int | None, device: torch.device) -> TeacherPredictor:
-        """The same predictor around a network already in memory (``pseudoflow bench quality``:
-        a student becomes the next round's teacher)."""
+    def of_model(
+        cls,
+        model: nn.Module,
+        device: torch.device,
+        spec: SignalSpec | None = None,
+        precision: str = "bf16",
+    ) -> TeacherPredictor:
+        """The same predictor around a network already in memory (``pseudoflow bench``: a student
+        becomes the next round's teacher)."""
         predictor = cls.__new__(cls)
-        predictor.device, predictor.model, predictor.topk = device, model.to(device).eval(), topk
+        predictor._setup(model, device, spec or SignalSpec(), precision)
         return predictor
+
+    def _setup(
+        self, model: nn.Module, device: torch.device, spec: SignalSpec, precision: str
+    ) -> None:
+        self.device, self.spec, self.maps = device, spec, stored_maps(spec)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if device.type != "cuda":
+            self.dtype = None  # CPU autocast is slower than float32 on most CPUs
+        self.model = model.to(device).eval()
+        if self.dtype is not None:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         images = data.normalize(torch.from_numpy(batch["image"]).to(self.device))
-        logits, features = segment_with_features(self.model, images)
-        probs = logits.softmax(dim=1)
-        half = features.to(torch.float16).cpu().numpy()
-        rows: dict[str, list[Any]] = {name: [] for name in SIGNALS_SCHEMA.names}
-        for i, image_id in enumerate(batch["image_id"]):
-            h, w = int(batch["height"][i]), int(batch["width"][i])
-            index_bytes, prob_bytes, k = encode_signals(upsample_probs(probs[i], h, w), self.topk)
-            split = str(batch["split"][i])
-            mask = batch["mask"][i] if split == "labeled" else None
-            values: tuple[Any, ...] = (str(image_id), h, w, probs.shape[1], k, index_bytes)
-            values += (prob_bytes, split, *half.shape[1:], codec.to_bytes(half[i]), mask)
-            for key, value in zip(SIGNALS_SCHEMA.names, values, strict=True):
-                rows[key].append(value)
-        return pa.table(rows, schema=SIGNALS_SCHEMA)
+        if self.dtype is not None:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            logits, features = segment_with_features(self.model, images)
+        probs = logits.float().softmax(dim=1)
+        n = len(batch["image_id"])
+        columns: dict[str, list[Any]] = {name: [None] * n for name in self.maps}
+        for h, w, index in size_groups(batch["height"], batch["width"]):
+            group = probs[torch.from_numpy(index).to(self.device)]
+            if group.shape[-2:] != (h, w):
+                group = nn.functional.interpolate(
+                    group, size=(h, w), mode="bilinear", align_corners=False
+                )
+            host = quantized_maps(group, self.spec).cpu().numpy()  # one copy per size
+            for m, name in enumerate(self.maps):
+                for j, i in enumerate(index):
+                    columns[name][i] = host[m, j].tobytes()
+        splits = [str(s) for s in batch.get("split", ["unlabeled"] * n)]
+        masks = batch.get("mask", [None] * n)
+        table: dict[str, Any] = {
+            "image_id": [str(i) for i in batch["image_id"]],
+            "height": batch["height"],
+            "width": batch["width"],
+            "num_classes": [probs.shape[1]] * n,
+            **columns,
+            "split": splits,
+            "mask": [m if s == "labeled" else None for m, s in zip(masks, splits, strict=True)],
+        }
+        if self.spec.features:
+            half = features.to(torch.float16).cpu().numpy()
+            table |= {
+                "feature_dim": [half.shape[1]] * n,
+                "feature_height": [half.shape[2]] * n,
+                "feature_width": [half.shape[3]] * n,
+                "features": [codec.to_bytes(f) for f in half],
+            }
+        arrays = [
+            pa.array(table[f.name], f.type) if f.name in table else pa.nulls(n, f.type)
+            for f in SIGNALS_SCHEMA
+        ]
+        return pa.Table.from_arrays(arrays, schema=SIGNALS_SCHEMA)
 
 
-SCHEMA = "teacher_signals/2"
+SCHEMA = "teacher_signals/3"
 
 
 def run(
     cfg: TeachConfig,
     *,
+    spec: SignalSpec,
     images: DatasetRef,
     checkpoint_path: str,
     image_size: int,
@@ -168,7 +308,11 @@ def run(
         SPLITS,
         ["image_id", "height", "width", "image", "split", "mask"],
         TeacherPredictor,
-        {"checkpoint_path": checkpoint_path, "topk": cfg.topk},
+        {
+            "checkpoint_path": checkpoint_path,
+            "spec": spec.model_dump(),
+            "precision": cfg.precision,
+        },
         cfg=cfg,
         image_size=image_size,
         pool=pool,

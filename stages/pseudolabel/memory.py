@@ -221,6 +221,15 @@ def select_labeled(
     """
     _check_spatial(features, probs.shape[0:1] + probs.shape[2:], "probs")
     conf, pred = probs.max(dim=1)
+    return select_confident(features, pred, conf, target, conf_thresh)
+
+
+def select_confident(
+    features: Tensor, pred: Tensor, conf: Tensor, target: Tensor, conf_thresh: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """:func:`select_labeled` from the prediction ``pred: int64[B, H, W]`` and its confidence
+    ``conf: float[B, H, W]`` instead of the probabilities (stored teacher signals)."""
+    _check_spatial(features, pred.shape, "pred")
     chosen = (pred == target) & (conf > conf_thresh) & (target != IGNORE_INDEX)
     return _pixels_at(features, target, chosen)
 

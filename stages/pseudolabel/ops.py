@@ -218,10 +218,16 @@ def csl_weights(probs: Tensor, valid: Tensor, alpha: float = 8.0) -> Tensor:
         float[B, H, W] in [0, 1], dtype of ``probs``; 0 on invalid pixels (so all 0 for an image
         without valid pixels).
     """
+    return csl_weights_of(csl_features(probs), valid, alpha)
+
+
+def csl_weights_of(features: Tensor, valid: Tensor, alpha: float = 8.0) -> Tensor:
+    """:func:`csl_weights` from the features ``float[B, 2, H, W]`` (m, r) that
+    :func:`csl_features` gives (stored teacher signals hold them, not the probabilities)."""
     mask = valid.to(torch.bool).flatten(1)  # [B, N]
-    feats = torch.where(mask[:, None], csl_features(probs).flatten(2), 0.0)  # [B, 2, N]
+    feats = torch.where(mask[:, None], features.flatten(2), 0.0)  # [B, 2, N]
     in_second = _csl_second_cluster(feats, mask)
-    clusters = torch.stack([mask & ~in_second, mask & in_second], dim=1).to(probs.dtype)
+    clusters = torch.stack([mask & ~in_second, mask & in_second], dim=1).to(features.dtype)
     mean, var = _masked_mean_var(feats, clusters)  # [B, 2 features, 2 clusters]
     best = mean[:, 0].argmax(dim=1)  # ties -> cluster 1
     mu = mean.gather(2, best[:, None, None].expand(-1, 2, 1))  # [B, 2, 1]

@@ -13,7 +13,7 @@ at the image's own resolution, what the student's loop needs (methods.md §5):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -29,8 +29,8 @@ from stages.core.inference import write_committed
 from stages.core.storage import DatasetRef
 from stages.core.tables import lookup_columns, read_split
 from stages.pseudolabel import ops
-from stages.pseudolabel.memory import PrototypeMemory, select_labeled, select_reliable
-from stages.teach import decode_features, decode_signals, full_probs
+from stages.pseudolabel.memory import PrototypeMemory, select_confident, select_reliable
+from stages.teach import MAPS, SignalSpec, decode_features, decode_signals, signal_maps
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +116,39 @@ class PseudolabelConfig(StrictModel):
         return {c: c for c in range(1, num_classes)}
 
 
+def signal_spec(cfg: PseudolabelConfig, also: Iterable[str] = ()) -> SignalSpec:
+    """What the teach stage must store for ``cfg.policy`` and the policies ``also`` (and so its
+    cache key): S4MC's margins with its refinement settings (and argmax P̃ under
+    ``label_from: refined``), CSL's dispersion, WPL's decoder features."""
+    served = {cfg.policy, *also}
+    s4mc = "s4mc" in served
+    return SignalSpec(
+        margins=s4mc,
+        neighborhood=cfg.s4mc.neighborhood if s4mc else 8,
+        beta=cfg.s4mc.beta if s4mc else 1.0,
+        refined_label=s4mc and cfg.s4mc.label_from == "refined",
+        dispersion="csl" in served,
+        features="wpl" in served,
+    )
+
+
+def missing_signals(cfg: PseudolabelConfig, signals: Mapping[str, Any]) -> str | None:
+    """Why ``cfg.policy`` cannot be computed from a row's signals (None: it can)."""
+    need = {"s4mc": "refined_margin", "csl": "dispersion"}.get(cfg.policy)
+    if cfg.policy == "s4mc" and cfg.s4mc.label_from == "refined":
+        need = "refined_label"
+    if need is None or signals.get(need) is not None:
+        return None
+    return (
+        f"the stored teacher signals hold no {need} ({cfg.policy}): run with "
+        f"pseudolabel.policy={cfg.policy}, or list it in teach.policies"
+    )
+
+
 # ------------------------------------------------------------------------ per-image policy maps
 def policy_maps(
     cfg: PseudolabelConfig,
-    probs: torch.Tensor,
+    signals: torch.Tensor | Mapping[str, torch.Tensor],
     *,
     box_masks: torch.Tensor | None = None,
     features: torch.Tensor | None = None,
@@ -127,21 +156,30 @@ def policy_maps(
 ) -> dict[str, torch.Tensor]:
     """The stored maps of one image under ``cfg.policy``.
 
-    probs: float[C, H, W] teacher probabilities; box_masks: bool[C, H, W] (WPL); features:
-    float[D, H, W] teacher features at pixel resolution (WPL); prototypes: float[C, D], NaN rows
-    for classes without one (WPL). Returns ``label`` int64[H, W], ``keep`` bool[H, W], ``weight``
-    float[H, W] in [0, 1] (before ``weight_offset``), plus the policy's extra maps.
+    signals: the image's teacher signals as :func:`stages.teach.decode_signals` returns them
+    (``[H, W]`` maps), or exact probabilities ``float[C, H, W]`` (their signals are computed
+    here without quantisation); box_masks: bool[C, H, W] (WPL); features: float[D, H, W] teacher
+    features at pixel resolution (WPL); prototypes: float[C, D], NaN rows for classes without
+    one (WPL). Returns ``label`` int64[H, W], ``keep`` bool[H, W], ``weight`` float[H, W] in
+    [0, 1] (before ``weight_offset``), plus the policy's extra maps.
     """
-    p = probs[None]
-    conf, label = p.max(dim=1)
+    if isinstance(signals, torch.Tensor):
+        exact = signal_maps(signals[None].float(), signal_spec(cfg))
+        signals = {name: value[0] for name, value in exact.items()}
+    elif reason := missing_signals(cfg, signals):
+        raise ValueError(reason)
+    s = {name: value[None] for name, value in signals.items()}
+    conf, label = s["conf"], s["label"]
     valid = torch.ones_like(conf, dtype=torch.bool)
     ones = torch.ones_like(conf)
     if cfg.policy == "threshold":
         out = {"label": label, "keep": ops.threshold_keep(conf, valid, cfg.tau), "weight": ones}
     elif cfg.policy == "s4mc":
-        out = _s4mc_maps(cfg.s4mc, p, label, valid)
+        out = _s4mc_maps(cfg.s4mc, s, valid)
     elif cfg.policy == "csl":
-        weight = ops.csl_weights(p, valid, alpha=cfg.csl.alpha)
+        weight = ops.csl_weights_of(
+            torch.stack([conf, s["dispersion"]], dim=1), valid, cfg.csl.alpha
+        )
         out = {"label": label, "keep": valid, "weight": weight, "trusted": weight == 1.0}
     else:
         if box_masks is None or features is None or prototypes is None:
@@ -162,13 +200,13 @@ def wpl_reliable(
 
 
 def _s4mc_maps(
-    cfg: S4MCOptions, p: torch.Tensor, label: torch.Tensor, valid: torch.Tensor
+    cfg: S4MCOptions, s: Mapping[str, torch.Tensor], valid: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    refined = ops.s4mc_refine(p, neighborhood=cfg.neighborhood, beta=cfg.beta)
-    kappa, kappa_refined = ops.margin(p), ops.margin(refined)
+    kappa, kappa_refined = s["margin"], s["refined_margin"]
     gamma0 = ops.dpa_threshold(kappa, valid, cfg.alpha0)  # α_t at t = 0 is α_0
+    label = s["label"]
     if cfg.label_from == "refined":
-        label = refined.argmax(dim=1)
+        label = s["refined_label"]
     return {
         "label": label,
         "keep": (kappa_refined > gamma0) & valid,
@@ -217,6 +255,38 @@ def encode_row(
     }
 
 
+MASKS = ("keep", "trusted", "reliable")
+PSEUDOLABEL_MAPS = ("label", "keep", "weight", "margin", "refined_margin", "trusted", "reliable")
+
+
+def decode_pseudolabels(
+    row: Mapping[str, Any], names: Iterable[str] = PSEUDOLABEL_MAPS
+) -> dict[str, np.ndarray]:
+    """The only decoder of a ``pseudolabels`` row (:func:`encode_row` is its encoder): the maps
+    of ``names`` that the row holds, ``[H, W]`` each: ``label`` uint8, ``keep``, ``trusted`` and
+    ``reliable`` bool, ``weight`` float32 (the training weight: ``weight_offset`` added where
+    kept, 0 elsewhere), ``margin`` and ``refined_margin`` float32."""
+    h, w = int(row["height"]), int(row["width"])
+    wanted = set(names)
+    out: dict[str, np.ndarray] = {}
+    if "label" in wanted:
+        out["label"] = codec.decode_png(row["label"])
+    for name in MASKS:
+        if name in wanted and row.get(name) is not None:
+            out[name] = codec.unpack_mask(row[name], h, w)
+    if "weight" in wanted:
+        keep = out["keep"] if "keep" in out else codec.unpack_mask(row["keep"], h, w)
+        unit = codec.dequantize_unit(
+            codec.from_bytes(row["weight"], np.uint8, (h, w)), codec.WEIGHT_LEVELS
+        )
+        out["weight"] = ((unit + float(row["weight_offset"])) * keep).astype(np.float32)
+    for name in ("margin", "refined_margin"):
+        if name in wanted and row.get(name) is not None:
+            values = codec.from_bytes(row[name], np.uint16, (h, w))
+            out[name] = codec.dequantize_unit(values, codec.PROB_LEVELS).astype(np.float32)
+    return out
+
+
 # ------------------------------------------------------------------------------- Ray Data steps
 def pixel_features(row: dict[str, Any]) -> torch.Tensor:
     """The row's teacher features upsampled (bilinear) to the image: ``float32[D, H, W]``."""
@@ -255,14 +325,14 @@ def label_batch(
     rows = []
     for row in table.to_pylist():
         num_classes = int(row["num_classes"])
-        probs = full_probs(*decode_signals(row), num_classes)
+        signals = decode_signals(row)
         extras: dict[str, torch.Tensor] = {}
         if policy.policy == "wpl":
             extras = {
                 "box_masks": box_masks_of(row, policy, num_classes),
                 "features": pixel_features(row),
             }
-        maps = policy_maps(policy, probs, prototypes=protos, **extras)
+        maps = policy_maps(policy, signals, prototypes=protos, **extras)
         rows.append(encode_row(policy, row["image_id"], maps))
     return pa.Table.from_pylist(rows, schema=PSEUDOLABELS_SCHEMA)
 
@@ -295,13 +365,15 @@ def queue_batch(table: pa.Table, cfg: dict[str, Any], detections: Any = None) ->
     rows = []
     for row in table.to_pylist():
         num_classes = int(row["num_classes"])
-        probs = full_probs(*decode_signals(row), num_classes)[None]
+        signals = decode_signals(row)
+        conf, label = signals["conf"][None], signals["label"][None]
         features = pixel_features(row)[None]
         if row["split"] == "labeled":
             target = torch.from_numpy(codec.decode_png(row["mask"]).astype(np.int64))[None]
-            vectors, classes = select_labeled(features, probs, target, policy.wpl.conf_thresh)
+            vectors, classes = select_confident(
+                features, label, conf, target, policy.wpl.conf_thresh
+            )
         else:
-            conf, label = probs.max(dim=1)
             reliable = wpl_reliable(policy, label, conf, box_masks_of(row, policy, num_classes))
             vectors, classes = select_reliable(features, label, reliable)
         generator = torch.Generator().manual_seed(int(row["image_id"][:15], 16))
@@ -416,7 +488,7 @@ def run(
     """
     import ray
 
-    columns = ["image_id", "height", "width", "num_classes", "topk", "topk_index", "topk_prob"]
+    columns = ["image_id", "height", "width", "num_classes", *MAPS]
     prototypes, boxes = None, None
     if cfg.policy == "wpl":
         if detections is None:

@@ -206,7 +206,7 @@ def test_policy_only_change_reruns_pseudolabel_and_what_follows(
     world: World, tmp_path: Path
 ) -> None:
     root = _copy(world, tmp_path)
-    config = _config(world, world.weights, "pseudolabel.policy=s4mc")
+    config = _config(world, world.weights, "pseudolabel.tau=0.5")
     rows = {r.stage: r for r in plan(config, str(root))}
     assert {s: rows[s].action for s in STAGES} == {
         "ingest": "reuse",
@@ -216,7 +216,7 @@ def test_policy_only_change_reruns_pseudolabel_and_what_follows(
         "train_student": "run",
         "evaluate": "run",
     }
-    assert "policy: threshold -> s4mc" in rows["pseudolabel"].reason
+    assert "tau: 0.95 -> 0.5" in rows["pseudolabel"].reason
     assert (
         "its input pseudolabels comes from a stage that runs first" in rows["train_student"].reason
     )
@@ -230,13 +230,52 @@ def test_policy_only_change_reruns_pseudolabel_and_what_follows(
     }
     assert summary.cache["teach"][0] == world.cold.cache["teach"][0]
     assert rows["pseudolabel"].key == summary.cache["pseudolabel"][0]
-    key = summary.cache["pseudolabel"][0]
+
+
+def test_a_policy_reading_other_signals_reruns_teach_unless_they_are_stored(
+    world: World, tmp_path: Path
+) -> None:
+    """The threshold run stored label and confidence only: S4MC needs its margins, so teach
+    reruns; with ``teach.policies: [s4mc]`` they are stored once, and switching the policy
+    to s4mc (or changing an S4MC option the teacher does not read) reuses that teach stage."""
+    root = _copy(world, tmp_path)
+    s4mc = _config(world, world.weights, "pseudolabel.policy=s4mc")
+    rows = {r.stage: r for r in plan(s4mc, str(root))}
+    assert rows["teach"].action == "run"
+    assert "signals.margins: False -> True" in rows["teach"].reason
+    both = _config(world, world.weights, "teach.policies=[s4mc]")
+    stored = run_pipeline(both, str(root), until="teach")
+    assert _hits(stored)["teach"] is False
     storage = Storage(str(root))
+    signals = _signals(storage, stored)
+    assert signals.num_rows == 8 + UNLABELED
+    assert signals["refined_margin"].null_count == 0
+    assert signals["dispersion"].null_count == signals.num_rows  # CSL's: not asked for
+    switched = _config(
+        world,
+        world.weights,
+        "teach.policies=[s4mc]",
+        "pseudolabel.policy=s4mc",
+        "pseudolabel.s4mc.alpha0=0.3",
+    )
+    summary = run_pipeline(switched, str(root), until="pseudolabel")
+    assert _hits(summary)["teach"] is True
+    assert summary.cache["teach"][0] == stored.cache["teach"][0]
+    key = summary.cache["pseudolabel"][0]
     record = storage.read_json(storage.path("cache", "pseudolabel", key, "_ENTRY.json"))
-    stored = output_dataset(storage, "pseudolabels", record["outputs"]["pseudolabels"])
-    margins = stored.read_table(["margin", "refined_margin"]).to_pylist()
+    labels = output_dataset(storage, "pseudolabels", record["outputs"]["pseudolabels"])
+    margins = labels.read_table(["margin", "refined_margin"]).to_pylist()
     assert len(margins) == UNLABELED
     assert all(r["margin"] is not None and r["refined_margin"] is not None for r in margins)
+    # S4MC's refinement strength is computed by the teacher: a new beta reruns teach
+    beta = _config(
+        world,
+        world.weights,
+        "teach.policies=[s4mc]",
+        "pseudolabel.policy=s4mc",
+        "pseudolabel.s4mc.beta=0.5",
+    )
+    assert {r.stage: r.action for r in plan(beta, str(root))}["teach"] == "run"
 
 
 def test_student_only_change_reruns_only_the_student(world: World, tmp_path: Path) -> None:
@@ -399,8 +438,8 @@ def test_run_killed_during_teach_resumes_and_ends_equal_to_a_clean_run(
     want = _signals(Storage(str(clean_root)), clean)
     assert got.num_rows == want.num_rows == 8 + UNLABELED
     assert got["image_id"].equals(want["image_id"])
-    assert got["topk_index"].equals(want["topk_index"])
-    assert got["topk_prob"].equals(want["topk_prob"])
+    for name in ("label", "conf", "margin", "refined_margin", "dispersion"):
+        assert got[name].equals(want[name]), name
 
 
 def test_cache_ls_verify_and_gc(world: World, tmp_path: Path) -> None:

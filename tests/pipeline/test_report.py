@@ -32,8 +32,10 @@ from stages.core import codec
 from stages.core.cache import CacheEntry, cache_key, dataset_output
 from stages.core.storage import DatasetRef, Storage
 from stages.pseudolabel import stage as pseudolabel
-from stages.teach import encode_signals
+from stages.teach import SIGNALS_SCHEMA, SignalSpec, quantized_maps, stored_maps
 from tests.conftest import run_cli
+
+STORED = SignalSpec(margins=True, dispersion=True)  # what threshold, S4MC and CSL read
 
 RUN_ID = "smoke-20261121T100000-abcdef"
 OLDER = "smoke-20261120T090000-123456"
@@ -126,20 +128,19 @@ def build_root(base: Path) -> Root:
     ingest = _commit(storage, "ingest", {"n": 1}, {"images": _dataset(storage, "images", images)})
     signals = []
     for image_id, pixels in PIXELS.items():
-        index, prob, k = encode_signals(_probs(pixels), None)
+        maps = quantized_maps(_probs(pixels)[None], STORED)[:, 0].numpy()
+        cells = {name: m.tobytes() for name, m in zip(stored_maps(STORED), maps, strict=True)}
         signals.append(
             {
                 "image_id": image_id,
                 "height": 2,
                 "width": 4,
                 "num_classes": 3,
-                "topk": k,
-                "topk_index": index,
-                "topk_prob": prob,
+                **cells,
                 "split": "unlabeled",
             }
         )
-    signal_output = _dataset(storage, "teacher_signals", signals)
+    signal_output = _dataset(storage, "teacher_signals", signals, SIGNALS_SCHEMA)
     teach = _commit(storage, "teach", {"n": 2}, {"teacher_signals": signal_output})
     labels = pseudolabel.label_batch(pa.Table.from_pylist(signals), config.pseudolabel.model_dump())
     fields = pseudolabel_key_fields(config, teach, None)

@@ -164,9 +164,9 @@ def _check_outputs(root: Path) -> None:
         got = ref.read_table(["image_id"])["image_id"].to_pylist()
         assert len(got) == len(unlabeled) == ref.num_rows, name
         assert set(got) == unlabeled, name
-    signals = _table(root, "teacher_signals").read_table(["image_id", "split", "topk"])
+    signals = _table(root, "teacher_signals").read_table(["image_id", "split", "num_classes"])
     assert signals.num_rows == 20  # labeled (for WPL's prototypes) and unlabeled
-    assert set(signals["topk"].to_pylist()) == {4}  # K = C by default: exact
+    assert set(signals["num_classes"].to_pylist()) == {4}
     by_split = {(r["split"], r["image_id"]) for r in signals.to_pylist()}
     assert by_split == {("labeled", i) for i in ids["labeled"]} | {
         ("unlabeled", i) for i in unlabeled

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.core import codec
+from stages.core import codec, data
 from stages.core.inference import decode_for_inference
 from stages.core.models import (
     build_detector,
@@ -40,6 +40,10 @@ def _rows(n: int, size: tuple[int, int]) -> dict[str, np.ndarray]:
     }
 
 
+# Every statistic a policy reads (stages.teach.SignalSpec).
+FULL = {"margins": True, "dispersion": True, "features": True}
+
+
 def _save(tmp_path: Path, model: torch.nn.Module, kind: str, args: dict) -> tuple[Storage, str]:
     storage = Storage(str(tmp_path))
     path = storage.path("models", f"{kind}.pt")
@@ -63,19 +67,58 @@ def test_teacher_predictor_upsamples_to_original_size(tmp_path: Path) -> None:
     storage, path = _save(tmp_path, build_segmenter(**args), "segmenter", args)
     batch = decode_for_inference(_rows(2, (20, 28)), image_size=32)
     assert batch["image"].shape == (2, 3, 32, 32)
-    table = TeacherPredictor(storage.url, path, topk=2)(batch)
+    table = TeacherPredictor(storage.url, path, FULL)(batch)
     assert table.schema == SIGNALS_SCHEMA
     assert table.num_rows == 2
     row = table.to_pylist()[0]
-    indices, probs = decode_signals(row)
-    assert indices.shape == probs.shape == (2, 20, 28)
-    assert (probs[0] >= probs[1]).all()
-    assert (probs.sum(0) <= 1 + 1e-4).all()
+    signals = decode_signals(row)
+    assert set(signals) == {"label", "conf", "margin", "refined_margin", "dispersion"}
+    assert all(v.shape == (20, 28) for v in signals.values())
+    assert (signals["conf"] >= signals["margin"]).all()
+    assert (signals["conf"] >= 1 / 3 - 1 / 510).all()  # the largest of 3 probabilities
     assert row["split"] == "unlabeled"
     # lraspp's classifier input: 128 channels at stride 8 of the 32 px model input
     assert decode_features(row).shape == (128, 4, 4)
-    everything = TeacherPredictor(storage.url, path, topk=None)(batch).to_pylist()[0]
-    assert everything["topk"] == 3
+    # the same rows as the network's own probabilities, upsampled, give
+    model = model_from_checkpoint(load_checkpoint(storage.read_bytes(path), source=path))
+    probs = segment_logits(model, data.normalize(torch.from_numpy(batch["image"]))).softmax(1)
+    probs = torch.nn.functional.interpolate(probs, size=(20, 28), mode="bilinear")
+    conf, label = probs.max(dim=1)
+    assert torch.equal(signals["label"], label[0])
+    assert (signals["conf"] - conf[0]).abs().max() <= 1 / 510 + 1e-6
+    bare = TeacherPredictor(storage.url, path, {})(batch).to_pylist()[0]
+    assert bare["features"] is None
+    assert bare["refined_label"] is None
+    assert bare["margin"] is None
+    assert bare["dispersion"] is None
+    assert set(decode_signals(bare)) == {"label", "conf"}
+    assert bare["conf"] == row["conf"]
+
+
+def test_teacher_predictor_groups_images_by_size(tmp_path: Path) -> None:
+    """A batch of mixed original sizes: each image's maps at its own size, as if alone."""
+    torch.manual_seed(0)
+    args = {"arch": "lraspp_mobilenet_v3_large", "num_classes": 3}
+    storage, path = _save(tmp_path, build_segmenter(**args), "segmenter", args)
+    rows = _rows(3, (20, 28))
+    other = _rows(2, (24, 16))
+    mixed = {
+        k: np.concatenate([rows[k][:2], other[k][:1], rows[k][2:], other[k][1:]]) for k in rows
+    }
+    mixed["image_id"] = np.array([f"m{i}" for i in range(5)])
+    batch = decode_for_inference(mixed, image_size=32)
+    predictor = TeacherPredictor(storage.url, path, FULL)
+    together = predictor(batch).to_pylist()
+    assert [(r["height"], r["width"]) for r in together] == [(20, 28)] * 2 + [(24, 16)] + [
+        (20, 28)
+    ] + [(24, 16)]
+    for i, row in enumerate(together):
+        alone = predictor({k: v[i : i + 1] for k, v in batch.items()}).to_pylist()[0]
+        assert row["image_id"] == alone["image_id"] == f"m{i}"
+        mine, its = decode_signals(row), decode_signals(alone)
+        assert torch.equal(mine["label"], its["label"]), i
+        for name in ("conf", "margin", "refined_margin"):  # a batch's numerics may round apart
+            assert (mine[name] - its[name]).abs().max() <= 1 / 255 + 1e-7, (i, name)
 
 
 def test_confusion_predictor_counts_every_valid_pixel(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from stages.pseudolabel.stage import (
     label_batch,
     policy_maps,
 )
-from stages.teach import decode_signals, encode_signals, full_probs
+from stages.teach import SignalSpec, decode_signals, quantized_maps, stored_maps
 from stages.train_detector import boxes_from_mask
 
 
@@ -56,45 +56,41 @@ def test_iou_absent_class_is_nan_and_skipped() -> None:
     assert miou == 1.0
 
 
+def _row(probs: torch.Tensor) -> dict[str, object]:
+    """``float[C, H, W]`` -> a ``teacher_signals`` row's map cells (every statistic)."""
+    spec = SignalSpec(margins=True, dispersion=True)
+    maps = quantized_maps(probs[None], spec)[:, 0].numpy()
+    row: dict[str, object] = {"height": probs.shape[1], "width": probs.shape[2]}
+    return row | {name: m.tobytes() for name, m in zip(stored_maps(spec), maps, strict=True)}
+
+
 def test_signals_round_trip_within_quantisation_bound() -> None:
     probs = torch.tensor([[[0.96, 0.2]], [[0.03, 0.5]], [[0.01, 0.3]]])  # C=3, H=1, W=2
-    index_bytes, prob_bytes, k = encode_signals(probs, topk=2)
-    row = {"topk": k, "height": 1, "width": 2, "topk_index": index_bytes, "topk_prob": prob_bytes}
-    indices, values = decode_signals(row)
-    assert indices[:, 0, :].tolist() == [[0, 1], [1, 2]]
-    np.testing.assert_allclose(values[:, 0, :], [[0.96, 0.5], [0.03, 0.3]], atol=1 / 131070)
+    signals = decode_signals(_row(probs))
+    assert signals["label"].tolist() == [[0, 1]]
+    np.testing.assert_allclose(signals["conf"], [[0.96, 0.5]], atol=1 / 510)
+    np.testing.assert_allclose(signals["margin"], [[0.93, 0.2]], atol=1 / 510)
 
 
 def test_threshold_keep_at_tau_from_stored_signals() -> None:
-    # stored values are within 1/131070 of the truth: decisions hold outside that band around τ
-    probs = torch.tensor([[[0.9501, 0.9499, 0.99]], [[0.0499, 0.0501, 0.01]]])
-    maps = policy_maps(PseudolabelConfig(), full_probs(*_round_trip(probs), 2))
+    # stored values are within 1/510 of the truth: decisions hold outside that band around τ;
+    # 0.9515 -> 243/255 = 0.95294 is kept, 0.9485 -> 242/255 = 0.94902 is not
+    probs = torch.tensor([[[0.9515, 0.9485, 0.99]], [[0.0485, 0.0515, 0.01]]])
+    maps = policy_maps(PseudolabelConfig(), decode_signals(_row(probs)))
     assert maps["label"].tolist() == [[0, 0, 0]]
     assert maps["keep"].tolist() == [[True, False, True]]
     assert maps["weight"].tolist() == [[1.0, 1.0, 1.0]]
-
-
-def _round_trip(probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    index_bytes, prob_bytes, k = encode_signals(probs, topk=None)
-    _, h, w = probs.shape
-    row = {"topk": k, "height": h, "width": w, "topk_index": index_bytes, "topk_prob": prob_bytes}
-    return decode_signals(row)
+    # inside the band the stored value decides: 0.9505 is stored as 0.94902 and dropped
+    inside = torch.tensor([[[0.9505]], [[0.0495]]])
+    assert policy_maps(PseudolabelConfig(), decode_signals(_row(inside)))["keep"].tolist() == [
+        [False]
+    ]
+    assert policy_maps(PseudolabelConfig(), inside)["keep"].tolist() == [[True]]
 
 
 def test_label_batch_rows() -> None:
     probs = torch.tensor([[[0.97, 0.6]], [[0.03, 0.4]]])
-    index_bytes, prob_bytes, k = encode_signals(probs, topk=2)
-    table = pa.table(
-        {
-            "image_id": ["x"],
-            "height": [1],
-            "width": [2],
-            "num_classes": [2],
-            "topk": [k],
-            "topk_index": [index_bytes],
-            "topk_prob": [prob_bytes],
-        },
-    )
+    table = pa.Table.from_pylist([{"image_id": "x", "num_classes": 2, **_row(probs)}])
     out = label_batch(table, {"policy": "threshold", "tau": 0.95})
     assert out.schema == PSEUDOLABELS_SCHEMA
     assert out.num_rows == 1

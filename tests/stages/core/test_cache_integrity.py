@@ -149,7 +149,9 @@ def test_a_heartbeat_keeps_its_file_fresh_while_running(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ shard schemas
 def _signals(ids: list[str]) -> pa.Table:
-    return pa.Table.from_pylist([{"image_id": i, "topk": 2} for i in ids], teach.SIGNALS_SCHEMA)
+    return pa.Table.from_pylist(
+        [{"image_id": i, "num_classes": 2} for i in ids], teach.SIGNALS_SCHEMA
+    )
 
 
 def test_the_pool_family_covers_the_schema_version_and_the_package_version(
@@ -184,7 +186,7 @@ def test_a_shard_of_another_schema_is_refused_at_write_commit_and_verify(tmp_pat
 
     # a drifted shard that got into the pool anyway (older code, same family)
     unchecked = {**pool.writer_kwargs("t3"), "schema": None}
-    bad = write_shard(drifted.set_column(4, "topk", pa.array([2], pa.int64())), **unchecked)
+    bad = write_shard(drifted.set_column(3, "num_classes", pa.array([2], pa.int64())), **unchecked)
     bad_path = bad["shard"][0].as_py()
     ref = DatasetRef(storage, storage.path("d"), "teacher_signals")
     ref.prepare()
@@ -192,7 +194,7 @@ def test_a_shard_of_another_schema_is_refused_at_write_commit_and_verify(tmp_pat
         ref.commit_files([good, bad_path], schema=teach.SIGNALS_SCHEMA)
     assert str(refused.value) == (
         f"dataset 'teacher_signals': {bad_path}: schema differs from the expected one: "
-        "missing column 'features' (binary); column 'topk' is int64, expected int32"
+        "missing column 'features' (binary); column 'num_classes' is int64, expected int32"
     )
     assert not ref.is_committed()
     ref.commit_files([good, bad_path])  # without a schema, only rows and ids are checked
