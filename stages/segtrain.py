@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from stages.core import codec, data, fastconv
+from stages.core import augment, data, fastconv
 from stages.core.config import StrictModel
 from stages.core.models import (
     build_segmenter,
@@ -64,7 +64,7 @@ from stages.pseudolabel.memory import (
     select_reliable,
 )
 from stages.pseudolabel.ops import weighted_unsup_loss
-from stages.pseudolabel.stage import PseudolabelConfig, weight_offset
+from stages.pseudolabel.stage import PseudolabelConfig, decode_pseudolabels, weight_offset
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class SegTrainConfig(StrictModel):
 
 
 class StrongViewConfig(StrictModel):
-    """The strong views' photometric draw (``data.photometric_transform``); UniMatch's values by
+    """The strong views' photometric draw (``augment.Photometric``); UniMatch's values by
     default. Where colour is what tells classes apart, ``hue`` and ``grayscale`` erase it."""
 
     jitter: float = Field(0.5, ge=0, le=1, description="brightness, contrast, saturation")
@@ -171,50 +171,35 @@ def pseudolabel_rows_to_arrays(
 
 
 def _stored_maps(row: dict[str, Any]) -> dict[str, torch.Tensor]:
-    h, w = int(row["height"]), int(row["width"])
-    keep = codec.unpack_mask(row["keep"], h, w)
-    unit = codec.from_bytes(row["weight"], np.uint8, (h, w))
-    weight = (row["weight_offset"] + codec.dequantize_unit(unit, codec.WEIGHT_LEVELS)) * keep
-    maps = {
-        "label": torch.from_numpy(codec.decode_png(row["label"])),
-        "weight": torch.from_numpy(weight.astype(np.float32)),
-        "keep": torch.from_numpy(keep.astype(np.uint8)),
+    """A pseudo-label row's maps as the joint transforms take them (masks as uint8)."""
+    maps = decode_pseudolabels(row)
+    return {
+        name: torch.from_numpy(value.astype(np.uint8) if value.dtype == bool else value)
+        for name, value in maps.items()
     }
-    for name in ("margin", "refined_margin"):
-        if row.get(name) is not None:
-            values = codec.from_bytes(row[name], np.uint16, (h, w))
-            maps[name] = torch.from_numpy(codec.dequantize_unit(values, codec.PROB_LEVELS))
-    for name in ("trusted", "reliable"):
-        if row.get(name) is not None:
-            maps[name] = torch.from_numpy(codec.unpack_mask(row[name], h, w).astype(np.uint8))
-    return maps
 
 
-def _augment(
-    batch: dict[str, torch.Tensor], transform: Any
+def _weak_view(
+    batch: dict[str, torch.Tensor], learner: Learner
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-sample joint augmentation of the image and every map (one random draw per sample).
+    """The batch's weak view on the training device, one crop-and-flip draw per image applied
+    to the image and every map at once (``augment.CropFlip``).
 
-    Returns images ``uint8[B, 3, S, S]`` and the maps: label int64, keep / trusted / reliable
-    bool, the rest float32.
+    Returns images ``float32[B, 3, S, S]`` in [0, 1] and the maps: label int64, keep / trusted /
+    reliable bool, the rest float32.
     """
-    images: list[torch.Tensor] = []
-    maps: dict[str, list[torch.Tensor]] = {}
-    for i, image in enumerate(batch["image"]):
-        sample = {name: value[i] for name, value in batch.items() if name != "image"}
-        image, augmented = data.apply_joint(transform, image, sample)
-        images.append(image)
-        for name, value in augmented.items():
-            maps.setdefault(name, []).append(value)
-    stacked = {name: torch.stack(values) for name, values in maps.items()}
-    for name, value in stacked.items():
+    device = learner.device
+    images = batch["image"].to(device, non_blocking=True).float().div_(255.0)
+    maps = {name: value.to(device) for name, value in batch.items() if name != "image"}
+    images, maps = learner.weak(images, maps, learner.generator)
+    for name, value in maps.items():
         if name == "label":
-            stacked[name] = value.long()
+            maps[name] = value.long()
         elif name in ("keep", "trusted", "reliable"):
-            stacked[name] = value.bool()
+            maps[name] = value.bool()
         else:
-            stacked[name] = value.float()
-    return torch.stack(images), stacked
+            maps[name] = value.float()
+    return images, maps
 
 
 def learning_rate(cfg: SegTrainConfig, step: int) -> float:
@@ -245,8 +230,8 @@ class Learner:
     alpha: float
     device: torch.device
     generator: torch.Generator
-    weak: Any
-    photometric: Any
+    weak: augment.CropFlip
+    photometric: augment.Photometric
 
     @property
     def network(self) -> nn.Module:
@@ -295,8 +280,8 @@ def new_learner(
         alpha=alpha,
         device=device,
         generator=torch.Generator().manual_seed(seed * 1000 + 7),
-        weak=data.weak_transform(image_size),
-        photometric=data.photometric_transform(**strong.model_dump()),
+        weak=augment.CropFlip(image_size),
+        photometric=augment.Photometric(**strong.model_dump()),
     )
 
 
@@ -324,7 +309,7 @@ def train_step(
     cfg, policy, memory, device = learner.cfg, learner.policy, learner.memory, learner.device
     for group in learner.optimizer.param_groups:
         group["lr"] = learning_rate(cfg, step)
-    images, lab = _augment(labeled, learner.weak)
+    images, lab = _weak_view(labeled, learner)
     views, targets = [data.normalize(images)], [lab]
     if unlabeled is not None:
         strong, mixed = _strong_views(unlabeled, learner)
@@ -371,16 +356,18 @@ def _strong_views(
     """The unlabeled batch's two strong views: one weak geometric draw per image, applied to the
     image and every stored map; then per view a photometric draw per image and a CutMix box
     (chance ``cutmix``) inside which the pixels and every map come from the previous image of
-    the batch (its own strong view). Returns normalised ``float32[B, 3, S, S]`` views and their
-    mixed maps."""
-    images, maps = _augment(batch, learner.weak)
-    partner = torch.roll(torch.arange(len(images)), 1)
+    the batch (its own strong view). All of it batched on the training device
+    (``stages.core.augment``), the draws from the learner's generator. Returns normalised
+    ``float32[B, 3, S, S]`` views and their mixed maps."""
+    images, maps = _weak_view(batch, learner)
+    partner = torch.roll(torch.arange(len(images), device=images.device), 1)
     chance = learner.cfg.cutmix if isinstance(learner.cfg, StudentConfig) else 0.0
     height, width = images.shape[-2:]
     views, mixed = [], []
     for _ in range(2):
-        strong = data.normalize(torch.stack([learner.photometric(image) for image in images]))
+        strong = data.normalize(learner.photometric(images, learner.generator))
         box = data.cutmix_boxes(len(images), height, width, chance, learner.generator)
+        box = box.to(images.device)
         views.append(torch.where(box[:, None], strong[partner], strong))
         mixed.append({k: torch.where(box, v[partner], v) for k, v in maps.items()})
     return views, mixed

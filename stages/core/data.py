@@ -1,8 +1,8 @@
-"""Turning stored rows into tensors: decoding, normalisation and joint augmentation.
+"""Turning stored rows into tensors: decoding, resizing, normalisation, CutMix boxes.
 
-Geometric transforms are applied with torchvision.transforms.v2 to the image and every per-pixel
-map at once (maps are ``tv_tensors.Mask``, so they are resampled with nearest interpolation);
-photometric transforms touch the image only.
+The Ray Data steps resize with torchvision.transforms.v2, the image and every per-pixel map at
+once (maps are ``tv_tensors.Mask``, so they are resampled with nearest interpolation); the
+training step's random views are made batched on its device (``stages.core.augment``).
 """
 
 from __future__ import annotations
@@ -45,39 +45,6 @@ def decode_mask(data: bytes | None, height: int, width: int) -> torch.Tensor:
 def resize_transform(size: int) -> v2.Transform:
     """Resize everything to ``size`` x ``size`` (bilinear for images, nearest for maps)."""
     return v2.Resize((size, size), antialias=True)
-
-
-def weak_transform(size: int) -> v2.Transform:
-    """Weak view: random scale crop and flip, jointly on the image and its maps."""
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(
-                (size, size), scale=(0.5, 1.0), ratio=(0.75, 1.333), antialias=True
-            ),
-            v2.RandomHorizontalFlip(),
-        ]
-    )
-
-
-def photometric_transform(
-    *,
-    jitter: float = 0.5,
-    hue: float = 0.25,
-    jitter_chance: float = 0.8,
-    grayscale: float = 0.2,
-    blur: float = 0.5,
-) -> v2.Transform:
-    """The strong view's photometric part (image only), UniMatch's by default: with chance
-    ``jitter_chance`` a colour jitter (brightness, contrast and saturation by up to ``jitter``,
-    hue by up to ``hue``), random grayscale with chance ``grayscale``, a Gaussian blur with chance
-    ``blur``."""
-    return v2.Compose(
-        [
-            v2.RandomApply([v2.ColorJitter(jitter, jitter, jitter, hue)], p=jitter_chance),
-            v2.RandomGrayscale(p=grayscale),
-            v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=blur),
-        ]
-    )
 
 
 def cutmix_boxes(
