@@ -639,6 +639,69 @@ def bench_detectors(
             json.dump([asdict(c) for c in costs], handle, indent=2)
 
 
+@bench.command("throughput")
+@click.option("--quick", is_flag=True, help="64² images, 2 a batch, 2 repetitions, no Ray")
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default=None,
+    help="default: cuda where available, else cpu",
+)
+@click.option("--json", "json_path", default=None, help="also write the results as JSON here")
+@click.option("--arch", default="lraspp_mobilenet_v3_large", show_default=True)
+@click.option("--size", type=click.IntRange(32), default=None, help="image side [512; quick 64]")
+@click.option("--classes", type=click.IntRange(2, 255), default=21, show_default=True)
+@click.option("--batch", type=click.IntRange(1), default=None, help="images a batch [8; quick 2]")
+@click.option("--reps", type=click.IntRange(1), default=None, help="timed calls [5; quick 2]")
+@click.option(
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    default=None,
+    help="log to MLflow here (default: MLFLOW_TRACKING_URI; neither: not logged)",
+)
+def bench_throughput(
+    quick: bool,
+    device: str | None,
+    json_path: str | None,
+    arch: str,
+    size: int | None,
+    classes: int,
+    batch: int | None,
+    reps: int | None,
+    tracking_uri: str | None,
+) -> None:
+    """The teach and detect predictors, the pseudolabel stage and the student step against the
+    bare network on the same device: ratios, per-image costs and stored bytes, each against
+    its goal."""
+    import json
+
+    import torch
+
+    from pipeline.throughput import as_json, format_table, log_results, make_plan
+    from pipeline.throughput import measure_throughput as measure
+    from stages.core.models import check_arch
+
+    try:
+        check_arch(arch)
+    except ValueError as exc:  # the message lists the valid ones
+        raise click.BadParameter(str(exc), param_hint="--arch") from exc
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    plan = make_plan(
+        quick=quick, device=device, arch=arch, size=size, classes=classes, batch=batch, reps=reps
+    )
+    results = measure(plan)
+    table = format_table(results, plan)
+    click.echo(table)
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump(as_json(results), handle, indent=2)
+    if tracking_uri:
+        run_id = log_results(tracking_uri, plan, results, table)
+        click.echo(f"MLflow run {run_id} in {tracking_uri} (experiment pseudoflow-bench)")
+
+
 @bench.command("quality")
 @click.option("--quick", is_flag=True, help="a tiny dataset and a few steps: checks every row runs")
 @click.option("--seeds", type=click.IntRange(1), default=None, help="seeds (default 3; quick 2)")
