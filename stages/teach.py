@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -164,29 +164,58 @@ def stored_maps(spec: SignalSpec) -> list[str]:
 def decode_signals(row: dict[str, Any]) -> dict[str, torch.Tensor]:
     """A ``teacher_signals`` row -> its maps ``[H, W]``: ``label`` (and ``refined_label``, where
     stored) int64, ``conf``, ``margin``, ``refined_margin`` and ``dispersion`` (r) float32."""
-    shape = (int(row["height"]), int(row["width"]))
+    return {name: value[0] for name, value in decode_signal_batch([row]).items()}
+
+
+def decode_signal_batch(
+    rows: Sequence[Mapping[str, Any]], device: torch.device | None = None
+) -> dict[str, torch.Tensor]:
+    """``teacher_signals`` rows of one size -> their maps ``[B, H, W]`` on ``device``, as
+    :func:`decode_signals` gives them (the only decoder of the table's maps): the uint8 bytes
+    are stacked on the host, copied once, and dequantised on the device."""
+    if not rows:
+        raise ValueError("decode_signal_batch needs at least one row")
+    shape = (len(rows), int(rows[0]["height"]), int(rows[0]["width"]))
+    if any((int(r["height"]), int(r["width"])) != shape[1:] for r in rows):
+        raise ValueError("decode_signal_batch takes rows of one image size (see size_groups)")
     out: dict[str, torch.Tensor] = {}
     for name in MAPS:
-        if row.get(name) is None:
+        if rows[0].get(name) is None:
             continue
-        values = codec.from_bytes(row[name], np.uint8, shape)
+        values = np.frombuffer(b"".join(r[name] for r in rows), np.uint8).reshape(shape)
+        stored = torch.from_numpy(values.copy()).to(device or "cpu")
         if name in ("label", "refined_label"):
-            out[name] = torch.from_numpy(values.astype(np.int64))
+            out[name] = stored.long()
             continue
-        unit = torch.from_numpy(codec.dequantize_unit(values, SIGNAL_LEVELS))
+        unit = stored.float() / float(SIGNAL_LEVELS)
         out[name] = unit.square_() / 4.0 if name == "dispersion" else unit
     return out
 
 
-def decode_features(row: dict[str, Any]) -> torch.Tensor:
+def decode_features(row: Mapping[str, Any]) -> torch.Tensor:
     """A ``teacher_signals`` row -> the teacher's features ``float32[D, h, w]``."""
-    if row.get("features") is None:
-        raise ValueError(
-            f"teacher signals of image {row['image_id']} hold no features: they were made for a "
-            "policy other than wpl; run teach again with pseudolabel.policy=wpl"
-        )
-    shape = (int(row["feature_dim"]), int(row["feature_height"]), int(row["feature_width"]))
-    return torch.from_numpy(codec.from_bytes(row["features"], np.float16, shape).astype(np.float32))
+    return decode_feature_batch([row])[0]
+
+
+def decode_feature_batch(
+    rows: Sequence[Mapping[str, Any]], device: torch.device | None = None
+) -> torch.Tensor:
+    """Rows of one feature shape -> their features ``float32[B, D, h, w]`` on ``device`` (one
+    float16 host-to-device copy)."""
+    for row in rows:
+        if row.get("features") is None:
+            raise ValueError(
+                f"teacher signals of image {row['image_id']} hold no features: they were made "
+                "for a policy other than wpl; run teach again with pseudolabel.policy=wpl"
+            )
+    shapes = {
+        (int(r["feature_dim"]), int(r["feature_height"]), int(r["feature_width"])) for r in rows
+    }
+    if len(shapes) != 1:
+        raise ValueError(f"decode_feature_batch takes rows of one feature shape, got {shapes}")
+    (shape,) = shapes
+    half = np.frombuffer(b"".join(r["features"] for r in rows), np.float16)
+    return torch.from_numpy(half.reshape(len(rows), *shape).copy()).to(device or "cpu").float()
 
 
 def size_groups(heights: np.ndarray, widths: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -253,7 +282,7 @@ class TeacherPredictor:
         n = len(batch["image_id"])
         columns: dict[str, list[Any]] = {name: [None] * n for name in self.maps}
         for h, w, index in size_groups(batch["height"], batch["width"]):
-            group = probs[torch.from_numpy(index).to(self.device)]
+            group = probs if len(index) == n else probs[torch.from_numpy(index).to(self.device)]
             if group.shape[-2:] != (h, w):
                 group = nn.functional.interpolate(
                     group, size=(h, w), mode="bilinear", align_corners=False

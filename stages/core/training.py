@@ -102,8 +102,9 @@ def inject_fault(step: int, kind: str) -> None:
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """The random state a resumed run needs to draw what a clean run draws: the global torch
-    RNG (torchvision's transforms), CUDA's where present, and the loop's own generator."""
+    """The random state a resumed run needs to draw what a clean run draws: the loop's own
+    generator (every augmentation and policy draw), and the global torch and CUDA RNGs (dropout,
+    and any library code that draws from them)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

@@ -171,6 +171,28 @@ def dpa_threshold(margins: Tensor, valid: Tensor, alpha_t: float) -> float:
     return low + (high - low) * frac if frac < 0.5 else high - (high - low) * (1.0 - frac)
 
 
+def dpa_thresholds(margins: Tensor, alpha_t: float) -> Tensor:
+    """:func:`dpa_threshold` of each image over all its pixels, batched: float[B, H, W] ->
+    float[B] (the margins' dtype), equal to ``dpa_threshold(margins[i:i+1], all valid, alpha_t)``
+    as the comparison ``κ̃ > γ`` uses it (the interpolation in float64, then rounded to the
+    margins' dtype, as a Python float compared with a tensor is)."""
+    if not 0.0 <= alpha_t <= 1.0:
+        raise ValueError(f"alpha_t must be in [0, 1], got {alpha_t}")
+    values = margins.flatten(1)
+    position = alpha_t * (values.shape[1] - 1)
+    lower = math.floor(position)
+    frac = position - lower
+    low = values.kthvalue(lower + 1, dim=1).values
+    if frac == 0.0:
+        return low
+    high = values.kthvalue(lower + 2, dim=1).values.double()
+    low64 = low.double()
+    # numpy's _lerp, as dpa_threshold: from the nearer end
+    near_low = low64 + (high - low64) * frac
+    near_high = high - (high - low64) * (1.0 - frac)
+    return (near_low if frac < 0.5 else near_high).to(margins.dtype)
+
+
 # ---------------------------------------------------------------------------------------- CSL (§3)
 def csl_features(probs: Tensor) -> Tensor:
     """CSL features per pixel: ``m = max_c P`` and residual dispersion ``r``.
@@ -342,21 +364,45 @@ def rasterize_boxes(
     Returns:
         bool[num_classes, height, width] on the device of ``boxes`` (CPU for numpy input).
     """
-    box_t = torch.as_tensor(boxes).to(torch.float64).reshape(-1, 4)
+    count = len(torch.as_tensor(boxes).reshape(-1, 4))
+    image = torch.zeros(count, dtype=torch.long)
+    return rasterize_box_batch(
+        boxes, image, labels, scores, class_map, 1, height, width, num_classes, score_thresh
+    )[0]
+
+
+def rasterize_box_batch(
+    boxes: Tensor | np.ndarray,
+    image: Tensor | np.ndarray,
+    labels: Tensor | np.ndarray,
+    scores: Tensor | np.ndarray,
+    class_map: Mapping[int, int],
+    batch: int,
+    height: int,
+    width: int,
+    num_classes: int,
+    score_thresh: float = 0.95,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """:func:`rasterize_boxes` of a batch of images of one size in one pass: the detections of
+    every image concatenated, ``image`` int[N] naming each one's image in [0, batch). Returns
+    bool[batch, num_classes, height, width] on ``device`` (default: the device of ``boxes``)."""
+    box_t = torch.as_tensor(boxes).to(device=device, dtype=torch.float64).reshape(-1, 4)
     device = box_t.device
+    image_t = torch.as_tensor(image, device=device).reshape(-1).long()
     label_t = torch.as_tensor(labels, device=device).reshape(-1).long()
     score_t = torch.as_tensor(scores, device=device).reshape(-1)
     seg, mapped = _map_classes(label_t, class_map, num_classes)
     x0, x1 = _pixel_span(box_t[:, 0], box_t[:, 2], width)
     y0, y1 = _pixel_span(box_t[:, 1], box_t[:, 3], height)
     use = mapped & (score_t >= score_thresh) & (x1 > x0) & (y1 > y0)
-    seg, x0, x1, y0, y1 = seg[use], x0[use], x1[use], y0[use], y1[use]
-    diff = torch.zeros(num_classes, height + 1, width + 1, dtype=torch.int32, device=device)
+    img, seg, x0, x1, y0, y1 = image_t[use], seg[use], x0[use], x1[use], y0[use], y1[use]
+    diff = torch.zeros(batch, num_classes, height + 1, width + 1, dtype=torch.int32, device=device)
     ones = torch.ones_like(seg, dtype=torch.int32)
     for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
-        diff.index_put_((seg, ys, xs), sign * ones, accumulate=True)
-    counts = diff.cumsum(dim=1, dtype=torch.int32).cumsum(dim=2, dtype=torch.int32)
-    return counts[:, :height, :width] > 0
+        diff.index_put_((img, seg, ys, xs), sign * ones, accumulate=True)
+    counts = diff.cumsum(dim=2, dtype=torch.int32).cumsum(dim=3, dtype=torch.int32)
+    return counts[:, :, :height, :width] > 0
 
 
 def _map_classes(

@@ -1,6 +1,7 @@
 """The pseudolabel stage: ``teacher_signals`` (+ ``detections``) -> ``pseudolabels`` for one policy.
 
-CPU tasks only: no model runs here, so changing the policy never triggers inference. Each row holds,
+Ray Data tasks, batched per image size on the CPU or, with ``pseudolabel.gpus_per_task``, on a GPU;
+no model runs here, so changing the policy never triggers inference. Each row holds,
 at the image's own resolution, what the student's loop needs (methods.md §5):
 
 * ``label`` (PNG), ``keep`` (bit-packed) and ``weight`` (uint8, ``w = weight_offset + q / 255``);
@@ -25,12 +26,20 @@ from pydantic import Field, Strict, field_validator
 
 from stages.core import codec
 from stages.core.config import StrictModel
-from stages.core.inference import write_committed
+from stages.core.inference import pick_device, write_committed
 from stages.core.storage import DatasetRef
 from stages.core.tables import lookup_columns, read_split
 from stages.pseudolabel import ops
 from stages.pseudolabel.memory import PrototypeMemory, select_confident, select_reliable
-from stages.teach import MAPS, SignalSpec, decode_features, decode_signals, signal_maps
+from stages.teach import (
+    MAPS,
+    SignalSpec,
+    decode_feature_batch,
+    decode_signal_batch,
+    decode_signals,
+    signal_maps,
+    size_groups,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +110,10 @@ class PseudolabelConfig(StrictModel):
     s4mc: S4MCOptions = S4MCOptions()
     csl: CSLOptions = CSLOptions()
     wpl: WPLOptions = WPLOptions()
+    batch_size: int = Field(16, ge=1, description="signal rows a task labels as one batch")
+    gpus_per_task: float = Field(
+        0.0, ge=0, description="GPUs per labelling task: > 0 runs the policy math on CUDA"
+    )
 
     @field_validator("policy")
     @classmethod
@@ -145,7 +158,7 @@ def missing_signals(cfg: PseudolabelConfig, signals: Mapping[str, Any]) -> str |
     )
 
 
-# ------------------------------------------------------------------------ per-image policy maps
+# ---------------------------------------------------------------------------------- policy maps
 def policy_maps(
     cfg: PseudolabelConfig,
     signals: torch.Tensor | Mapping[str, torch.Tensor],
@@ -154,7 +167,8 @@ def policy_maps(
     features: torch.Tensor | None = None,
     prototypes: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The stored maps of one image under ``cfg.policy``.
+    """The stored maps of one image under ``cfg.policy`` (:func:`batch_policy_maps` of a batch
+    of one).
 
     signals: the image's teacher signals as :func:`stages.teach.decode_signals` returns them
     (``[H, W]`` maps), or exact probabilities ``float[C, H, W]`` (their signals are computed
@@ -164,52 +178,76 @@ def policy_maps(
     [0, 1] (before ``weight_offset``), plus the policy's extra maps.
     """
     if isinstance(signals, torch.Tensor):
-        exact = signal_maps(signals[None].float(), signal_spec(cfg))
-        signals = {name: value[0] for name, value in exact.items()}
-    elif reason := missing_signals(cfg, signals):
-        raise ValueError(reason)
-    s = {name: value[None] for name, value in signals.items()}
-    conf, label = s["conf"], s["label"]
-    valid = torch.ones_like(conf, dtype=torch.bool)
-    ones = torch.ones_like(conf)
-    if cfg.policy == "threshold":
-        out = {"label": label, "keep": ops.threshold_keep(conf, valid, cfg.tau), "weight": ones}
-    elif cfg.policy == "s4mc":
-        out = _s4mc_maps(cfg.s4mc, s, valid)
-    elif cfg.policy == "csl":
-        weight = ops.csl_weights_of(
-            torch.stack([conf, s["dispersion"]], dim=1), valid, cfg.csl.alpha
-        )
-        out = {"label": label, "keep": valid, "weight": weight, "trusted": weight == 1.0}
+        signals = signal_maps(signals[None].float(), signal_spec(cfg))
     else:
-        if box_masks is None or features is None or prototypes is None:
-            raise ValueError("the wpl policy needs box masks, features and prototypes")
-        reliable = wpl_reliable(cfg, label, conf, box_masks)
-        weight = ops.topk_index_similarity(features[None], prototypes, label, k=cfg.wpl.k)
+        signals = {name: value[None] for name, value in signals.items()}
+    maps = batch_policy_maps(
+        cfg,
+        signals,
+        box_masks=None if box_masks is None else box_masks[None],
+        features=None if features is None else features[None],
+        prototypes=prototypes,
+    )
+    return {name: value[0] for name, value in maps.items()}
+
+
+def batch_policy_maps(
+    cfg: PseudolabelConfig,
+    signals: Mapping[str, torch.Tensor],
+    *,
+    box_masks: torch.Tensor | None = None,
+    features: torch.Tensor | None = None,
+    prototypes: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The stored maps of a batch of images of one size, computed on the signals' device.
+
+    signals: ``[B, H, W]`` maps as :func:`stages.teach.decode_signal_batch` returns them;
+    box_masks: bool[B, C, H, W], features: float[B, D, H, W] at pixel resolution and
+    prototypes: float[C, D] (WPL). Every statistic is per image (S4MC's γ is each image's own
+    α_0 quantile), so a batch gives each image what a batch of one would. Returns ``[B, H, W]``
+    maps: ``label`` int64, ``keep`` bool, ``weight`` float in [0, 1] (before
+    ``weight_offset``), and the policy's extra maps.
+    """
+    if reason := missing_signals(cfg, signals):
+        raise ValueError(reason)
+    conf, label = signals["conf"], signals["label"]
+    valid = torch.ones_like(conf, dtype=torch.bool)  # stored signals have no padding
+    if cfg.policy == "threshold":
         keep = ops.threshold_keep(conf, valid, cfg.tau)
-        out = {"label": label, "keep": keep, "weight": weight, "reliable": reliable}
-    return {name: value[0] for name, value in out.items()}
+        return {"label": label, "keep": keep, "weight": torch.ones_like(conf)}
+    if cfg.policy == "s4mc":
+        return _s4mc_maps(cfg.s4mc, signals)
+    if cfg.policy == "csl":
+        weight = ops.csl_weights_of(
+            torch.stack([conf, signals["dispersion"]], dim=1), valid, cfg.csl.alpha
+        )
+        return {"label": label, "keep": valid, "weight": weight, "trusted": weight == 1.0}
+    if box_masks is None or features is None or prototypes is None:
+        raise ValueError("the wpl policy needs box masks, features and prototypes")
+    return {
+        "label": label,
+        "keep": ops.threshold_keep(conf, valid, cfg.tau),
+        "weight": ops.topk_index_similarity(
+            features, prototypes.to(features.device), label, k=cfg.wpl.k
+        ),
+        "reliable": wpl_reliable(cfg, label, conf, box_masks),
+    }
 
 
 def wpl_reliable(
     cfg: PseudolabelConfig, label: torch.Tensor, conf: torch.Tensor, box_masks: torch.Tensor
 ) -> torch.Tensor:
-    """WPL's R for one image: label int64[1, H, W], conf float[1, H, W], box_masks
-    bool[C, H, W] -> bool[1, H, W] (every pixel valid: stored signals have no padding)."""
-    return ops.detector_reliability(label, conf, box_masks[None], conf_thresh=cfg.wpl.conf_thresh)
+    """WPL's R: label int64[B, H, W], conf float[B, H, W], box_masks bool[B, C, H, W] ->
+    bool[B, H, W] (every pixel valid: stored signals have no padding)."""
+    return ops.detector_reliability(label, conf, box_masks, conf_thresh=cfg.wpl.conf_thresh)
 
 
-def _s4mc_maps(
-    cfg: S4MCOptions, s: Mapping[str, torch.Tensor], valid: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def _s4mc_maps(cfg: S4MCOptions, s: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     kappa, kappa_refined = s["margin"], s["refined_margin"]
-    gamma0 = ops.dpa_threshold(kappa, valid, cfg.alpha0)  # α_t at t = 0 is α_0
-    label = s["label"]
-    if cfg.label_from == "refined":
-        label = s["refined_label"]
+    gamma0 = ops.dpa_thresholds(kappa, cfg.alpha0)  # α_t at t = 0 is α_0, per image
     return {
-        "label": label,
-        "keep": (kappa_refined > gamma0) & valid,
+        "label": s["refined_label"] if cfg.label_from == "refined" else s["label"],
+        "keep": kappa_refined > gamma0[:, None, None],
         "weight": torch.ones_like(kappa),
         "margin": kappa,
         "refined_margin": kappa_refined,
@@ -224,35 +262,69 @@ def weight_offset(cfg: PseudolabelConfig) -> float:
 def encode_row(
     cfg: PseudolabelConfig, image_id: str, maps: dict[str, torch.Tensor]
 ) -> dict[str, Any]:
-    """Per-image maps -> one ``pseudolabels`` row (quantised, bit-packed, PNG)."""
-    keep = maps["keep"].numpy()
-    weight = maps["weight"].float().numpy() * keep
-    h, w = keep.shape
+    """Per-image maps ``[H, W]`` -> one ``pseudolabels`` row (:func:`encode_rows` of one)."""
+    return encode_rows(cfg, [image_id], {name: value[None] for name, value in maps.items()})[0]
+
+
+def encode_rows(
+    cfg: PseudolabelConfig, image_ids: list[str], maps: Mapping[str, torch.Tensor]
+) -> list[dict[str, Any]]:
+    """The table's only encoder: maps ``[B, H, W]`` of :func:`batch_policy_maps` -> ``pseudolabels``
+    rows. Quantisation and coverage run batched on the maps' device; the host gets one copy of
+    the uint8 maps (and one of the margins), then packs bits and encodes the label PNG per row."""
+    keep = maps["keep"].bool()
+    weight = maps["weight"].float() * keep
     offset = weight_offset(cfg)
+    batch, h, w = keep.shape
+    masks = [name for name in ("trusted", "reliable") if name in maps]
+    small = torch.stack(
+        [
+            maps["label"].to(torch.uint8),
+            keep.to(torch.uint8),
+            quantize_unit(weight, codec.WEIGHT_LEVELS).to(torch.uint8),
+            *(maps[name].to(torch.uint8) for name in masks),
+        ]
+    )
+    covered = ((weight + offset * keep) > 0).sum(dim=(1, 2))
+    host = small.cpu().numpy()
+    margins = [name for name in ("margin", "refined_margin") if name in maps]
+    wide = None
+    if margins:
+        levels = torch.stack([quantize_unit(maps[name], codec.PROB_LEVELS) for name in margins])
+        wide = levels.to(torch.int32).cpu().numpy().astype(np.uint16)
+    coverage = (covered.cpu().numpy() / float(h * w)).tolist()
+    if len(image_ids) != batch:
+        raise ValueError(f"{len(image_ids)} image ids for a batch of {batch} maps")
+    rows = []
+    for i, image_id in enumerate(image_ids):
+        row: dict[str, Any] = {
+            "image_id": image_id,
+            "height": h,
+            "width": w,
+            "policy": cfg.policy,
+            "label": codec.encode_png(host[0, i]),
+            "keep": codec.pack_mask(host[1, i]),
+            "weight": codec.to_bytes(host[2, i]),
+            "weight_offset": offset,
+            "margin": None,
+            "refined_margin": None,
+            "trusted": None,
+            "reliable": None,
+            "coverage": coverage[i],
+        }
+        for m, name in enumerate(masks):
+            row[name] = codec.pack_mask(host[3 + m, i])
+        for m, name in enumerate(margins):
+            assert wide is not None
+            row[name] = codec.to_bytes(wide[m, i])
+        rows.append(row)
+    return rows
 
-    def margin_bytes(name: str) -> bytes | None:
-        if name not in maps:
-            return None
-        return codec.to_bytes(codec.quantize_unit(maps[name].numpy(), codec.PROB_LEVELS))
 
-    def mask_bytes(name: str) -> bytes | None:
-        return codec.pack_mask(maps[name].numpy()) if name in maps else None
-
-    return {
-        "image_id": image_id,
-        "height": h,
-        "width": w,
-        "policy": cfg.policy,
-        "label": codec.encode_png(maps["label"].numpy().astype(np.uint8)),
-        "keep": codec.pack_mask(keep),
-        "weight": codec.to_bytes(codec.quantize_unit(weight, codec.WEIGHT_LEVELS)),
-        "weight_offset": offset,
-        "margin": margin_bytes("margin"),
-        "refined_margin": margin_bytes("refined_margin"),
-        "trusted": mask_bytes("trusted"),
-        "reliable": mask_bytes("reliable"),
-        "coverage": float(((weight + offset * keep) > 0).mean()),
-    }
+def quantize_unit(values: torch.Tensor, levels: int) -> torch.Tensor:
+    """:func:`stages.core.codec.quantize_unit` on the values' device: round(clip(v, 0, 1) ·
+    levels) as float (same float32 arithmetic, so the same integers)."""
+    return (values.float().clamp(0.0, 1.0) * levels).round_()
 
 
 MASKS = ("keep", "trusted", "reliable")
@@ -290,24 +362,54 @@ def decode_pseudolabels(
 # ------------------------------------------------------------------------------- Ray Data steps
 def pixel_features(row: dict[str, Any]) -> torch.Tensor:
     """The row's teacher features upsampled (bilinear) to the image: ``float32[D, H, W]``."""
-    features = decode_features(row)[None]
-    size = (int(row["height"]), int(row["width"]))
-    return F.interpolate(features, size=size, mode="bilinear", align_corners=False)[0]
+    return pixel_feature_batch([row])[0]
+
+
+def pixel_feature_batch(
+    rows: list[dict[str, Any]], device: torch.device | None = None
+) -> torch.Tensor:
+    """Rows of one size -> their teacher features upsampled (bilinear) to the image on
+    ``device``: ``float32[B, D, H, W]``."""
+    features = decode_feature_batch(rows, device)
+    size = (int(rows[0]["height"]), int(rows[0]["width"]))
+    return F.interpolate(features, size=size, mode="bilinear", align_corners=False)
 
 
 def box_masks_of(row: dict[str, Any], cfg: PseudolabelConfig, num_classes: int) -> torch.Tensor:
     """A joined detections row -> WPL box masks ``bool[C, H, W]``."""
-    boxes = np.asarray(row["boxes"] or [], np.float32).reshape(-1, 4)
-    return ops.rasterize_boxes(
-        boxes,
-        np.asarray(row["labels"] or [], np.int64),
-        np.asarray(row["scores"] or [], np.float32),
+    return box_mask_batch([row], cfg, num_classes)[0]
+
+
+def box_mask_batch(
+    rows: list[dict[str, Any]],
+    cfg: PseudolabelConfig,
+    num_classes: int,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Joined detections rows of one size -> WPL box masks ``bool[B, C, H, W]`` on ``device``,
+    rasterised in one pass."""
+    boxes = [np.asarray(r["boxes"] or [], np.float32).reshape(-1, 4) for r in rows]
+    labels = [np.asarray(r["labels"] or [], np.int64) for r in rows]
+    scores = [np.asarray(r["scores"] or [], np.float32) for r in rows]
+    image = np.repeat(np.arange(len(rows)), [len(b) for b in boxes])
+    return ops.rasterize_box_batch(
+        np.concatenate(boxes),
+        image,
+        np.concatenate(labels),
+        np.concatenate(scores),
         cfg.class_map(num_classes),
-        int(row["height"]),
-        int(row["width"]),
+        len(rows),
+        int(rows[0]["height"]),
+        int(rows[0]["width"]),
         num_classes,
         score_thresh=cfg.wpl.score_thresh,
+        device=device,
     )
+
+
+# Upper bound on the elements of one chunk's WPL features at pixel resolution (float32: 1 GiB),
+# so a batch of large images is labelled in pieces instead of running out of memory.
+FEATURE_ELEMENTS = 1 << 28
 
 
 def label_batch(
@@ -315,26 +417,47 @@ def label_batch(
     cfg: dict[str, Any],
     prototypes: np.ndarray | None = None,
     detections: Any = None,
+    device: str = "cpu",
 ) -> pa.Table:
-    """Ray Data batch function: signal rows -> pseudo-label rows. WPL also takes ``detections``
-    (a table, or an object-store reference to one, see :func:`attach_detections`)."""
+    """Ray Data batch function: signal rows -> pseudo-label rows, in input order. WPL also takes
+    ``detections`` (a table, or an object-store reference to one, see
+    :func:`attach_detections`).
+
+    The rows of each image size are decoded into one batch on ``device`` (``"cuda"`` where the
+    task was given a GPU; CPU where the worker has no CUDA), labelled there by :func:`batch_policy_maps` and quantised by
+    :func:`encode_rows` with one copy back to the host.
+    """
     policy = PseudolabelConfig.model_validate(cfg)
     if detections is not None:
         table = attach_detections(table, detections)
-    protos = None if prototypes is None else torch.from_numpy(np.array(prototypes))
-    rows = []
-    for row in table.to_pylist():
-        num_classes = int(row["num_classes"])
-        signals = decode_signals(row)
-        extras: dict[str, torch.Tensor] = {}
+    target = pick_device(1.0) if device == "cuda" else torch.device("cpu")
+    protos = None if prototypes is None else torch.from_numpy(np.array(prototypes)).to(target)
+    rows = table.to_pylist()
+    out: list[dict[str, Any]] = [{} for _ in rows]
+    heights, widths = table["height"].to_numpy(), table["width"].to_numpy()
+    for h, w, group in size_groups(heights, widths):
+        classes = {int(rows[i]["num_classes"]) for i in group}
+        if len(classes) != 1:
+            raise ValueError(f"signal rows of {h}x{w} images disagree on num_classes: {classes}")
+        (num_classes,) = classes
+        step = len(group)
         if policy.policy == "wpl":
-            extras = {
-                "box_masks": box_masks_of(row, policy, num_classes),
-                "features": pixel_features(row),
-            }
-        maps = policy_maps(policy, signals, prototypes=protos, **extras)
-        rows.append(encode_row(policy, row["image_id"], maps))
-    return pa.Table.from_pylist(rows, schema=PSEUDOLABELS_SCHEMA)
+            step = max(1, FEATURE_ELEMENTS // (int(rows[group[0]]["feature_dim"]) * h * w))
+        for start in range(0, len(group), step):
+            index = group[start : start + step]
+            chunk = [rows[i] for i in index]
+            extras: dict[str, torch.Tensor] = {}
+            if policy.policy == "wpl":
+                extras = {
+                    "box_masks": box_mask_batch(chunk, policy, num_classes, target),
+                    "features": pixel_feature_batch(chunk, target),
+                }
+            signals = decode_signal_batch(chunk, target)
+            maps = batch_policy_maps(policy, signals, prototypes=protos, **extras)
+            encoded = encode_rows(policy, [r["image_id"] for r in chunk], maps)
+            for i, row in zip(index, encoded, strict=True):
+                out[i] = row
+    return pa.Table.from_pylist(out, schema=PSEUDOLABELS_SCHEMA)
 
 
 def attach_detections(table: pa.Table, detections: Any) -> pa.Table:
@@ -374,7 +497,9 @@ def queue_batch(table: pa.Table, cfg: dict[str, Any], detections: Any = None) ->
                 features, label, conf, target, policy.wpl.conf_thresh
             )
         else:
-            reliable = wpl_reliable(policy, label, conf, box_masks_of(row, policy, num_classes))
+            reliable = wpl_reliable(
+                policy, label, conf, box_masks_of(row, policy, num_classes)[None]
+            )
             vectors, classes = select_reliable(features, label, reliable)
         generator = torch.Generator().manual_seed(int(row["image_id"][:15], 16))
         order = torch.randperm(len(classes), generator=generator)
@@ -506,9 +631,15 @@ def run(
         )
     dataset = read_split(signals, "unlabeled", columns).map_batches(
         label_batch,
-        fn_kwargs={"cfg": cfg.model_dump(), "prototypes": prototypes, "detections": boxes},
+        fn_kwargs={
+            "cfg": cfg.model_dump(),
+            "prototypes": prototypes,
+            "detections": boxes,
+            "device": "cuda" if cfg.gpus_per_task > 0 else "cpu",
+        },
         batch_format="pyarrow",
-        batch_size=16,
+        batch_size=cfg.batch_size,
+        num_gpus=cfg.gpus_per_task,
     )
     manifest = write_committed(dataset, out, SCHEMA)
     coverage = out.read_table(columns=["coverage"])["coverage"].to_numpy()

@@ -232,6 +232,15 @@ def test_policy_only_change_reruns_pseudolabel_and_what_follows(
     assert rows["pseudolabel"].key == summary.cache["pseudolabel"][0]
 
 
+def test_pseudolabel_execution_settings_reuse_every_stage(world: World, tmp_path: Path) -> None:
+    root = _copy(world, tmp_path)
+    config = _config(
+        world, world.weights, "pseudolabel.batch_size=3", "pseudolabel.gpus_per_task=0.5"
+    )
+    actions = {r.stage: r.action for r in plan(config, str(root))}
+    assert {s: actions[s] for s in STAGES} == dict.fromkeys(STAGES, "reuse")
+
+
 def test_a_policy_reading_other_signals_reruns_teach_unless_they_are_stored(
     world: World, tmp_path: Path
 ) -> None:

@@ -18,7 +18,9 @@ from stages.pseudolabel.ops import (
     detector_reliability,
     dpa_alpha,
     dpa_threshold,
+    dpa_thresholds,
     margin,
+    rasterize_box_batch,
     rasterize_boxes,
     s4mc_refine,
     threshold_keep,
@@ -514,3 +516,35 @@ def test_ops_run_on_device_and_keep_it(device: str) -> None:
     logits = probs.log().requires_grad_(True)
     loss = weighted_unsup_loss(logits, labels, torch.ones_like(kappa), valid)
     assert loss.device.type == device
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 0.5, 0.77, 1.0])
+def test_dpa_thresholds_give_each_image_its_own_quantile(alpha: float) -> None:
+    generator = torch.Generator().manual_seed(3)
+    # stored margins sit on the uint8 grid (many ties), refined ones too
+    margins = torch.randint(0, 256, (4, 9, 7), generator=generator).float() / 255
+    refined = torch.randint(0, 256, (4, 9, 7), generator=generator).float() / 255
+    margins[2] = margins[2] * 0.1  # one image far lower than the others
+    gammas = dpa_thresholds(margins, alpha)
+    assert gammas.shape == (4,)
+    assert gammas.dtype == torch.float32
+    for i in range(4):
+        one = margins[i : i + 1]
+        gamma = dpa_threshold(one, torch.ones_like(one, dtype=torch.bool), alpha)
+        assert float(gammas[i]) == pytest.approx(gamma, abs=1e-7)
+        assert torch.equal(refined[i] > gammas[i], refined[i] > gamma)
+    if alpha >= 0.4:  # not the batch's quantile: image 2's threshold is its own
+        assert float(gammas[2]) < 0.1 < float(gammas[0])
+
+
+def test_rasterize_box_batch_equals_rasterize_boxes_per_image() -> None:
+    boxes, labels, scores = _detections()
+    class_map = {10: 1, 20: 2}
+    image = np.array([1, 0, 1, 1, 0, 1, 0])
+    batch = rasterize_box_batch(boxes, image, labels, scores, class_map, 3, 6, 8, 3)
+    assert batch.shape == (3, 3, 6, 8)
+    for i in range(3):
+        mine = image == i
+        one = rasterize_boxes(boxes[mine], labels[mine], scores[mine], class_map, 6, 8, 3)
+        assert torch.equal(batch[i], one)
+    assert [bool(image.any()) for image in batch] == [True, True, False]

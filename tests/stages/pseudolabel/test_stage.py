@@ -16,7 +16,7 @@ from stages.core import codec
 from stages.core.inference import decode_for_inference
 from stages.core.models import build_segmenter, checkpoint_bytes, make_checkpoint
 from stages.core.storage import Storage
-from stages.pseudolabel import live, ops
+from stages.pseudolabel import live, ops, stage
 from stages.pseudolabel.memory import PrototypeMemory
 from stages.pseudolabel.stage import (
     PseudolabelConfig,
@@ -503,3 +503,52 @@ def test_prototype_memory_matches_the_student_feature_width() -> None:
     assert isinstance(memory, PrototypeMemory)
     assert memory.dim == 128
     assert segtrain._new_memory(PseudolabelConfig(policy="csl"), 3, _Tiny()) is None
+
+
+# ------------------------------------------------------------------------- batched over images
+def _mixed_size_signals(tmp_path: Path) -> pa.Table:
+    """Signal rows (every statistic) of five images of two sizes, interleaved, with detections."""
+    torch.manual_seed(1)
+    model = build_segmenter(arch="lraspp_mobilenet_v3_large", num_classes=3)
+    predictor = TeacherPredictor.of_model(model, torch.device("cpu"), ALL)
+    rng = np.random.default_rng(4)
+    sizes = [(20, 28), (16, 24), (20, 28), (16, 24), (20, 28)]
+    batch = {
+        "image_id": np.array([f"{i:024x}" for i in range(5)]),
+        "height": np.array([h for h, _ in sizes]),
+        "width": np.array([w for _, w in sizes]),
+        "image": np.array(
+            [codec.encode_png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes],
+            dtype=object,
+        ),
+        "split": np.array(["unlabeled"] * 5),
+    }
+    signals = predictor(decode_for_inference(batch, 32))
+    detections = {
+        "boxes": [[0.0, 0.0, 10.0 + i, 8.0] for i in range(5)],
+        "labels": [[1 + i % 2] for i in range(5)],
+        "scores": [[0.99] for _ in range(5)],
+    }
+    for name, values in detections.items():
+        signals = signals.append_column(name, pa.array(values))
+    return signals
+
+
+@pytest.mark.parametrize("policy", ["threshold", "s4mc", "csl", "wpl"])
+def test_label_batch_over_mixed_sizes_equals_one_image_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str
+) -> None:
+    signals = _mixed_size_signals(tmp_path)
+    prototypes = np.random.default_rng(2).random((3, 128)).astype(np.float32)
+    prototypes[0] = np.nan
+    cfg = PseudolabelConfig(policy=policy).model_dump()
+    protos = prototypes if policy == "wpl" else None
+    one_by_one = pa.concat_tables(
+        [label_batch(signals.slice(i, 1), cfg, protos) for i in range(signals.num_rows)]
+    )
+    # WPL in chunks of two images of the larger size (the feature budget)
+    monkeypatch.setattr(stage, "FEATURE_ELEMENTS", 2 * 128 * 20 * 28)
+    batched = label_batch(signals, cfg, protos)
+    assert batched["image_id"].to_pylist() == signals["image_id"].to_pylist()
+    assert batched["height"].to_pylist() == [20, 16, 20, 16, 20]
+    assert batched.equals(one_by_one)
