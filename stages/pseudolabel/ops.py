@@ -171,26 +171,53 @@ def dpa_threshold(margins: Tensor, valid: Tensor, alpha_t: float) -> float:
     return low + (high - low) * frac if frac < 0.5 else high - (high - low) * (1.0 - frac)
 
 
-def dpa_thresholds(margins: Tensor, alpha_t: float) -> Tensor:
+def dpa_thresholds(margins: Tensor, alpha_t: float, levels: int | None = None) -> Tensor:
     """:func:`dpa_threshold` of each image over all its pixels, batched: float[B, H, W] ->
     float[B] (the margins' dtype), equal to ``dpa_threshold(margins[i:i+1], all valid, alpha_t)``
     as the comparison ``κ̃ > γ`` uses it (the interpolation in float64, then rounded to the
-    margins' dtype, as a Python float compared with a tensor is)."""
+    margins' dtype, as a Python float compared with a tensor is).
+
+    ``levels``: where every margin is ``q / levels`` for an integer q (stored, quantised
+    margins), the order statistics come from per-image counts of each level (one pass) instead
+    of a selection over the pixels, with the same result; other margins take the selection.
+    """
     if not 0.0 <= alpha_t <= 1.0:
         raise ValueError(f"alpha_t must be in [0, 1], got {alpha_t}")
     values = margins.flatten(1)
     position = alpha_t * (values.shape[1] - 1)
     lower = math.floor(position)
     frac = position - lower
-    low = values.kthvalue(lower + 1, dim=1).values
+
+    q = None
+    if levels is not None:
+        q = (values * levels).round().long().clamp_(0, levels)
+        if not torch.equal(q.to(values.dtype) / levels, values):
+            q = None  # not on the grid
+
+    def order_statistic(k: int) -> Tensor:  # the k-th smallest of each image, k >= 1
+        if q is None or levels is None:
+            return values.kthvalue(k, dim=1).values
+        return _counted_order_statistic(q, k, levels).to(values.dtype) / levels
+
+    low = order_statistic(lower + 1)
     if frac == 0.0:
         return low
-    high = values.kthvalue(lower + 2, dim=1).values.double()
+    high = order_statistic(lower + 2).double()
     low64 = low.double()
     # numpy's _lerp, as dpa_threshold: from the nearer end
     near_low = low64 + (high - low64) * frac
     near_high = high - (high - low64) * (1.0 - frac)
     return (near_low if frac < 0.5 else near_high).to(margins.dtype)
+
+
+def _counted_order_statistic(q: Tensor, k: int, levels: int) -> Tensor:
+    """k-th smallest (1-based) of each row of ``q`` int64[B, N] in [0, levels], by counting the
+    rows' levels: int64[B]."""
+    batch = q.shape[0]
+    offsets = torch.arange(batch, device=q.device)[:, None] * (levels + 1)
+    counts = torch.bincount((q + offsets).flatten(), minlength=batch * (levels + 1))
+    below = counts.view(batch, levels + 1).cumsum(dim=1)  # pixels at or below each level
+    return (below < k).sum(dim=1)  # the first level whose count reaches k
 
 
 # ---------------------------------------------------------------------------------------- CSL (§3)

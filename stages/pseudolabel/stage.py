@@ -33,6 +33,7 @@ from stages.pseudolabel import ops
 from stages.pseudolabel.memory import PrototypeMemory, select_confident, select_reliable
 from stages.teach import (
     MAPS,
+    SIGNAL_LEVELS,
     SignalSpec,
     decode_feature_batch,
     decode_signal_batch,
@@ -244,7 +245,8 @@ def wpl_reliable(
 
 def _s4mc_maps(cfg: S4MCOptions, s: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     kappa, kappa_refined = s["margin"], s["refined_margin"]
-    gamma0 = ops.dpa_thresholds(kappa, cfg.alpha0)  # α_t at t = 0 is α_0, per image
+    # α_t at t = 0 is α_0, per image; stored margins are multiples of 1/255
+    gamma0 = ops.dpa_thresholds(kappa, cfg.alpha0, levels=SIGNAL_LEVELS)
     return {
         "label": s["refined_label"] if cfg.label_from == "refined" else s["label"],
         "keep": kappa_refined > gamma0[:, None, None],

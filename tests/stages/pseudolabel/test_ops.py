@@ -518,14 +518,15 @@ def test_ops_run_on_device_and_keep_it(device: str) -> None:
     assert loss.device.type == device
 
 
+@pytest.mark.parametrize("levels", [None, 255])
 @pytest.mark.parametrize("alpha", [0.0, 0.4, 0.5, 0.77, 1.0])
-def test_dpa_thresholds_give_each_image_its_own_quantile(alpha: float) -> None:
+def test_dpa_thresholds_give_each_image_its_own_quantile(alpha: float, levels: int | None) -> None:
     generator = torch.Generator().manual_seed(3)
     # stored margins sit on the uint8 grid (many ties), refined ones too
     margins = torch.randint(0, 256, (4, 9, 7), generator=generator).float() / 255
     refined = torch.randint(0, 256, (4, 9, 7), generator=generator).float() / 255
     margins[2] = margins[2] * 0.1  # one image far lower than the others
-    gammas = dpa_thresholds(margins, alpha)
+    gammas = dpa_thresholds(margins, alpha, levels)
     assert gammas.shape == (4,)
     assert gammas.dtype == torch.float32
     for i in range(4):
@@ -548,3 +549,14 @@ def test_rasterize_box_batch_equals_rasterize_boxes_per_image() -> None:
         one = rasterize_boxes(boxes[mine], labels[mine], scores[mine], class_map, 6, 8, 3)
         assert torch.equal(batch[i], one)
     assert [bool(image.any()) for image in batch] == [True, True, False]
+
+
+def test_dpa_thresholds_count_levels_only_for_margins_on_the_grid() -> None:
+    generator = torch.Generator().manual_seed(5)
+    on_grid = torch.randint(0, 256, (3, 40, 30), generator=generator).float() / 255
+    off_grid = torch.rand(3, 40, 30, generator=generator)
+    for margins in (on_grid, off_grid):
+        for alpha in (0.1, 0.4, 0.9):
+            assert torch.equal(
+                dpa_thresholds(margins, alpha, levels=255), dpa_thresholds(margins, alpha)
+            )
