@@ -106,9 +106,11 @@ class TeachConfig(InferenceConfig):
     )
 
 
-def quantize(values: torch.Tensor) -> torch.Tensor:
-    """Floats in [0, 1] -> uint8 ``round(v * 255)`` on their device."""
-    return (values.clamp(0.0, 1.0) * SIGNAL_LEVELS).round_().to(torch.uint8)
+def quantize(values: torch.Tensor, levels: int = SIGNAL_LEVELS) -> torch.Tensor:
+    """Floats in [0, 1] -> ``round(v * levels)`` on their device: uint8 for up to 255 levels,
+    int32 above (:func:`stages.core.codec.quantize_unit`'s arithmetic, so the same integers)."""
+    dtype = torch.uint8 if levels <= 255 else torch.int32
+    return (values.clamp(0.0, 1.0) * levels).round_().to(dtype)
 
 
 def signal_maps(probs: torch.Tensor, spec: SignalSpec) -> dict[str, torch.Tensor]:
@@ -182,8 +184,8 @@ def decode_signal_batch(
     for name in MAPS:
         if rows[0].get(name) is None:
             continue
-        values = np.frombuffer(b"".join(r[name] for r in rows), np.uint8).reshape(shape)
-        stored = torch.from_numpy(values.copy()).to(device or "cpu")
+        values = np.concatenate([np.frombuffer(r[name], np.uint8) for r in rows])
+        stored = torch.from_numpy(values.reshape(shape)).to(device or "cpu")
         if name in ("label", "refined_label"):
             out[name] = stored.long()
             continue
@@ -214,8 +216,8 @@ def decode_feature_batch(
     if len(shapes) != 1:
         raise ValueError(f"decode_feature_batch takes rows of one feature shape, got {shapes}")
     (shape,) = shapes
-    half = np.frombuffer(b"".join(r["features"] for r in rows), np.float16)
-    return torch.from_numpy(half.reshape(len(rows), *shape).copy()).to(device or "cpu").float()
+    half = np.concatenate([np.frombuffer(r["features"], np.float16) for r in rows])
+    return torch.from_numpy(half.reshape(len(rows), *shape)).to(device or "cpu").float()
 
 
 def size_groups(heights: np.ndarray, widths: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:

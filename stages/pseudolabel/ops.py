@@ -188,16 +188,16 @@ def dpa_thresholds(margins: Tensor, alpha_t: float, levels: int | None = None) -
     lower = math.floor(position)
     frac = position - lower
 
-    q = None
+    q, q_levels = None, levels or 1
     if levels is not None:
         q = (values * levels).round().long().clamp_(0, levels)
         if not torch.equal(q.to(values.dtype) / levels, values):
             q = None  # not on the grid
 
     def order_statistic(k: int) -> Tensor:  # the k-th smallest of each image, k >= 1
-        if q is None or levels is None:
+        if q is None:
             return values.kthvalue(k, dim=1).values
-        return _counted_order_statistic(q, k, levels).to(values.dtype) / levels
+        return _counted_order_statistic(q, k, q_levels).to(values.dtype) / q_levels
 
     low = order_statistic(lower + 1)
     if frac == 0.0:

@@ -38,6 +38,7 @@ from stages.teach import (
     decode_feature_batch,
     decode_signal_batch,
     decode_signals,
+    quantize,
     signal_maps,
     size_groups,
 )
@@ -274,59 +275,46 @@ def encode_rows(
     """The table's only encoder: maps ``[B, H, W]`` of :func:`batch_policy_maps` -> ``pseudolabels``
     rows. Quantisation and coverage run batched on the maps' device; the host gets one copy of
     the uint8 maps (and one of the margins), then packs bits and encodes the label PNG per row."""
+    batch, h, w = maps["keep"].shape
+    if len(image_ids) != batch:
+        raise ValueError(f"{len(image_ids)} image ids for a batch of {batch} maps")
     keep = maps["keep"].bool()
     weight = maps["weight"].float() * keep
     offset = weight_offset(cfg)
-    batch, h, w = keep.shape
     masks = [name for name in ("trusted", "reliable") if name in maps]
+    margins = [name for name in ("margin", "refined_margin") if name in maps]
     small = torch.stack(
         [
             maps["label"].to(torch.uint8),
             keep.to(torch.uint8),
-            quantize_unit(weight, codec.WEIGHT_LEVELS).to(torch.uint8),
+            quantize(weight, codec.WEIGHT_LEVELS),
             *(maps[name].to(torch.uint8) for name in masks),
         ]
-    )
-    covered = ((weight + offset * keep) > 0).sum(dim=(1, 2))
-    host = small.cpu().numpy()
-    margins = [name for name in ("margin", "refined_margin") if name in maps]
-    wide = None
-    if margins:
-        levels = torch.stack([quantize_unit(maps[name], codec.PROB_LEVELS) for name in margins])
-        wide = levels.to(torch.int32).cpu().numpy().astype(np.uint16)
-    coverage = (covered.cpu().numpy() / float(h * w)).tolist()
-    if len(image_ids) != batch:
-        raise ValueError(f"{len(image_ids)} image ids for a batch of {batch} maps")
+    ).cpu()
+    wide = {
+        name: quantize(maps[name], codec.PROB_LEVELS).cpu().numpy().astype(np.uint16)
+        for name in margins
+    }
+    coverage = (((weight + offset * keep) > 0).sum(dim=(1, 2)).cpu() / float(h * w)).tolist()
+    host = dict(zip(["label", "keep", "weight", *masks], small.numpy(), strict=True))
     rows = []
     for i, image_id in enumerate(image_ids):
-        row: dict[str, Any] = {
+        row: dict[str, Any] = dict.fromkeys(PSEUDOLABELS_SCHEMA.names)
+        row |= {
             "image_id": image_id,
             "height": h,
             "width": w,
             "policy": cfg.policy,
-            "label": codec.encode_png(host[0, i]),
-            "keep": codec.pack_mask(host[1, i]),
-            "weight": codec.to_bytes(host[2, i]),
+            "label": codec.encode_png(host["label"][i]),
+            "keep": codec.pack_mask(host["keep"][i]),
+            "weight": codec.to_bytes(host["weight"][i]),
             "weight_offset": offset,
-            "margin": None,
-            "refined_margin": None,
-            "trusted": None,
-            "reliable": None,
             "coverage": coverage[i],
         }
-        for m, name in enumerate(masks):
-            row[name] = codec.pack_mask(host[3 + m, i])
-        for m, name in enumerate(margins):
-            assert wide is not None
-            row[name] = codec.to_bytes(wide[m, i])
+        row |= {name: codec.pack_mask(host[name][i]) for name in masks}
+        row |= {name: codec.to_bytes(wide[name][i]) for name in margins}
         rows.append(row)
     return rows
-
-
-def quantize_unit(values: torch.Tensor, levels: int) -> torch.Tensor:
-    """:func:`stages.core.codec.quantize_unit` on the values' device: round(clip(v, 0, 1) ·
-    levels) as float (same float32 arithmetic, so the same integers)."""
-    return (values.float().clamp(0.0, 1.0) * levels).round_()
 
 
 MASKS = ("keep", "trusted", "reliable")
@@ -426,8 +414,8 @@ def label_batch(
     :func:`attach_detections`).
 
     The rows of each image size are decoded into one batch on ``device`` (``"cuda"`` where the
-    task was given a GPU; CPU where the worker has no CUDA), labelled there by :func:`batch_policy_maps` and quantised by
-    :func:`encode_rows` with one copy back to the host.
+    task was given a GPU; CPU where the worker has no CUDA), labelled there by
+    :func:`batch_policy_maps` and quantised by :func:`encode_rows` with one copy back to the host.
     """
     policy = PseudolabelConfig.model_validate(cfg)
     if detections is not None:

@@ -506,7 +506,7 @@ def test_prototype_memory_matches_the_student_feature_width() -> None:
 
 
 # ------------------------------------------------------------------------- batched over images
-def _mixed_size_signals(tmp_path: Path) -> pa.Table:
+def _mixed_size_signals() -> pa.Table:
     """Signal rows (every statistic) of five images of two sizes, interleaved, with detections."""
     torch.manual_seed(1)
     model = build_segmenter(arch="lraspp_mobilenet_v3_large", num_classes=3)
@@ -536,9 +536,9 @@ def _mixed_size_signals(tmp_path: Path) -> pa.Table:
 
 @pytest.mark.parametrize("policy", ["threshold", "s4mc", "csl", "wpl"])
 def test_label_batch_over_mixed_sizes_equals_one_image_at_a_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, policy: str
+    monkeypatch: pytest.MonkeyPatch, policy: str
 ) -> None:
-    signals = _mixed_size_signals(tmp_path)
+    signals = _mixed_size_signals()
     prototypes = np.random.default_rng(2).random((3, 128)).astype(np.float32)
     prototypes[0] = np.nan
     cfg = PseudolabelConfig(policy=policy).model_dump()
