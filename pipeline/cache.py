@@ -19,6 +19,8 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 from pipeline.config import PipelineConfig
@@ -28,15 +30,17 @@ from stages.core.cache import (
     ATTEMPTS,
     ENTRY_FILE,
     POOL,
+    POOL_SCHEMAS,
     CacheEntry,
     cache_key,
     file_digest,
     modified,
     output_dataset,
     output_files,
+    pool_schema,
     pool_schemas,
 )
-from stages.core.storage import Storage, StorageError
+from stages.core.storage import Storage, StorageError, check_schema, id_digest
 from stages.ingest.folder import listing_digest
 from stages.ingest.sources import enumerate_source
 
@@ -237,6 +241,80 @@ def verify_entry(storage: Storage, entry: Entry) -> list[str]:
         except StorageError as exc:
             problems.append(f"{name}: {exc}")
     return problems
+
+
+@dataclass(frozen=True)
+class PoolProblem:
+    """A committed inference shard (``manifest``: its ``.json``) that cannot be trusted."""
+
+    stage: str
+    manifest: str
+    problem: str
+
+
+def verify_pools(storage: Storage) -> list[PoolProblem]:
+    """Every committed shard of every shard pool against its manifest: the manifest parses,
+    the file is there, readable, with the stage's Arrow schema and the manifest's rows and ids.
+    A damaged shard would otherwise be reused by the next run over the same images."""
+    problems = []
+    for stage in POOL_SCHEMAS:
+        schema = pool_schema(stage)[1]
+        for family in _children(storage, storage.path("cache", stage, POOL)):
+            for info in _children(storage, family["name"]):
+                path = info["name"]
+                if path.endswith(".json"):
+                    problem = _shard_problem(storage, path, schema)
+                    if problem is not None:
+                        problems.append(PoolProblem(stage, path, problem))
+    return problems
+
+
+def _shard_problem(storage: Storage, manifest_path: str, schema: Any) -> str | None:
+    try:
+        manifest = storage.read_json(manifest_path)
+        path = posixpath.join(posixpath.dirname(manifest_path), manifest["file"])
+        with storage.fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            check_schema(parquet.schema_arrow, schema, f"shard {path}")
+            ids = parquet.read(columns=["image_id"]).column(0).to_pylist()
+    except FileNotFoundError as exc:
+        return f"missing file {exc.filename or exc}"
+    except (KeyError, TypeError, OSError, pa.ArrowInvalid, StorageError) as exc:
+        return f"unreadable: {exc}"
+    if len(ids) != manifest.get("rows") or id_digest(ids) != manifest.get("id_digest"):
+        return f"shard {path} holds {len(ids)} rows or ids other than its manifest's"
+    return None
+
+
+@dataclass(frozen=True)
+class Repair:
+    """What ``cache verify --repair`` removed: a damaged entry's record (the next run
+    recomputes the entry) or a damaged shard (the next run infers its images again)."""
+
+    path: str
+    why: str
+
+
+def repair(
+    storage: Storage, entries: dict[tuple[str, str], list[str]], shards: list[PoolProblem]
+) -> list[Repair]:
+    """Uncommit what verification found damaged, so that nothing reuses it and the next run
+    recomputes it: each damaged shard's manifest first (then its file), then each damaged
+    entry's ``_ENTRY.json`` (its files stay until ``cache gc``). Entries are given as
+    ``(stage, key) -> problems``."""
+    removed = []
+    for shard in shards:
+        data = shard.manifest.removesuffix(".json") + ".parquet"
+        for path in (shard.manifest, data):
+            if storage.fs.exists(path):
+                storage.fs.rm_file(path)
+                removed.append(Repair(path, f"damaged {shard.stage} shard: {shard.problem}"))
+    for (stage, key), problems in entries.items():
+        record = CacheEntry(storage, stage, key).record_path
+        if problems and storage.fs.exists(record):
+            storage.fs.rm_file(record)
+            removed.append(Repair(record, f"damaged {stage} entry: {problems[0]}"))
+    return removed
 
 
 # ------------------------------------------------------------------------------ output checks

@@ -418,22 +418,40 @@ def cache_ls(root: str) -> None:
 
 @cache.command("verify")
 @root_option
-def cache_verify(root: str) -> None:
-    """Check every entry's manifests against its data; exit 1 if any is damaged."""
-    from pipeline.cache import iter_entries, verify_entry
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="uncommit what is damaged (entries' records, pool shards) so the next run recomputes it",
+)
+def cache_verify(root: str, repair: bool) -> None:
+    """Check every entry and pool shard against its data; exit 1 if any is damaged (0 once
+    ``--repair`` uncommitted them all)."""
+    from pipeline.cache import iter_entries, verify_entry, verify_pools
+    from pipeline.cache import repair as uncommit
     from pipeline.runner import resolve_root
     from stages.core.storage import Storage
 
     storage = Storage(resolve_root(root))
-    bad = 0
     entries = list(iter_entries(storage))
+    damaged = {}
     for entry in entries:
         problems = verify_entry(storage, entry)
-        bad += bool(problems)
+        if problems:
+            damaged[entry.stage, entry.key] = problems
         for problem in problems:
             click.echo(f"DAMAGED {entry.stage} {entry.key[:12]}: {problem}")
-    click.echo(f"{len(entries)} entries checked, {bad} damaged")
-    if bad:
+    shards = verify_pools(storage)
+    for shard in shards:
+        click.echo(f"DAMAGED {shard.stage} shard {shard.manifest}: {shard.problem}")
+    click.echo(
+        f"{len(entries)} entries checked, {len(damaged)} damaged; {len(shards)} damaged shards"
+    )
+    if repair:
+        for item in uncommit(storage, damaged, shards):
+            click.echo(f"removed {item.path} ({item.why})")
+        if damaged or shards:
+            click.echo("repaired: the next run recomputes what was removed")
+    elif damaged or shards:
         sys.exit(1)
 
 

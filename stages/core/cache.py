@@ -55,7 +55,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.core.storage import DatasetRef, Storage, StorageError, check_schema, id_digest
+from stages.core.storage import (
+    CorruptFile,
+    DatasetRef,
+    Storage,
+    StorageError,
+    check_schema,
+    id_digest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -383,8 +390,12 @@ class ShardPool:
             return []
         shards = []
         for path in sorted(p for p in fs.ls(self.directory, detail=False) if p.endswith(".json")):
-            manifest = self.storage.read_json(path)
-            if manifest.get("family") != self.family:
+            try:
+                manifest = self.storage.read_json(path)
+            except CorruptFile as exc:
+                logger.warning("skipping a damaged shard manifest: %s", exc)
+                continue
+            if manifest.get("family") != self.family or "file" not in manifest:
                 continue
             manifest["path"] = posixpath.join(self.directory, manifest["file"])
             shards.append(manifest)
@@ -433,6 +444,7 @@ def write_shard(
     storage.fs.makedirs(directory, exist_ok=True)
     with storage.fs.open(path, "wb") as handle:
         pq.write_table(table, handle, compression="zstd")
+    _check_written(storage, path, table.num_rows)
     storage.sync([path])
     ids = table.column("image_id").to_pylist()
     manifest = {
@@ -446,3 +458,15 @@ def write_shard(
     if not storage.create_exclusive(posixpath.join(directory, f"{name}.json"), manifest):
         raise StorageError(f"shard name collision at {path}")
     return pa.table({"shard": [path], "rows": [table.num_rows]})
+
+
+def _check_written(storage: Storage, path: str, rows: int) -> None:
+    """Read back a shard's footer before its manifest vouches for it: a write that lost its
+    tail without an error (no footer, or another row count) is refused, naming the file."""
+    try:
+        with storage.fs.open(path, "rb") as handle:
+            found = pq.ParquetFile(handle).metadata.num_rows
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise CorruptFile(f"shard {path}: unreadable right after it was written: {exc}") from exc
+    if found != rows:
+        raise CorruptFile(f"shard {path}: {found} rows right after writing {rows}")

@@ -18,6 +18,7 @@ crash of the machine never leaves a marker over data the disk does not hold yet.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,8 +35,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 logger = logging.getLogger(__name__)
+
+# ``faults://``: a local folder that fails on purpose (stages.core.faults), known to every process
+# that touches storage, Ray workers included.
+fsspec.register_implementation("faults", "stages.core.faults.FaultyFileSystem", clobber=True)
 
 MANIFEST = "_manifest.json"
 COMMITTED = "_COMMITTED"
@@ -44,6 +50,10 @@ _SAFE_PART = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 
 class StorageError(RuntimeError):
     """A dataset is missing, uncommitted or inconsistent with its manifest."""
+
+
+class CorruptFile(StorageError, ValueError):
+    """A stored file that does not parse (a torn or truncated write): named, never trusted."""
 
 
 def id_digest(image_ids: Iterable[str]) -> str:
@@ -78,7 +88,10 @@ class Storage:
 
     @property
     def is_local(self) -> bool:
-        return "file" in _protocols(self.fs)
+        """Paths are this machine's files (``file``, or a local filesystem under another
+        protocol such as ``faults``): fsync and hard links apply."""
+        fs = self.fs
+        return "file" in _protocols(fs) or isinstance(fs, LocalFileSystem)
 
     def path(self, *parts: str) -> str:
         """A path below the root; each part must be a plain name (no separators, no ``..``)."""
@@ -86,7 +99,7 @@ class Storage:
 
     def arrow_fs(self) -> pafs.FileSystem:
         """A pyarrow filesystem over the same root, for pyarrow and Ray Data readers/writers."""
-        if self.is_local:
+        if type(self.fs) is LocalFileSystem:
             return pafs.LocalFileSystem()
         return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
@@ -122,13 +135,13 @@ class Storage:
         data = json.dumps(payload, indent=2, sort_keys=True).encode()
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         if self.is_local:
-            temp = _write_temp(path, data)
+            temp = self._write_temp(path, data)
             try:
                 os.link(temp, path)  # fails if ``path`` exists; the content is complete
             except FileExistsError:
                 return False
             finally:
-                os.unlink(temp)
+                self._discard(temp)
             self.sync_directory(path)
             return True
         try:
@@ -138,18 +151,47 @@ class Storage:
         return True
 
     def read_json(self, path: str) -> dict[str, Any]:
-        with self.fs.open(path, "r") as handle:
-            data: dict[str, Any] = json.load(handle)
-        return data
+        """A JSON object written by :meth:`write_json` or :meth:`create_exclusive`; raises
+        :class:`CorruptFile` naming ``path`` when it does not parse or is not an object."""
+        data = self.read_bytes(path)
+        try:
+            payload = json.loads(data)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise CorruptFile(f"{path}: not valid JSON ({len(data)} bytes): {exc}") from exc
+        if not isinstance(payload, dict):
+            raise CorruptFile(f"{path}: holds a {type(payload).__name__}, not an object")
+        return payload
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a whole file so that readers see the old content or the new, never a part."""
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         if self.is_local:
-            os.replace(_write_temp(path, data), path)
+            temp = self._write_temp(path, data)
+            try:
+                self.fs.mv(temp, path)  # a rename: readers see the old file or the new one
+            except BaseException:
+                self._discard(temp)
+                raise
             self.sync_directory(path)
             return
         self.fs.pipe_file(path, data)  # one PUT: atomic on object stores
+
+    def _write_temp(self, path: str, data: bytes) -> str:
+        """Local filesystems: write ``data`` to a new file next to ``path``; return its path."""
+        temp = f"{path}.{secrets.token_hex(6)}.tmp"
+        try:
+            with self.fs.open(temp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())  # the content is on disk before any name points at it
+        except BaseException:
+            self._discard(temp)
+            raise
+        return temp
+
+    def _discard(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(path)
 
     def sync_directory(self, path: str) -> None:
         """On a local filesystem, fsync the directory holding ``path`` (a new name in it)."""
@@ -179,16 +221,6 @@ def check_schema(actual: pa.Schema, expected: pa.Schema, what: str) -> None:
     if not differences:  # same columns and types, another order or nullability
         differences = [f"columns {actual.names}, expected {expected.names}"]
     raise StorageError(f"{what}: schema differs from the expected one: {'; '.join(differences)}")
-
-
-def _write_temp(path: str, data: bytes) -> str:
-    """Write ``data`` to a new file next to ``path`` (same filesystem); return its path."""
-    temp = f"{path}.{secrets.token_hex(6)}.tmp"
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())  # the content is on disk before any name points at it
-    return temp
 
 
 def _fsync(path: str, flags: int) -> None:
@@ -268,11 +300,18 @@ class DatasetRef:
         fs = self.storage.fs
         files, ids = [], []
         for shard in shards:
-            with fs.open(shard, "rb") as handle:
-                parquet = pq.ParquetFile(handle)
-                if schema is not None:
-                    check_schema(parquet.schema_arrow, schema, f"dataset {self.name!r}: {shard}")
-                table = parquet.read(columns=[id_column])
+            try:
+                with fs.open(shard, "rb") as handle:
+                    parquet = pq.ParquetFile(handle)
+                    if schema is not None:
+                        check_schema(
+                            parquet.schema_arrow, schema, f"dataset {self.name!r}: {shard}"
+                        )
+                    table = parquet.read(columns=[id_column])
+            except (OSError, pa.ArrowInvalid) as exc:  # a torn or truncated file
+                raise CorruptFile(
+                    f"dataset {self.name!r}: shard {shard} unreadable: {exc}"
+                ) from exc
             files.append({"path": self.storage.relative(shard), "rows": table.num_rows})
             ids.extend(table.column(id_column).to_pylist())
         if len(ids) != len(set(ids)):

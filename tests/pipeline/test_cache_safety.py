@@ -438,7 +438,7 @@ def test_cache_ls_verify_and_gc_report_and_collect_damaged_entries(tmp_path: Pat
         f"DAMAGED teach {'b' * 12}: damaged entry: _ENTRY.json does not parse (0 bytes): "
         "Expecting value: line 1 column 1 (char 0)",
         f"DAMAGED teach {'c' * 12}: damaged entry: signals: {manifest} is missing",
-        "3 entries checked, 2 damaged",
+        "3 entries checked, 2 damaged; 0 damaged shards",
     ]
     everything = {"a" * 64, "b" * 64, "c" * 64}
     assert collect_garbage(storage, everything, min_age_s=HOUR, delete=True) == []  # too young
