@@ -118,7 +118,15 @@ def final_round(config: PipelineConfig) -> Round:
 
 
 # Settings that change how a stage runs but never what it produces.
-TRAIN_EXECUTION = {"log_every", "checkpoint_every", "max_failures", "workers", "weights", "enabled"}
+TRAIN_EXECUTION = {
+    "log_every",
+    "checkpoint_every",
+    "max_failures",
+    "workers",
+    "resources",
+    "weights",
+    "enabled",
+}
 INFERENCE_EXECUTION = set(InferenceConfig.model_fields)
 
 

@@ -23,6 +23,7 @@ from stages.core.inference import (
     predict_into_pool,
 )
 from stages.core.storage import DatasetRef
+from stages.core.training import hold_point
 
 DETECTIONS_SCHEMA = pa.schema(
     [
@@ -63,6 +64,7 @@ class DetectorPredictor:
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        hold_point("detect")
         images = [torch.from_numpy(i).to(self.device).float() / 255.0 for i in batch["image"]]
         outputs = self.backend.predict(self.model, images)
         rows: list[dict[str, Any]] = []

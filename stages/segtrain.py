@@ -50,6 +50,7 @@ from stages.core.training import (
     CHECKPOINT_FILE,
     endless_batches,
     fit,
+    hold_point,
     inject_fault,
     restore_rng,
     rng_state,
@@ -91,6 +92,11 @@ class SegTrainConfig(StrictModel):
         2, ge=0, description="worker-group restarts, each resuming from the last checkpoint"
     )
     workers: int = Field(1, ge=1, description="Ray Train workers (execution only)")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each worker needs besides its CPU or GPU (execution "
+        "only), e.g. {trainer_node: 1} to keep workers on the nodes that advertise it",
+    )
     weights: str | None = Field(None, description="skip training and load this checkpoint file")
     schedule: Literal["poly", "cosine"] = Field("poly", description="learning-rate decay to 0")
     amp: bool = Field(True, description="float16 autocast and loss scaling on CUDA (CPU: off)")
@@ -516,8 +522,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     post = Poster(loop_config.get("progress") if rank == 0 else None, cfg.steps, start)
     log_lines = rank == 0 and loop_config.get("log_lines", True)
     started, window = time.perf_counter(), []
+    kind = "student" if isinstance(cfg, StudentConfig) else "teacher"
     for step in range(start, cfg.steps):
         inject_fault(step, "segmenter")
+        hold_point(kind, step)
         stats = train_step(learner, next(labeled), next(unlabeled) if unlabeled else None, step)
         window.append(stats)
         post(step + 1, {k: stats[k] for k in ("loss_s", "loss_u")})
@@ -686,6 +694,7 @@ def run_segmenter(
         storage=storage,
         name=name,
         max_failures=cfg.max_failures,
+        resources=cfg.resources,
     )
     storage.write_bytes(out_path, blob)
     return {"trained_steps": float(cfg.steps)}

@@ -45,6 +45,7 @@ from stages.core.config import StrictModel
 from stages.core.inference import InferenceConfig, load_model, pick_device, predict_into_pool
 from stages.core.models import segment_with_features
 from stages.core.storage import DatasetRef
+from stages.core.training import hold_point
 from stages.pseudolabel import ops
 
 logger = logging.getLogger(__name__)
@@ -275,6 +276,7 @@ class TeacherPredictor:
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        hold_point("teach")
         images = data.normalize(torch.from_numpy(batch["image"]).to(self.device))
         if self.dtype is not None:
             images = images.contiguous(memory_format=torch.channels_last)

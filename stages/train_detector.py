@@ -32,6 +32,7 @@ from stages.core.models import build_detector, make_checkpoint
 from stages.core.progress import Poster
 from stages.core.training import (
     endless_batches,
+    hold_point,
     inject_fault,
     restore_rng,
     rng_state,
@@ -82,6 +83,11 @@ class DetectorConfig(StrictModel):
         2, ge=0, description="worker-group restarts, each resuming from the last checkpoint"
     )
     workers: int = Field(1, ge=1)
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each worker needs besides its CPU or GPU (execution "
+        "only), e.g. {trainer_node: 1} to keep workers on the nodes that advertise it",
+    )
     weights: str | None = None
 
     @model_validator(mode="before")
@@ -241,6 +247,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     started, losses = time.perf_counter(), []
     for step in range(start, cfg.steps):
         inject_fault(step, "detector")
+        hold_point("detector", step)
         losses.append(detector_step(learner, next(batches), step))
         post(step + 1, {"loss": losses[-1]})
         last = step + 1 == cfg.steps
@@ -338,6 +345,7 @@ def run(
         storage=storage,
         name=name,
         max_failures=cfg.max_failures,
+        resources=cfg.resources,
     )
     storage.write_bytes(out_path, blob)
     return {"trained_steps": float(cfg.steps)}

@@ -106,6 +106,7 @@ class RayHead:
     address: str  # the dashboard / Jobs API URL
     token: str
     env: dict[str, str]  # an environment for a CLI process that talks to this head
+    gcs_address: str = ""  # host:port, what `ray start --address` and ray.init join
 
 
 @contextlib.contextmanager
@@ -128,10 +129,10 @@ def ray_head(
     }
     for name in ("RAY_ADDRESS", *drop):
         env.pop(name, None)
-    dashboard = free_port()
+    dashboard, gcs_port = free_port(), free_port()
     args = [
         str(VENV_BIN / "ray"), "start", "--head", "--block",
-        "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+        "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={free_port()}",
         f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
@@ -148,11 +149,148 @@ def ray_head(
         wait_for_http(f"{address}/api/version", process, log)
         client_env = {k: v for k, v in env.items() if k not in {"RAY_AUTH_TOKEN", "PATH"}}
         client_env["PATH"] = os.environ.get("PATH", "")
-        yield RayHead(address=address, token=token, env=client_env)
+        yield RayHead(address, token, client_env, gcs_address=f"127.0.0.1:{gcs_port}")
     finally:
         stop_group(process, timeout=10)
         kill_mentioning(str(temp))
         shutil.rmtree(temp, ignore_errors=True)
+
+
+class RayNode:
+    """A second Ray node (``ray start --address --block``) joined to a head on this machine, in
+    its own process group; every process it starts (raylet, agents, workers) carries a unique
+    environment variable, so :meth:`kill` can take all of them down at once by process id, as a
+    node that loses power would go (never ``ray stop``, which would stop every Ray here)."""
+
+    TAG = "PSEUDOFLOW_TEST_NODE"
+    LABEL = "pseudoflow_test_node"
+
+    def __init__(self, process: subprocess.Popen, tag: str, log: Path):
+        self.process, self.tag, self.log = process, tag, log
+
+    def pids(self) -> list[int]:
+        """Every live process of this node (the ``ray start`` process first)."""
+        needle = f"{self.TAG}={self.tag}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if needle in (entry / "environ").read_bytes().split(b"\0"):
+                        found.append(int(entry.name))
+        return sorted(found, key=lambda pid: pid != self.process.pid)
+
+    def kill(self) -> list[int]:
+        """SIGKILL every process of the node (its process group, then any straggler carrying its
+        tag) and wait until none is left; returns the pids killed."""
+        pids = self.pids()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        kill_with_env(self.TAG, self.tag)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10)
+        return pids
+
+
+@contextlib.contextmanager
+def ray_node(
+    head: RayHead,
+    *,
+    num_cpus: int,
+    resources: dict[str, float] | None = None,
+    extra_env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> Iterator[RayNode]:
+    """Join a second node to ``head`` (127.0.0.1, its own ports) with ``num_cpus`` CPUs, the
+    custom ``resources`` and ``extra_env`` in its workers' environment; wait until the head
+    lists it alive. Killed (by process id) on exit if still running."""
+    import json
+
+    tag = secrets.token_hex(8)
+    env = {
+        **os.environ,
+        **head.env,
+        "RAY_AUTH_TOKEN": head.token,
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        KEEP_IDLE_WORKERS[0]: KEEP_IDLE_WORKERS[1],
+        RayNode.TAG: tag,
+        **(extra_env or {}),
+    }
+    env.pop("RAY_ADDRESS", None)
+    low = free_port()
+    while not all(_port_free(port) for port in range(low, low + 16)):
+        low = free_port()
+    args = [
+        str(VENV_BIN / "ray"), "start", "--block", f"--address={head.gcs_address}",
+        "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+        f"--resources={json.dumps(resources or {})}",
+        f"--labels={json.dumps({RayNode.LABEL: tag})}",
+        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+        f"--min-worker-port={low}", f"--max-worker-port={low + 15}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", "--disable-usage-stats",
+    ]  # fmt: skip
+    log = Path(tempfile.mkstemp(prefix="pfnode-", suffix=".log", dir="/tmp")[1])
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    node = RayNode(process, tag, log)
+    try:
+        wait_for_node(head, tag, "ALIVE", process, log, timeout)
+        yield node
+    finally:
+        node.kill()
+        log.unlink(missing_ok=True)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def node_states(head: RayHead) -> dict[str, str]:
+    """Every node the head knows: its ``pseudoflow_test_node`` label (``head`` for the head
+    node) -> ALIVE or DEAD (Ray's State API, through the dashboard)."""
+    import json
+
+    request = urllib.request.Request(
+        f"{head.address}/api/v0/nodes?detail=1&limit=1000",
+        headers={"Authorization": f"Bearer {head.token}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        nodes = json.loads(answer.read())["data"]["result"]["result"]
+    states: dict[str, str] = {}
+    for node in nodes:
+        name = "head" if node["is_head_node"] else node["labels"].get(RayNode.LABEL, "?")
+        if states.get(name) != "ALIVE":
+            states[name] = node["state"]
+    return states
+
+
+def wait_for_node(
+    head: RayHead,
+    tag: str,
+    state: str,
+    process: subprocess.Popen | None = None,
+    log: Path | None = None,
+    timeout: float = 120,
+) -> float:
+    """Wait until the head reports the node labelled ``tag`` in ``state`` (ALIVE, DEAD);
+    returns the seconds it took."""
+    started = time.monotonic()
+    while time.monotonic() < started + timeout:
+        if state == "ALIVE" and process is not None and process.poll() is not None:
+            raise RuntimeError(f"ray start exited ({process.returncode}):\n{_tail(log)}")
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if node_states(head).get(tag) == state:
+                return time.monotonic() - started
+        time.sleep(0.5)
+    raise TimeoutError(f"node {tag} not {state} within {timeout:.0f} s:\n{_tail(log)}")
 
 
 def _as_user(args: list[str]) -> list[str]:

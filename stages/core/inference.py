@@ -30,6 +30,11 @@ class InferenceConfig(StrictModel):
     shard_rows: int = Field(
         256, ge=1, description="rows per committed shard: what a killed run can lose"
     )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each actor needs, e.g. {gpu_node: 1} to keep the "
+        "actors on the nodes that advertise it",
+    )
 
 
 def decode_for_inference(batch: dict[str, np.ndarray], image_size: int) -> dict[str, Any]:
@@ -108,6 +113,7 @@ def predict_split(
             num_gpus=cfg.gpus_per_actor,
             batch_size=cfg.batch_size,
             batch_format="numpy",
+            **({"resources": dict(cfg.resources)} if cfg.resources else {}),
         )
 
 

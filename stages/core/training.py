@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,13 @@ def fit(
     storage: Storage,
     name: str,
     max_failures: int = 0,
+    resources: dict[str, float] | None = None,
 ) -> bytes:
     """Train with ``workers`` Ray Train workers; return the final checkpoint file's bytes.
 
     ``name`` identifies the run under ``<root>/ray_train``: a rerun with the same name resumes
-    from its latest checkpoint.
+    from its latest checkpoint. ``resources``: custom Ray resources each worker needs besides its
+    CPU (or GPU), e.g. ``{"trainer_node": 1}`` to keep workers on the nodes that advertise it.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -53,7 +56,11 @@ def fit(
         trainer = TorchTrainer(
             loop,
             train_loop_config={**loop_config, **progress},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+            scaling_config=ScalingConfig(
+                num_workers=workers,
+                use_gpu=use_gpu,
+                resources_per_worker=worker_resources(use_gpu, resources),
+            ),
             run_config=run_config,
             datasets=datasets,
         )
@@ -62,6 +69,15 @@ def fit(
         raise RuntimeError(f"training run {name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         return (Path(folder) / CHECKPOINT_FILE).read_bytes()
+
+
+def worker_resources(use_gpu: bool, resources: dict[str, float] | None) -> dict[str, float] | None:
+    """Ray Train's ``resources_per_worker``: its default (one CPU, or one GPU) plus the custom
+    ``resources``; ``None`` (the default alone) without any. Ray Train drops the default CPU
+    once any resource is named, so it is named here."""
+    if not resources:
+        return None
+    return {("GPU" if use_gpu else "CPU"): 1.0, **resources}
 
 
 def worker_logging() -> None:
@@ -99,6 +115,39 @@ def inject_fault(step: int, kind: str) -> None:
     if step == int(at) and not os.path.exists(marker):
         Path(marker).write_text(f"killed at step {step}\n")
         os._exit(1)
+
+
+# Holding for tests: "<kind>:<n>:<marker prefix>" makes the first process of <kind> (teacher,
+# student, detector: a training worker at step <n>; detect, teach: an inference actor at its
+# <n>-th batch) write "<marker prefix>.<kind>" (its pid) and sleep, so that a test can kill its
+# node at a known moment; a restarted process that finds the marker goes on. Workers read it from
+# their own environment: set on one node (its `ray start`), it holds only what runs there.
+HOLD_ENV = "PSEUDOFLOW_HOLD_AT"
+HOLD_SECONDS = 600.0  # then go on: a test that never kills must not hang for ever
+_held_calls: dict[str, int] = {}
+
+
+def hold_point(kind: str, step: int | None = None) -> None:
+    """Hold here as ``PSEUDOFLOW_HOLD_AT`` says (unset, as outside tests: nothing). ``step``:
+    the training step; ``None``: count this process's calls (an actor's batches) from 1."""
+    spec = os.environ.get(HOLD_ENV)
+    if not spec:
+        return
+    which, at, prefix = spec.split(":", 2)
+    if which != kind:
+        return
+    if step is None:
+        step = _held_calls[kind] = _held_calls.get(kind, 0) + 1
+    marker = Path(f"{prefix}.{kind}")
+    if step != int(at) or marker.exists():
+        return
+    partial = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+    partial.write_text(f"{os.getpid()}\n")
+    partial.rename(marker)  # whole or absent for the test that watches it
+    logger.info("holding %s at %d (pid %d) for a test to kill", kind, step, os.getpid())
+    deadline = time.monotonic() + HOLD_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
