@@ -125,6 +125,7 @@ TRAIN_EXECUTION = {
     "workers",
     "resources",
     "weights",
+    "init",  # its content digest is a field of its own
     "enabled",
 }
 INFERENCE_EXECUTION = set(InferenceConfig.model_fields)
@@ -170,13 +171,17 @@ def _train_fields(ctx: Context, section: BaseModel, weights: str | None) -> dict
     base = {"num_classes": ctx.config.data.num_classes}
     if weights:
         return {**base, "arch": getattr(section, "arch", None), "weights": given_weights(weights)}
-    return {
+    fields = {
         **base,
         "train": semantic(section, TRAIN_EXECUTION),
         "labeled": ctx.digest("images", "labeled"),
         "image_size": ctx.config.data.image_size,
         "seed": ctx.config.seed,
     }
+    init = getattr(section, "init", None)
+    if init:  # the pretrained weights by content, wherever they are read from
+        fields["init"] = given_weights(init)
+    return fields
 
 
 def _ingest_fields(ctx: Context) -> dict[str, Any]:
@@ -275,22 +280,28 @@ def check_splits(config: PipelineConfig, counts: dict[str, int], where: str) -> 
 def check_weights(config: PipelineConfig) -> None:
     """Every weights file the config names exists (local path or fsspec URL): refuse before any
     work, not when its stage starts after ingest."""
-    sections = {"teacher": config.teacher.weights, "student": config.student.weights}
+    sections: dict[str, segtrain.SegTrainConfig | train_detector.DetectorConfig] = {
+        "teacher": config.teacher,
+        "student": config.student,
+    }
     if config.detector.enabled:
-        sections["detector"] = config.detector.weights
-    for section, path in sections.items():
-        if path is None:
-            continue
-        try:
-            fs, inner = fsspec.core.url_to_fs(path)
-            found = fs.isfile(inner)
-        except (OSError, ValueError) as exc:
-            raise SourceError(f"{section}.weights={path!r} cannot be read: {exc}") from exc
-        if not found:
-            raise SourceError(
-                f"{section}.weights={path!r} does not exist: give a checkpoint file (local path "
-                "or URL), or leave it unset to train"
-            )
+        sections["detector"] = config.detector
+    for section, cfg in sections.items():
+        for key, path in (("weights", cfg.weights), ("init", cfg.init)):
+            if path is None:
+                continue
+            try:
+                fs, inner = fsspec.core.url_to_fs(path)
+                found = fs.isfile(inner)
+            except (OSError, ValueError) as exc:
+                raise SourceError(f"{section}.{key}={path!r} cannot be read: {exc}") from exc
+            if not found:
+                what = {
+                    "weights": "a checkpoint file (local path or URL), or leave it unset to train",
+                    "init": "a state dict file (local path or URL), or leave it unset to train "
+                    "from random weights",
+                }[key]
+                raise SourceError(f"{section}.{key}={path!r} does not exist: give {what}")
 
 
 def split_counts(items: list[SourceItem]) -> dict[str, int]:

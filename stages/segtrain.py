@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -42,6 +42,15 @@ from stages.core.models import (
     segment_logits,
     segment_with_features,
     unwrap,
+)
+from stages.core.pretrained import (
+    SEGMENTER,
+    apply_state,
+    check_init_or_weights,
+    decode_state,
+    encode_state,
+    load_init,
+    param_groups,
 )
 from stages.core.progress import Poster
 from stages.core.storage import DatasetRef, Storage
@@ -98,6 +107,18 @@ class SegTrainConfig(StrictModel):
         "only), e.g. {trainer_node: 1} to keep workers on the nodes that advertise it",
     )
     weights: str | None = Field(None, description="skip training and load this checkpoint file")
+    init: str | None = Field(
+        None,
+        description="start training from these weights (local path or URL): a torchvision-shaped "
+        "state dict of the whole network (heads of another class count re-initialised, an aux "
+        "head dropped) or of its backbone's classification network, e.g. ImageNet resnet50",
+    )
+    backbone_lr: float = Field(
+        1.0,
+        gt=0,
+        description="the backbone's learning rate as a fraction of lr (fine-tuning recipes: "
+        "UniMatch's heads learn at 10 times the backbone's rate, i.e. 0.1)",
+    )
     schedule: Literal["poly", "cosine"] = Field("poly", description="learning-rate decay to 0")
     amp: bool = Field(True, description="float16 autocast and loss scaling on CUDA (CPU: off)")
     grad_clip: float | None = Field(
@@ -111,6 +132,11 @@ class SegTrainConfig(StrictModel):
     def _known_arch(cls, value: str) -> str:
         check_arch(value)  # at config time, not after ingest
         return value
+
+    @model_validator(mode="after")
+    def _init_or_weights(self) -> SegTrainConfig:
+        check_init_or_weights(self.init, self.weights)
+        return self
 
 
 class StrongViewConfig(StrictModel):
@@ -258,8 +284,10 @@ def new_learner(
     seed: int,
     device: torch.device,
     policy: PseudolabelConfig | None = None,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> Learner:
-    """A fresh network (random weights) and optimizer on ``device``; a student (alpha > 0)
+    """A fresh network (random weights, then ``init``'s tensors where given: see
+    :mod:`stages.core.pretrained`) and optimizer on ``device``; a student (alpha > 0)
     under WPL also gets its prototype memory, and with ``ema`` > 0 the EMA of its weights
     (parameters and buffers, so BatchNorm's statistics too). The network is in
     ``fastconv.training_layout``: channels-last, its dilated depthwise layers with the faster CPU
@@ -267,10 +295,13 @@ def new_learner(
     torch.manual_seed(seed)
     policy = policy or PseudolabelConfig()
     alpha = cfg.alpha if isinstance(cfg, StudentConfig) else 0.0
-    model, _ = fastconv.training_layout(
-        build_segmenter(arch=cfg.arch, num_classes=num_classes), device
+    network = build_segmenter(arch=cfg.arch, num_classes=num_classes)
+    if init is not None:  # pretrained tensors, before the optimizer and the EMA see the network
+        apply_state(network, init)
+    model, _ = fastconv.training_layout(network, device)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.backbone_lr), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = None
     if isinstance(cfg, StudentConfig) and cfg.ema > 0:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
@@ -314,7 +345,7 @@ def train_step(
     """
     cfg, policy, memory, device = learner.cfg, learner.policy, learner.memory, learner.device
     for group in learner.optimizer.param_groups:
-        group["lr"] = learning_rate(cfg, step)
+        group["lr"] = learning_rate(cfg, step) * group.get("lr_scale", 1.0)
     images, lab = _weak_view(labeled, learner)
     views, targets = [data.normalize(images)], [lab]
     if unlabeled is not None:
@@ -506,6 +537,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         seed=loop_config["seed"] + rank,
         device=ray.train.torch.get_device(),
         policy=PseudolabelConfig.model_validate(loop_config.get("pseudolabel", {})),
+        init=decode_state(loop_config["init"]) if loop_config.get("init") else None,
     )
     start = _restore(learner, rank)
     learner.model = ray.train.torch.prepare_model(learner.model)
@@ -685,6 +717,14 @@ def run_segmenter(
         storage.write_bytes(out_path, blob)
         return {"trained_steps": 0.0}
     loop_config = {"train": cfg.model_dump(), "num_classes": num_classes, **loop_extra}
+    metrics = {"trained_steps": float(cfg.steps)}
+    if cfg.init:  # mapped here, once: a file that does not fit fails before any worker starts
+        report = load_init(
+            build_segmenter(arch=cfg.arch, num_classes=num_classes), cfg.init, SEGMENTER
+        )
+        logger.info("%s: init %s", name, report.summary())
+        loop_config["init"] = encode_state(report.loaded)
+        metrics.update(report.metrics())
     blob = fit(
         train_loop,
         loop_config=loop_config,
@@ -697,4 +737,4 @@ def run_segmenter(
         resources=cfg.resources,
     )
     storage.write_bytes(out_path, blob)
-    return {"trained_steps": float(cfg.steps)}
+    return metrics

@@ -29,6 +29,16 @@ from stages.core.detectors import (
     detector_backend,
 )
 from stages.core.models import build_detector, make_checkpoint
+from stages.core.pretrained import (
+    DETECTRON2_DETECTOR,
+    TORCHVISION_DETECTOR,
+    Layout,
+    apply_state,
+    check_init_or_weights,
+    decode_state,
+    encode_state,
+    load_init,
+)
 from stages.core.progress import Poster
 from stages.core.training import (
     endless_batches,
@@ -88,7 +98,13 @@ class DetectorConfig(StrictModel):
         description="custom Ray resources each worker needs besides its CPU or GPU (execution "
         "only), e.g. {trainer_node: 1} to keep workers on the nodes that advertise it",
     )
-    weights: str | None = None
+    weights: str | None = Field(None, description="skip training and load this checkpoint file")
+    init: str | None = Field(
+        None,
+        description="start training from these weights (local path or URL): a state dict of the "
+        "whole detector (torchvision's COCO Faster R-CNN: its box predictor re-initialised for "
+        "this class count) or of its backbone's classification network, e.g. ImageNet resnet50",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -106,6 +122,7 @@ class DetectorConfig(StrictModel):
     @model_validator(mode="after")
     def _known_arch(self) -> DetectorConfig:
         check_arch(self.backend, self.arch)
+        check_init_or_weights(self.init, self.weights)
         return self
 
 
@@ -134,6 +151,11 @@ def detector_args(cfg: DetectorConfig, num_classes: int) -> dict[str, Any]:
         "box_batch_size_per_image": cfg.roi_samples,
         "box_detections_per_img": cfg.max_detections,
     }
+
+
+def detector_layout(backend: str) -> Layout:
+    """Where the backend's detector keeps its backbone and its class-count-dependent head."""
+    return DETECTRON2_DETECTOR if backend == "detectron2" else TORCHVISION_DETECTOR
 
 
 def boxes_from_mask(
@@ -190,11 +212,20 @@ class DetectorLearner:
 
 
 def new_detector_learner(
-    cfg: DetectorConfig, *, num_classes: int, seed: int, device: torch.device
+    cfg: DetectorConfig,
+    *,
+    num_classes: int,
+    seed: int,
+    device: torch.device,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> DetectorLearner:
+    """A detector with random weights (then ``init``'s tensors where given), its optimizer."""
     torch.manual_seed(seed)
     model_args = detector_args(cfg, num_classes)
-    model = build_detector(**model_args).to(device)
+    model = build_detector(**model_args)
+    if init is not None:
+        apply_state(model, init)
+    model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
     backend = detector_backend(cfg.backend)
@@ -235,6 +266,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         num_classes=loop_config["num_classes"],
         seed=loop_config["seed"] + rank,
         device=ray.train.torch.get_device(),
+        init=decode_state(loop_config["init"]) if loop_config.get("init") else None,
     )
     start = _restore(learner)
     learner.model = ray.train.torch.prepare_model(learner.model)
@@ -336,9 +368,17 @@ def run(
             )
         storage.write_bytes(out_path, blob)
         return {"trained_steps": 0.0}
+    loop_config = {"train": cfg.model_dump(), "num_classes": num_classes, **loop_extra}
+    metrics = {"trained_steps": float(cfg.steps)}
+    if cfg.init:  # mapped here, once: a file that does not fit fails before any worker starts
+        model = build_detector(**detector_args(cfg, num_classes))
+        report = load_init(model, cfg.init, detector_layout(cfg.backend))
+        logger.info("%s: init %s", name, report.summary())
+        loop_config["init"] = encode_state(report.loaded)
+        metrics.update(report.metrics())
     blob = fit(
         train_loop,
-        loop_config={"train": cfg.model_dump(), "num_classes": num_classes, **loop_extra},
+        loop_config=loop_config,
         datasets={"labeled": labeled},
         workers=cfg.workers,
         use_gpu=use_gpu,
@@ -348,4 +388,4 @@ def run(
         resources=cfg.resources,
     )
     storage.write_bytes(out_path, blob)
-    return {"trained_steps": float(cfg.steps)}
+    return metrics

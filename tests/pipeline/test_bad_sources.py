@@ -207,3 +207,11 @@ def test_missing_weights_file_stops_the_run_before_any_work(
         "or leave it unset to train"
     )
     assert not (tmp_path / "runs").exists()
+    config = _config(folder, tmp_path, f"student.init={missing}")
+    with pytest.raises(SourceError) as caught:
+        run_pipeline(config, str(tmp_path / "runs"))
+    assert str(caught.value) == (
+        f"student.init='{missing}' does not exist: give a state dict file (local path or URL), "
+        "or leave it unset to train from random weights"
+    )
+    assert not (tmp_path / "runs").exists()
