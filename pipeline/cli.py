@@ -167,6 +167,78 @@ def report(
 
 
 @main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option(
+    "--model",
+    "model_ref",
+    required=True,
+    help="a pipeline or stage run id, an MLflow model URI (runs:/<id>/model), an MLflow model "
+    "folder, or a pseudoflow .pt model file",
+)
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="folder to write to")
+@root_option
+@click.option(
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    default=None,
+    help="MLflow that holds the run [default: sqlite:///<root>/mlflow.db]",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--no-overlay", is_flag=True, help="write the label PNGs only")
+def predict(
+    images: tuple[str, ...],
+    model_ref: str,
+    out: str,
+    root: str,
+    tracking_uri: str | None,
+    device: str,
+    batch_size: int,
+    no_overlay: bool,
+) -> None:
+    """Label IMAGES (PNG/JPEG files or folders of them) with a trained segmenter: OUT/<stem>.png
+    holds each pixel's class index, OUT/<stem>_overlay.png the picture with the class colours.
+    Pictures are resized to the model's training size and the labels scaled back to each
+    picture's own size, exactly as the evaluate stage scores them. An unreadable file is named
+    and skipped; the exit code is then 1."""
+    from pathlib import Path
+
+    from pipeline.models import image_files, load_model, parse_device, predict_images
+    from pipeline.models import write_prediction as write
+    from pipeline.redact import redact
+    from pipeline.runner import resolve_root
+    from pipeline.tracking import local_uri
+
+    try:
+        target = parse_device(device)
+        files = image_files(images)
+        uri = tracking_uri or local_uri(resolve_root(root))
+        model = load_model(model_ref, tracking_uri=uri, device=target)
+    except (ValueError, OSError) as exc:
+        click.echo(f"error: {redact(str(exc))}", err=True)
+        sys.exit(2)
+    except Exception as exc:  # MLflow's own errors: an unknown run or URI
+        click.echo(f"error: cannot load model {model_ref!r}: {redact(str(exc))}", err=True)
+        sys.exit(2)
+    click.echo(
+        f"model {redact(model.source)}: {model.num_classes} classes, trained at "
+        f"{model.image_size} px; {len(files)} images"
+    )
+    skipped = 0
+    with click.progressbar(length=len(files), label="predicting", file=sys.stderr) as bar:
+        for result in predict_images(model, files, batch_size=batch_size, device=target):
+            if isinstance(result, tuple):
+                skipped += 1
+                click.echo(f"skipped {result[0]}: {result[1]}", err=True)
+            else:
+                write(result, Path(out), overlay=not no_overlay)
+            bar.update(1)
+    click.echo(f"wrote {len(files) - skipped} label maps to {out}; {skipped} skipped")
+    if skipped:
+        sys.exit(1)
+
+
+@main.command()
 @config_option
 @root_option
 @set_option

@@ -36,6 +36,11 @@ class RuntimeConfig(StrictModel):
 class TrackingConfig(StrictModel):
     uri: str | None = Field(None, description="default: sqlite:///<root>/mlflow.db")
     experiment: str = "pseudoflow"
+    log_models: bool = Field(
+        True,
+        description="save each trained teacher and student as an MLflow pytorch model (pt2: "
+        "no pickle) in its cache entry, logged as the 'model' artifact of every run using it",
+    )
 
 
 class PipelineConfig(StrictModel):

@@ -3,8 +3,10 @@ wired in one explicit list. The functions here only map config to the stages' ar
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -13,6 +15,7 @@ import fsspec
 from pydantic import BaseModel
 
 from pipeline.config import PipelineConfig, to_yaml
+from pipeline.models import store_export
 from stages import detect, evaluate, segtrain, teach, train_detector
 from stages.core.cache import ShardPool, digest_json, file_digest, output_dataset
 from stages.core.inference import InferenceConfig
@@ -20,6 +23,8 @@ from stages.core.storage import DatasetRef, Storage
 from stages.ingest import stage as ingest
 from stages.ingest.folder import SPLITS, SourceError, SourceItem
 from stages.pseudolabel import stage as pseudolabel
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -355,7 +360,7 @@ def _train_teacher(ctx: Context) -> dict[str, float]:
         if cfg.weights
         else {"labeled": segtrain.labeled_dataset(ctx.dataset("images"), data.image_size)}
     )
-    return segtrain.run_segmenter(
+    metrics = segtrain.run_segmenter(
         cfg,
         datasets=datasets,
         num_classes=data.num_classes,
@@ -365,6 +370,19 @@ def _train_teacher(ctx: Context) -> dict[str, float]:
         loop_extra=ctx.loop_extra(),
         use_gpu=ctx.config.runtime.use_gpu,
     )
+    _export(ctx, "teacher")
+    return metrics
+
+
+def _export(ctx: Context, name: str) -> None:
+    """The trained segmenter ``name`` as an MLflow model in the entry (``tracking.log_models``);
+    the runner logs it with every run that uses the entry."""
+    if ctx.config.tracking.log_models:
+        started = time.perf_counter()
+        directory = posixpath.join(ctx.attempt, f"{name}_mlflow")
+        store_export(ctx.storage, ctx.model_path(name), directory)
+        ctx.results["mlflow_models"] = {name: ctx.storage.relative(directory)}
+        logger.info("%s exported as an MLflow model in %.1fs", name, time.perf_counter() - started)
 
 
 def _train_detector(ctx: Context) -> dict[str, float]:
@@ -432,7 +450,7 @@ def _train_student(ctx: Context, round_: Round) -> dict[str, float]:
         "pseudolabel": ctx.config.pseudolabel.model_dump(),
     }
     stage = round_.name("train_student")
-    return segtrain.run_segmenter(
+    metrics = segtrain.run_segmenter(
         cfg,
         datasets=datasets,
         num_classes=data.num_classes,
@@ -442,6 +460,8 @@ def _train_student(ctx: Context, round_: Round) -> dict[str, float]:
         loop_extra=extra,
         use_gpu=ctx.config.runtime.use_gpu,
     )
+    _export(ctx, round_.name("student"))
+    return metrics
 
 
 def _evaluate(ctx: Context) -> dict[str, float]:

@@ -38,9 +38,11 @@ from pipeline.graph import (
     Stage,
     check_splits,
     check_weights,
+    final_round,
     planned,
     split_counts,
 )
+from pipeline.models import MODEL_TAG, STUDENT_TAG
 from pipeline.redact import redact
 from pipeline.tracking import (
     HIT_TAG,
@@ -295,6 +297,7 @@ def _run_stage(
     tracker.log_text(run, json.dumps(record, indent=2, sort_keys=True), "cache_entry.json")
     if stage.name.startswith("train_student"):
         _log_pseudolabel_input(tracker, run, ctx, stage.reads[-1])
+    _log_models(tracker, run, parent, ctx, stage, record)
     for name, png in (stage.figures(ctx.config, ctx.results) if stage.figures else {}).items():
         tracker.log_bytes(run, png, f"plots/{name}")
         tracker.log_bytes(parent, png, f"plots/{name}")
@@ -396,6 +399,22 @@ def _log_pseudolabel_input(tracker: Tracker, run: str, ctx: Context, name: str) 
         source=f"{ctx.storage.url.rstrip('/')}/{output['directory']}",
         profile={"rows": output["rows"], "schema": output["schema"], "key": output["key"]},
     )
+
+
+def _log_models(
+    tracker: Tracker, run: str, parent: str, ctx: Context, stage: Stage, record: dict[str, Any]
+) -> None:
+    """The MLflow model an entry holds (``tracking.log_models``), logged as this stage run's
+    ``model`` artifact (a hit logs the entry's copy: nothing runs); the final student's URI is
+    also a tag of the pipeline run, so ``pseudoflow predict --model <pipeline run id>`` finds
+    it."""
+    if not ctx.config.tracking.log_models:
+        return
+    for name, directory in record.get("results", {}).get("mlflow_models", {}).items():
+        uri = tracker.log_model_folder(run, ctx.storage, ctx.storage.resolve(directory))
+        tracker.set_tags(run, {MODEL_TAG: uri})
+        if name == final_round(ctx.config).name("student"):
+            tracker.set_tags(parent, {STUDENT_TAG: uri})
 
 
 def _stage_params(stage: Stage, config: PipelineConfig) -> dict[str, str]:

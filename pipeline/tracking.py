@@ -91,6 +91,15 @@ class Tracker:
             parent = str(Path(artifact_file).parent)
             self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
 
+    def log_model_folder(self, run_id: str, storage: Any, directory: str) -> str:
+        """Log a stored MLflow model folder as ``run_id``'s ``model`` artifact; its URI."""
+        from pipeline.models import MODEL_ARTIFACT, download_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            download_folder(storage, directory, tmp)
+            self.client.log_artifacts(run_id, tmp, MODEL_ARTIFACT)
+        return f"runs:/{run_id}/{MODEL_ARTIFACT}"
+
     def log_dataset(
         self,
         run_id: str,

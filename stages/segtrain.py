@@ -42,6 +42,7 @@ from stages.core.models import (
     segment_logits,
     segment_with_features,
     unwrap,
+    write_trained,
 )
 from stages.core.pretrained import (
     SEGMENTER,
@@ -736,5 +737,5 @@ def run_segmenter(
         max_failures=cfg.max_failures,
         resources=cfg.resources,
     )
-    storage.write_bytes(out_path, blob)
+    write_trained(storage, out_path, blob, image_size=loop_extra["image_size"])
     return metrics

@@ -28,7 +28,7 @@ from stages.core.detectors import (
     check_arch,
     detector_backend,
 )
-from stages.core.models import build_detector, make_checkpoint
+from stages.core.models import build_detector, make_checkpoint, write_trained
 from stages.core.pretrained import (
     DETECTRON2_DETECTOR,
     TORCHVISION_DETECTOR,
@@ -387,5 +387,5 @@ def run(
         max_failures=cfg.max_failures,
         resources=cfg.resources,
     )
-    storage.write_bytes(out_path, blob)
+    write_trained(storage, out_path, blob, image_size=loop_extra["image_size"])
     return metrics

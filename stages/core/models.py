@@ -135,6 +135,32 @@ def make_checkpoint(
     }
 
 
+# What a model file a user loads holds; the rest (optimizer, step, random state, prototype
+# memory, the trained weights beside an EMA) is in its resumable copy (``resumable_path``).
+MODEL_KEYS = ("format", "kind", "model_args", "state_dict", "image_size", "config")
+
+
+def resumable_path(path: str) -> str:
+    """Where the full training state of the model at ``path`` is kept: ``student.pt`` ->
+    ``student.state.pt`` (continue training from it; load ``path`` to use the model)."""
+    return path.removesuffix(".pt") + ".state.pt"
+
+
+def finished_model(blob: bytes, *, image_size: int, source: str) -> bytes:
+    """A finished training's checkpoint as the model file users load: the network's weights,
+    builder arguments, the image size it was trained and evaluated at, the resolved config."""
+    checkpoint = load_checkpoint(blob, source=source)
+    model = {k: checkpoint[k] for k in MODEL_KEYS if k in checkpoint}
+    model["image_size"] = int(image_size)
+    return checkpoint_bytes(model)
+
+
+def write_trained(storage: Any, out_path: str, blob: bytes, *, image_size: int) -> None:
+    """Write a finished training's model (``out_path``) and its resumable copy beside it."""
+    storage.write_bytes(resumable_path(out_path), blob)
+    storage.write_bytes(out_path, finished_model(blob, image_size=image_size, source=out_path))
+
+
 def checkpoint_bytes(checkpoint: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)

@@ -87,6 +87,13 @@ class IngestResult:
     notes: dict[str, int]  # NOTES kind -> images it applies to (kept, changed as it says)
 
 
+def read_rgb(url: str) -> np.ndarray:
+    """An image file (local path or URL) as the pipeline reads it: ``uint8[H, W, 3]`` (16-bit
+    scaled, alpha dropped, palette/CMYK/grayscale converted); ``ValueError`` naming it if it is
+    not a readable PNG/JPEG picture."""
+    return _open_image(url, "RGB", [])
+
+
 def _open_image(url: str, mode: str, notes: list[str]) -> np.ndarray:
     try:
         with fsspec.open(url, "rb") as handle, Image.open(handle) as image:

@@ -49,6 +49,7 @@ import pytest
 import torch
 
 from stages.core.cache import output_dataset
+from stages.core.models import resumable_path
 from stages.core.storage import Storage
 from stages.core.training import HOLD_ENV
 from tests.conftest import stage_outputs
@@ -248,7 +249,8 @@ def _id_faults(root: Path) -> tuple[int, int]:
 
 
 def _state(root: Path, name: str) -> dict:
-    path = Storage(str(root)).resolve(stage_outputs(root)[name]["path"])
+    """The whole training state a model's training ended with (its resumable copy)."""
+    path = resumable_path(Storage(str(root)).resolve(stage_outputs(root)[name]["path"]))
     return torch.load(io.BytesIO(Path(path).read_bytes()), weights_only=True)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
+from stages.core.models import resumable_path
 from stages.core.storage import Storage
 from stages.core.training import FAULT_ENV
 from tests.conftest import local_ray, stage_outputs
@@ -21,7 +22,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _state(root: Path, name: str) -> dict[str, torch.Tensor]:
-    path = Storage(str(root)).resolve(stage_outputs(root)[name]["path"])
+    """The whole state the training ended with (the model's resumable copy)."""
+    path = resumable_path(Storage(str(root)).resolve(stage_outputs(root)[name]["path"]))
     return torch.load(io.BytesIO(Path(path).read_bytes()), weights_only=True)
 
 

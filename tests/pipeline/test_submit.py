@@ -24,7 +24,12 @@ from mlflow.tracking import MlflowClient
 
 from stages.core import codec
 from stages.core.cache import output_dataset
-from stages.core.models import load_checkpoint, model_from_checkpoint, segment_logits
+from stages.core.models import (
+    load_checkpoint,
+    model_from_checkpoint,
+    resumable_path,
+    segment_logits,
+)
 from stages.core.storage import DatasetRef, Storage
 from tests.conftest import STAGE_NAMES, run_cli, stage_outputs
 from tests.servers import RayHead, mlflow_server, postgres, postgres_available, ray_head
@@ -180,7 +185,9 @@ def _check_outputs(root: Path) -> None:
     student = root / stage_outputs(root)["student"]["path"]
     checkpoint = load_checkpoint(student.read_bytes(), source=str(student))
     assert "teacher:" in checkpoint["config"]
-    (memory,) = checkpoint["memory"]  # one worker's queues and refreshed prototypes
+    assert "optimizer" not in checkpoint  # the model a user loads: weights, no training state
+    state = Path(resumable_path(str(student)))
+    (memory,) = load_checkpoint(state.read_bytes(), source=str(state))["memory"]  # one worker's
     assert memory["labeled_count"].sum() > 0
     assert not memory["prototypes"].isnan().all()
     logits = segment_logits(model_from_checkpoint(checkpoint), torch.zeros(2, 3, 32, 32))

@@ -1,0 +1,274 @@
+"""The trained segmenters out of pseudoflow: as MLflow models, and as label maps of new images.
+
+**MLflow model.** Each trained teacher and student is saved with MLflow's pytorch flavour in the
+``pt2`` format (``torch.export``: a traced graph and its weights, no pickle of any Python class),
+with a signature and an input example. Its input is what a user has: ``uint8[B, 3, H, W]`` RGB
+images of any batch size and size; its output the logits ``float32[B, C, H, W]`` at the input's
+size. The export is written into the stage's cache entry (``<name>_mlflow/``) and every run that
+trains or reuses the model logs it as its ``model`` artifact, so
+``mlflow.pytorch.load_model("runs:/<run>/model")`` works in any process with torch, without
+pseudoflow. The metadata says the ``image_size`` the model was trained and evaluated at: resizing
+a picture to it first (as :func:`predict_images` does) reproduces the pipeline's numbers.
+
+**Predict.** :func:`predict_images` runs a model on image files exactly as the evaluate stage
+does (resize to the model's size, softmax, bilinear back to the picture's size, argmax) and writes
+a label PNG (class indices) and a colour overlay per image.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from stages.core import data
+from stages.core.models import load_checkpoint, model_from_checkpoint, segment_logits
+from stages.core.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model"
+MODEL_TAG = "pseudoflow.model_uri"  # a stage run's logged model
+STUDENT_TAG = "pseudoflow.student_model"  # on a pipeline run: its final student's
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class Segmenter(nn.Module):
+    """What is exported: uint8 RGB images -> logits at their size (ImageNet normalisation
+    inside, so a user feeds pictures as they are)."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+        # data.normalize's constants as buffers: they follow the module to a device
+        self.register_buffer("mean", torch.tensor(data.MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(data.STD).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        mean, std = self.get_buffer("mean"), self.get_buffer("std")
+        x = images.float() / 255.0  # the same operations as data.normalize
+        return segment_logits(self.network, (x - mean) / std)
+
+
+def export_segmenter(checkpoint_bytes: bytes, directory: str, *, source: str) -> None:
+    """Save a segmenter checkpoint as an MLflow pytorch model (``pt2``) in local ``directory``."""
+    import mlflow.pytorch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    checkpoint = load_checkpoint(checkpoint_bytes, source=source)
+    args = checkpoint["model_args"]
+    size = int(checkpoint.get("image_size") or 0)
+    if checkpoint["kind"] != "segmenter" or size <= 0:
+        raise ValueError(f"{source}: not a finished segmenter model (kind, image_size)")
+    module = Segmenter(model_from_checkpoint(checkpoint)).eval()
+    # Batch 2 and the trained size: export keeps batch, height and width dynamic (size-1 dims
+    # would be specialised).
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=generator)
+    classes = int(args["num_classes"])
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, -1, -1), "images")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes, -1, -1), "logits")]),
+    )
+    mlflow.pytorch.save_model(
+        module,
+        directory,
+        signature=signature,
+        input_example=example.numpy(),
+        serialization_format="pt2",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        metadata={
+            "arch": args["arch"],
+            "num_classes": classes,
+            "image_size": size,
+            "input": "uint8 RGB [B, 3, H, W]; resize to image_size for the pipeline's results",
+            "output": "logits float32 [B, num_classes, H, W]",
+        },
+    )
+
+
+def store_export(storage: Storage, checkpoint_path: str, directory: str) -> None:
+    """Export the checkpoint at ``checkpoint_path`` (storage) into ``directory`` (storage)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "model")
+        blob = storage.read_bytes(checkpoint_path)
+        export_segmenter(blob, local, source=checkpoint_path)
+        for path in sorted(Path(local).rglob("*")):
+            if path.is_file():
+                relative = path.relative_to(local).as_posix()
+                storage.write_bytes(posixpath.join(directory, relative), path.read_bytes())
+
+
+def download_folder(storage: Storage, directory: str, local: str) -> None:
+    """Copy a stored folder's files to the local folder ``local``."""
+    for path in storage.fs.find(directory):
+        relative = posixpath.relpath(path, directory)
+        target = Path(local, relative)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(storage.read_bytes(path))
+
+
+# ---------------------------------------------------------------------------------- predict
+@dataclass
+class LoadedModel:
+    """A segmenter ready to predict: ``forward(uint8 images) -> logits``, its size, classes."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    image_size: int
+    num_classes: int
+    source: str
+
+
+def load_model(ref: str, *, tracking_uri: str | None, device: torch.device) -> LoadedModel:
+    """``ref``: a pseudoflow model file (``.pt``, local or URL), a local MLflow model folder,
+    an MLflow URI (``runs:/<id>/model``, ``models:/...``), or a run id: a stage run's logged
+    model, or a pipeline run's final student."""
+    if ref.endswith(".pt"):
+        return _from_checkpoint(ref, device)
+    uri = ref
+    if Path(ref).is_dir():
+        uri = str(Path(ref).resolve())
+    elif ":/" not in ref:
+        uri = _run_model_uri(ref, tracking_uri)
+    return _from_mlflow(uri, tracking_uri, device)
+
+
+def _from_checkpoint(path: str, device: torch.device) -> LoadedModel:
+    import fsspec
+
+    with fsspec.open(path, "rb") as handle:
+        checkpoint = load_checkpoint(handle.read(), source=path)
+    if checkpoint["kind"] != "segmenter":
+        raise ValueError(f"{path}: a {checkpoint['kind']} checkpoint; predict needs a segmenter")
+    size = int(checkpoint.get("image_size") or 0)
+    if size <= 0:
+        raise ValueError(f"{path}: records no image_size; give a model pseudoflow trained")
+    module = Segmenter(model_from_checkpoint(checkpoint)).to(device).eval()
+    classes = int(checkpoint["model_args"]["num_classes"])
+    return LoadedModel(module, size, classes, path)
+
+
+def _from_mlflow(uri: str, tracking_uri: str | None, device: torch.device) -> LoadedModel:
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import Model
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    info = Model.load(uri)
+    metadata = info.metadata or {}
+    if "image_size" not in metadata:
+        raise ValueError(f"{uri}: not a pseudoflow segmenter (no image_size in its metadata)")
+    module = mlflow.pytorch.load_model(uri).to(device)
+    return LoadedModel(module, int(metadata["image_size"]), int(metadata["num_classes"]), uri)
+
+
+def _run_model_uri(run_id: str, tracking_uri: str | None) -> str:
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    tags = run.data.tags
+    if STUDENT_TAG in tags:
+        return str(tags[STUDENT_TAG])
+    if MODEL_TAG in tags:
+        return str(tags[MODEL_TAG])
+    raise ValueError(
+        f"run {run_id} has no logged model (tags {STUDENT_TAG} or {MODEL_TAG}): give a "
+        "train_teacher / train_student run, a pipeline run, or a model URI"
+    )
+
+
+def image_files(paths: Sequence[str]) -> list[Path]:
+    """The PNG/JPEG files named, and those in named folders (sorted, not recursive)."""
+    files: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"{name}: no such image file or folder")
+    return files
+
+
+@dataclass
+class Prediction:
+    path: Path
+    labels: np.ndarray  # int64[H, W]
+
+
+def predict_images(
+    model: LoadedModel, files: Sequence[Path], *, batch_size: int, device: torch.device
+) -> Iterator[Prediction | tuple[Path, str]]:
+    """Label maps of ``files`` at their own size, as the evaluate stage computes them: resize
+    to the model's size, logits, softmax, bilinear back to the picture's size, argmax. A file
+    that is not a readable picture yields ``(path, reason)`` and the rest go on."""
+    from stages.ingest.stage import read_rgb
+
+    resize = data.resize_transform(model.image_size)
+    batch: list[tuple[Path, torch.Tensor, tuple[int, int]]] = []
+    for index, path in enumerate(files):
+        try:
+            picture = torch.from_numpy(read_rgb(str(path))).permute(2, 0, 1)
+        except ValueError as exc:
+            yield path, str(exc)
+        else:
+            batch.append((path, resize(picture), (picture.shape[1], picture.shape[2])))
+        if batch and (len(batch) == batch_size or index == len(files) - 1):
+            yield from _predict_batch(model, batch, device)
+            batch = []
+
+
+@torch.inference_mode()
+def _predict_batch(
+    model: LoadedModel,
+    batch: list[tuple[Path, torch.Tensor, tuple[int, int]]],
+    device: torch.device,
+) -> Iterator[Prediction]:
+    images = torch.stack([image for _, image, _ in batch]).to(device)
+    probs = model.forward(images).float().softmax(dim=1)
+    for i, (path, _, (height, width)) in enumerate(batch):
+        one = probs[i : i + 1]
+        if one.shape[-2:] != (height, width):
+            one = torch.nn.functional.interpolate(
+                one, size=(height, width), mode="bilinear", align_corners=False
+            )
+        yield Prediction(path, one[0].argmax(0).cpu().numpy())
+
+
+def write_prediction(prediction: Prediction, out: Path, *, overlay: bool) -> list[Path]:
+    """``<stem>.png`` (class index per pixel, 8-bit) and ``<stem>_overlay.png`` (the picture
+    with the classes' colours at half opacity, as in the report)."""
+    from pipeline.figures import colour_labels
+    from stages.ingest.stage import read_rgb
+
+    out.mkdir(parents=True, exist_ok=True)
+    stem = prediction.path.stem
+    labels = out / f"{stem}.png"
+    Image.fromarray(prediction.labels.astype(np.uint8), mode="L").save(labels)
+    written = [labels]
+    if overlay:
+        picture = read_rgb(str(prediction.path)).astype(np.float32)
+        colours = colour_labels(prediction.labels).astype(np.float32)
+        blended = (0.5 * picture + 0.5 * colours).round().astype(np.uint8)
+        path = out / f"{stem}_overlay.png"
+        Image.fromarray(blended).save(path)
+        written.append(path)
+    return written
+
+
+def parse_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here")
+    return torch.device(name)
