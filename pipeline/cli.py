@@ -458,6 +458,44 @@ def _submit_errors() -> Iterator[None]:
         sys.exit(2)
 
 
+@main.group("config")
+def config_group() -> None:
+    """Configs: a resolved config, and the reference of every key."""
+
+
+@config_group.command("show")
+@click.option(
+    "--config",
+    "name",
+    default=None,
+    help="built-in config name or YAML path [default: every key at its default]",
+)
+@set_option
+@click.option(
+    "--defaults",
+    is_flag=True,
+    help="print the reference instead: every key with its type, default and description "
+    "(Markdown, as docs/config.md)",
+)
+def config_show(name: str | None, overrides: tuple[str, ...], defaults: bool) -> None:
+    """Print the config a run would use (YAML: the named config with its --set overrides,
+    validated; credentials masked), or with --defaults the reference of every key."""
+    from pipeline.config import ConfigError, apply_overrides, reference_markdown, to_yaml, validate
+
+    if defaults:
+        click.echo(reference_markdown(), nl=False)
+        return
+    try:
+        if name is None:
+            config = validate(apply_overrides({}, list(overrides)))
+        else:
+            config = _load(name, overrides)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+    click.echo(to_yaml(config), nl=False)
+
+
 @main.group()
 def cache() -> None:
     """The pseudo-label and model cache under a storage root."""

@@ -7,9 +7,12 @@ name (``quickstart``, ``smoke``) or any YAML by path.
 
 from __future__ import annotations
 
+import types
+import typing
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -46,8 +49,8 @@ class TrackingConfig(StrictModel):
 class PipelineConfig(StrictModel):
     """One pipeline run: data, every stage, runtime and tracking."""
 
-    name: str = "pseudoflow"
-    seed: int = 0
+    name: str = Field("pseudoflow", description="the run's name: pipeline run ids start with it")
+    seed: int = Field(0, description="every random draw: data generation, weights, augmentation")
     data: DataConfig = DataConfig()
     teacher: SegTrainConfig = SegTrainConfig()
     detector: DetectorConfig = DetectorConfig()
@@ -198,3 +201,88 @@ def to_yaml(config: PipelineConfig) -> str:
     """The config as YAML to show or store (MLflow artifact, files under the root, checkpoints):
     credentials redacted. A run uses the config object itself, never this text."""
     return yaml.safe_dump(redact_values(config.model_dump(mode="json")), sort_keys=False)
+
+
+# ------------------------------------------------------------------------- the reference
+@dataclass(frozen=True)
+class Setting:
+    """One config key as the reference lists it."""
+
+    key: str
+    type: str
+    default: str
+    description: str
+
+
+def reference(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> list[Setting]:
+    """Every key of ``model`` (sections walked in order), from the pydantic models themselves:
+    the dotted key, its type with bounds, its default and its description."""
+    rows: list[Setting] = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += reference(annotation, f"{key}.")
+            continue
+        bounds = [_bound(m) for m in field.metadata if _bound(m)]
+        rows.append(
+            Setting(
+                key,
+                _type_name(annotation) + (f" ({', '.join(bounds)})" if bounds else ""),
+                _show(field.get_default(call_default_factory=True)),
+                " ".join((field.description or "").split()),
+            )
+        )
+    return rows
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " \\| ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"
+    if annotation is type(None):
+        return "None"
+    if annotation is Ellipsis:
+        return "..."
+    return str(getattr(annotation, "__name__", annotation))
+
+
+def _bound(meta: Any) -> str:
+    for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        value = getattr(meta, attr, None)
+        if value is not None:
+            return f"{sign} {value}"
+    return ""
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("\n...").removesuffix("...").strip()
+
+
+def reference_markdown() -> str:
+    """The config reference as Markdown (docs/config.md is this text; a test keeps it so)."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Every key of a run's config, generated from the pydantic models by",
+        "`pseudoflow config show --defaults` (a test fails when this file differs from it).",
+        "Set a key in the YAML or with `--set section.key=value`.",
+        "",
+    ]
+    section = None
+    for row in reference():
+        head = row.key.split(".")[0] if "." in row.key else "(top level)"
+        if head != section:
+            section = head
+            lines += ["", f"## {head}", "", "| key | type | default | description |"]
+            lines.append("|---|---|---|---|")
+        default = row.default.replace("|", "\\|")
+        lines.append(f"| `{row.key}` | {row.type} | `{default}` | {row.description} |")
+    return "\n".join(lines) + "\n"

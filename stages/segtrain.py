@@ -37,6 +37,7 @@ from stages.core.models import (
     build_segmenter,
     check_arch,
     feature_layer,
+    finished_model,
     given_checkpoint,
     make_checkpoint,
     segment_logits,
@@ -89,12 +90,16 @@ class MetricSink(Protocol):
 class SegTrainConfig(StrictModel):
     """How a segmentation network is trained (teacher or student)."""
 
-    arch: str = "lraspp_mobilenet_v3_large"
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    log_every: int = Field(25, ge=1)
+    arch: str = Field(
+        "lraspp_mobilenet_v3_large",
+        description="a torchvision segmentation builder: deeplabv3_resnet50/101, "
+        "deeplabv3_mobilenet_v3_large, fcn_resnet50/101, lraspp_mobilenet_v3_large",
+    )
+    steps: int = Field(300, ge=1, description="optimizer steps")
+    batch_size: int = Field(8, ge=1, description="labeled images a step (per worker)")
+    lr: float = Field(2e-3, gt=0, description="AdamW's peak learning rate (the heads')")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW's decoupled weight decay")
+    log_every: int = Field(25, ge=1, description="steps between logged metrics and lines")
     checkpoint_every: int = Field(
         100, ge=0, description="steps between resumable checkpoints (0: only at the end)"
     )
@@ -152,8 +157,10 @@ class StrongViewConfig(StrictModel):
 
 
 class StudentConfig(SegTrainConfig):
-    alpha: float = Field(1.0, ge=0)
-    unlabeled_batch_size: int = Field(8, ge=1)
+    alpha: float = Field(
+        1.0, ge=0, description="weight of the unlabeled loss: L = L_s + alpha * L_u"
+    )
+    unlabeled_batch_size: int = Field(8, ge=1, description="unlabeled images a step (per worker)")
     cutmix: float = Field(0.5, ge=0, le=1, description="chance a strong view gets a CutMix box")
     strong: StrongViewConfig = Field(default_factory=StrongViewConfig)
     ema: float = Field(
@@ -715,7 +722,9 @@ def run_segmenter(
         blob = given_checkpoint(
             cfg.weights, kind="segmenter", num_classes=num_classes, arch=cfg.arch
         )
-        storage.write_bytes(out_path, blob)
+        # as given, plus the image size it is used at (the model file's metadata)
+        image_size = loop_extra["image_size"]
+        storage.write_bytes(out_path, finished_model(blob, image_size=image_size, source=out_path))
         return {"trained_steps": 0.0}
     loop_config = {"train": cfg.model_dump(), "num_classes": num_classes, **loop_extra}
     metrics = {"trained_steps": float(cfg.steps)}

@@ -28,7 +28,12 @@ from stages.core.detectors import (
     check_arch,
     detector_backend,
 )
-from stages.core.models import build_detector, make_checkpoint, write_trained
+from stages.core.models import (
+    build_detector,
+    finished_model,
+    make_checkpoint,
+    write_trained,
+)
 from stages.core.pretrained import (
     DETECTRON2_DETECTOR,
     TORCHVISION_DETECTOR,
@@ -366,7 +371,9 @@ def run(
                 f"{cfg.weights}: a {model_args.get('arch')} detector; the config's arch is "
                 f"{cfg.arch}"
             )
-        storage.write_bytes(out_path, blob)
+        # as given, plus the image size it is used at (the model file's metadata)
+        image_size = loop_extra["image_size"]
+        storage.write_bytes(out_path, finished_model(blob, image_size=image_size, source=out_path))
         return {"trained_steps": 0.0}
     loop_config = {"train": cfg.model_dump(), "num_classes": num_classes, **loop_extra}
     metrics = {"trained_steps": float(cfg.steps)}

@@ -58,14 +58,21 @@ class CityscapesSourceConfig(StrictModel):
 class DataConfig(StrictModel):
     """Where images come from and how they are presented to the models."""
 
-    source: Literal["generated", "folder", "voc", "cityscapes"] = "generated"
+    source: Literal["generated", "folder", "voc", "cityscapes"] = Field(
+        "generated", description="the dataset layout (README: Data sources)"
+    )
     root: str | None = Field(None, description="folder, voc, cityscapes: directory or fsspec URL")
     num_classes: int = Field(5, ge=2, le=255, description="voc and cityscapes: theirs by default")
     class_names: tuple[str, ...] | None = Field(
         None, strict=False, description="names in index order (a YAML list)"
     )
     image_size: int = Field(64, ge=16, description="side of the square model input")
-    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    val_fraction: float = Field(
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="folder without split lists: the share of masked images kept for val",
+    )
     generated: GeneratedSourceConfig = GeneratedSourceConfig()
     voc: VocSourceConfig = VocSourceConfig()
     cityscapes: CityscapesSourceConfig = CityscapesSourceConfig()

@@ -28,6 +28,7 @@ from stages.evaluate import confusion, iou_from_confusion
 from tests.conftest import local_ray, run_cli, stage_outputs
 
 pytestmark = pytest.mark.ray
+SMOKE = ["detector.enabled=false", "tracking.log_models=true"]
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Trained:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     root = tmp_path_factory.mktemp("predict") / "runs"
     with local_ray():
-        summary = run_pipeline(load_config("smoke", ["detector.enabled=false"]), str(root))
+        summary = run_pipeline(load_config("smoke", SMOKE), str(root))
     (source,) = (root / "sources").iterdir()
     return Trained(root, summary, source)
 
@@ -167,7 +168,7 @@ def test_the_model_a_user_loads_holds_no_training_state(trained: Trained) -> Non
 
 
 def test_a_cached_rerun_logs_the_same_model_again(trained: Trained) -> None:
-    again = run_pipeline(load_config("smoke", ["detector.enabled=false"]), str(trained.root))
+    again = run_pipeline(load_config("smoke", SMOKE), str(trained.root))
     assert all(hit for _, hit in again.cache.values())
     client = MlflowClient(tracking_uri=local_uri(str(trained.root)))
     uri = client.get_run(again.mlflow_run_id).data.tags[STUDENT_TAG]
