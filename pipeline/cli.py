@@ -914,7 +914,7 @@ def format_summary(summary: RunSummary) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
-    lines.append(f"open it with: {summary.ui_command}")
+    lines.append(f"open it: {summary.ui_command}")
     lines.append("")
     name = max([15, *map(len, summary.cache)])  # later rounds' names are longer
     lines.append(f"{'stage':<{name}} {'how':<10} {'seconds':>8}  key")

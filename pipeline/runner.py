@@ -52,6 +52,7 @@ from pipeline.tracking import (
     Tracker,
     artifact_location,
     local_uri,
+    source_tags,
 )
 from stages.core import progress
 from stages.core.cache import (
@@ -81,11 +82,16 @@ class RunSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_started: dict[str, float] = field(default_factory=dict)  # epoch seconds
     cache: dict[str, tuple[str, bool]] = field(default_factory=dict)  # stage -> (key, hit)
+    experiment_id: str = ""
 
     @property
     def ui_command(self) -> str:
-        """The command that opens the run's MLflow (credentials in the URI shown as ``***``)."""
-        return f"mlflow ui --backend-store-uri {redact(self.tracking_uri)}"
+        """How to open the run (credentials in the URI shown as ``***``): a tracking server's
+        page of the run, or for a database store the ``mlflow ui`` command that serves it."""
+        uri = redact(self.tracking_uri)
+        if uri.startswith(("http://", "https://")):
+            return f"{uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.mlflow_run_id}"
+        return f"mlflow ui --backend-store-uri {uri}"
 
 
 def resolve_root(root: str) -> str:
@@ -229,10 +235,10 @@ def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) ->
     run_id = new_run_id(config)
     storage.write_bytes(storage.path("pipelines", run_id, "config.yaml"), to_yaml(config).encode())
     tracker = Tracker(uri, config.tracking.experiment, artifact_location(uri, root))
-    parent = tracker.start_run(run_id, {RUN_TAG: run_id})
+    parent = tracker.start_run(run_id, {RUN_TAG: run_id, **source_tags("pseudoflow run")})
     tracker.log_params(parent, flatten(config))
     tracker.log_text(parent, to_yaml(config), "config.yaml")
-    summary = RunSummary(run_id, parent, uri, root)
+    summary = RunSummary(run_id, parent, uri, root, experiment_id=tracker.experiment_id)
     ctx = Context(config, storage, run_id, items, source_digest=digest)
     ok = False
     try:
@@ -241,7 +247,7 @@ def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) ->
         ok = True
     finally:
         tracker.log_metrics(parent, _parent_metrics(summary, ctx))
-        tracker.log_params(parent, {f"cache_key.{s}": k for s, (k, _) in summary.cache.items()})
+        tracker.set_tags(parent, {f"{KEY_TAG}.{s}": k for s, (k, _) in summary.cache.items()})
         tracker.end_run(parent, ok)
         record = {
             s: {

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from pipeline.redact import has_password, secret_query_names
+from pipeline.source import COMMIT_ENV, git_commit
 from stages.core.progress import WORKER_SETUP_HOOK
 
 if TYPE_CHECKING:
@@ -417,6 +418,9 @@ def build_submission(
         "PYTHONUNBUFFERED": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
+    commit = git_commit()
+    if commit:  # the shipped files carry no .git: the run's MLflow source tag comes from here
+        job_env[COMMIT_ENV] = commit
     identity = hashlib.sha256()
     env_items = sorted(f"{k}={v}" for k, v in job_env.items())
     for part in (entrypoint, tree_digest(working_dir), *env_items):

@@ -21,6 +21,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 
 from pipeline.redact import redact
+from pipeline.source import git_commit
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,21 @@ KEY_TAG = "pseudoflow.cache_key"
 HIT_TAG = "pseudoflow.cache_hit"
 RUN_TAG = "pseudoflow.run_id"
 MAX_PARAMS_PER_BATCH = 100
+
+
+def source_tags(command: str) -> dict[str, str]:
+    """MLflow's source tags for a pipeline run (the UI shows them), and the package version."""
+    from stages.core.cache import package_version
+
+    tags = {
+        "mlflow.source.type": "JOB",
+        "mlflow.source.name": command,
+        "pseudoflow.version": package_version(),
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def local_uri(root: str) -> str:

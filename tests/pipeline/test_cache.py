@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.cache import collect_garbage, iter_entries, plan, verify_entry
 from pipeline.config import PipelineConfig, load_config
 from pipeline.runner import RunSummary, run_pipeline
+from pipeline.source import git_commit
 from pipeline.tracking import referenced_keys
 from stages.core import codec
 from stages.core.cache import ShardPool, new_token, output_dataset, write_shard
@@ -130,6 +131,16 @@ def test_cold_run_commits_every_stage_and_tags_its_runs(world: World) -> None:
     for stage, run in runs.items():
         assert run.data.tags["pseudoflow.cache_hit"] == "false"
         assert run.data.tags["pseudoflow.cache_key"] == world.cold.cache[stage][0]
+    # The pipeline run: each stage's key as a tag (not a param), and where the code came from.
+    parent = MlflowClient(tracking_uri=f"sqlite:///{world.root}/mlflow.db").get_run(
+        world.cold.mlflow_run_id
+    )
+    assert {k: v for k, v in parent.data.tags.items() if k.startswith("pseudoflow.cache_key.")} == {
+        f"pseudoflow.cache_key.{stage}": key for stage, (key, _) in world.cold.cache.items()
+    }
+    assert not [k for k in parent.data.params if k.startswith("cache_key")]
+    assert parent.data.tags["mlflow.source.git.commit"] == git_commit()
+    assert parent.data.tags["mlflow.source.name"] == "pseudoflow run"
     entries = {e.stage: e for e in iter_entries(Storage(str(world.root)))}
     assert set(entries) == set(STAGES)
     assert entries["teach"].record["outputs"]["teacher_signals"]["rows"] == 8 + UNLABELED

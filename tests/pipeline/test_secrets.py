@@ -97,12 +97,20 @@ def test_tracker_stores_params_tags_and_text_redacted(tmp_path: Path) -> None:
 
 def test_summary_shows_the_tracking_uri_redacted() -> None:
     summary = RunSummary(
-        run_id="r", mlflow_run_id="m", tracking_uri="https://u:pf-pw@mlflow:5000", root="/r"
+        run_id="r",
+        mlflow_run_id="m",
+        tracking_uri="https://u:pf-pw@mlflow:5000/",
+        root="/r",
+        experiment_id="3",
     )
     text = format_summary(summary)
-    assert "open it with: mlflow ui --backend-store-uri https://***@mlflow:5000" in text
+    assert "open it: https://***@mlflow:5000/#/experiments/3/runs/m" in text  # the run's page
+    database = RunSummary("r", "m", "sqlite:////data/runs/mlflow.db", "/data/runs")
+    assert "open it: mlflow ui --backend-store-uri sqlite:////data/runs/mlflow.db" in (
+        format_summary(database)
+    )
     assert "pf-pw" not in text
-    assert summary.tracking_uri == "https://u:pf-pw@mlflow:5000"  # the report still uses it
+    assert summary.tracking_uri == "https://u:pf-pw@mlflow:5000/"  # the report still uses it
 
 
 def test_log_records_and_tracebacks_are_redacted() -> None:

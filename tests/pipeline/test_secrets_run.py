@@ -76,7 +76,7 @@ def test_a_local_run_and_a_dry_run_leave_no_secret_anywhere(
     (run_dir,) = (root / "pipelines").iterdir()
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["data"]["root"] == "s3://***@bucket/data"
-    assert f"open it with: mlflow ui --backend-store-uri {shown_uri}" in run.stdout
+    assert f"open it: mlflow ui --backend-store-uri {shown_uri}" in run.stdout
 
     # the Ray this run started: its dashboard on loopback, said once
     console = run.stdout + run.stderr

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
+from pipeline.source import COMMIT_ENV, git_commit
 from pipeline.submit import (
     SUBMITTED_CONFIG,
     SubmitError,
@@ -157,6 +158,8 @@ def test_entrypoint_and_environment_of_a_submission(tmp_path: Path) -> None:
         "MLFLOW_TRACKING_URI": "http://mlflow:5000",
         "PYTHONUNBUFFERED": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # this checkout's commit: the job's MLflow source tag (its files carry no .git)
+        COMMIT_ENV: git_commit(),
     }
     assert submission.runtime_env["working_dir"] == str(tmp_path / "job")
     assert ".venv" in submission.runtime_env["excludes"]
