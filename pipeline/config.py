@@ -197,6 +197,34 @@ def flatten(config: PipelineConfig) -> dict[str, str]:
     return flat
 
 
+def run_params(config: PipelineConfig) -> dict[str, str]:
+    """The MLflow params of a run: the keys that are set and used, as flat scalars. Left out:
+    unset keys (None), the data sources and policy options the run does not use, the detector's
+    sections when it is disabled; lists are comma-joined."""
+    dump = config.model_dump(mode="json")
+    unused = {f"data.{s}" for s in ("generated", "voc", "cityscapes") if s != config.data.source}
+    unused |= {f"pseudolabel.{p}" for p in ("s4mc", "csl", "wpl") if p != config.pseudolabel.policy}
+    if not config.detector.enabled:
+        unused |= {"detector", "detect"}
+    params: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if prefix in unused or value is None:
+            return
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), child)
+        elif isinstance(value, list):
+            params[prefix] = redact(",".join(str(v) for v in value))
+        else:
+            params[prefix] = redact(str(value))
+
+    walk("", dump)
+    if not config.detector.enabled:
+        params["detector.enabled"] = "False"
+    return params
+
+
 def to_yaml(config: PipelineConfig) -> str:
     """The config as YAML to show or store (MLflow artifact, files under the root, checkpoints):
     credentials redacted. A run uses the config object itself, never this text."""

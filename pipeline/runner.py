@@ -32,7 +32,7 @@ from pipeline.cache import (
     entry_files,
     tracking_record,
 )
-from pipeline.config import PipelineConfig, flatten, to_yaml
+from pipeline.config import PipelineConfig, run_params, to_yaml
 from pipeline.graph import (
     Context,
     Stage,
@@ -236,7 +236,7 @@ def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) ->
     storage.write_bytes(storage.path("pipelines", run_id, "config.yaml"), to_yaml(config).encode())
     tracker = Tracker(uri, config.tracking.experiment, artifact_location(uri, root))
     parent = tracker.start_run(run_id, {RUN_TAG: run_id, **source_tags("pseudoflow run")})
-    tracker.log_params(parent, flatten(config))
+    tracker.log_params(parent, run_params(config))
     tracker.log_text(parent, to_yaml(config), "config.yaml")
     summary = RunSummary(run_id, parent, uri, root, experiment_id=tracker.experiment_id)
     ctx = Context(config, storage, run_id, items, source_digest=digest)
@@ -424,17 +424,18 @@ def _log_models(
 
 
 def _stage_params(stage: Stage, config: PipelineConfig) -> dict[str, str]:
+    """A stage run's params: the data keys, the seed and its own section's (as the pipeline
+    run logs them), under the stage's name."""
     base = re.sub(r"_r\d+$", "", stage.name)  # a later round's stage has its section's name
-    section = getattr(config, base.removeprefix("train_"), None)
-    params = {k: v for k, v in flatten(config).items() if k.split(".")[0] in {"data", "seed"}}
-    if section is not None:
-        params.update(
-            {
-                f"{stage.name}.{k}": redact(str(v))
-                for k, v in section.model_dump(mode="json").items()
-            }
-        )
-    return params
+    section = base.removeprefix("train_")
+    params = run_params(config)
+    own = {k for k in params if k.split(".")[0] in {"data", "seed"}}
+    mine = {
+        f"{stage.name}.{k.split('.', 1)[1]}": v
+        for k, v in params.items()
+        if k.split(".")[0] == section and "." in k
+    }
+    return {**{k: params[k] for k in own}, **mine}
 
 
 def _parent_metrics(summary: RunSummary, ctx: Context) -> dict[str, float]:

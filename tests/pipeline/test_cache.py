@@ -139,6 +139,17 @@ def test_cold_run_commits_every_stage_and_tags_its_runs(world: World) -> None:
         f"pseudoflow.cache_key.{stage}": key for stage, (key, _) in world.cold.cache.items()
     }
     assert not [k for k in parent.data.params if k.startswith("cache_key")]
+    # Params: the keys that are set and used, as flat scalars.
+    params = parent.data.params
+    assert params["data.source"] == "folder"
+    assert params["pseudolabel.policy"] == "threshold"
+    assert not [
+        k for k in params if k.startswith(("data.voc.", "data.generated.", "pseudolabel.s4mc."))
+    ]
+    assert not [k for k, v in params.items() if v == "None" or "{" in v]
+    student = runs["train_student"].data.params
+    assert student["train_student.alpha"] == params["student.alpha"]
+    assert not [k for k in student if k.startswith(("teacher.", "student."))]
     assert parent.data.tags["mlflow.source.git.commit"] == git_commit()
     assert parent.data.tags["mlflow.source.name"] == "pseudoflow run"
     entries = {e.stage: e for e in iter_entries(Storage(str(world.root)))}
