@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -48,7 +48,6 @@ from stages.core.models import (
 from stages.core.pretrained import (
     SEGMENTER,
     apply_state,
-    check_init_or_weights,
     decode_state,
     encode_state,
     load_init,
@@ -59,6 +58,7 @@ from stages.core.storage import DatasetRef, Storage
 from stages.core.tables import join_on_image_id, ordered, read_split
 from stages.core.training import (
     CHECKPOINT_FILE,
+    TrainingRun,
     endless_batches,
     fit,
     hold_point,
@@ -87,7 +87,7 @@ class MetricSink(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
 
-class SegTrainConfig(StrictModel):
+class SegTrainConfig(TrainingRun):
     """How a segmentation network is trained (teacher or student)."""
 
     arch: str = Field(
@@ -100,25 +100,6 @@ class SegTrainConfig(StrictModel):
     lr: float = Field(2e-3, gt=0, description="AdamW's peak learning rate (the heads')")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW's decoupled weight decay")
     log_every: int = Field(25, ge=1, description="steps between logged metrics and lines")
-    checkpoint_every: int = Field(
-        100, ge=0, description="steps between resumable checkpoints (0: only at the end)"
-    )
-    max_failures: int = Field(
-        2, ge=0, description="worker-group restarts, each resuming from the last checkpoint"
-    )
-    workers: int = Field(1, ge=1, description="Ray Train workers (execution only)")
-    resources: dict[str, float] = Field(
-        default_factory=dict,
-        description="custom Ray resources each worker needs besides its CPU or GPU (execution "
-        "only), e.g. {trainer_node: 1} to keep workers on the nodes that advertise it",
-    )
-    weights: str | None = Field(None, description="skip training and load this checkpoint file")
-    init: str | None = Field(
-        None,
-        description="start training from these weights (local path or URL): a torchvision-shaped "
-        "state dict of the whole network (heads of another class count re-initialised, an aux "
-        "head dropped) or of its backbone's classification network, e.g. ImageNet resnet50",
-    )
     backbone_lr: float = Field(
         1.0,
         gt=0,
@@ -138,11 +119,6 @@ class SegTrainConfig(StrictModel):
     def _known_arch(cls, value: str) -> str:
         check_arch(value)  # at config time, not after ingest
         return value
-
-    @model_validator(mode="after")
-    def _init_or_weights(self) -> SegTrainConfig:
-        check_init_or_weights(self.init, self.weights)
-        return self
 
 
 class StrongViewConfig(StrictModel):

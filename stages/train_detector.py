@@ -20,7 +20,6 @@ from pydantic import Field, model_validator
 from scipy import ndimage
 from torch import nn
 
-from stages.core.config import StrictModel
 from stages.core.detectors import (
     DEFAULT_ARCHITECTURES,
     DEFAULT_BACKEND,
@@ -39,13 +38,13 @@ from stages.core.pretrained import (
     TORCHVISION_DETECTOR,
     Layout,
     apply_state,
-    check_init_or_weights,
     decode_state,
     encode_state,
     load_init,
 )
 from stages.core.progress import Poster
 from stages.core.training import (
+    TrainingRun,
     endless_batches,
     hold_point,
     inject_fault,
@@ -64,7 +63,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_GRAD_CLIP: dict[str, float | None] = {"torchvision": None, "detectron2": 10.0}
 
 
-class DetectorConfig(StrictModel):
+class DetectorConfig(TrainingRun):
     """How the object detector is trained (or which weights are loaded instead)."""
 
     enabled: bool = True
@@ -91,25 +90,6 @@ class DetectorConfig(StrictModel):
         "default: the backend's (torchvision: never, detectron2: 10)",
     )
     log_every: int = Field(25, ge=1)
-    checkpoint_every: int = Field(
-        100, ge=0, description="steps between resumable checkpoints (0: only at the end)"
-    )
-    max_failures: int = Field(
-        2, ge=0, description="worker-group restarts, each resuming from the last checkpoint"
-    )
-    workers: int = Field(1, ge=1)
-    resources: dict[str, float] = Field(
-        default_factory=dict,
-        description="custom Ray resources each worker needs besides its CPU or GPU (execution "
-        "only), e.g. {trainer_node: 1} to keep workers on the nodes that advertise it",
-    )
-    weights: str | None = Field(None, description="skip training and load this checkpoint file")
-    init: str | None = Field(
-        None,
-        description="start training from these weights (local path or URL): a state dict of the "
-        "whole detector (torchvision's COCO Faster R-CNN: its box predictor re-initialised for "
-        "this class count) or of its backbone's classification network, e.g. ImageNet resnet50",
-    )
 
     @model_validator(mode="before")
     @classmethod
@@ -127,7 +107,6 @@ class DetectorConfig(StrictModel):
     @model_validator(mode="after")
     def _known_arch(self) -> DetectorConfig:
         check_arch(self.backend, self.arch)
-        check_init_or_weights(self.init, self.weights)
         return self
 
 

@@ -199,19 +199,14 @@ def test_missing_weights_file_stops_the_run_before_any_work(
         raise AssertionError("no stage may start")
 
     monkeypatch.setattr("pipeline.runner.init_ray", no_ray)
-    config = _config(folder, tmp_path, f"teacher.weights={missing}")
-    with pytest.raises(SourceError) as caught:
-        run_pipeline(config, str(tmp_path / "runs"))
-    assert str(caught.value) == (
-        f"teacher.weights='{missing}' does not exist: give a checkpoint file (local path or URL), "
-        "or leave it unset to train"
-    )
-    assert not (tmp_path / "runs").exists()
-    config = _config(folder, tmp_path, f"student.init={missing}")
-    with pytest.raises(SourceError) as caught:
-        run_pipeline(config, str(tmp_path / "runs"))
-    assert str(caught.value) == (
-        f"student.init='{missing}' does not exist: give a state dict file (local path or URL), "
-        "or leave it unset to train from random weights"
-    )
-    assert not (tmp_path / "runs").exists()
+    expected = {
+        "teacher.weights": "give a checkpoint file (local path or URL), or leave it unset to train",
+        "student.init": "give a state dict file (local path or URL), or leave it unset to train "
+        "from random weights",
+    }
+    for key, advice in expected.items():
+        config = _config(folder, tmp_path, f"{key}={missing}")
+        with pytest.raises(SourceError) as caught:
+            run_pipeline(config, str(tmp_path / "runs"))
+        assert str(caught.value) == f"{key}='{missing}' does not exist: {advice}"
+        assert not (tmp_path / "runs").exists()

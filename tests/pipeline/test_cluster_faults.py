@@ -272,6 +272,24 @@ def _unequal_state(a: dict, b: dict) -> list[str]:
     return unequal
 
 
+def _repetitions(
+    cluster: Cluster, kind: str, fault: tuple[int, str, tuple[str, ...]], counts: Counts
+) -> Iterator[tuple[str, Path, FaultyRun]]:
+    """Each of the ``REPEATS`` injections of ``fault`` (at, until, without): a root seeded from
+    the clean run, the faulty run on it; counted (injected, survived, seconds, ids lost and
+    duplicated) before the caller compares it with the clean run."""
+    at, until, without = fault
+    for repeat in range(REPEATS):
+        name = f"{kind}-{repeat}"
+        _seed_root(cluster.clean, cluster.base / name, without)
+        counts.injected += 1
+        run = _faulty_run(cluster, name, kind, at, until)
+        counts.survived += 1
+        counts.seconds.append(round(run.seconds, 1))
+        _check_ids(cluster.base / name, counts)
+        yield name, cluster.base / name, run
+
+
 def _check_ids(root: Path, counts: Counts) -> None:
     lost, duplicated = _id_faults(root)
     counts.ids_lost += lost
@@ -291,16 +309,8 @@ def test_node_killed_under_a_training_worker(cluster: Cluster) -> None:
     # The labeled queues fill (and refresh prototypes); the unlabeled ones stay empty here: the
     # smoke detector's scores keep no pixel of the 12 unlabeled images reliable.
     assert clean["memory"][0]["labeled_count"].sum() > 0
-    for repeat in range(REPEATS):
-        name = f"{kind}-{repeat}"
-        _seed_root(cluster.clean, cluster.base / name, without)
-        counts.injected += 1
-        run = _faulty_run(cluster, name, kind, at, until)
-        counts.survived += 1
-        counts.seconds.append(round(run.seconds, 1))
-        root = cluster.base / name
+    for name, root, run in _repetitions(cluster, kind, (at, until, without), counts):
         assert "resumed from step 3" in run.log, run.log[-5000:]
-        _check_ids(root, counts)
         faulty = _state(root, "student")
         assert faulty["step"] == 8
         if unequal := _unequal_state(clean, faulty):
@@ -316,18 +326,9 @@ def test_node_killed_under_inference_actors(cluster: Cluster, kind: str) -> None
     """The node holding the detect (or teach) actors dies mid-stage, after some shards are
     committed: the actor is restarted on a replacement node, every image is labeled exactly
     once, and the tables equal the clean run's."""
-    at, until, without = INFERENCE_FAULTS[kind]
     counts = COUNTS.setdefault(kind, Counts())
     problems: list[str] = []
-    for repeat in range(REPEATS):
-        name = f"{kind}-{repeat}"
-        _seed_root(cluster.clean, cluster.base / name, without)
-        counts.injected += 1
-        run = _faulty_run(cluster, name, kind, at, until)
-        counts.survived += 1
-        counts.seconds.append(round(run.seconds, 1))
-        root = cluster.base / name
-        _check_ids(root, counts)
+    for name, root, _ in _repetitions(cluster, kind, INFERENCE_FAULTS[kind], counts):
         unequal = [
             table
             for table in IDS_TABLES
