@@ -301,6 +301,7 @@ def _run_stage(
     ctx.results.update(record.get("results", {}))
     tracker.log_metrics(run, {**metrics, "seconds": seconds})
     tracker.log_text(run, json.dumps(record, indent=2, sort_keys=True), "cache_entry.json")
+    _log_image_inputs(tracker, run, ctx, stage)
     if stage.name.startswith("train_student"):
         _log_pseudolabel_input(tracker, run, ctx, stage.reads[-1])
     _log_models(tracker, run, parent, ctx, stage, record)
@@ -391,6 +392,38 @@ def _footprint(ref: DatasetRef) -> dict[str, float]:
     table = ref.read_table(["height", "width"])
     pixels = float(pc.sum(pc.multiply(table["height"], table["width"])).as_py() or 0)
     return {"bytes": size, "bytes_per_pixel": size / pixels if pixels else 0.0}
+
+
+# The image splits each stage reads, and MLflow's dataset context for them.
+IMAGE_INPUTS = {
+    "train_teacher": (("labeled", "train"),),
+    "train_detector": (("labeled", "train"),),
+    "detect": (("unlabeled", "inference"),),
+    "teach": (("labeled", "inference"), ("unlabeled", "inference")),
+    "train_student": (("labeled", "train"), ("unlabeled", "train")),
+    "evaluate": (("val", "eval"), ("unlabeled", "eval")),
+}
+
+
+def _log_image_inputs(tracker: Tracker, run: str, ctx: Context, stage: Stage) -> None:
+    """The image splits a stage read, as MLflow dataset inputs with their content digests (the
+    same digests its cache key holds): the UI shows which labeled, unlabeled and val sets a
+    model was trained and scored on."""
+    images = ctx.outputs.get("images")
+    base = re.sub(r"_r\d+$", "", stage.name)
+    if images is None or base not in IMAGE_INPUTS:
+        return
+    source = f"{ctx.storage.url.rstrip('/')}/{images['directory']}"
+    for split, context in IMAGE_INPUTS[base]:
+        digest = str(images["digests"].get(split, "empty"))
+        tracker.log_dataset(
+            run,
+            name=f"images-{split}",
+            digest=digest,
+            source=source,
+            profile={"split": split, "digest": digest},
+            context=context,
+        )
 
 
 def _log_pseudolabel_input(tracker: Tracker, run: str, ctx: Context, name: str) -> None:

@@ -156,11 +156,34 @@ def test_cold_run_commits_every_stage_and_tags_its_runs(world: World) -> None:
     assert set(entries) == set(STAGES)
     assert entries["teach"].record["outputs"]["teacher_signals"]["rows"] == 8 + UNLABELED
     assert world.cold.metrics["teach.images_inferred"] == 8 + UNLABELED
-    # The pseudo-label set is an MLflow dataset input of the student run.
-    (given,) = runs["train_student"].inputs.dataset_inputs
-    assert given.dataset.name == "pseudolabels-threshold"
-    assert given.dataset.digest == world.cold.cache["pseudolabel"][0][:36]
-    assert json.loads(given.dataset.profile)["rows"] == UNLABELED
+
+    # The pseudo-label set and the image splits are MLflow dataset inputs of the runs using
+    # them, with their content digests (those of the cache keys) and contexts.
+    def inputs(stage: str) -> dict[str, tuple[str, str]]:
+        return {
+            d.dataset.name: (
+                d.dataset.digest,
+                {t.key: t.value for t in d.tags}["mlflow.data.context"],
+            )
+            for d in runs[stage].inputs.dataset_inputs
+        }
+
+    run_dir = world.root / "pipelines" / world.cold.run_id
+    digests = stage_outputs(world.root, run_dir)["images"]["digests"]
+    assert inputs("train_student") == {
+        "pseudolabels-threshold": (world.cold.cache["pseudolabel"][0][:36], "train"),
+        "images-labeled": (digests["labeled"][:36], "train"),
+        "images-unlabeled": (digests["unlabeled"][:36], "train"),
+    }
+    assert inputs("evaluate") == {
+        "images-val": (digests["val"][:36], "eval"),
+        "images-unlabeled": (digests["unlabeled"][:36], "eval"),
+    }
+    assert set(inputs("teach")) == {"images-labeled", "images-unlabeled"}
+    (labels,) = [
+        d.dataset for d in runs["train_student"].inputs.dataset_inputs if d.dataset.name[0] == "p"
+    ]
+    assert json.loads(labels.profile)["rows"] == UNLABELED
     # Bad items are quarantined with their reason; every good item of every split is kept.
     storage = Storage(str(world.root))
     quarantine = output_dataset(storage, "quarantine", _outputs(world)["quarantine"])
@@ -366,7 +389,11 @@ def test_second_round_reuses_round_one_and_learns_from_its_student(
     runs = _stage_runs(root, summary)
     assert {"teach_r2", "pseudolabel_r2", "train_student_r2"} <= set(runs)
     inputs = runs["train_student_r2"].inputs.dataset_inputs
-    assert [i.dataset.name for i in inputs] == ["pseudolabels_r2-threshold"]
+    assert sorted(i.dataset.name for i in inputs) == [
+        "images-labeled",
+        "images-unlabeled",
+        "pseudolabels_r2-threshold",
+    ]
 
 
 def test_new_images_are_the_only_ones_inferred(world: World, tmp_path: Path) -> None:

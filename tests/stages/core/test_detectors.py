@@ -261,13 +261,15 @@ def test_given_weights_must_match_the_configured_backend(tmp_path: Path) -> None
         "num_classes": NUM_CLASSES,
         "storage": storage,
         "name": "t",
-        "loop_extra": {},
+        "loop_extra": {"image_size": 64},
         "use_gpu": False,
     }
     out = storage.path("models", "detector.pt")
     metrics = train_detector_run(DetectorConfig(weights=str(weights)), out_path=out, **common)
     assert metrics == {"trained_steps": 0.0}
-    assert load_checkpoint(storage.read_bytes(out), source=out)["model_args"] == args
+    written = load_checkpoint(storage.read_bytes(out), source=out)
+    assert written["model_args"] == args
+    assert written["image_size"] == 64  # the size the detect stage uses it at
     with pytest.raises(
         ValueError, match=re.escape("a torchvision detector; detector.backend is detectron2")
     ):
