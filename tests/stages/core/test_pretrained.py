@@ -280,3 +280,25 @@ def test_a_ray_train_worker_starts_from_the_init_file(tmp_path: Path) -> None:
         if key.startswith("features.") and value.is_floating_point() and "running" not in key:
             # one step at lr 1e-9 from the file's weights: the file's weights
             torch.testing.assert_close(weights[name], value, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_detectron2_detector_starts_from_its_own_state_dict(tmp_path: Path) -> None:
+    """detectron2 where it is installed: a GeneralizedRCNN state dict (bare, or as pseudoflow
+    wraps it) of another class count loads with the box predictor re-initialised."""
+    pytest.importorskip("detectron2")
+    cfg = DetectorConfig(backend="detectron2")
+    torch.manual_seed(0)
+    source = build_detector(**detector_args(cfg, 9))
+    head = [
+        f"rcnn.roi_heads.box_predictor.{layer}.{p}"
+        for layer in ("bbox_pred", "cls_score")
+        for p in ("bias", "weight")
+    ]
+    for name, state in (("wrapped", source.state_dict()), ("bare", source.rcnn.state_dict())):
+        target = build_detector(**detector_args(cfg, 5))
+        report = load_init(
+            target, _save(state, tmp_path / f"{name}.pth"), detector_layout("detectron2")
+        )
+        assert (report.kind, report.reinitialised, report.dropped) == ("model", head, [])
+        conv = "rcnn.backbone.bottom_up.stem.conv1.weight"
+        assert torch.equal(target.state_dict()[conv], source.state_dict()[conv])
