@@ -220,7 +220,7 @@ def predict_images(
     batch: list[tuple[Path, torch.Tensor, tuple[int, int]]] = []
     for index, path in enumerate(files):
         try:
-            picture = torch.from_numpy(read_rgb(str(path))).permute(2, 0, 1)
+            picture = torch.from_numpy(np.array(read_rgb(str(path)))).permute(2, 0, 1)
         except ValueError as exc:
             yield path, str(exc)
         else:
