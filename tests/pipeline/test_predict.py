@@ -27,7 +27,8 @@ from stages.core.models import load_checkpoint, model_from_checkpoint, resumable
 from stages.evaluate import confusion, iou_from_confusion
 from tests.conftest import local_ray, run_cli, stage_outputs
 
-pytestmark = pytest.mark.ray
+# A whole pipeline run and MLflow exports: the slow step keeps the default suite in its budget.
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SMOKE = ["detector.enabled=false", "tracking.log_models=true"]
 
 
