@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -181,48 +182,36 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(model.model_fields)
 
 
+def _leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a dumped config (a dict is a section)."""
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield from _leaves(child, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, value
+
+
 def flatten(config: PipelineConfig) -> dict[str, str]:
-    """Dotted key -> string value of every leaf (MLflow params), credentials redacted (a URL's
+    """Dotted key -> string value of every leaf, credentials redacted (a URL's
     ``user:password@``, ``?token=...``: see :mod:`pipeline.redact`)."""
-    flat: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, child in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), child)
-        else:
-            flat[prefix] = redact(str(value))
-
-    walk("", config.model_dump(mode="json"))
-    return flat
+    return {k: redact(str(v)) for k, v in _leaves(config.model_dump(mode="json"))}
 
 
 def run_params(config: PipelineConfig) -> dict[str, str]:
     """The MLflow params of a run: the keys that are set and used, as flat scalars. Left out:
     unset keys (None), the data sources and policy options the run does not use, the detector's
-    sections when it is disabled; lists are comma-joined."""
-    dump = config.model_dump(mode="json")
-    unused = {f"data.{s}" for s in ("generated", "voc", "cityscapes") if s != config.data.source}
-    unused |= {f"pseudolabel.{p}" for p in ("s4mc", "csl", "wpl") if p != config.pseudolabel.policy}
+    sections but ``detector.enabled`` when it is disabled; lists are comma-joined."""
+    unused = [f"data.{s}." for s in ("generated", "voc", "cityscapes") if s != config.data.source]
+    unused += [
+        f"pseudolabel.{p}." for p in ("s4mc", "csl", "wpl") if p != config.pseudolabel.policy
+    ]
     if not config.detector.enabled:
-        unused |= {"detector", "detect"}
-    params: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if prefix in unused or value is None:
-            return
-        if isinstance(value, dict):
-            for key, child in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), child)
-        elif isinstance(value, list):
-            params[prefix] = redact(",".join(str(v) for v in value))
-        else:
-            params[prefix] = redact(str(value))
-
-    walk("", dump)
-    if not config.detector.enabled:
-        params["detector.enabled"] = "False"
-    return params
+        unused += ["detector.", "detect."]
+    return {
+        key: redact(",".join(map(str, value)) if isinstance(value, list) else str(value))
+        for key, value in _leaves(config.model_dump(mode="json"))
+        if value is not None and (key == "detector.enabled" or not key.startswith(tuple(unused)))
+    }
 
 
 def to_yaml(config: PipelineConfig) -> str:

@@ -205,6 +205,7 @@ def image_files(paths: Sequence[str]) -> list[Path]:
 @dataclass
 class Prediction:
     path: Path
+    picture: np.ndarray  # uint8[H, W, 3], as read
     labels: np.ndarray  # int64[H, W]
 
 
@@ -217,14 +218,14 @@ def predict_images(
     from stages.ingest.stage import read_rgb
 
     resize = data.resize_transform(model.image_size)
-    batch: list[tuple[Path, torch.Tensor, tuple[int, int]]] = []
+    batch: list[tuple[Path, np.ndarray, torch.Tensor]] = []
     for index, path in enumerate(files):
         try:
-            picture = torch.from_numpy(np.array(read_rgb(str(path)))).permute(2, 0, 1)
+            picture = np.array(read_rgb(str(path)))  # a writable copy for torch
         except ValueError as exc:
             yield path, str(exc)
         else:
-            batch.append((path, resize(picture), (picture.shape[1], picture.shape[2])))
+            batch.append((path, picture, resize(torch.from_numpy(picture).permute(2, 0, 1))))
         if batch and (len(batch) == batch_size or index == len(files) - 1):
             yield from _predict_batch(model, batch, device)
             batch = []
@@ -233,39 +234,33 @@ def predict_images(
 @torch.inference_mode()
 def _predict_batch(
     model: LoadedModel,
-    batch: list[tuple[Path, torch.Tensor, tuple[int, int]]],
+    batch: list[tuple[Path, np.ndarray, torch.Tensor]],
     device: torch.device,
 ) -> Iterator[Prediction]:
-    images = torch.stack([image for _, image, _ in batch]).to(device)
+    images = torch.stack([image for _, _, image in batch]).to(device)
     probs = model.forward(images).float().softmax(dim=1)
-    for i, (path, _, (height, width)) in enumerate(batch):
+    for i, (path, picture, _) in enumerate(batch):
+        height, width = picture.shape[:2]
         one = probs[i : i + 1]
         if one.shape[-2:] != (height, width):
             one = torch.nn.functional.interpolate(
                 one, size=(height, width), mode="bilinear", align_corners=False
             )
-        yield Prediction(path, one[0].argmax(0).cpu().numpy())
+        yield Prediction(path, picture, one[0].argmax(0).cpu().numpy())
 
 
-def write_prediction(prediction: Prediction, out: Path, *, overlay: bool) -> list[Path]:
+def write_prediction(prediction: Prediction, out: Path, *, overlay: bool) -> None:
     """``<stem>.png`` (class index per pixel, 8-bit) and ``<stem>_overlay.png`` (the picture
     with the classes' colours at half opacity, as in the report)."""
     from pipeline.figures import colour_labels
-    from stages.ingest.stage import read_rgb
 
     out.mkdir(parents=True, exist_ok=True)
     stem = prediction.path.stem
-    labels = out / f"{stem}.png"
-    Image.fromarray(prediction.labels.astype(np.uint8), mode="L").save(labels)
-    written = [labels]
+    Image.fromarray(prediction.labels.astype(np.uint8), mode="L").save(out / f"{stem}.png")
     if overlay:
-        picture = read_rgb(str(prediction.path)).astype(np.float32)
         colours = colour_labels(prediction.labels).astype(np.float32)
-        blended = (0.5 * picture + 0.5 * colours).round().astype(np.uint8)
-        path = out / f"{stem}_overlay.png"
-        Image.fromarray(blended).save(path)
-        written.append(path)
-    return written
+        blended = 0.5 * prediction.picture.astype(np.float32) + 0.5 * colours
+        Image.fromarray(blended.round().astype(np.uint8)).save(out / f"{stem}_overlay.png")
 
 
 def parse_device(name: str) -> torch.device:

@@ -111,9 +111,12 @@ class Tracker:
         """Log a stored MLflow model folder as ``run_id``'s ``model`` artifact; its URI."""
         from pipeline.models import MODEL_ARTIFACT, download_folder
 
-        with tempfile.TemporaryDirectory() as tmp:
-            download_folder(storage, directory, tmp)
-            self.client.log_artifacts(run_id, tmp, MODEL_ARTIFACT)
+        if storage.is_local:  # the stored folder itself, no copy
+            self.client.log_artifacts(run_id, directory, MODEL_ARTIFACT)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                download_folder(storage, directory, tmp)
+                self.client.log_artifacts(run_id, tmp, MODEL_ARTIFACT)
         return f"runs:/{run_id}/{MODEL_ARTIFACT}"
 
     def log_dataset(
