@@ -242,6 +242,7 @@ def detector_costs(
         "image_id": np.array([f"{i:04d}" for i in range(batch)]),
         "height": np.full(batch, size),
         "width": np.full(batch, size),
+        "extent": np.full((batch, 2), size, np.int32),
         "image": rng.integers(0, 256, (batch, 3, size, size), dtype=np.uint8),
     }
     predictors = []

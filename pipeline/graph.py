@@ -80,6 +80,7 @@ class Context:
         return {
             "seed": self.config.seed,
             "image_size": self.config.data.image_size,
+            "crop_size": self.config.data.crop,
             "torch_threads": threads,
             "sink": self.sink,
             "resolved_config": to_yaml(self.config),
@@ -180,13 +181,19 @@ def _train_fields(ctx: Context, section: BaseModel, weights: str | None) -> dict
         **base,
         "train": semantic(section, TRAIN_EXECUTION),
         "labeled": ctx.digest("images", "labeled"),
-        "image_size": ctx.config.data.image_size,
+        **_geometry(ctx),
+        "crop_size": ctx.config.data.crop,
         "seed": ctx.config.seed,
     }
     init = getattr(section, "init", None)
     if init:  # the pretrained weights by content, wherever they are read from
         fields["init"] = given_weights(init)
     return fields
+
+
+def _geometry(ctx: Context) -> dict[str, Any]:
+    """How images reach the models: fitted (long side, aspect kept) to an image_size canvas."""
+    return {"image_size": ctx.config.data.image_size, "canvas": "fit-long-side-pad"}
 
 
 def _ingest_fields(ctx: Context) -> dict[str, Any]:
@@ -198,7 +205,7 @@ def _detect_family(ctx: Context) -> dict[str, Any]:
         "stage": "detect",
         "detector": ctx.digest("detector"),
         "min_score": ctx.config.detect.min_score,
-        "image_size": ctx.config.data.image_size,
+        **_geometry(ctx),
     }
 
 
@@ -213,7 +220,7 @@ def _teach_family(ctx: Context, round_: Round) -> dict[str, Any]:
         # teach.policies counts through the signals it makes the stage store
         "teach": semantic(ctx.config.teach, INFERENCE_EXECUTION | {"policies"}),
         "signals": _signal_spec(ctx).model_dump(),
-        "image_size": ctx.config.data.image_size,
+        **_geometry(ctx),
     }
 
 
@@ -235,7 +242,8 @@ def _evaluate_fields(ctx: Context) -> dict[str, Any]:
         "unlabeled": ctx.digest("images", "unlabeled"),
         "pseudolabels": ctx.digest(last.name("pseudolabels")),
         "num_classes": ctx.config.data.num_classes,
-        "image_size": ctx.config.data.image_size,
+        **_geometry(ctx),
+        "window": ctx.config.data.crop,
     }
     if last.number > 1:  # earlier rounds are evaluated too
         fields["rounds"] = [

@@ -7,12 +7,15 @@ images of any batch size and size; its output the logits ``float32[B, C, H, W]``
 size. The export is written into the stage's cache entry (``<name>_mlflow/``) and every run that
 trains or reuses the model logs it as its ``model`` artifact, so
 ``mlflow.pytorch.load_model("runs:/<run>/model")`` works in any process with torch, without
-pseudoflow. The metadata says the ``image_size`` the model was trained and evaluated at: resizing
-a picture to it first (as :func:`predict_images` does) reproduces the pipeline's numbers.
+pseudoflow. The metadata says how the pipeline feeds it: ``image_size``, the square canvas a
+picture is fitted to (long side, aspect ratio kept, padded bottom and right), and ``window``, the
+sliding window it is evaluated with (its training crop). Doing the same (as
+:func:`predict_images` does) reproduces the pipeline's numbers.
 
 **Predict.** :func:`predict_images` runs a model on image files exactly as the evaluate stage
-does (resize to the model's size, softmax, bilinear back to the picture's size, argmax) and writes
-a label PNG (class indices) and a colour overlay per image.
+does (fit to the canvas, logits over sliding windows where the window is smaller, softmax, the
+fitted part bilinear back to the picture's size, argmax) and writes a label PNG (class indices)
+and a colour overlay per image.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def export_segmenter(checkpoint_bytes: bytes, directory: str, *, source: str) ->
     checkpoint = load_checkpoint(checkpoint_bytes, source=source)
     args = checkpoint["model_args"]
     size = int(checkpoint.get("image_size") or 0)
+    window = int(checkpoint.get("window") or size)
     if checkpoint["kind"] != "segmenter" or size <= 0:
         raise ValueError(f"{source}: not a finished segmenter model (kind, image_size)")
     module = Segmenter(model_from_checkpoint(checkpoint)).eval()
@@ -91,7 +95,9 @@ def export_segmenter(checkpoint_bytes: bytes, directory: str, *, source: str) ->
             "arch": args["arch"],
             "num_classes": classes,
             "image_size": size,
-            "input": "uint8 RGB [B, 3, H, W]; resize to image_size for the pipeline's results",
+            "window": window,
+            "input": "uint8 RGB [B, 3, H, W]; for the pipeline's results fit pictures to an"
+            " image_size canvas (long side, aspect kept, padded) and slide window-sized windows",
             "output": "logits float32 [B, num_classes, H, W]",
         },
     )
@@ -121,12 +127,14 @@ def download_folder(storage: Storage, directory: str, local: str) -> None:
 # ---------------------------------------------------------------------------------- predict
 @dataclass
 class LoadedModel:
-    """A segmenter ready to predict: ``forward(uint8 images) -> logits``, its size, classes."""
+    """A segmenter ready to predict: ``forward(uint8 images) -> logits``, its canvas size,
+    classes, and its sliding window (0: the whole canvas)."""
 
     forward: Callable[[torch.Tensor], torch.Tensor]
     image_size: int
     num_classes: int
     source: str
+    window: int = 0
 
 
 def load_model(ref: str, *, tracking_uri: str | None, device: torch.device) -> LoadedModel:
@@ -155,7 +163,7 @@ def _from_checkpoint(path: str, device: torch.device) -> LoadedModel:
         raise ValueError(f"{path}: records no image_size; give a model pseudoflow trained")
     module = Segmenter(model_from_checkpoint(checkpoint)).to(device).eval()
     classes = int(checkpoint["model_args"]["num_classes"])
-    return LoadedModel(module, size, classes, path)
+    return LoadedModel(module, size, classes, path, int(checkpoint.get("window") or 0))
 
 
 def _from_mlflow(uri: str, tracking_uri: str | None, device: torch.device) -> LoadedModel:
@@ -170,7 +178,13 @@ def _from_mlflow(uri: str, tracking_uri: str | None, device: torch.device) -> Lo
     if "image_size" not in metadata:
         raise ValueError(f"{uri}: not a pseudoflow segmenter (no image_size in its metadata)")
     module = mlflow.pytorch.load_model(uri).to(device)
-    return LoadedModel(module, int(metadata["image_size"]), int(metadata["num_classes"]), uri)
+    return LoadedModel(
+        module,
+        int(metadata["image_size"]),
+        int(metadata["num_classes"]),
+        uri,
+        int(metadata.get("window") or 0),
+    )
 
 
 def _run_model_uri(run_id: str, tracking_uri: str | None) -> str:
@@ -212,20 +226,22 @@ class Prediction:
 def predict_images(
     model: LoadedModel, files: Sequence[Path], *, batch_size: int, device: torch.device
 ) -> Iterator[Prediction | tuple[Path, str]]:
-    """Label maps of ``files`` at their own size, as the evaluate stage computes them: resize
-    to the model's size, logits, softmax, bilinear back to the picture's size, argmax. A file
-    that is not a readable picture yields ``(path, reason)`` and the rest go on."""
+    """Label maps of ``files`` at their own size, as the evaluate stage computes them: fit to
+    the model's canvas, logits (sliding window), softmax, the fitted part bilinear back to the
+    picture's size, argmax. A file that is not a readable picture yields ``(path, reason)`` and
+    the rest go on."""
     from stages.ingest.stage import read_rgb
 
-    resize = data.resize_transform(model.image_size)
-    batch: list[tuple[Path, np.ndarray, torch.Tensor]] = []
+    batch: list[tuple[Path, np.ndarray, torch.Tensor, tuple[int, int]]] = []
     for index, path in enumerate(files):
         try:
             picture = np.array(read_rgb(str(path)))  # a writable copy for torch
         except ValueError as exc:
             yield path, str(exc)
         else:
-            batch.append((path, picture, resize(torch.from_numpy(picture).permute(2, 0, 1))))
+            image = torch.from_numpy(picture).permute(2, 0, 1)
+            canvas, _, fitted = data.fit_and_pad(image, {}, model.image_size)
+            batch.append((path, picture, canvas, fitted))
         if batch and (len(batch) == batch_size or index == len(files) - 1):
             yield from _predict_batch(model, batch, device)
             batch = []
@@ -234,19 +250,19 @@ def predict_images(
 @torch.inference_mode()
 def _predict_batch(
     model: LoadedModel,
-    batch: list[tuple[Path, np.ndarray, torch.Tensor]],
+    batch: list[tuple[Path, np.ndarray, torch.Tensor, tuple[int, int]]],
     device: torch.device,
 ) -> Iterator[Prediction]:
-    images = torch.stack([image for _, _, image in batch]).to(device)
-    probs = model.forward(images).float().softmax(dim=1)
-    for i, (path, picture, _) in enumerate(batch):
+    from stages.core.inference import sliding_logits, to_image
+
+    images = torch.stack([image for _, _, image, _ in batch]).to(device)
+    extents = np.asarray([fitted for *_, fitted in batch], np.int64)
+    window = model.window or model.image_size
+    probs = sliding_logits(model.forward, images, window, extents).float().softmax(dim=1)
+    for i, (path, picture, _, fitted) in enumerate(batch):
         height, width = picture.shape[:2]
-        one = probs[i : i + 1]
-        if one.shape[-2:] != (height, width):
-            one = torch.nn.functional.interpolate(
-                one, size=(height, width), mode="bilinear", align_corners=False
-            )
-        yield Prediction(path, picture, one[0].argmax(0).cpu().numpy())
+        labels = to_image(probs[i], fitted, height, width).argmax(0).cpu().numpy()
+        yield Prediction(path, picture, labels)
 
 
 def write_prediction(prediction: Prediction, out: Path, *, overlay: bool) -> None:

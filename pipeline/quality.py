@@ -177,6 +177,7 @@ class Split:
                 "image_id": np.asarray(self.ids[chunk], dtype=object),
                 "height": np.full(n, side),
                 "width": np.full(n, side),
+                "extent": np.full((n, 2), side, np.int32),
                 "image": self.images[chunk].numpy(),
                 "split": np.asarray([split] * n, dtype=object),
                 "mask": np.asarray(
@@ -238,7 +239,7 @@ def train_segmenter(
     learner = segtrain.new_learner(
         cfg,
         num_classes=world.num_classes,
-        image_size=world.image_size,
+        crop_size=world.image_size,
         seed=seed,
         device=torch.device("cpu"),
         policy=policy,

@@ -112,7 +112,7 @@ def _student(arch: str, num_classes: int, size: int, batch: int, device: torch.d
     """A student learner (threshold policy, the config's defaults otherwise) taking ``batch``
     labeled and ``batch`` unlabeled images a step."""
     cfg = StudentConfig(arch=arch, batch_size=batch, unlabeled_batch_size=batch, steps=1_000_000)
-    return new_learner(cfg, num_classes=num_classes, image_size=size, seed=0, device=device)
+    return new_learner(cfg, num_classes=num_classes, crop_size=size, seed=0, device=device)
 
 
 def _student_step(
@@ -310,6 +310,7 @@ def image_batch(images: torch.Tensor, first: int = 0) -> dict[str, np.ndarray]:
         "image_id": np.array([f"{first + i:016x}" for i in range(count)]),
         "height": np.full(count, height),
         "width": np.full(count, width),
+        "extent": np.tile(np.array([height, width], np.int32), (count, 1)),
         "image": images.numpy(),
         "split": np.full(count, "unlabeled"),
         "mask": np.full(count, None, dtype=object),
@@ -688,7 +689,13 @@ def _ray_rate(images: torch.Tensor, plan: Plan, actors: int, threads: int) -> fl
 
     count = 8 * plan.batch * actors
     items = [
-        {"image_id": f"{i:016x}", "height": plan.size, "width": plan.size, "image": image}
+        {
+            "image_id": f"{i:016x}",
+            "height": plan.size,
+            "width": plan.size,
+            "extent": np.array([plan.size, plan.size], np.int32),
+            "image": image,
+        }
         for i, image in enumerate(images[i % len(images)].numpy() for i in range(count))
     ]
     dataset = ray.data.from_items(items).materialize()

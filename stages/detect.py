@@ -69,12 +69,17 @@ class DetectorPredictor:
         outputs = self.backend.predict(self.model, images)
         rows: list[dict[str, Any]] = []
         for i, output in enumerate(outputs):
-            side = images[i].shape[-1], images[i].shape[-2]
+            # canvas -> the image's own pixels: the fitted part is the image scaled
+            fitted_h, fitted_w = (int(v) for v in batch["extent"][i])
             scale = torch.tensor(
-                [batch["width"][i] / side[0], batch["height"][i] / side[1]] * 2, device=self.device
+                [batch["width"][i] / fitted_w, batch["height"][i] / fitted_h] * 2,
+                device=self.device,
             )
             keep = output["scores"] >= self.min_score
-            boxes = (output["boxes"][keep] * scale).cpu().numpy().astype(np.float32)
+            # clipped to the fitted part: what lies over the canvas's padding is not the image
+            limit = torch.tensor([fitted_w, fitted_h] * 2, dtype=torch.float32, device=self.device)
+            clipped = output["boxes"][keep].clamp(min=torch.zeros_like(limit), max=limit)
+            boxes = (clipped * scale).cpu().numpy().astype(np.float32)
             rows.append(
                 {
                     "image_id": str(batch["image_id"][i]),

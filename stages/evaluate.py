@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import Any
 
@@ -17,7 +18,8 @@ from stages.core.inference import (
     load_model,
     pick_device,
     predict_split,
-    upsample_probs,
+    sliding_logits,
+    to_image,
 )
 from stages.core.models import segment_logits
 from stages.core.storage import DatasetRef
@@ -54,10 +56,12 @@ class ConfusionPredictor:
         self, storage_url: str, checkpoints: dict[str, str], num_classes: int, gpus: float = 0.0
     ):
         self.device = pick_device(gpus)
-        self.models = {
-            name: load_model(storage_url, path)[0].to(self.device)
-            for name, path in checkpoints.items()
-        }
+        self.models, self.windows = {}, {}
+        for name, path in checkpoints.items():
+            model, checkpoint = load_model(storage_url, path)
+            self.models[name] = model.to(self.device)
+            # the model's training crop, where it is smaller than the canvas (sliding window)
+            self.windows[name] = int(checkpoint.get("window") or checkpoint.get("image_size") or 0)
         self.num_classes = num_classes
 
     @torch.inference_mode()
@@ -70,10 +74,15 @@ class ConfusionPredictor:
         ]
         out = {}
         for name, model in self.models.items():
-            probs = segment_logits(model, images).softmax(dim=1)
+            window = self.windows[name] or images.shape[-1]
+            logits = sliding_logits(
+                functools.partial(segment_logits, model), images, window, batch["extent"]
+            )
+            probs = logits.softmax(dim=1)
             total = np.zeros((self.num_classes, self.num_classes), np.int64)
             for i, (h, w) in enumerate(sizes):
-                pred = upsample_probs(probs[i], h, w).argmax(0).cpu().numpy()
+                extent = (int(batch["extent"][i][0]), int(batch["extent"][i][1]))
+                pred = to_image(probs[i], extent, h, w).argmax(0).cpu().numpy()
                 total += confusion(pred, targets[i], self.num_classes)
             out[f"confusion_{name}"] = total.reshape(1, -1)
         return out

@@ -107,6 +107,12 @@ class SegTrainConfig(TrainingRun):
         "UniMatch's heads learn at 10 times the backbone's rate, i.e. 0.1)",
     )
     schedule: Literal["poly", "cosine"] = Field("poly", description="learning-rate decay to 0")
+    scale: tuple[float, float] = Field(
+        (0.5, 2.0),
+        strict=False,
+        description="range of the random factor each training image is scaled by (aspect "
+        "ratio kept) before its data.crop_size crop: UniMatch's [0.5, 2.0]",
+    )
     amp: bool = Field(True, description="float16 autocast and loss scaling on CUDA (CPU: off)")
     grad_clip: float | None = Field(
         1.0,
@@ -149,40 +155,48 @@ class StudentConfig(SegTrainConfig):
 
 
 def labeled_rows_to_arrays(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """Ray Data CPU step: stored labeled rows -> fixed-size arrays for ``iter_torch_batches``.
+    """Ray Data CPU step: stored labeled rows -> canvas arrays for ``iter_torch_batches``
+    (``data.fit_and_pad``: aspect ratio kept, padded with ignore).
 
-    Returns image ``uint8[B, 3, S, S]``, label ``uint8[B, S, S]``, weight ``float32[B, S, S]``.
+    Returns image ``uint8[B, 3, S, S]``, label ``uint8[B, S, S]``, weight ``float32[B, S, S]``
+    (1 on the image, 0 on the padding) and extent ``int32[B, 2]`` (the fitted height, width).
     """
-    resize = data.resize_transform(image_size)
-    out: dict[str, list[np.ndarray]] = {"image": [], "label": [], "weight": []}
+    out: dict[str, list[np.ndarray]] = {"image": [], "label": [], "weight": [], "extent": []}
     for png, mask, h, w in zip(
         batch["image"], batch["mask"], batch["height"], batch["width"], strict=True
     ):
         label = data.decode_mask(mask, int(h), int(w)).to(torch.uint8)
-        image, maps = data.apply_joint(resize, data.decode_image(png), {"label": label})
+        weight = torch.ones((int(h), int(w)), dtype=torch.float32)
+        image, maps, fitted = data.fit_and_pad(
+            data.decode_image(png), {"label": label, "weight": weight}, image_size
+        )
         out["image"].append(image.numpy())
         out["label"].append(maps["label"].numpy())
-        out["weight"].append(np.ones((image_size, image_size), np.float32))
+        out["weight"].append(maps["weight"].numpy())
+        out["extent"].append(np.asarray(fitted, np.int32))
     return {k: np.stack(v) for k, v in out.items()}
 
 
 def pseudolabel_rows_to_arrays(
     batch: dict[str, np.ndarray], image_size: int
 ) -> dict[str, np.ndarray]:
-    """Ray Data CPU step: unlabeled images joined with their pseudo-labels -> arrays.
+    """Ray Data CPU step: unlabeled images joined with their pseudo-labels -> canvas arrays.
 
     Returns image ``uint8[B, 3, S, S]``, label ``uint8[B, S, S]``, weight ``float32[B, S, S]``
-    (already multiplied by keep, as ``weighted_unsup_loss`` expects), keep ``uint8[B, S, S]`` and
+    (already multiplied by keep, as ``weighted_unsup_loss`` expects), keep ``uint8[B, S, S]``,
     the policy's own maps where stored: margin and refined_margin ``float32`` (S4MC), trusted
-    (CSL) and reliable (WPL) ``uint8``.
+    (CSL) and reliable (WPL) ``uint8``, and extent ``int32[B, 2]``; the padding is ignore,
+    weight 0 and not kept.
     """
-    resize = data.resize_transform(image_size)
     out: dict[str, list[np.ndarray]] = {}
     for i in range(len(batch["image_id"])):
         maps = _stored_maps({k: v[i] for k, v in batch.items()})
-        image, maps = data.apply_joint(resize, data.decode_image(batch["image"][i]), maps)
+        image, maps, fitted = data.fit_and_pad(
+            data.decode_image(batch["image"][i]), maps, image_size
+        )
         for name, value in (("image", image), *maps.items()):
             out.setdefault(name, []).append(value.numpy())
+        out.setdefault("extent", []).append(np.asarray(fitted, np.int32))
     return {k: np.stack(v) for k, v in out.items()}
 
 
@@ -198,16 +212,21 @@ def _stored_maps(row: dict[str, Any]) -> dict[str, torch.Tensor]:
 def _weak_view(
     batch: dict[str, torch.Tensor], learner: Learner
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The batch's weak view on the training device, one crop-and-flip draw per image applied
-    to the image and every map at once (``augment.CropFlip``).
+    """The batch's weak view on the training device, one scale-crop-and-flip draw per image
+    applied to the image and every map at once (``augment.ScaleCrop``).
 
     Returns images ``float32[B, 3, S, S]`` in [0, 1] and the maps: label int64, keep / trusted /
     reliable bool, the rest float32.
     """
     device = learner.device
     images = batch["image"].to(device, non_blocking=True).float().div_(255.0)
-    maps = {name: value.to(device) for name, value in batch.items() if name != "image"}
-    images, maps = learner.weak(images, maps, learner.generator)
+    maps = {
+        name: value.to(device) for name, value in batch.items() if name not in ("image", "extent")
+    }
+    extents = batch.get("extent")
+    if extents is None:  # arrays that are the whole canvas (benchmarks' own batches)
+        extents = torch.tensor([images.shape[-2:]] * len(images))
+    images, maps = learner.weak(images, maps, extents, learner.generator)
     for name, value in maps.items():
         if name == "label":
             maps[name] = value.long()
@@ -246,7 +265,7 @@ class Learner:
     alpha: float
     device: torch.device
     generator: torch.Generator
-    weak: augment.CropFlip
+    weak: augment.ScaleCrop
     photometric: augment.Photometric
 
     @property
@@ -264,7 +283,7 @@ def new_learner(
     cfg: SegTrainConfig,
     *,
     num_classes: int,
-    image_size: int,
+    crop_size: int,
     seed: int,
     device: torch.device,
     policy: PseudolabelConfig | None = None,
@@ -301,7 +320,7 @@ def new_learner(
         alpha=alpha,
         device=device,
         generator=torch.Generator().manual_seed(seed * 1000 + 7),
-        weak=augment.CropFlip(image_size),
+        weak=augment.ScaleCrop(crop_size, scale=cfg.scale),
         photometric=augment.Photometric(**strong.model_dump()),
     )
 
@@ -517,7 +536,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     learner = new_learner(
         cfg,
         num_classes=loop_config["num_classes"],
-        image_size=loop_config["image_size"],
+        crop_size=loop_config.get("crop_size") or loop_config["image_size"],
         seed=loop_config["seed"] + rank,
         device=ray.train.torch.get_device(),
         policy=PseudolabelConfig.model_validate(loop_config.get("pseudolabel", {})),
@@ -700,7 +719,12 @@ def run_segmenter(
         )
         # as given, plus the image size it is used at (the model file's metadata)
         image_size = loop_extra["image_size"]
-        storage.write_bytes(out_path, finished_model(blob, image_size=image_size, source=out_path))
+        storage.write_bytes(
+            out_path,
+            finished_model(
+                blob, image_size=image_size, window=loop_extra.get("crop_size"), source=out_path
+            ),
+        )
         return {"trained_steps": 0.0}
     loop_config = {"train": cfg.model_dump(), "num_classes": num_classes, **loop_extra}
     metrics = {"trained_steps": float(cfg.steps)}
@@ -722,5 +746,11 @@ def run_segmenter(
         max_failures=cfg.max_failures,
         resources=cfg.resources,
     )
-    write_trained(storage, out_path, blob, image_size=loop_extra["image_size"])
+    write_trained(
+        storage,
+        out_path,
+        blob,
+        image_size=loop_extra["image_size"],
+        window=loop_extra.get("crop_size"),
+    )
     return metrics

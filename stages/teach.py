@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -285,8 +286,12 @@ class TeacherPredictor:
         probs = logits.float().softmax(dim=1)
         n = len(batch["image_id"])
         columns: dict[str, list[Any]] = {name: [None] * n for name in self.maps}
+        extents = np.asarray(batch["extent"]).reshape(-1, 2)
         for h, w, index in size_groups(batch["height"], batch["width"]):
             group = probs if len(index) == n else probs[torch.from_numpy(index).to(self.device)]
+            # images of one size have one fitted part on the canvas (data.fit_and_pad)
+            fh, fw = (int(v) for v in extents[index[0]])
+            group = group[..., :fh, :fw]
             if group.shape[-2:] != (h, w):
                 group = nn.functional.interpolate(
                     group, size=(h, w), mode="bilinear", align_corners=False
@@ -308,11 +313,22 @@ class TeacherPredictor:
         }
         if self.spec.features:
             half = features.to(torch.float16).cpu().numpy()
+            # each image's features: the part of the feature map over its fitted part
+            side = images.shape[-1]
+            parts = [
+                half[
+                    i,
+                    :,
+                    : math.ceil(fh * half.shape[2] / side),
+                    : math.ceil(fw * half.shape[3] / side),
+                ]
+                for i, (fh, fw) in enumerate(extents.tolist())
+            ]
             table |= {
                 "feature_dim": [half.shape[1]] * n,
-                "feature_height": [half.shape[2]] * n,
-                "feature_width": [half.shape[3]] * n,
-                "features": [codec.to_bytes(f) for f in half],
+                "feature_height": [p.shape[1] for p in parts],
+                "feature_width": [p.shape[2] for p in parts],
+                "features": [codec.to_bytes(np.ascontiguousarray(p)) for p in parts],
             }
         arrays = [
             pa.array(table[f.name], f.type) if f.name in table else pa.nulls(n, f.type)

@@ -4,26 +4,29 @@ The training step's views are made here, the whole batch at once, on the trainin
 random draws (a few numbers an image) come from a CPU ``torch.Generator``, so a run is
 reproducible whatever the device, and every per-pixel operation is one batched tensor operation.
 
-* :class:`CropFlip`, the weak view (torchvision's ``RandomResizedCrop`` draw, then a horizontal
-  flip): one affine sampling grid per image, applied with ``grid_sample`` to the image
-  (bilinear) and to every stored map (nearest) — the same draw for the image and all its maps,
-  as methods.md §5 asks.
+* :class:`ScaleCrop`, the weak view (UniMatch's: random scaling with the aspect ratio kept, a
+  random crop padded with ignore where it passes the image's edge, a horizontal flip): one
+  affine sampling grid per image, applied with ``grid_sample`` to the image (bilinear) and to
+  every stored map (nearest) — the same draw for the image and all its maps, as methods.md §5
+  asks.
 * :class:`Photometric`, the strong view's image-only part (UniMatch's): colour jitter in a random
   order per image, random grayscale, Gaussian blur, each with its own chance and per-image
   factors, with torchvision's formulas.
 
 Sampling follows ``align_corners=False`` (pixel centres), which is the convention of bilinear
-resizing: a map's nearest sample is the one under the image's bilinear sample. The crops the step
-draws are never larger than the output, so resizing only enlarges and needs no antialiasing.
+resizing: a map's nearest sample is the one under the image's bilinear sample. A factor below 1
+shrinks the image without antialiasing (bilinear sampling), as the strong views' blur does not
+need it and the labels are sampled nearest either way.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+
+from stages.core.data import IGNORE_INDEX
 
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 LUMA = (0.2989, 0.587, 0.114)
@@ -33,116 +36,87 @@ def _uniform(count: int, low: float, high: float, generator: torch.Generator) ->
     return low + (high - low) * torch.rand(count, generator=generator, dtype=torch.float64)
 
 
-class CropFlip:
-    """The weak view: a random crop of ``scale`` of the image's area and aspect ratio in
-    ``ratio`` (log-uniform), resized to ``size`` x ``size``, flipped horizontally with chance
-    ``flip``. Crops are drawn as torchvision's ``RandomResizedCrop.get_params`` draws them (ten
-    tries, then the whole image clipped to the ratio range), for all images at once."""
+class ScaleCrop:
+    """The weak view: the image scaled by a random factor in ``scale`` (uniform; aspect ratio
+    kept), a random ``size`` x ``size`` crop of it, flipped horizontally with chance ``flip``:
+    UniMatch's resize, crop and flip, as one affine sampling grid per image.
 
-    def __init__(
-        self,
-        size: int,
-        scale: tuple[float, float] = (0.5, 1.0),
-        ratio: tuple[float, float] = (0.75, 4 / 3),
-        flip: float = 0.5,
-    ):
-        self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
+    Images arrive on the canvas of :func:`stages.core.data.fit_and_pad`: the fitted part of
+    image ``i`` is its top-left ``extents[i]`` = (height, width). At factor ``s`` a crop covers
+    ``size / s`` canvas pixels a side; its corner is uniform over the positions that keep it
+    inside the fitted image, and where the crop is larger than the image, over those that keep
+    the image inside the crop. What a crop holds beyond the image is padding: image 0, label
+    ``IGNORE_INDEX`` and every other map 0 (no weight, not kept), as the canvas's own padding."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.5, 2.0), flip: float = 0.5):
+        self.size, self.scale, self.flip = size, scale, flip
 
     def draw(
-        self, count: int, height: int, width: int, generator: torch.Generator
+        self, extents: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Crop boxes ``int64[count, 4]`` (top, left, height, width) and flips ``bool[count]``."""
-        area = height * width
-        tries = 10
-        target = area * _uniform(count * tries, *self.scale, generator)
-        log_ratio = _uniform(
-            count * tries, math.log(self.ratio[0]), math.log(self.ratio[1]), generator
-        )
-        aspect = torch.exp(log_ratio)
-        w = torch.round(torch.sqrt(target * aspect)).long().view(count, tries)
-        h = torch.round(torch.sqrt(target / aspect)).long().view(count, tries)
-        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-        first = torch.where(fits.any(dim=1), fits.float().argmax(dim=1), torch.full((count,), -1))
-        # the fallback: the central crop of the whole image clipped to the ratio range
-        in_ratio = width / height
-        if in_ratio < min(self.ratio):
-            fw, fh = width, round(width / min(self.ratio))
-        elif in_ratio > max(self.ratio):
-            fh, fw = height, round(height * max(self.ratio))
-        else:
-            fw, fh = width, height
-        pick = first.clamp(min=0)
-        rows = torch.arange(count)
-        ch = torch.where(first >= 0, h[rows, pick], fh)
-        cw = torch.where(first >= 0, w[rows, pick], fw)
+        """Crop boxes ``float64[B, 3]`` (top, left, side, in canvas pixels) and flips
+        ``bool[B]`` for images whose fitted parts are ``extents`` (``int[B, 2]``)."""
+        count = len(extents)
+        factor = _uniform(count, *self.scale, generator)
+        side = self.size / factor
+        height, width = extents.double().unbind(dim=1)
         u = torch.rand(count, generator=generator, dtype=torch.float64)
         v = torch.rand(count, generator=generator, dtype=torch.float64)
-        top = torch.where(first >= 0, (u * (height - ch + 1)).long(), (height - fh) // 2)
-        left = torch.where(first >= 0, (v * (width - cw + 1)).long(), (width - fw) // 2)
         flips = torch.rand(count, generator=generator) < self.flip
-        return torch.stack([top, left, ch, cw], dim=1), flips
+        # (extent - side) is negative for a crop larger than the image: the corner then lies
+        # in [extent - side, 0], the image inside the crop
+        return torch.stack([u * (height - side), v * (width - side), side], dim=1), flips
 
     def grid(
-        self,
-        boxes: torch.Tensor,
-        flips: torch.Tensor,
-        height: int,
-        width: int,
-        device: torch.device,
+        self, boxes: torch.Tensor, flips: torch.Tensor, canvas: int, device: torch.device
     ) -> torch.Tensor:
-        """The sampling grid ``float32[B, size, size, 2]`` of the crops (``boxes`` int64[B, 4]
-        top, left, height, width; ``flips`` bool[B]), on ``device``."""
-        top, left, h, w = boxes.double().unbind(dim=1)
+        """The sampling grid ``float32[B, size, size, 2]`` of the crops on a ``canvas`` x
+        ``canvas`` batch, on ``device`` (``align_corners=False``: pixel centres)."""
+        top, left, side = boxes.unbind(dim=1)
         theta = torch.zeros(len(boxes), 2, 3, dtype=torch.float64)
-        sign = 1.0 - 2.0 * flips.double()
-        theta[:, 0, 0] = sign * w / width
-        theta[:, 0, 2] = (2 * left + w) / width - 1
-        theta[:, 1, 1] = h / height
-        theta[:, 1, 2] = (2 * top + h) / height - 1
-        shape = (len(boxes), 1, self.size, self.size)
-        grid = F.affine_grid(theta.float().to(device), list(shape), align_corners=False)
-        # samples past the crop's outer pixel centres take the edge pixel, as when the crop is
-        # cut out first and then resized (torchvision's resized_crop)
-        bounds = [
-            ((2 * start + 1) / extent - 1, (2 * (start + length) - 1) / extent - 1)
-            for start, length, extent in ((left, w, width), (top, h, height))
-        ]
-        return torch.stack(
-            [
-                grid[..., axis].clamp(
-                    min=low.float().to(device).view(-1, 1, 1),
-                    max=high.float().to(device).view(-1, 1, 1),
-                )
-                for axis, (low, high) in enumerate(bounds)
-            ],
-            dim=-1,
-        )
+        theta[:, 0, 0] = (1.0 - 2.0 * flips.double()) * side / canvas
+        theta[:, 0, 2] = (2 * left + side) / canvas - 1
+        theta[:, 1, 1] = side / canvas
+        theta[:, 1, 2] = (2 * top + side) / canvas - 1
+        shape = [len(boxes), 1, self.size, self.size]
+        return F.affine_grid(theta.float().to(device), shape, align_corners=False)
 
     def __call__(
         self,
         images: torch.Tensor,
         maps: Mapping[str, torch.Tensor],
+        extents: torch.Tensor,
         generator: torch.Generator,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``images`` float ``[B, 3, H, W]`` and ``maps`` ``[B, H, W]`` (any dtype) -> the same
-        at ``size`` x ``size``, the maps in their own dtypes."""
-        count, _, height, width = images.shape
-        boxes, flips = self.draw(count, height, width, generator)
-        return warp(images, maps, self.grid(boxes, flips, height, width, images.device))
+        """``images`` float ``[B, 3, S, S]`` and ``maps`` ``[B, S, S]`` (any dtype) on the
+        canvas, ``extents`` ``int[B, 2]`` -> the crops at ``size`` x ``size``, the maps in their
+        own dtypes."""
+        boxes, flips = self.draw(extents.cpu(), generator)
+        grid = self.grid(boxes, flips, images.shape[-1], images.device)
+        return warp(images, maps, grid)
 
 
 def warp(
     images: torch.Tensor, maps: Mapping[str, torch.Tensor], grid: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sample ``images`` (bilinear) and every map (nearest) at ``grid``: one ``grid_sample``
-    for the images and one for all the maps stacked."""
+    for the images and one for all the maps stacked. Samples off the canvas are 0, and
+    ``IGNORE_INDEX`` in a ``label`` map."""
     out = F.grid_sample(images.float(), grid, mode="bilinear", align_corners=False)
     if not maps:
         return out, {}
     names = list(maps)
-    stacked = torch.stack([maps[name].float() for name in names], dim=1)
+    inside = torch.ones_like(maps[names[0]], dtype=torch.float32)
+    stacked = torch.stack([maps[name].float() for name in names] + [inside], dim=1)
     sampled = F.grid_sample(stacked, grid, mode="nearest", align_corners=False)
-    return out, {name: sampled[:, m].to(maps[name].dtype) for m, name in enumerate(names)}
+    off = sampled[:, -1] == 0
+    result = {}
+    for m, name in enumerate(names):
+        value = sampled[:, m]
+        if name == "label":
+            value = value.masked_fill(off, IGNORE_INDEX)
+        result[name] = value.to(maps[name].dtype)
+    return out, result
 
 
 def grayscale(images: torch.Tensor) -> torch.Tensor:

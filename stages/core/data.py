@@ -1,8 +1,12 @@
-"""Turning stored rows into tensors: decoding, resizing, normalisation, CutMix boxes.
+"""Turning stored rows into tensors: decoding, fitting to the canvas, normalisation, CutMix.
 
-The Ray Data steps resize with torchvision.transforms.v2, the image and every per-pixel map at
-once (maps are ``tv_tensors.Mask``, so they are resampled with nearest interpolation); the
-training step's random views are made batched on its device (``stages.core.augment``).
+Every image reaches a model on a square ``image_size`` canvas: scaled so that its long side is
+``image_size``, its aspect ratio kept, then padded bottom and right (:func:`fit_and_pad`; the
+image and every per-pixel map at once with torchvision.transforms.v2, maps as
+``tv_tensors.Mask``, so they are resampled nearest). Nothing is squashed: a 2:1 Cityscapes frame
+fills the top half of the canvas. The training step's random views are made batched on its
+device (``stages.core.augment``); inference crops the predictions back to the fitted part and
+resizes them to the image's own size.
 """
 
 from __future__ import annotations
@@ -42,9 +46,33 @@ def decode_mask(data: bytes | None, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(codec.decode_png(data).astype(np.int64))
 
 
-def resize_transform(size: int) -> v2.Transform:
-    """Resize everything to ``size`` x ``size`` (bilinear for images, nearest for maps)."""
-    return v2.Resize((size, size), antialias=True)
+def fit_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """The size of a ``height`` x ``width`` image scaled, aspect ratio kept, so that its long
+    side is ``size``: the part of the ``size`` x ``size`` canvas it fills."""
+    scale = size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def fit_and_pad(
+    image: torch.Tensor, maps: Mapping[str, torch.Tensor], size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[int, int]]:
+    """Scale ``image: uint8[3, H, W]`` and its ``maps`` (``[H, W]``, resampled nearest) so the
+    long side is ``size``, aspect ratio kept (antialiased bilinear, torchvision.transforms.v2),
+    then pad bottom and right to ``size`` x ``size``: the image with 0, a ``label`` map with
+    ``IGNORE_INDEX``, every other map with 0 (no weight, not kept). Returns the canvas, its maps
+    and the fitted ``(height, width)`` (the top-left part that is the image)."""
+    height, width = image.shape[-2:]
+    fitted = fit_size(int(height), int(width), size)
+    if fitted != (height, width):
+        image, maps = apply_joint(v2.Resize(fitted, antialias=True), image, maps)
+    pad = [0, size - fitted[1], 0, size - fitted[0]]  # left, right, top, bottom
+    if pad[1] or pad[3]:
+        image = torch.nn.functional.pad(image, pad, value=0)
+        maps = {
+            name: torch.nn.functional.pad(value, pad, value=IGNORE_INDEX if name == "label" else 0)
+            for name, value in maps.items()
+        }
+    return image, dict(maps), fitted
 
 
 def cutmix_boxes(

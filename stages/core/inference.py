@@ -6,6 +6,7 @@ Predictors are plain callables: they can be built and called without Ray.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,19 +39,75 @@ class InferenceConfig(StrictModel):
 
 
 def decode_for_inference(batch: dict[str, np.ndarray], image_size: int) -> dict[str, Any]:
-    """CPU step: stored rows -> ``image: uint8[B, 3, S, S]`` plus id and original size."""
-    resize = data.resize_transform(image_size)
-    images = [resize(data.decode_image(png)).numpy() for png in batch["image"]]
+    """CPU step: stored rows -> ``image: uint8[B, 3, S, S]`` (each fitted to the canvas, aspect
+    ratio kept: ``data.fit_and_pad``), ``extent: int32[B, 2]`` (the fitted part), id and
+    original size."""
+    images, extents = [], []
+    for png in batch["image"]:
+        image, _, fitted = data.fit_and_pad(data.decode_image(png), {}, image_size)
+        images.append(image.numpy())
+        extents.append(fitted)
     out: dict[str, Any] = {
         "image_id": batch["image_id"],
         "height": batch["height"],
         "width": batch["width"],
         "image": np.stack(images),
+        "extent": np.asarray(extents, np.int32).reshape(-1, 2),
     }
     for passthrough in ("mask", "split"):
         if passthrough in batch:
             out[passthrough] = batch[passthrough]
     return out
+
+
+def window_starts(reach: int, window: int, stride: int) -> list[int]:
+    """Where windows of ``window`` pixels start to cover ``[0, reach)`` with steps of at most
+    ``stride`` (the last one flush with ``reach``); one window when it covers everything."""
+    if reach <= window:
+        return [0]
+    return [*range(0, reach - window, stride), reach - window]
+
+
+def sliding_logits(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    window: int,
+    extents: torch.Tensor | np.ndarray | None = None,
+) -> torch.Tensor:
+    """Logits ``float[B, C, H, W]`` of ``images`` ``[B, 3, H, W]``: ``forward`` on the whole
+    canvas when ``window`` covers it, else averaged over ``window`` x ``window`` windows at
+    strides of two thirds of a window (UniMatch's sliding evaluation), over the part the images'
+    ``extents`` (``[B, 2]`` fitted height and width) reach; outside it the logits are 0."""
+    height, width = images.shape[-2:]
+    if window >= max(height, width):
+        return forward(images)
+    reach_h, reach_w = height, width
+    if extents is not None:
+        reach = np.asarray(extents).reshape(-1, 2).max(axis=0)
+        reach_h, reach_w = max(int(reach[0]), window), max(int(reach[1]), window)
+    stride = max(1, window * 2 // 3)
+    total: torch.Tensor | None = None
+    count = torch.zeros((1, 1, height, width), device=images.device)
+    for top in window_starts(min(reach_h, height), window, stride):
+        for left in window_starts(min(reach_w, width), window, stride):
+            part = forward(images[..., top : top + window, left : left + window]).float()
+            if total is None:
+                total = part.new_zeros((len(images), part.shape[1], height, width))
+            total[..., top : top + window, left : left + window] += part
+            count[..., top : top + window, left : left + window] += 1
+    assert total is not None
+    return total / count.clamp(min=1)
+
+
+def to_image(probs: torch.Tensor, extent: tuple[int, int], height: int, width: int) -> torch.Tensor:
+    """``float[C, S, S]`` on the canvas -> ``float[C, height, width]``: the fitted part
+    (``extent``), resized bilinearly to the image's own size (no-op at the same size)."""
+    part = probs[:, : extent[0], : extent[1]]
+    if part.shape[-2:] == (height, width):
+        return part
+    return torch.nn.functional.interpolate(
+        part[None], size=(height, width), mode="bilinear", align_corners=False
+    )[0]
 
 
 def load_model(storage_url: str, path: str) -> tuple[nn.Module, dict[str, Any]]:
@@ -61,15 +118,6 @@ def load_model(storage_url: str, path: str) -> tuple[nn.Module, dict[str, Any]]:
 
 def pick_device(gpus: float) -> torch.device:
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
-
-
-def upsample_probs(probs: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``float[C, h, w]`` -> ``float[C, height, width]`` (bilinear; no-op at the same size)."""
-    if probs.shape[-2:] == (height, width):
-        return probs
-    return torch.nn.functional.interpolate(
-        probs[None], size=(height, width), mode="bilinear", align_corners=False
-    )[0]
 
 
 def predict_split(

@@ -137,7 +137,7 @@ def make_checkpoint(
 
 # What a model file a user loads holds; the rest (optimizer, step, random state, prototype
 # memory, the trained weights beside an EMA) is in its resumable copy (``resumable_path``).
-MODEL_KEYS = ("format", "kind", "model_args", "state_dict", "image_size", "config")
+MODEL_KEYS = ("format", "kind", "model_args", "state_dict", "image_size", "window", "config")
 
 
 def resumable_path(path: str) -> str:
@@ -146,19 +146,27 @@ def resumable_path(path: str) -> str:
     return path.removesuffix(".pt") + ".state.pt"
 
 
-def finished_model(blob: bytes, *, image_size: int, source: str) -> bytes:
+def finished_model(
+    blob: bytes, *, image_size: int, source: str, window: int | None = None
+) -> bytes:
     """A finished training's checkpoint as the model file users load: the network's weights,
-    builder arguments, the image size it was trained and evaluated at, the resolved config."""
+    builder arguments, the canvas side images are fitted to (``image_size``) and the sliding
+    window it is evaluated with (``window``: its training crop; the whole canvas when None or
+    not smaller), the resolved config."""
     checkpoint = load_checkpoint(blob, source=source)
     model = {k: checkpoint[k] for k in MODEL_KEYS if k in checkpoint}
     model["image_size"] = int(image_size)
+    model["window"] = int(min(window or image_size, image_size))
     return checkpoint_bytes(model)
 
 
-def write_trained(storage: Any, out_path: str, blob: bytes, *, image_size: int) -> None:
+def write_trained(
+    storage: Any, out_path: str, blob: bytes, *, image_size: int, window: int | None = None
+) -> None:
     """Write a finished training's model (``out_path``) and its resumable copy beside it."""
     storage.write_bytes(resumable_path(out_path), blob)
-    storage.write_bytes(out_path, finished_model(blob, image_size=image_size, source=out_path))
+    model = finished_model(blob, image_size=image_size, window=window, source=out_path)
+    storage.write_bytes(out_path, model)
 
 
 def checkpoint_bytes(checkpoint: dict[str, Any]) -> bytes:

@@ -66,7 +66,19 @@ class DataConfig(StrictModel):
     class_names: tuple[str, ...] | None = Field(
         None, strict=False, description="names in index order (a YAML list)"
     )
-    image_size: int = Field(64, ge=16, description="side of the square model input")
+    image_size: int = Field(
+        64,
+        ge=16,
+        description="side of the square canvas every image is fitted to: scaled so its long "
+        "side is image_size (aspect ratio kept), padded bottom and right (ignore)",
+    )
+    crop_size: int | None = Field(
+        None,
+        ge=16,
+        description="side of the random training crops (after teacher/student.scale), and of "
+        "the sliding window evaluate and predict use when it is smaller than image_size "
+        "(None: image_size, whole images)",
+    )
     val_fraction: float = Field(
         0.2,
         ge=0.0,
@@ -107,6 +119,11 @@ class DataConfig(StrictModel):
                 f"the generated dataset has at most {len(CLASS_NAMES)} classes "
                 f"({', '.join(CLASS_NAMES)}); got num_classes={self.num_classes}"
             )
+        if self.crop_size is not None and self.crop_size > self.image_size:
+            problems.append(
+                f"data.crop_size ({self.crop_size}) must be at most data.image_size "
+                f"({self.image_size}), the canvas it is cut from"
+            )
         if self.class_names is not None and len(self.class_names) != self.num_classes:
             problems.append(
                 f"class_names has {len(self.class_names)} names for {self.num_classes} classes"
@@ -114,6 +131,11 @@ class DataConfig(StrictModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def crop(self) -> int:
+        """The training crop and evaluation window: ``crop_size`` or the whole canvas."""
+        return self.crop_size or self.image_size
 
     def names(self) -> list[str]:
         if self.class_names:

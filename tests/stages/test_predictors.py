@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.core import codec, data
+from stages.core import codec, data, inference
 from stages.core.inference import decode_for_inference
 from stages.core.models import (
     build_detector,
@@ -67,6 +67,9 @@ def test_teacher_predictor_upsamples_to_original_size(tmp_path: Path) -> None:
     storage, path = _save(tmp_path, build_segmenter(**args), "segmenter", args)
     batch = decode_for_inference(_rows(2, (20, 28)), image_size=32)
     assert batch["image"].shape == (2, 3, 32, 32)
+    # long side 28 -> 32: 20 x 28 fills the canvas's top 23 rows; the rest is padding
+    assert batch["extent"].tolist() == [[23, 32], [23, 32]]
+    assert not batch["image"][:, :, 23:].any()
     table = TeacherPredictor(storage.url, path, FULL)(batch)
     assert table.schema == SIGNALS_SCHEMA
     assert table.num_rows == 2
@@ -77,12 +80,13 @@ def test_teacher_predictor_upsamples_to_original_size(tmp_path: Path) -> None:
     assert (signals["conf"] >= signals["margin"]).all()
     assert (signals["conf"] >= 1 / 3 - 1 / 510).all()  # the largest of 3 probabilities
     assert row["split"] == "unlabeled"
-    # lraspp's classifier input: 128 channels at stride 8 of the 32 px model input
-    assert decode_features(row).shape == (128, 4, 4)
-    # the same rows as the network's own probabilities, upsampled, give
+    # lraspp's classifier input: 128 channels at stride 8 of the 32 px canvas, the 3 x 4 of
+    # them over the image's fitted 23 x 32 part
+    assert decode_features(row).shape == (128, 3, 4)
+    # the same rows as the network's own probabilities, the fitted part upsampled, give
     model = model_from_checkpoint(load_checkpoint(storage.read_bytes(path), source=path))
     probs = segment_logits(model, data.normalize(torch.from_numpy(batch["image"]))).softmax(1)
-    probs = torch.nn.functional.interpolate(probs, size=(20, 28), mode="bilinear")
+    probs = torch.nn.functional.interpolate(probs[..., :23, :], size=(20, 28), mode="bilinear")
     conf, label = probs.max(dim=1)
     assert torch.equal(signals["label"], label[0])
     assert (signals["conf"] - conf[0]).abs().max() <= 1 / 510 + 1e-6
@@ -129,6 +133,45 @@ def test_confusion_predictor_counts_every_valid_pixel(tmp_path: Path) -> None:
     assert out["confusion_a"].shape == (1, 9)
     assert out["confusion_a"].sum() == 3 * 16 * 16
     np.testing.assert_array_equal(out["confusion_a"], out["confusion_b"])
+
+
+def test_confusion_predictor_scores_non_square_images_at_their_own_size(tmp_path: Path) -> None:
+    """2:1 images on a 32-px canvas, evaluated whole and with a 16-px sliding window: every
+    valid pixel of the 20 x 40 originals is counted once, none of the padding."""
+    args = {"arch": "lraspp_mobilenet_v3_large", "num_classes": 3}
+    storage = Storage(str(tmp_path))
+    model = build_segmenter(**args)
+    for window in (32, 16):
+        path = storage.path("models", f"w{window}.pt")
+        checkpoint = make_checkpoint(model, kind="segmenter", model_args=args)
+        storage.write_bytes(path, checkpoint_bytes({**checkpoint, "window": window}))
+        batch = decode_for_inference(_rows(2, (20, 40)), image_size=32)
+        assert batch["extent"].tolist() == [[16, 32], [16, 32]]
+        out = ConfusionPredictor(storage.url, {"m": path}, num_classes=3)(batch)
+        assert out["confusion_m"].sum() == 2 * 20 * 40
+
+
+def test_sliding_window_averages_overlapping_windows_by_hand() -> None:
+    """A 6-px canvas, 4-px windows at stride 2 (two thirds of 4, floored): windows start at
+    0 and 2 on each axis. With a forward that returns each window's mean everywhere in it,
+    a pixel's logit is the mean of its windows' means."""
+    image = torch.arange(36, dtype=torch.float32).view(1, 1, 6, 6)
+    out = inference.sliding_logits(
+        lambda x: x.mean(dim=(2, 3), keepdim=True).expand_as(x), image, 4
+    )
+    means = {(t, c): image[..., t : t + 4, c : c + 4].mean().item() for t in (0, 2) for c in (0, 2)}
+    assert inference.window_starts(6, 4, 2) == [0, 2]
+    assert out[0, 0, 0, 0].item() == pytest.approx(means[0, 0])
+    assert out[0, 0, 0, 5].item() == pytest.approx(means[0, 2])
+    assert out[0, 0, 3, 3].item() == pytest.approx(sum(means.values()) / 4)
+    assert out[0, 0, 1, 3].item() == pytest.approx((means[0, 0] + means[0, 2]) / 2)
+    # a window that covers the canvas: the forward itself, once
+    torch.testing.assert_close(inference.sliding_logits(lambda x: 2 * x, image, 6), 2 * image)
+    # windows only over the fitted part the extents reach (rows 0..3 here), zeros beyond
+    part = inference.sliding_logits(lambda x: x + 1, image, 4, np.array([[4, 6]]))
+    torch.testing.assert_close(part[..., :4, :], image[..., :4, :] + 1)
+    assert not part[..., 4:, :].any()
+    assert inference.window_starts(10, 4, 3) == [0, 3, 6]
 
 
 def test_detector_predictor_boxes_in_original_coordinates(tmp_path: Path) -> None:

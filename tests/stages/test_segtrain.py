@@ -8,11 +8,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from stages import segtrain
-from stages.core import augment, data, training
+from stages.core import augment, codec, data, training
 from stages.core.fastconv import DilatedDepthwiseConv2d
 from stages.core.models import load_checkpoint
 from stages.core.storage import Storage
@@ -52,7 +53,7 @@ def _learner(policy: str = "threshold", cutmix: float = 1.0, size: int = 32) -> 
     return segtrain.new_learner(
         cfg,
         num_classes=4,
-        image_size=size,
+        crop_size=size,
         seed=0,
         device=torch.device("cpu"),
         policy=PseudolabelConfig(policy=policy, wpl={"refresh_every": 2, "conf_thresh": 0.0}),
@@ -61,7 +62,7 @@ def _learner(policy: str = "threshold", cutmix: float = 1.0, size: int = 32) -> 
 
 def test_strong_views_mix_pixels_and_every_map_in_the_same_box() -> None:
     learner = _learner()
-    learner.weak = augment.CropFlip(16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0)
+    learner.weak = augment.ScaleCrop(16, scale=(1.0, 1.0), flip=0.0)
     learner.photometric = augment.Photometric(jitter_chance=0.0, grayscale=0.0, blur=0.0)
     colours = torch.tensor([10, 120, 240], dtype=torch.uint8)
     batch = {
@@ -151,12 +152,69 @@ def test_train_step_of_every_policy_updates_the_network(policy: str) -> None:
 def test_supervised_step_ignores_the_unlabeled_loss() -> None:
     cfg = segtrain.SegTrainConfig(steps=3, batch_size=2)
     learner = segtrain.new_learner(
-        cfg, num_classes=4, image_size=32, seed=0, device=torch.device("cpu")
+        cfg, num_classes=4, crop_size=32, seed=0, device=torch.device("cpu")
     )
     assert learner.alpha == 0.0
     assert learner.memory is None
     stats = segtrain.train_step(learner, _batches(32)[0], None, 0)
     assert stats["loss_u"] == 0.0
+    assert stats["loss_s"] > 0
+
+
+def _wide_rows(count: int) -> dict[str, Any]:
+    """Labeled rows of 20 x 40 (2:1) pictures, each with a 10 x 10 square of class 2 whose
+    top-left corner moves with the row, the rest class 1 (a 2:1 Cityscapes frame in small)."""
+    images, masks = [], []
+    for i in range(count):
+        mask = np.ones((20, 40), np.uint8)
+        mask[4 + i % 4 : 14 + i % 4, 10 + 2 * i : 20 + 2 * i] = 2
+        masks.append(codec.encode_png(mask))
+        images.append(codec.encode_png(np.repeat(mask[..., None] * 100, 3, axis=2)))
+    return {
+        "image": np.array(images, dtype=object),
+        "mask": np.array(masks, dtype=object),
+        "height": np.array([20] * count),
+        "width": np.array([40] * count),
+    }
+
+
+def _box(mask: torch.Tensor | np.ndarray, value: int) -> tuple[int, int]:
+    where = np.asarray(mask) == value
+    rows, cols = where.any(axis=1).nonzero()[0], where.any(axis=0).nonzero()[0]
+    return int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+
+
+def test_training_on_non_square_images_squashes_nothing() -> None:
+    """2:1 pictures on a 32-px canvas: fitted to 16 x 32 (not squashed to 32 x 32), the padding
+    below them ignored and weightless; the 10 x 10 square is 8 x 8 on the canvas and stays a
+    square in every crop a training step draws; the step trains on them."""
+    arrays = segtrain.labeled_rows_to_arrays(_wide_rows(8), image_size=32)
+    assert arrays["image"].shape == (8, 3, 32, 32)
+    assert arrays["extent"].tolist() == [[16, 32]] * 8
+    for i in range(8):
+        label = arrays["label"][i]
+        assert (label[16:] == data.IGNORE_INDEX).all()
+        assert set(np.unique(label[:16]).tolist()) == {1, 2}
+        assert _box(label, 2) == (8, 8)
+        assert (arrays["weight"][i] == (label != data.IGNORE_INDEX)).all()
+    cfg = segtrain.SegTrainConfig(steps=2, batch_size=8, scale=(0.75, 1.25))
+    learner = segtrain.new_learner(
+        cfg, num_classes=3, crop_size=24, seed=0, device=torch.device("cpu")
+    )
+    batch = {name: torch.from_numpy(value) for name, value in arrays.items()}
+    images, maps = segtrain._weak_view(batch, learner)
+    assert images.shape == (8, 3, 24, 24)
+    whole = 0
+    for i in range(8):
+        square = (maps["label"][i] == 2).numpy()
+        edges = square[0].any() or square[-1].any() or square[:, 0].any() or square[:, -1].any()
+        if square.any() and not edges:  # inside the crop, not cut by its edge
+            height, width = _box(square, True)
+            assert abs(height - width) <= 1, (i, height, width)
+            whole += 1
+    assert whole >= 4
+    stats = segtrain.train_step(learner, batch, None, 0)
+    assert math.isfinite(stats["loss_s"])
     assert stats["loss_s"] > 0
 
 
@@ -171,7 +229,7 @@ def test_gradients_are_clipped_to_grad_clip_and_their_norm_before_is_reported() 
     for clip in (None, 1e-3):
         cfg = segtrain.SegTrainConfig(steps=3, batch_size=2, grad_clip=clip)
         learner = segtrain.new_learner(
-            cfg, num_classes=4, image_size=32, seed=0, device=torch.device("cpu")
+            cfg, num_classes=4, crop_size=32, seed=0, device=torch.device("cpu")
         )
         stats = segtrain.train_step(learner, batch, None, 0)
         norms[clip] = (stats["grad_norm"], _grad_norm(learner.model))  # grads outlive the step
@@ -186,7 +244,7 @@ def test_gradients_are_clipped_to_grad_clip_and_their_norm_before_is_reported() 
 def test_a_step_with_gradients_that_are_not_finite_reports_no_grad_norm() -> None:
     cfg = segtrain.SegTrainConfig(steps=3, batch_size=2)
     learner = segtrain.new_learner(
-        cfg, num_classes=4, image_size=32, seed=0, device=torch.device("cpu")
+        cfg, num_classes=4, crop_size=32, seed=0, device=torch.device("cpu")
     )
     with torch.no_grad():
         segtrain.feature_layer(learner.network).weight.fill_(math.inf)
@@ -198,7 +256,7 @@ def test_a_step_with_gradients_that_are_not_finite_reports_no_grad_norm() -> Non
 def test_strong_view_settings_reach_the_photometric_draw() -> None:
     cfg = segtrain.StudentConfig(strong={"hue": 0.0, "grayscale": 0.0})
     learner = segtrain.new_learner(
-        cfg, num_classes=4, image_size=16, seed=0, device=torch.device("cpu")
+        cfg, num_classes=4, crop_size=16, seed=0, device=torch.device("cpu")
     )
     strong = learner.photometric
     assert (strong.hue, strong.grayscale, strong.jitter, strong.blur) == (0.0, 0.0, 0.5, 0.5)
@@ -210,7 +268,7 @@ def test_strong_view_settings_reach_the_photometric_draw() -> None:
 def _ema_learner(decay: float) -> segtrain.Learner:
     cfg = segtrain.StudentConfig(steps=4, batch_size=2, unlabeled_batch_size=3, ema=decay)
     return segtrain.new_learner(
-        cfg, num_classes=4, image_size=32, seed=0, device=torch.device("cpu")
+        cfg, num_classes=4, crop_size=32, seed=0, device=torch.device("cpu")
     )
 
 
@@ -237,7 +295,7 @@ def test_ema_averages_weights_and_batchnorm_statistics_by_hand() -> None:
         segtrain.new_learner(
             segtrain.StudentConfig(),
             num_classes=4,
-            image_size=32,
+            crop_size=32,
             seed=0,
             device=torch.device("cpu"),
         ).ema
@@ -324,7 +382,7 @@ def test_the_ray_train_loop_trains_exactly_as_train_step_in_process(tmp_path: Pa
         torch.set_num_threads(1)
         try:
             learner = segtrain.new_learner(
-                cfg, num_classes=4, image_size=32, seed=0, device=torch.device("cpu")
+                cfg, num_classes=4, crop_size=32, seed=0, device=torch.device("cpu")
             )
             initial = {k: v.clone() for k, v in learner.network.state_dict().items()}
             labeled = training.endless_batches(datasets["labeled"], 2, 0)  # rank 0's seeds

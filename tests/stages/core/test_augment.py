@@ -16,12 +16,18 @@ def _images(count: int = 3, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def _whole(count: int, size: int) -> torch.Tensor:
+    return torch.tensor([[size, size]] * count)
+
+
 def test_whole_image_unflipped_crop_is_the_identity() -> None:
     images = _images()
     label = torch.randint(0, 5, (3, 16, 16), dtype=torch.int64)
     keep = torch.rand(3, 16, 16) > 0.5
-    weak = augment.CropFlip(16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0)
-    out, maps = weak(images, {"label": label, "keep": keep}, torch.Generator().manual_seed(0))
+    weak = augment.ScaleCrop(16, scale=(1.0, 1.0), flip=0.0)
+    out, maps = weak(
+        images, {"label": label, "keep": keep}, _whole(3, 16), torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(out, images, atol=1e-5, rtol=0)
     assert torch.equal(maps["label"], label)
     assert torch.equal(maps["keep"], keep)
@@ -32,8 +38,8 @@ def test_whole_image_unflipped_crop_is_the_identity() -> None:
 def test_flip_mirrors_the_image_and_every_map() -> None:
     images = _images()
     weight = torch.rand(3, 16, 16)
-    weak = augment.CropFlip(16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=1.0)
-    out, maps = weak(images, {"weight": weight}, torch.Generator().manual_seed(0))
+    weak = augment.ScaleCrop(16, scale=(1.0, 1.0), flip=1.0)
+    out, maps = weak(images, {"weight": weight}, _whole(3, 16), torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, images.flip(-1), atol=1e-5, rtol=0)
     assert torch.equal(maps["weight"], weight.flip(-1))
 
@@ -42,12 +48,13 @@ def test_flip_mirrors_the_image_and_every_map() -> None:
 def test_crop_is_torchvision_resized_crop_bilinear_and_nearest(
     top: int, left: int, flip: bool
 ) -> None:
-    """An 8 x 8 crop enlarged to 16 x 16 (no tie in nearest-exact's rounding at a scale of 2)."""
+    """Factor 2: an 8 x 8 window enlarged to a 16 x 16 crop (no tie in nearest-exact's
+    rounding at a scale of 2), as torchvision's resized_crop cuts and enlarges it."""
     images = _images(1)
     label = torch.randint(0, 255, (1, 16, 16), dtype=torch.uint8)
-    weak = augment.CropFlip(16)
-    boxes = torch.tensor([[top, left, 8, 8]])
-    grid = weak.grid(boxes, torch.tensor([flip]), 16, 16, torch.device("cpu"))
+    weak = augment.ScaleCrop(16)
+    boxes = torch.tensor([[top, left, 8]], dtype=torch.float64)
+    grid = weak.grid(boxes, torch.tensor([flip]), 16, torch.device("cpu"))
     out, maps = augment.warp(images, {"label": label}, grid)
     want = TF.resized_crop(images[0], top, left, 8, 8, [16, 16], antialias=False)
     want_label = TF.resized_crop(
@@ -55,34 +62,79 @@ def test_crop_is_torchvision_resized_crop_bilinear_and_nearest(
     )
     if flip:
         want, want_label = want.flip(-1), want_label.flip(-1)
-    torch.testing.assert_close(out[0], want, atol=1e-5, rtol=0)
+    # the window's outer half pixel samples past it (it is not cut out first): compare inside
+    torch.testing.assert_close(out[0][..., 1:-1, 1:-1], want[..., 1:-1, 1:-1], atol=1e-5, rtol=0)
     assert torch.equal(maps["label"], want_label)
 
 
 def test_crop_draws_follow_the_ranges() -> None:
-    weak = augment.CropFlip(32)
-    boxes, flips = weak.draw(4000, 40, 60, torch.Generator().manual_seed(1))
-    top, left, h, w = boxes.unbind(dim=1)
-    assert (top >= 0).all()
-    assert (left >= 0).all()
-    assert (top + h <= 40).all()
-    assert (left + w <= 60).all()
-    area = (h * w).double() / (40 * 60)
-    assert area.min() >= 0.5 - 0.03
-    assert area.max() <= 1.0
-    aspect = w.double() / h
-    assert aspect.min() >= 0.75 * 0.9
-    assert aspect.max() <= 4 / 3 * 1.1
+    """Windows of 32 / factor canvas pixels, factor uniform in the range; a window inside the
+    fitted part where it fits, else the fitted part inside the window."""
+    weak = augment.ScaleCrop(32, scale=(0.5, 2.0))
+    extents = torch.tensor([[40, 60]] * 4000)
+    boxes, flips = weak.draw(extents, torch.Generator().manual_seed(1))
+    top, left, side = boxes.unbind(dim=1)
+    factor = 32 / side
+    assert 0.5 <= factor.min() < 0.52
+    assert 1.98 < factor.max() <= 2.0
+    assert abs(factor.mean().item() - 1.25) < 0.03  # uniform in [0.5, 2]
+    fits = side <= 40
+    assert (top[fits] >= 0).all()
+    assert (top[fits] + side[fits] <= 40 + 1e-9).all()
+    assert (top[~fits] <= 0).all()
+    assert (top[~fits] + side[~fits] >= 40 - 1e-9).all()
+    wide = side <= 60
+    assert (left[wide] >= 0).all()
+    assert (left[wide] + side[wide] <= 60 + 1e-9).all()
+    assert (left[~wide] + side[~wide] >= 60 - 1e-9).all()
     assert 0.47 < flips.double().mean() < 0.53
-    again, _ = weak.draw(4000, 40, 60, torch.Generator().manual_seed(1))
+    again, _ = weak.draw(extents, torch.Generator().manual_seed(1))
     assert torch.equal(boxes, again)
 
 
-def test_fallback_crop_is_central_and_clipped_to_the_ratio() -> None:
-    """A 10 x 100 image cannot hold a crop of ratio <= 4/3 and half its area: the fallback."""
-    weak = augment.CropFlip(8)
-    boxes, _ = weak.draw(5, 10, 100, torch.Generator().manual_seed(0))
-    assert boxes.tolist() == [[0, 43, 10, 13]] * 5
+def test_a_crop_past_the_image_is_padding_ignore_and_no_weight() -> None:
+    """Factor 0.5 on a 16-px canvas whose fitted part is 8 x 16 (a 2:1 image): the 32-px window
+    at corner (-8, -8) holds the image at rows 8..15 of the 16-px crop, columns 4..11; the rest
+    is padding: image 0, label ignore, weight 0, keep false."""
+    images = torch.ones(1, 3, 16, 16)
+    label = torch.full((1, 16, 16), 255, dtype=torch.uint8)
+    label[:, :8] = 3  # the canvas: a 2:1 image on top, its own padding below
+    weight = torch.zeros(1, 16, 16)
+    weight[:, :8] = 1.0
+    images[:, :, 8:] = 0.0
+    weak = augment.ScaleCrop(16)
+    boxes = torch.tensor([[-8.0, -8.0, 32.0]], dtype=torch.float64)
+    grid = weak.grid(boxes, torch.tensor([False]), 16, torch.device("cpu"))
+    out, maps = augment.warp(images, {"label": label, "weight": weight}, grid)
+    want = torch.full((16, 16), 255, dtype=torch.uint8)
+    want[4:8, 4:12] = 3
+    assert torch.equal(maps["label"][0], want)
+    assert torch.equal(maps["weight"][0], (want == 3).float())
+    assert out[0, 0, 5:7, 5:11].min() > 0.99
+    assert out[0, 0, 9:, :].abs().max() == 0
+    assert out[0, 0, :3, :].abs().max() == 0
+
+
+def test_a_square_stays_square_in_any_crop() -> None:
+    """The aspect ratio is kept: an 8 x 8 square of a class, scaled by any factor, is a square
+    in the crop (within a pixel of rounding), never a rectangle."""
+    label = torch.zeros(64, 1, 32, 32, dtype=torch.uint8)
+    label[:, :, 12:20, 12:20] = 1
+    images = label.expand(-1, 3, -1, -1).float()
+    weak = augment.ScaleCrop(32, scale=(0.7, 1.6), flip=0.5)
+    generator = torch.Generator().manual_seed(5)
+    boxes, flips = weak.draw(_whole(64, 32), generator)
+    # keep the square inside every crop: centre the windows on it
+    side = boxes[:, 2]
+    boxes[:, 0] = boxes[:, 1] = 16 - side / 2
+    grid = weak.grid(boxes, flips, 32, torch.device("cpu"))
+    _, maps = augment.warp(images, {"label": label[:, 0]}, grid)
+    for i in range(64):
+        square = maps["label"][i] == 1
+        rows, cols = square.any(dim=1).nonzero(), square.any(dim=0).nonzero()
+        height, width = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        assert abs(height - width) <= 1, (i, height, width)
+        assert abs(height - 8 * 32 / side[i].item()) <= 1.5
 
 
 def test_maps_follow_the_image_under_random_crops() -> None:
@@ -93,7 +145,8 @@ def test_maps_follow_the_image_under_random_crops() -> None:
     blocks = torch.nn.functional.interpolate(coarse, size=(16, 16), mode="nearest")
     images = blocks.expand(-1, 3, -1, -1) / 8.0
     label = blocks[:, 0].long()
-    out, maps = augment.CropFlip(16)(images, {"label": label}, generator)
+    weak = augment.ScaleCrop(16, scale=(1.0, 2.0))
+    out, maps = weak(images, {"label": label}, _whole(6, 16), generator)
     value = out[:, 0] * 8.0
     inside = (value - value.round()).abs() < 1e-4
     assert inside.float().mean() > 0.6

@@ -404,11 +404,14 @@ def test_detector_predictor_rows_are_the_backend_predictions_rescaled(
         path, checkpoint_bytes(make_checkpoint(model, kind="detector", model_args=args))
     )
     rng = np.random.default_rng(0)
-    batch = {  # decoded rows: images resized to 64 px, originally 40 x 80
+    image = rng.integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
+    image[:, :, 32:] = 0  # decoded rows: 40 x 80 images fitted to 32 x 64, padded below
+    batch = {
         "image_id": np.array(["a", "b"]),
         "height": np.array([40, 40]),
         "width": np.array([80, 80]),
-        "image": rng.integers(0, 256, (2, 3, 64, 64), dtype=np.uint8),
+        "extent": np.array([[32, 64], [32, 64]], dtype=np.int32),
+        "image": image,
     }
     table = DetectorPredictor(storage.url, path, min_score=0.0)(batch)
     assert table.schema == DETECTIONS_SCHEMA
@@ -416,11 +419,13 @@ def test_detector_predictor_rows_are_the_backend_predictions_rescaled(
     images = [torch.from_numpy(i).float() / 255.0 for i in batch["image"]]
     with torch.inference_mode():
         expected = detector_backend(backend_name).predict(again, images)
-    scale = torch.tensor([80 / 64, 40 / 64] * 2)
+    limit = torch.tensor([64.0, 32.0] * 2)  # boxes end where the image does, not the padding
     for row, want in zip(table.to_pylist(), expected, strict=True):
         assert row["num_boxes"] == len(want["boxes"]) > 0
+        clipped = torch.minimum(want["boxes"], limit)
+        assert (clipped < want["boxes"]).any()  # some box did reach into the padding
         np.testing.assert_allclose(
-            np.asarray(row["boxes"]).reshape(-1, 4), (want["boxes"] * scale).numpy(), rtol=1e-5
+            np.asarray(row["boxes"]).reshape(-1, 4), (clipped * 1.25).numpy(), rtol=1e-5
         )
         assert row["labels"] == want["labels"].tolist()
         np.testing.assert_allclose(row["scores"], want["scores"].numpy(), rtol=1e-6)

@@ -88,9 +88,7 @@ def test_fine_tuning_from_a_whole_model_with_an_aux_head_and_another_class_count
     assert torch.equal(network.backbone["0"][0].weight, state["backbone.0.0.weight"])
 
     def learner(init: dict[str, torch.Tensor] | None) -> segtrain.Learner:
-        return segtrain.new_learner(
-            cfg, num_classes=4, image_size=64, seed=0, device=CPU, init=init
-        )
+        return segtrain.new_learner(cfg, num_classes=4, crop_size=64, seed=0, device=CPU, init=init)
 
     fine_tuned = learner(report.loaded)
     # The reference: the same seeded network with the file's tensors copied in by hand, by name.
@@ -192,7 +190,7 @@ def test_a_coco_detector_gets_its_box_predictor_reinitialised(tmp_path: Path) ->
 
 def test_backbone_learning_rate_is_a_fraction_of_the_schedule() -> None:
     cfg = segtrain.SegTrainConfig(steps=10, lr=0.01, backbone_lr=0.1)
-    learner = segtrain.new_learner(cfg, num_classes=4, image_size=64, seed=0, device=CPU)
+    learner = segtrain.new_learner(cfg, num_classes=4, crop_size=64, seed=0, device=CPU)
     trunk, rest = learner.optimizer.param_groups
     names = {id(p): n for n, p in learner.network.named_parameters()}
     assert {names[id(p)].split(".")[0] for p in trunk["params"]} == {"backbone"}
@@ -204,7 +202,7 @@ def test_backbone_learning_rate_is_a_fraction_of_the_schedule() -> None:
     single = segtrain.new_learner(
         cfg.model_copy(update={"backbone_lr": 1.0}),
         num_classes=4,
-        image_size=64,
+        crop_size=64,
         seed=0,
         device=CPU,
     )
@@ -217,7 +215,7 @@ def test_the_init_file_is_in_the_cache_key_by_content_not_by_path(tmp_path: Path
     there = str(shutil.copy(here, tmp_path / "b.pth"))  # torch.save records the file's name
     other = _save(_tv_state("mobilenet_v3_large", 3), tmp_path / "c.pth")
     ctx = SimpleNamespace(
-        config=SimpleNamespace(data=SimpleNamespace(num_classes=4, image_size=64), seed=0),
+        config=SimpleNamespace(data=SimpleNamespace(num_classes=4, image_size=64, crop=64), seed=0),
         digest=lambda *_: "images-digest",
     )
 
