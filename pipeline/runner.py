@@ -326,8 +326,9 @@ def _run_stage(
     for name, png in (stage.figures(ctx.config, ctx.results) if stage.figures else {}).items():
         tracker.log_bytes(run, png, f"plots/{name}")
         tracker.log_bytes(parent, png, f"plots/{name}")
+    figures = key_figures(stage.name, tracker.latest_metrics(run))
     tracker.end_run(run, True)
-    logger.info("stage %s done in %.1fs: %s", stage.name, seconds, _brief(metrics))
+    logger.info("stage %s done in %.1fs: %s", stage.name, seconds, figures)
     return {f"{stage.name}.{k}": v for k, v in metrics.items()}
 
 
@@ -502,5 +503,22 @@ def _parent_metrics(summary: RunSummary, ctx: Context) -> dict[str, float]:
     return metrics
 
 
-def _brief(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:6])
+# What a stage's "done" line shows, from its MLflow run: its record's metrics and, for a training
+# stage, the last logged step's (a later round's stage, e.g. train_student_r2, shows its base's).
+KEY_FIGURES = {
+    "ingest": ("images", "quarantined_images"),
+    "train_teacher": ("trained_steps", "loss_s", "steps_per_s"),
+    "train_detector": ("trained_steps", "loss", "steps_per_s"),
+    "detect": ("images_inferred", "shards_reused", "boxes_per_image"),
+    "teach": ("images_inferred", "shards_reused"),
+    "pseudolabel": ("images", "mean_image_coverage"),
+    "train_student": ("trained_steps", "loss_s", "loss_u", "steps_per_s"),
+    "evaluate": ("teacher_miou", "student_miou", "pseudolabel_coverage", "pseudolabel_precision"),
+}
+
+
+def key_figures(stage: str, metrics: dict[str, float]) -> str:
+    """``images_inferred=400, shards_reused=0``: the figures of ``KEY_FIGURES`` the stage has
+    (all of a stage not listed there), in that order."""
+    names = KEY_FIGURES.get(re.sub(r"_r\d+$", "", stage), tuple(sorted(metrics)))
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in names if k in metrics)
