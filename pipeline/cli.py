@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -20,11 +21,19 @@ if TYPE_CHECKING:
 
 
 def _setup_logging(verbose: bool) -> None:
+    """One line per stage start and end, the warnings a user can act on, errors; ``verbose``:
+    everything (debug lines, the Ray workers' output, MLflow's and Ray's notices)."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from stages.core import progress
+
+    progress.set_verbose(verbose)
+    if not verbose:  # e.g. "Creating initial MLflow database tables": MLflow sets it at import
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     from pipeline.redact import redact_logs
 
     redact_logs()  # URL passwords and ?token=... never reach the console as they are
@@ -41,7 +50,12 @@ def _load(config: str, overrides: tuple[str, ...]) -> PipelineConfig:
 
 
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="debug logging, and the Ray workers' output (each training step, Ray's own notices)",
+)
 def main(verbose: bool) -> None:
     """pseudoflow: semi-supervised segmentation with offline pseudo-labels on Ray."""
     _setup_logging(verbose)

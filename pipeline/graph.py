@@ -390,7 +390,7 @@ def _export(ctx: Context, name: str) -> None:
         directory = posixpath.join(ctx.attempt, f"{name}_mlflow")
         store_export(ctx.storage, ctx.model_path(name), directory)
         ctx.results["mlflow_models"] = {name: ctx.storage.relative(directory)}
-        logger.info("%s exported as an MLflow model in %.1fs", name, time.perf_counter() - started)
+        logger.debug("%s exported as an MLflow model in %.1fs", name, time.perf_counter() - started)
 
 
 def _train_detector(ctx: Context) -> dict[str, float]:

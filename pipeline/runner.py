@@ -162,17 +162,23 @@ def new_run_id(config: PipelineConfig) -> str:
 def init_ray(config: PipelineConfig, uri: str) -> None:
     """Join the cluster at ``RAY_ADDRESS`` if set (``local``: always start a new local Ray), else
     Ray's default (the cluster ``ray start`` left on this machine, or a new local Ray); MLflow's
-    URI reaches every worker."""
+    URI reaches every worker.
+
+    What the workers print (Ray Train's and Ray Data's chatter, each training step, Ray's C++
+    errors and deprecation warnings) reaches this console only when it is verbose; otherwise it
+    stays in Ray's log files. Off a terminal, Ray's worker-line prefixes carry no colour codes."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     interactive = _is_terminal()
     progress.set_interactive(interactive)
+    if not interactive:
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray reads it as it prints each line
     if ray.is_initialized():
         return
     env = {"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0"}
     address = os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"log_to_driver": True}
+    kwargs: dict[str, Any] = {"log_to_driver": progress.verbose()}
     # A submitted job's runtime env (working dir, env vars: see pipeline.submit) already reaches
     # every worker, and Ray refuses to merge a second one that names the same variables.
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
@@ -189,6 +195,9 @@ def init_ray(config: PipelineConfig, uri: str) -> None:
     ray_worker_log = logging.getLogger("ray._private.worker")
     if _not_ray_dashboard_line not in ray_worker_log.filters:  # ours below says it, once
         ray_worker_log.addFilter(_not_ray_dashboard_line)
+    if not progress.verbose():
+        for name in RAY_NOTICES:
+            logging.getLogger(name).setLevel(logging.ERROR)
     context = ray.init(address=address or None, **kwargs)
     if context.dashboard_url:
         host_port = context.dashboard_url.split("://")[-1]
@@ -200,6 +209,15 @@ def init_ray(config: PipelineConfig, uri: str) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = interactive
     if not interactive:  # which datasets started and ended stays in Ray Data's log file
         progress.quiet_console("ray.data")
+
+
+# Ray's driver-side notices that ask nothing of a pseudoflow user, shown only when verbose: that the
+# cluster uses token authentication (as it should), and that Ray Data draws no progress bars (off a
+# terminal, by our choice).
+RAY_NOTICES = (
+    "ray._private.authentication.authentication_token_setup",
+    "ray.data._internal.progress",
+)
 
 
 def _is_terminal() -> bool:
@@ -308,8 +326,9 @@ def _run_stage(
     for name, png in (stage.figures(ctx.config, ctx.results) if stage.figures else {}).items():
         tracker.log_bytes(run, png, f"plots/{name}")
         tracker.log_bytes(parent, png, f"plots/{name}")
+    figures = key_figures(stage.name, tracker.latest_metrics(run))
     tracker.end_run(run, True)
-    logger.info("stage %s done in %.1fs: %s", stage.name, seconds, _brief(metrics))
+    logger.info("stage %s done in %.1fs: %s", stage.name, seconds, figures)
     return {f"{stage.name}.{k}": v for k, v in metrics.items()}
 
 
@@ -484,5 +503,22 @@ def _parent_metrics(summary: RunSummary, ctx: Context) -> dict[str, float]:
     return metrics
 
 
-def _brief(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:6])
+# What a stage's "done" line shows, from its MLflow run: its record's metrics and, for a training
+# stage, the last logged step's (a later round's stage, e.g. train_student_r2, shows its base's).
+KEY_FIGURES = {
+    "ingest": ("images", "quarantined_images"),
+    "train_teacher": ("trained_steps", "loss_s", "steps_per_s"),
+    "train_detector": ("trained_steps", "loss", "steps_per_s"),
+    "detect": ("images_inferred", "shards_reused", "boxes_per_image"),
+    "teach": ("images_inferred", "shards_reused"),
+    "pseudolabel": ("images", "mean_image_coverage"),
+    "train_student": ("trained_steps", "loss_s", "loss_u", "steps_per_s"),
+    "evaluate": ("teacher_miou", "student_miou", "pseudolabel_coverage", "pseudolabel_precision"),
+}
+
+
+def key_figures(stage: str, metrics: dict[str, float]) -> str:
+    """``images_inferred=400, shards_reused=0``: the figures of ``KEY_FIGURES`` the stage has
+    (all of a stage not listed there), in that order."""
+    names = KEY_FIGURES.get(re.sub(r"_r\d+$", "", stage), tuple(sorted(metrics)))
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in names if k in metrics)

@@ -93,6 +93,10 @@ class Tracker:
         if batch:
             self.client.log_batch(run_id, metrics=batch)
 
+    def latest_metrics(self, run_id: str) -> dict[str, float]:
+        """Each metric of a run at its last step (a training stage's last loss, for one)."""
+        return {k: float(v) for k, v in self.client.get_run(run_id).data.metrics.items()}
+
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, redact(value))

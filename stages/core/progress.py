@@ -3,8 +3,12 @@
 On a terminal, a training stage draws one line in place (step, percentage, losses, steps/s, time
 left), fed by rank 0 through a small Ray actor (:class:`ProgressBoard`), and Ray Data draws its own
 progress bars. Not on a terminal (CI, ``nohup``, a submitted job's log), nothing is redrawn: rank 0
-logs a plain line every ``log_every`` steps, Ray Data and Ray Train keep their INFO chatter in their
-log files, and the run ends with its summary.
+logs a plain line every ``log_every`` steps into its worker's log file, Ray Data and Ray Train keep
+their INFO chatter in their log files, and the run ends with its summary.
+
+What the workers print reaches the driver's console only when it is verbose (``pseudoflow -v``):
+otherwise it stays in Ray's log files (``<session>/logs``), and the console shows one line as each
+stage starts and one as it ends, with the warnings a user can act on.
 """
 
 from __future__ import annotations
@@ -24,12 +28,24 @@ POLL_SECONDS = 0.5
 POST_SECONDS = 0.5  # rank 0 posts at most this often (and always its last step)
 
 _interactive = False
+_verbose = False
 
 
 def set_interactive(value: bool) -> None:
     """Say whether this driver's console is a terminal (the runner decides once per run)."""
     global _interactive
     _interactive = value
+
+
+def set_verbose(value: bool) -> None:
+    """Say whether the console shows everything (the CLI's ``--verbose``): the workers' output,
+    Ray's own warnings, each training step."""
+    global _verbose
+    _verbose = value
+
+
+def verbose() -> bool:
+    return _verbose
 
 
 def quiet_console(name: str, level: int = logging.WARNING) -> None:

@@ -327,7 +327,7 @@ class DatasetRef:
         self.storage.sync(shards)
         self.storage.write_json(self.manifest_path, manifest)  # fsync'ed, file and directory
         self.storage.write_json(self.marker_path, {"rows": len(ids)})
-        logger.info("committed %s: %d rows in %d shards", self.name, len(ids), len(files))
+        logger.debug("committed %s: %d rows in %d shards", self.name, len(ids), len(files))
         return manifest
 
     def verify(self, deep: bool = False, schema: pa.Schema | None = None) -> None:

@@ -114,7 +114,8 @@ class Cluster:
 
 
 def _run_args(root: Path, base: Path, until: str) -> list[str]:
-    args = [sys.executable, "-m", "pipeline", "run", "--config", "smoke", "--root", str(root)]
+    # verbose: the workers' lines ("resumed from step 3") reach the driver's log
+    args = [sys.executable, "-m", "pipeline", "-v", "run", "--config", "smoke", "--root", str(root)]
     args += ["--no-report", "--until", until, "--set", f"tracking.uri=sqlite:///{base}/mlflow.db"]
     for override in OVERRIDES:
         args += ["--set", override]

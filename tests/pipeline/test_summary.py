@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.cli import format_summary
-from pipeline.runner import RunSummary
+from pipeline.runner import RunSummary, key_figures
 
 
 def test_summary_lists_every_stage_with_how_it_ran() -> None:
@@ -27,3 +27,23 @@ def test_summary_lists_every_stage_with_how_it_ran() -> None:
         "ingest          cache hit       0.0  aaaaaaaaaaaa",
         "teach           ran            12.2  bbbbbbbbbbbb",
     ]
+
+
+def test_a_stage_done_line_shows_its_key_figures_in_order() -> None:
+    metrics = {
+        "seconds": 63.7,
+        "grad_norm": 1.6,
+        "steps_per_s": 6.981,
+        "loss_u": 0.12345,
+        "loss_s": 0.41234,
+        "trained_steps": 300.0,
+        "lr": 0.02,
+    }
+    assert key_figures("train_student", metrics) == (
+        "trained_steps=300, loss_s=0.4123, loss_u=0.1235, steps_per_s=6.981"
+    )
+    assert key_figures("train_student_r2", metrics) == key_figures("train_student", metrics)
+    # a figure the stage lacks is left out (given weights: no training, no loss)
+    assert key_figures("train_teacher", {"trained_steps": 0.0}) == "trained_steps=0"
+    # a stage with no list shows all it has, by name
+    assert key_figures("other", {"b": 2.0, "a": 1.0}) == "a=1, b=2"
