@@ -135,7 +135,12 @@ def _report_after_run(summary: RunSummary) -> None:
     help="MLflow to log the report to [default: where the run was tracked]",
 )
 @click.option("--no-mlflow", is_flag=True, help="write the files only")
-@click.option("--samples", default=6, show_default=True, help="images in the overlay grid")
+@click.option(
+    "--samples",
+    default=6,
+    show_default=True,
+    help="images in the overlay grid and the val predictions",
+)
 @click.option(
     "--max-images",
     default=200,

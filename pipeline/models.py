@@ -155,15 +155,21 @@ def _from_checkpoint(path: str, device: torch.device) -> LoadedModel:
     import fsspec
 
     with fsspec.open(path, "rb") as handle:
-        checkpoint = load_checkpoint(handle.read(), source=path)
+        return model_from_bytes(handle.read(), source=path, device=device)
+
+
+def model_from_bytes(blob: bytes, *, source: str, device: torch.device) -> LoadedModel:
+    """A pseudoflow segmenter model file's bytes (read from wherever it is stored) -> a model
+    ready to predict on ``device``."""
+    checkpoint = load_checkpoint(blob, source=source)
     if checkpoint["kind"] != "segmenter":
-        raise ValueError(f"{path}: a {checkpoint['kind']} checkpoint; predict needs a segmenter")
+        raise ValueError(f"{source}: a {checkpoint['kind']} checkpoint; predict needs a segmenter")
     size = int(checkpoint.get("image_size") or 0)
     if size <= 0:
-        raise ValueError(f"{path}: records no image_size; give a model pseudoflow trained")
+        raise ValueError(f"{source}: records no image_size; give a model pseudoflow trained")
     module = Segmenter(model_from_checkpoint(checkpoint)).to(device).eval()
     classes = int(checkpoint["model_args"]["num_classes"])
-    return LoadedModel(module, size, classes, path, int(checkpoint.get("window") or 0))
+    return LoadedModel(module, size, classes, source, int(checkpoint.get("window") or 0))
 
 
 def _from_mlflow(uri: str, tracking_uri: str | None, device: torch.device) -> LoadedModel:
@@ -245,6 +251,19 @@ def predict_images(
         if batch and (len(batch) == batch_size or index == len(files) - 1):
             yield from _predict_batch(model, batch, device)
             batch = []
+
+
+def predict_pictures(
+    model: LoadedModel, pictures: Sequence[np.ndarray], *, device: torch.device
+) -> list[np.ndarray]:
+    """Label maps ``int64[H, W]`` of decoded pictures ``uint8[H, W, 3]`` (each at its own
+    size), in one batch, computed as :func:`predict_images` computes them."""
+    batch = []
+    for n, picture in enumerate(pictures):
+        image = torch.from_numpy(np.array(picture)).permute(2, 0, 1)
+        canvas, _, fitted = data.fit_and_pad(image, {}, model.image_size)
+        batch.append((Path(str(n)), picture, canvas, fitted))
+    return [done.labels for done in _predict_batch(model, batch, device)] if batch else []
 
 
 @torch.inference_mode()

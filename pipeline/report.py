@@ -22,11 +22,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
+import torch
 import yaml
 
 from pipeline import figures
 from pipeline.config import PipelineConfig, validate
-from pipeline.graph import all_stages, pseudolabel_key_fields
+from pipeline.graph import all_stages, final_round, pseudolabel_key_fields
+from pipeline.models import model_from_bytes, predict_pictures
+from pipeline.redact import redact
 from stages import evaluate
 from stages.core import codec
 from stages.core.cache import CacheEntry, cache_key, output_dataset
@@ -37,7 +40,10 @@ from stages.teach import MAPS, decode_signals
 
 logger = logging.getLogger(__name__)
 
-SAMPLES = 6  # images shown in the overlay grid
+SAMPLES = 6  # images shown in the overlay grid and the val predictions
+# Model-input pixels per model the val predictions may cost on the CPU: every sample at 64 px,
+# 4 images at 512 px.
+MAX_PREDICTED_PIXELS = 4 * 512 * 512
 MAX_IMAGES = 200  # unlabeled images with ground truth the quality figures are computed on
 MAX_WEIGHTS = 200_000  # weights per policy kept for its histogram
 RELIABILITY = {
@@ -326,6 +332,106 @@ def overlay_samples(
     return sorted(samples, key=lambda s: s.image_id)
 
 
+# ------------------------------------------------------------------------- val predictions
+def val_predictions(
+    storage: Storage, records: RunRecords, count: int = SAMPLES
+) -> list[figures.Predicted]:
+    """The first val images by id (``count``, fewer at large image sizes: see
+    ``MAX_PREDICTED_PIXELS``) with the teacher's and the final student's label maps, computed
+    on the CPU as ``pseudoflow predict`` computes them."""
+    images = records.output("ingest", "images")
+    last = final_round(records.config)
+    outputs = {
+        "teacher": records.output("train_teacher", "teacher"),
+        "student": records.output(last.name("train_student"), last.name("student")),
+    }
+    models = {name: output for name, output in outputs.items() if output is not None}
+    if images is None or "student" not in models:
+        return []
+    size = records.config.data.image_size
+    count = max(1, min(count, MAX_PREDICTED_PIXELS // (size * size)))
+    ref = output_dataset(storage, "images", images)
+    table = ref.read_table(["image_id", "split"])
+    val = sorted(table.filter(pc.equal(table["split"], "val"))["image_id"].to_pylist())[:count]
+    rows = sorted(
+        ref.read_rows(["image_id", "image", "mask"], set(val)).to_pylist(),
+        key=lambda r: str(r["image_id"]),
+    )
+    if not rows:
+        return []
+    pictures = [codec.decode_png(r["image"]) for r in rows]
+    device = torch.device("cpu")
+    labels = {}
+    for name, output in models.items():
+        path = storage.resolve(output["path"])
+        model = model_from_bytes(storage.read_bytes(path), source=path, device=device)
+        labels[name] = predict_pictures(model, pictures, device=device)
+    return [
+        figures.Predicted(
+            image_id=row["image_id"],
+            image=picture,
+            truth=_truth(row["mask"], picture),
+            labels={name: labels[name][i] for name in labels},
+        )
+        for i, (row, picture) in enumerate(zip(rows, pictures, strict=True))
+    ]
+
+
+def _truth(mask: bytes | None, picture: np.ndarray) -> np.ndarray:
+    """A stored mask, or all ignored where the image has none."""
+    if mask is None:
+        return np.full(picture.shape[:2], IGNORE_INDEX, np.uint8)
+    return codec.decode_png(mask)
+
+
+# ------------------------------------------------------------------------- training curves
+def training_curves(
+    records: RunRecords, uri: str | None
+) -> tuple[dict[str, dict[str, list[tuple[int, float]]]], dict[str, str]]:
+    """Per training stage of the run: its logged losses and learning rate by step (from the
+    stage's MLflow run, or for a cache hit the run that trained the entry), and a note (where
+    reused curves come from, or why there are none)."""
+    from pipeline.tracking import stage_histories
+
+    stages = {
+        use.stage: (use.key, use.hit)
+        for use in records.stages.values()
+        if use.stage.startswith("train_")
+    }
+    if not stages:
+        return {}, {}
+    if uri is None:
+        return {}, dict.fromkeys(stages, "no MLflow store for this run")
+    try:
+        found = stage_histories(uri, records.config.tracking.experiment, records.run_id, stages)
+    except Exception as exc:  # an unreachable server: the rest of the report still shows
+        logger.warning("training curves: cannot read MLflow at %s: %s", redact(uri), exc)
+        return {}, dict.fromkeys(stages, f"cannot read MLflow at {redact(uri)}")
+    curves, notes = {}, {}
+    for stage, history in found.items():
+        curves[stage] = history.metrics
+        if history.reused and history.run_id:
+            notes[stage] = f"reused: curves of MLflow run {history.run_id[:12]}"
+        if history.note:
+            notes[stage] = history.note
+    return curves, notes
+
+
+def _read_uri(storage: Storage, config: PipelineConfig, given: str | None) -> str | None:
+    """Where the run's metrics are: ``given``, else where the run was tracked; ``None`` when
+    that is a SQLite file that does not exist (reading would create it)."""
+    from pipeline.runner import tracking_uri as run_tracking_uri
+    from stages.ingest.folder import SourceError
+
+    try:
+        uri = given or run_tracking_uri(config, storage.root if storage.is_local else storage.url)
+    except SourceError:
+        return None
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None
+    return uri
+
+
 # ---------------------------------------------------------------------------------- report
 @dataclass
 class Report:
@@ -349,17 +455,27 @@ def timeline(records: RunRecords) -> list[figures.Span]:
 
 
 def build_report(
-    storage: Storage, run_id: str, *, samples: int = SAMPLES, limit: int = MAX_IMAGES
+    storage: Storage,
+    run_id: str,
+    *,
+    samples: int = SAMPLES,
+    limit: int = MAX_IMAGES,
+    tracking_uri: str | None = None,
 ) -> tuple[dict[str, bytes], list[PolicyQuality], RunRecords]:
-    """The page and its figures (file name -> bytes) for ``run_id``."""
+    """The page and its figures (file name -> bytes) for ``run_id``; training curves are read
+    from MLflow at ``tracking_uri`` (default: where the run was tracked)."""
     records = load_run(storage, run_id)
     config = records.config
+    names = config.data.names()
     files: dict[str, bytes] = {}
     shown = overlay_samples(storage, records, samples)
     policy = config.pseudolabel.policy
     if shown:
         top = max(1.0, *(float(s.weight.max()) for s in shown))
-        files["overlays.png"] = figures.overlay_grid(shown, RELIABILITY[policy], top)
+        files["overlays.png"] = figures.overlay_grid(shown, RELIABILITY[policy], top, names)
+    predicted = val_predictions(storage, records, samples)
+    if predicted:
+        files["predictions.png"] = figures.prediction_grid(predicted, names)
     quality, sweep, missing = policy_quality(storage, records, limit)
     if quality:
         points = {q.policy: (q.coverage, q.precision) for q in quality}
@@ -371,10 +487,13 @@ def build_report(
     per_class = evaluated.record.get("results", {}).get("per_class_iou") if evaluated else None
     if per_class:
         files["iou_per_class.png"] = evaluate.iou_plot(config.data.names(), per_class)
+    curves, notes = training_curves(records, _read_uri(storage, config, tracking_uri))
+    if curves or notes:
+        files["training.png"] = figures.training_curves(curves, notes)
     spans = timeline(records)
     if spans:
         files["timeline.png"] = figures.timeline_plot(spans)
-    page = render_html(records, quality, missing, files, len(shown), limit)
+    page = render_html(records, quality, missing, files, len(shown), limit, len(predicted))
     return {"index.html": page.encode(), **files}, quality, records
 
 
@@ -395,7 +514,9 @@ def write_report(
     from pipeline.runner import tracking_uri as run_tracking_uri
 
     run_id = find_run(storage, run)
-    content, quality, records = build_report(storage, run_id, samples=samples, limit=limit)
+    content, quality, records = build_report(
+        storage, run_id, samples=samples, limit=limit, tracking_uri=tracking_uri
+    )
     if log and tracking_uri is None:
         tracking_uri = run_tracking_uri(
             records.config, storage.root if storage.is_local else storage.url
@@ -436,6 +557,9 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.hit td { background: #eefbea; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
 .note { color: #666; font-size: 0.85rem; }
+ul.legend { list-style: none; padding: 0; display: flex; flex-wrap: wrap; gap: 0.4rem 1.2rem; }
+ul.legend span { display: inline-block; width: 1em; height: 1em; border: 1px solid #999;
+  vertical-align: -0.15em; margin-right: 0.35rem; }
 code { background: #f4f4f4; padding: 0 0.2rem; }
 """
 
@@ -470,6 +594,15 @@ def _figure(files: dict[str, bytes], name: str, alt: str) -> str:
     return f'<p><img src="{name}" alt="{html.escape(alt)}" width="{width}" height="{height}"></p>'
 
 
+def _legend_html(names: list[str]) -> str:
+    """The class colours of every label map on the page (``figures.palette``)."""
+    items = "".join(
+        f'<li><span style="background: rgb({r}, {g}, {b})"></span>{html.escape(name)}</li>'
+        for name, (r, g, b) in figures.class_legend(names, dropped=True)
+    )
+    return f'<ul class="legend">{items}</ul>'
+
+
 def _png_size(data: bytes) -> tuple[int, int]:
     """Width and height from a PNG's IHDR chunk."""
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
@@ -482,6 +615,7 @@ def render_html(
     files: dict[str, bytes],
     shown: int,
     limit: int,
+    predicted: int = 0,
 ) -> str:
     config = records.config
     metrics = records.stages["evaluate"].record["metrics"] if "evaluate" in records.stages else {}
@@ -518,10 +652,17 @@ def render_html(
         f"classes, policy <code>{html.escape(config.pseudolabel.policy)}</code>, "
         f"{hits} of {len(records.stages)} stages from the cache.</p>",
         _table(["metric", "value"], headline) if headline else "",
+        "<h2>Class colours</h2>",
+        _legend_html(config.data.names()),
         "<h2>Pseudo-labels on a sample</h2>",
         f'<p class="note">The first {shown} unlabeled images by id. Grey: pixels the policy '
         "drops; white in the ground truth: ignored pixels.</p>",
         _figure(files, "overlays.png", "image, truth, pseudo-label, reliability and weight"),
+        "<h2>Predictions on val</h2>",
+        f'<p class="note">The first {predicted} val images by id: the teacher and the final '
+        "student, run here on the CPU as <code>pseudoflow predict</code> runs them; acc: the "
+        "share of the image's known pixels labelled right.</p>",
+        _figure(files, "predictions.png", "val images, truth, teacher and student predictions"),
         "<h2>Coverage and precision per policy</h2>",
         f'<p class="note">On the first {limit} unlabeled images (by id) that have ground truth; '
         "the highlighted row is this run's policy.</p>",
@@ -533,6 +674,11 @@ def render_html(
         _figure(files, "weights.png", "weight histograms"),
         "<h2>Per-class IoU (val)</h2>",
         _figure(files, "iou_per_class.png", "per-class IoU of teacher and student"),
+        "<h2>Training curves</h2>",
+        '<p class="note">Losses (mean over each logging window) and learning rate against '
+        "step, as each training stage logged them to MLflow (every <code>log_every</code> "
+        "steps).</p>",
+        _figure(files, "training.png", "training losses and learning rate per stage"),
         "<h2>Stages</h2>",
         _table(["stage", "how", "seconds", "cache key"], stage_rows, stage_classes),
         _figure(files, "timeline.png", "stage timeline"),

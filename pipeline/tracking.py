@@ -14,6 +14,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,70 @@ def find_pipeline_run(uri: str, experiment: str, run_id: str) -> str | None:
         [found.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_id}'", max_results=1
     )
     return str(runs[0].info.run_id) if runs else None
+
+
+@dataclass(frozen=True)
+class StageHistory:
+    """A training stage's per-step metrics, from the MLflow run that trained it."""
+
+    run_id: str | None  # that run (None: not found)
+    reused: bool  # the pipeline run reused the stage's entry: the curves are ``run_id``'s
+    metrics: dict[str, list[tuple[int, float]]]  # name -> (step, value), by step
+    note: str = ""  # why there are no curves
+
+
+def is_step_metric(name: str) -> bool:
+    """The per-step training metrics the report draws: the losses and the learning rate."""
+    return name.startswith("loss") or name == "lr"
+
+
+def stage_histories(
+    uri: str, experiment: str, run_id: str, stages: dict[str, tuple[str, bool]]
+) -> dict[str, StageHistory]:
+    """For each stage (name -> (cache key, cache hit)) of pipeline run ``run_id``: the losses
+    and learning rate its training logged per step. A stage that ran has them in its own stage
+    run; a cache hit has them in the stage run that produced the entry (tagged with the same
+    key, not a hit; the newest finished one)."""
+    client = MlflowClient(tracking_uri=uri)
+    parent = find_pipeline_run(uri, experiment, run_id)
+    if parent is None:
+        note = f"no MLflow run at {redact(uri)} is tagged with run {run_id}"
+        return {stage: StageHistory(None, hit, {}, note) for stage, (_, hit) in stages.items()}
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    children = client.search_runs(
+        experiments, filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000
+    )
+    ours = {r.data.tags.get(STAGE_TAG): r for r in children}
+    out = {}
+    for stage, (key, hit) in stages.items():
+        run = _producer(client, experiments, key) if hit else ours.get(stage)
+        if run is None:
+            why = "the run that trained it is not" if hit else "its stage run is not"
+            out[stage] = StageHistory(None, hit, {}, f"{why} in MLflow at {redact(uri)}")
+            continue
+        names = sorted(name for name in run.data.metrics if is_step_metric(name))
+        metrics = {name: _history(client, run.info.run_id, name) for name in names}
+        note = "" if metrics else "no per-step metrics were logged (nothing trained here)"
+        out[stage] = StageHistory(run.info.run_id, hit, metrics, note)
+    return out
+
+
+def _producer(client: MlflowClient, experiments: list[str], key: str) -> Any:
+    """The newest stage run that computed the entry ``key`` (finished ones first)."""
+    runs = client.search_runs(
+        experiments,
+        filter_string=f"tags.`{KEY_TAG}` = '{key}' and tags.`{HIT_TAG}` = 'false'",
+        order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    return (finished or list(runs))[0] if runs else None
+
+
+def _history(client: MlflowClient, run_id: str, name: str) -> list[tuple[int, float]]:
+    """``name``'s values by step; a step logged twice (a resumed training) keeps its last."""
+    points = sorted(client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
+    return sorted({m.step: m.value for m in points}.items())
 
 
 def log_folder(uri: str, run_id: str, folder: str, artifact_path: str) -> None:

@@ -17,19 +17,25 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+from pipeline import figures, report
 from pipeline.cli import main
 from pipeline.config import PipelineConfig, load_config, to_yaml
 from pipeline.graph import pseudolabel_key_fields
+from pipeline.models import load_model
 from pipeline.report import (
     ConfidenceSweep,
     ReportError,
     find_run,
     load_run,
     policy_quality,
+    training_curves,
+    val_predictions,
     write_report,
 )
-from stages.core import codec
-from stages.core.cache import CacheEntry, cache_key, dataset_output
+from pipeline.tracking import HIT_TAG, KEY_TAG, STAGE_TAG
+from stages.core import codec, data
+from stages.core.cache import CacheEntry, cache_key, dataset_output, model_output
+from stages.core.models import build_segmenter, checkpoint_bytes, make_checkpoint
 from stages.core.storage import DatasetRef, Storage
 from stages.pseudolabel import stage as pseudolabel
 from stages.teach import SIGNALS_SCHEMA, SignalSpec, quantized_maps, stored_maps
@@ -61,6 +67,13 @@ TRUTH = {
 #   CSL keeps every pixel: 14 known, right where the argmax is: a 5 of 7, b 6 of 7 -> 11.
 THRESHOLD = (9 / 14, 8 / 9)
 CSL = (14 / 14, 11 / 14)
+VAL = {"val-b": [[0, 1, 2, 0], [255, 1, 1, 0]], "val-a": [[1, 1, 0, 0], [2, 2, 0, 255]]}
+ARCH = "lraspp_mobilenet_v3_large"
+# Per-step metrics the stage runs logged (step -> value); the teacher's producing run logged
+# step 2 twice (a resumed training): the later value counts.
+STUDENT_CURVES = {"loss_s": [(2, 0.9), (4, 0.5)], "loss_u": [(2, 0.4), (4, 0.3)]}
+STUDENT_CURVES["lr"] = [(2, 0.01), (4, 0.005)]
+TEACHER_CURVES = {"loss_s": [(2, 0.7), (4, 0.2)], "lr": [(2, 0.02), (4, 0.0)]}
 
 
 def _probs(pixels: list[list[tuple[int, float]]]) -> torch.Tensor:
@@ -101,30 +114,64 @@ def _image(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, (2, 4, 3), dtype=np.uint8)
 
 
+def _model(storage: Storage, name: str, seed: int) -> dict:
+    """A segmenter model file (random weights, 3 classes, used at 16 px) and its output."""
+    torch.manual_seed(seed)
+    network = build_segmenter(arch=ARCH, num_classes=3)
+    checkpoint = make_checkpoint(
+        network, kind="segmenter", model_args={"arch": ARCH, "num_classes": 3}
+    )
+    path = storage.path("models", f"{name}.pt")
+    storage.write_bytes(path, checkpoint_bytes({**checkpoint, "image_size": 16}))
+    return model_output(storage, path)
+
+
+def _image_row(image_id: str, split: str, seed: int, truth: list[list[int]]) -> dict:
+    return {
+        "image_id": image_id,
+        "stem": image_id,
+        "split": split,
+        "height": 2,
+        "width": 4,
+        "image": codec.encode_png(_image(seed)),
+        "mask": codec.encode_png(np.asarray(truth, np.uint8)),
+        "content_hash": image_id,
+    }
+
+
+def _stage_run(
+    client: MlflowClient,
+    experiment: str,
+    parent: str,
+    stage: str,
+    key: str,
+    hit: bool,
+    curves: dict | None = None,
+) -> str:
+    tags = {STAGE_TAG: stage, KEY_TAG: key, HIT_TAG: str(hit).lower()}
+    run = client.create_run(experiment, tags={**tags, "mlflow.parentRunId": parent}).info.run_id
+    for name, points in (curves or {}).items():
+        for step, value in points:
+            client.log_metric(run, name, value, step=step)
+    client.log_metric(run, "seconds", 3.0)  # what the runner logs at the end: not a curve
+    client.set_terminated(run)
+    return run
+
+
 @dataclass(frozen=True)
 class Root:
     storage: Storage
     config: PipelineConfig
     uri: str
+    teacher_run: str  # the MLflow stage run that trained the (reused) teacher
 
 
 def build_root(base: Path) -> Root:
     """A completed run's root: images, teacher signals, stored threshold pseudo-labels, an
     evaluate record, the run's stages.json and config, and its MLflow parent run."""
     storage, config = Storage(str(base / "root")), _config()
-    images = [
-        {
-            "image_id": image_id,
-            "stem": image_id,
-            "split": "unlabeled",
-            "height": 2,
-            "width": 4,
-            "image": codec.encode_png(_image(n)),
-            "mask": codec.encode_png(np.asarray(TRUTH[image_id], np.uint8)),
-            "content_hash": image_id,
-        }
-        for n, image_id in enumerate(PIXELS)
-    ]
+    images = [_image_row(i, "unlabeled", n, TRUTH[i]) for n, i in enumerate(PIXELS)]
+    images += [_image_row(i, "val", 10 + n, truth) for n, (i, truth) in enumerate(VAL.items())]
     ingest = _commit(storage, "ingest", {"n": 1}, {"images": _dataset(storage, "images", images)})
     signals = []
     for image_id, pixels in PIXELS.items():
@@ -152,7 +199,10 @@ def build_root(base: Path) -> Root:
     evaluate = _commit(
         storage, "evaluate", {"n": 3}, {}, metrics=metrics, results={"per_class_iou": per_class}
     )
-    used = {"ingest": (ingest, True), "teach": (teach, False), "pseudolabel": (key, False)}
+    teacher = _commit(storage, "train_teacher", {"n": 4}, {"teacher": _model(storage, "t", 1)})
+    student = _commit(storage, "train_student", {"n": 5}, {"student": _model(storage, "s", 2)})
+    used = {"ingest": (ingest, True), "train_teacher": (teacher, True), "teach": (teach, False)}
+    used |= {"pseudolabel": (key, False), "train_student": (student, False)}
     used["evaluate"] = (evaluate, False)
     stages = {
         stage: {"key": k, "hit": hit, "started": 1000.0 + 10 * n, "seconds": 5.0 + n}
@@ -167,8 +217,16 @@ def build_root(base: Path) -> Root:
     experiment = client.create_experiment(
         config.tracking.experiment, artifact_location=f"{base}/mlartifacts"
     )
-    client.create_run(experiment, tags={"pseudoflow.run_id": RUN_ID}, run_name=RUN_ID)
-    return Root(storage, config, uri)
+    # an earlier pipeline run trained the teacher; this one reused it and trained the student
+    earlier = client.create_run(experiment, tags={"pseudoflow.run_id": "earlier"}).info.run_id
+    resumed = {"loss_s": [(2, 9.9), *TEACHER_CURVES["loss_s"]], "lr": TEACHER_CURVES["lr"]}
+    producer = _stage_run(client, experiment, earlier, "train_teacher", teacher, False, resumed)
+    parent = client.create_run(experiment, tags={"pseudoflow.run_id": RUN_ID}, run_name=RUN_ID)
+    _stage_run(client, experiment, parent.info.run_id, "train_teacher", teacher, True)
+    _stage_run(
+        client, experiment, parent.info.run_id, "train_student", student, False, STUDENT_CURVES
+    )
+    return Root(storage, config, uri, producer)
 
 
 @pytest.fixture
@@ -229,7 +287,7 @@ def test_report_files_and_its_copy_in_mlflow(root: Root, tmp_path: Path) -> None
     folder = Path(root.storage.path("reports", RUN_ID))
     assert made.location == str(folder)
     names = {"index.html", "overlays.png", "quality.png", "weights.png", "iou_per_class.png"}
-    names.add("timeline.png")
+    names |= {"timeline.png", "predictions.png", "training.png"}
     assert set(made.files) == names
     assert {p.name for p in folder.iterdir()} == names
     for name in names - {"index.html"}:
@@ -241,7 +299,7 @@ def test_report_files_and_its_copy_in_mlflow(root: Root, tmp_path: Path) -> None
     assert '<td>threshold</td><td class="num">0.6429</td><td class="num">0.8889</td>' in page
     assert '<td>csl</td><td class="num">1.0000</td><td class="num">0.7857</td>' in page
     assert '<td>student mIoU (val)</td><td class="num">0.6250</td>' in page
-    assert "1 of 4 stages from the cache" in page
+    assert "2 of 6 stages from the cache" in page
     client = MlflowClient(tracking_uri=root.uri)
     assert made.mlflow_run_id is not None
     logged = {Path(a.path).name for a in client.list_artifacts(made.mlflow_run_id, "report")}
@@ -251,6 +309,8 @@ def test_report_files_and_its_copy_in_mlflow(root: Root, tmp_path: Path) -> None
     again = write_report(root.storage, OLDER, out=str(out), log=False)
     assert again.mlflow_run_id is None
     assert {p.name for p in out.iterdir()} == names
+    # the root has no MLflow store of its own: no curves, and none created by looking
+    assert not Path(root.storage.root, "mlflow.db").exists()
 
 
 def test_cli_report_and_its_errors(root: Root) -> None:
@@ -288,7 +348,7 @@ def test_report_page_renders_in_headless_chromium(
 ) -> None:
     from playwright.sync_api import sync_playwright
 
-    made = write_report(root.storage, log=False)
+    made = write_report(root.storage, tracking_uri=root.uri, log=False)
     page_url = Path(made.location, "index.html").as_uri()
     problems: list[str] = []
     with sync_playwright() as playwright:
@@ -314,14 +374,120 @@ def test_report_page_renders_in_headless_chromium(
             "i.naturalWidth, i.naturalHeight])"
         )
         title = page.title()
+        headings = page.evaluate(
+            "Array.from(document.querySelectorAll('h2')).map(h => h.textContent)"
+        )
+        legend = page.evaluate(
+            "Array.from(document.querySelectorAll('ul.legend li')).map(li => [li.textContent, "
+            "getComputedStyle(li.querySelector('span')).backgroundColor])"
+        )
         shot = page.screenshot(full_page=True)
         browser.close()
     assert problems == []
     assert title == f"pseudoflow report: {RUN_ID}"
     assert {src for src, *_ in loaded} == set(made.files) - {"index.html"}
+    assert {"predictions.png", "training.png"} <= {src for src, *_ in loaded}
+    for section in ["Class colours", "Pseudo-labels on a sample", "Predictions on val"]:
+        assert section in headings
+    assert "Training curves" in headings
+    legend_colours = [
+        [name, f"rgb({r}, {g}, {b})"]
+        for name, (r, g, b) in figures.class_legend(root.config.data.names(), dropped=True)
+    ]
+    assert legend == legend_colours
     for src, complete, width, height in loaded:
         assert complete, src
         assert min(width, height) > 100, src
     assert shot.startswith(PNG)
     assert len(shot) > 20_000
     (tmp_path / "screenshot.png").write_bytes(shot)
+
+
+# ------------------------------------------------------------------ what the figures show
+def test_quality_axes_fit_the_points() -> None:
+    # span 0.1, a tenth of it each side
+    assert figures.fit_limits([0.8, 0.9]) == pytest.approx((0.79, 0.91))
+    # narrower than MIN_SPAN (0.05): widened about the middle, 0.955 +- 0.025, then padded
+    assert figures.fit_limits([0.95, 0.96]) == pytest.approx((0.925, 0.985))
+    # the whole range: the frame stays within [-0.01, 1.01]
+    assert figures.fit_limits([0.0, 1.0]) == pytest.approx((-0.01, 1.01))
+    # the sweep counts where it keeps >= 1 % of the pixels: its (0.005, 0.2) end is noise
+    curve = (np.array([1.0, 0.5, 0.005]), np.array([0.8, 0.9, 0.2]))
+    xlim, ylim = figures.quality_limits(curve, {"threshold": (0.6, 0.95)})
+    assert xlim == pytest.approx((0.45, 1.01))
+    assert ylim == pytest.approx((0.785, 0.965))
+    assert figures.quality_limits(None, {}) == ((0.0, 1.01), (0.0, 1.01))
+
+
+def test_weight_bins_over_the_weights_own_range() -> None:
+    assert figures.weight_bins(np.ones(9, np.float32)) is None  # threshold: one value
+    assert figures.weight_bins(np.zeros(0, np.float32)) is None
+    edges = figures.weight_bins(np.array([0.2, 0.5, 0.8], np.float32))
+    assert edges is not None
+    assert len(edges) == figures.HIST_BINS + 1
+    assert (edges[0], edges[-1]) == pytest.approx((0.2, 0.8))
+    png = figures.weight_histograms({"threshold": np.ones(9), "s4mc": np.array([0.2, 0.8])})
+    assert png.startswith(PNG)
+
+
+def test_class_legend_is_the_configs_classes_in_the_palettes_colours(root: Root) -> None:
+    names = root.config.data.names()
+    assert len(names) == 3
+    entries = figures.class_legend(names, dropped=True)
+    assert [label for label, _ in entries] == [*names, "ignored", "dropped"]
+    colours = figures.palette()
+    for c, (_, rgb) in enumerate(entries[:3]):
+        assert rgb.tolist() == colours[c].tolist()
+    assert entries[3][1].tolist() == [255, 255, 255]
+    assert entries[4][1].tolist() == [figures.DROPPED_GREY] * 3
+    # the same colours as the label maps drawn with them
+    drawn = figures.colour_labels(np.array([[0, 2]]), np.array([[True, False]]))
+    assert drawn[0, 0].tolist() == entries[0][1].tolist()
+    assert drawn[0, 1].tolist() == entries[4][1].tolist()
+
+
+def test_training_curves_from_each_stages_mlflow_run(root: Root) -> None:
+    records = load_run(root.storage, RUN_ID)
+    curves, notes = training_curves(records, root.uri)
+    assert set(curves) == {"train_teacher", "train_student"}
+    assert curves["train_student"] == STUDENT_CURVES  # "seconds" is not a curve
+    # a cache hit: the curves of the run that trained the entry, the resumed step's last value
+    assert curves["train_teacher"] == TEACHER_CURVES
+    assert notes == {"train_teacher": f"reused: curves of MLflow run {root.teacher_run[:12]}"}
+    # a pipeline run MLflow does not know: every training stage says why
+    _, older = training_curves(load_run(root.storage, OLDER), root.uri)
+    assert set(older) == {"train_teacher", "train_student"}
+    assert older["train_student"] == f"no MLflow run at {root.uri} is tagged with run {OLDER}"
+    # the figure draws from plain numbers alone
+    png = figures.training_curves(curves, notes)
+    assert png.startswith(PNG)
+    assert len(png) > 10_000
+
+
+def test_val_predictions_are_the_students_and_teachers_forward(
+    root: Root, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = load_run(root.storage, RUN_ID)
+    predicted = val_predictions(root.storage, records, count=6)
+    assert [p.image_id for p in predicted] == ["val-a", "val-b"]  # the val images, by id
+    for row in predicted:
+        assert row.truth.tolist() == VAL[row.image_id]
+        assert set(row.labels) == {"teacher", "student"}
+        for name, output in [("teacher", "t"), ("student", "s")]:
+            path = root.storage.path("models", f"{output}.pt")
+            model = load_model(path, tracking_uri=None, device=torch.device("cpu"))
+            image, _, fitted = data.fit_and_pad(
+                torch.from_numpy(row.image).permute(2, 0, 1), {}, 16
+            )
+            assert fitted == (8, 16)  # 2 x 4 scaled by 4, padded below to the 16-px canvas
+            with torch.inference_mode():
+                logits = model.forward(image[None])
+            probs = torch.nn.functional.interpolate(
+                logits.softmax(1)[:, :, :8], size=(2, 4), mode="bilinear", align_corners=False
+            )
+            assert row.labels[name].tolist() == probs[0].argmax(0).tolist(), name
+    assert len(val_predictions(root.storage, records, count=1)) == 1
+    # large images: fewer of them (here the budget is under two of data.image_size's inputs)
+    size = records.config.data.image_size
+    monkeypatch.setattr(report, "MAX_PREDICTED_PIXELS", 2 * size * size - 1)
+    assert len(val_predictions(root.storage, records, count=6)) == 1

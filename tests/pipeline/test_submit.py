@@ -220,6 +220,7 @@ def _check_mlflow(world: World, root: Path) -> None:
     assert "config.yaml" in names, names
     report = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
     figures = {"overlays.png", "quality.png", "weights.png", "iou_per_class.png", "timeline.png"}
+    figures |= {"predictions.png", "training.png"}
     assert report == {"index.html", *figures}
     assert (root / "reports" / run_dir.name / "index.html").is_file()
     stored = list(world.artifacts.rglob("config.yaml"))
