@@ -65,7 +65,8 @@ config_option = click.option(
     "--config",
     "config",
     required=True,
-    help="built-in config name (quickstart, smoke) or YAML path",
+    help="built-in config (quickstart, smoke, voc, cityscapes; the gpu overlay) or YAML path; "
+    "several are layered left to right: voc,gpu",
 )
 root_option = click.option(
     "--root", default="runs", show_default=True, help="storage root (folder or URL)"

@@ -2,7 +2,8 @@
 
 Unknown keys and wrong types are all reported together, each with its dotted path; ``--set
 section.key=value`` overrides are applied before validation; built-in configs are addressable by
-name (``quickstart``, ``smoke``) or any YAML by path.
+name (``quickstart``, ``smoke``, ``voc``, ``cityscapes``, the ``gpu`` overlay) or any YAML by
+path, and layered left to right: ``voc,gpu``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -148,10 +149,34 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return result
 
 
+def merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """``layer`` over ``base``: sections merge key by key, any other value replaces."""
+    out = dict(base)
+    for key, value in layer.items():
+        below = out.get(key)
+        if isinstance(value, dict) and isinstance(below, dict):
+            out[key] = merge(below, value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_layers(names: str) -> dict[str, Any]:
+    """``voc,gpu``: each comma-separated built-in name or YAML path read and merged over the
+    ones before it (a base config, then overlays such as ``gpu``)."""
+    parts = [part.strip() for part in names.split(",")]
+    if not all(parts):
+        raise ConfigError([f"config {names!r}: an empty name between commas"])
+    raw: dict[str, Any] = {}
+    for part in parts:
+        raw = merge(raw, read_yaml(part)[0])
+    return raw
+
+
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read, override and validate a config; raise :class:`ConfigError` listing every problem."""
-    raw, _ = read_yaml(name_or_path)
-    return validate(apply_overrides(raw, overrides or []))
+    """Read (and layer: :func:`read_layers`), override and validate a config; raise
+    :class:`ConfigError` listing every problem."""
+    return validate(apply_overrides(read_layers(name_or_path), overrides or []))
 
 
 def validate(raw: dict[str, Any]) -> PipelineConfig:
@@ -255,6 +280,9 @@ def reference(model: type[BaseModel] = PipelineConfig, prefix: str = "") -> list
 
 def _type_name(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:  # a bounded member of a union: int (>= 1) | 'auto'
+        bounds = [_bound(m) for m in args[1:] for m in getattr(m, "metadata", [m]) if _bound(m)]
+        return _type_name(args[0]) + (f" ({', '.join(bounds)})" if bounds else "")
     if origin is Literal:
         return " \\| ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):

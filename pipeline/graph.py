@@ -18,7 +18,7 @@ from pipeline.config import PipelineConfig, to_yaml
 from pipeline.models import store_export
 from stages import detect, evaluate, segtrain, teach, train_detector
 from stages.core.cache import ShardPool, digest_json, file_digest, output_dataset
-from stages.core.inference import InferenceConfig
+from stages.core.inference import InferenceConfig, resolve_gpus
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest import stage as ingest
 from stages.ingest.folder import SPLITS, SourceError, SourceItem
@@ -317,6 +317,25 @@ def check_weights(config: PipelineConfig) -> None:
                 raise SourceError(f"{section}.{key}={path!r} does not exist: give {what}")
 
 
+def random_start_warnings(config: PipelineConfig) -> list[str]:
+    """On real data (any source but ``generated``), each network that trains from random
+    weights: what the SSL recipes never do, and a missing ``*.init`` is the likeliest reason."""
+    if config.data.source == "generated":
+        return []
+    sections: dict[str, segtrain.SegTrainConfig | train_detector.DetectorConfig] = {
+        "teacher": config.teacher,
+        "student": config.student,
+    }
+    if config.detector.enabled:
+        sections["detector"] = config.detector
+    return [
+        f"{name} trains {cfg.arch} from random weights: the semi-supervised recipes fine-tune "
+        f"ImageNet (detector: COCO) weights; give {name}.init (README: Pretrained weights)"
+        for name, cfg in sections.items()
+        if cfg.init is None and cfg.weights is None
+    ]
+
+
 def split_counts(items: list[SourceItem]) -> dict[str, int]:
     counts = dict.fromkeys(SPLITS, 0)
     for item in items:
@@ -414,7 +433,7 @@ def _train_detector(ctx: Context) -> dict[str, float]:
 
 def _detect(ctx: Context) -> dict[str, float]:
     return detect.run(
-        ctx.config.detect,
+        resolve_gpus(ctx.config.detect, ctx.config.runtime.use_gpu),
         images=ctx.dataset("images"),
         checkpoint_path=ctx.model_path("detector"),
         image_size=ctx.config.data.image_size,
@@ -425,7 +444,7 @@ def _detect(ctx: Context) -> dict[str, float]:
 
 def _teach(ctx: Context, round_: Round) -> dict[str, float]:
     return teach.run(
-        ctx.config.teach,
+        resolve_gpus(ctx.config.teach, ctx.config.runtime.use_gpu),
         spec=_signal_spec(ctx),
         images=ctx.dataset("images"),
         checkpoint_path=ctx.model_path(round_.teacher),
@@ -482,7 +501,7 @@ def _evaluate(ctx: Context) -> dict[str, float]:
     metrics: dict[str, float] = {}
     per_class: dict[str, list[float]] = {}
     results = evaluate.evaluate_models(
-        ctx.config.evaluate,
+        resolve_gpus(ctx.config.evaluate, ctx.config.runtime.use_gpu),
         images=images,
         checkpoints={label: ctx.model_path(name) for label, name in names.items()},
         num_classes=data.num_classes,

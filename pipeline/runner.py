@@ -40,6 +40,7 @@ from pipeline.graph import (
     check_weights,
     final_round,
     planned,
+    random_start_warnings,
     split_counts,
 )
 from pipeline.models import MODEL_TAG, STUDENT_TAG
@@ -247,6 +248,8 @@ def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) ->
     storage = Storage(root)
     uri = tracking_uri(config, root)
     check_weights(config)
+    for warning in random_start_warnings(config):
+        logger.warning(warning)
     items, digest = source_items(config, storage)  # fails here, before anything is written
     check_splits(config, split_counts(items), f"data source {config.data.source}")
     storage.fs.makedirs(storage.root, exist_ok=True)

@@ -6,8 +6,11 @@ Predictors are plain callables: they can be built and called without Ray.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -21,13 +24,29 @@ from stages.core.models import load_checkpoint, model_from_checkpoint
 from stages.core.storage import DatasetRef, Storage, StorageError
 from stages.core.tables import keep_ids, ordered, read_split, split_ids
 
+logger = logging.getLogger(__name__)
+
+
+CPUS_PER_CPU_ACTOR = 8
+"""``actors: auto`` without GPUs: one actor per this many of the cluster's CPUs (each actor's
+torch uses several threads; the decode tasks need CPUs too)."""
+
 
 class InferenceConfig(StrictModel):
     """Execution knobs of an inference stage (never part of a result's identity)."""
 
     batch_size: int = Field(16, ge=1)
-    actors: int = Field(1, ge=1)
-    gpus_per_actor: float = Field(0.0, ge=0)
+    actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="model actors; auto: with GPUs a pool from 1 up to as many as the cluster's "
+        "GPUs hold (it grows as an autoscaling cluster adds GPU nodes), on CPUs one per "
+        f"{CPUS_PER_CPU_ACTOR} of the cluster's CPUs (at least 1)",
+    )
+    gpus_per_actor: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="GPUs each actor reserves (fractions share a GPU); auto: 1 with "
+        "runtime.use_gpu, else 0",
+    )
     shard_rows: int = Field(
         256, ge=1, description="rows per committed shard: what a killed run can lose"
     )
@@ -110,6 +129,61 @@ def to_image(probs: torch.Tensor, extent: tuple[int, int], height: int, width: i
     )[0]
 
 
+ConfigT = TypeVar("ConfigT", bound=InferenceConfig)
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    """An inference actor pool sized for a cluster: :func:`pool_size`."""
+
+    gpus: float
+    min_actors: int
+    initial: int
+    max_actors: int | None  # None: no bound but the cluster's resources
+
+    def strategy(self) -> Any:
+        import ray
+
+        if self.max_actors == self.min_actors:
+            return ray.data.ActorPoolStrategy(size=self.min_actors)
+        return ray.data.ActorPoolStrategy(
+            min_size=self.min_actors, max_size=self.max_actors, initial_size=self.initial
+        )
+
+    def describe(self) -> str:
+        actors = (
+            str(self.min_actors)
+            if self.max_actors == self.min_actors
+            else f"{self.min_actors} to {self.max_actors or 'as many as fit'}"
+            f" (starting with {self.initial})"
+        )
+        return f"{actors} actors, {self.gpus:g} GPU each"
+
+
+def resolve_gpus(cfg: ConfigT, use_gpu: bool) -> ConfigT:
+    """``gpus_per_actor: auto`` -> 1 with ``runtime.use_gpu``, else 0."""
+    if cfg.gpus_per_actor != "auto":
+        return cfg
+    return cfg.model_copy(update={"gpus_per_actor": 1.0 if use_gpu else 0.0})
+
+
+def pool_size(cfg: InferenceConfig, cluster: dict[str, float]) -> PoolSize:
+    """The actor pool of ``cfg`` on a cluster with ``cluster`` resources (``ray.cluster_resources()``:
+    ``{"CPU": 16.0, "GPU": 4.0, ...}``). ``gpus_per_actor: auto`` left unresolved (a caller
+    without a pipeline config) means 1 where the cluster has a GPU."""
+    have_gpus = float(cluster.get("GPU", 0.0))
+    gpus = cfg.gpus_per_actor
+    if gpus == "auto":
+        gpus = 1.0 if have_gpus >= 1 else 0.0
+    if cfg.actors != "auto":
+        return PoolSize(gpus, cfg.actors, cfg.actors, cfg.actors)
+    if gpus > 0:
+        fit = max(1, math.floor(have_gpus / gpus + 1e-9))
+        return PoolSize(gpus, 1, fit, None)
+    count = max(1, int(cluster.get("CPU", 1.0)) // CPUS_PER_CPU_ACTOR)
+    return PoolSize(gpus, count, count, count)
+
+
 def load_model(storage_url: str, path: str) -> tuple[nn.Module, dict[str, Any]]:
     """Read a checkpoint from storage and rebuild its model (eval mode, CPU)."""
     checkpoint = load_checkpoint(Storage(storage_url).read_bytes(path), source=path)
@@ -134,11 +208,13 @@ def predict_split(
 ) -> Any:
     """A lazy Ray Dataset: one split's (or several splits') images (only the ids in ``only`` if
     given), decoded and resized by CPU tasks, then passed through ``predictor`` (a callable
-    class) on an actor pool of ``cfg.actors`` actors. Rows keep their order (:func:`ordered`):
+    class) on an actor pool sized by :func:`pool_size`. Rows keep their order (:func:`ordered`):
     batches are made up the same way in every run, and a network's output on an image can depend
     on its batch's make-up (kernels chosen by batch size), so results are reproducible."""
     import ray
 
+    size = pool_size(cfg, ray.cluster_resources())
+    logger.debug("%s: %s", predictor.__name__, size.describe())
     with ordered():
         rows = read_split(images, split, columns)
         if only is not None:
@@ -154,11 +230,11 @@ def predict_split(
             predictor,
             fn_constructor_kwargs={
                 "storage_url": images.storage.url,
-                "gpus": cfg.gpus_per_actor,
+                "gpus": size.gpus,
                 **predictor_kwargs,
             },
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-            num_gpus=cfg.gpus_per_actor,
+            compute=size.strategy(),
+            num_gpus=size.gpus,
             batch_size=cfg.batch_size,
             batch_format="numpy",
             **({"resources": dict(cfg.resources)} if cfg.resources else {}),

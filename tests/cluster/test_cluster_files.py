@@ -27,6 +27,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from pipeline.config import load_config
+
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 DOCKER = REPO / "docker"
@@ -519,6 +521,13 @@ def test_rayjob_runs_pseudoflow_and_cleans_up() -> None:
     assert entrypoint[entrypoint.index("--config") + 1]
     assert entrypoint[entrypoint.index("--root") + 1].startswith("s3://")
     assert "--tracking-uri" not in entrypoint, "MLflow's URI comes from the environment"
+    # the entrypoint's config is a valid GPU run: the presets and --set values it names load
+    sets = [entrypoint[i + 1] for i, word in enumerate(entrypoint) if word == "--set"]
+    config = load_config(entrypoint[entrypoint.index("--config") + 1], sets)
+    assert config.runtime.use_gpu
+    assert config.data.root.startswith("s3://")
+    assert config.teacher.init
+    assert config.student.init
     head_env = {
         var["name"]
         for group, container in containers(spec["rayClusterSpec"])

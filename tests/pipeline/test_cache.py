@@ -51,20 +51,20 @@ class World:
 
 
 def _config(world_or_folder: World | Path, weights: Path, *overrides: str) -> PipelineConfig:
+    return load_config("smoke", [*_overrides(world_or_folder, weights), *overrides])
+
+
+def _overrides(world_or_folder: World | Path, weights: Path) -> list[str]:
     folder = world_or_folder.folder if isinstance(world_or_folder, World) else world_or_folder
-    return load_config(
-        "smoke",
-        [
-            "data.source=folder",
-            f"data.root={folder}",
-            "detector.enabled=false",
-            f"teacher.weights={weights}",
-            "student.steps=2",
-            "teach.shard_rows=4",
-            "data.max_bad_fraction=0.1",  # 2 of the 30 items are bad on purpose
-            *overrides,
-        ],
-    )
+    return [
+        "data.source=folder",
+        f"data.root={folder}",
+        "detector.enabled=false",
+        f"teacher.weights={weights}",
+        "student.steps=2",
+        "teach.shard_rows=4",
+        "data.max_bad_fraction=0.1",  # 2 of the 30 items are bad on purpose
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -352,6 +352,18 @@ def test_student_only_change_reruns_only_the_student(world: World, tmp_path: Pat
     )
     assert all(_hits(same).values())
     assert same.cache["train_student"][0] == summary.cache["train_student"][0]
+    # the gpu overlay sets only how things run: on GPUs the same run reuses every entry
+    gpu = load_config("smoke,gpu", [*_overrides(world, world.weights), "student.lr=0.01"])
+    assert gpu.runtime.use_gpu
+    assert gpu.teach.gpus_per_actor == 1.0
+    assert {r.stage: r.action for r in plan(gpu, str(root))} == {
+        "ingest": "reuse",
+        "train_teacher": "reuse",
+        "teach": "reuse",
+        "pseudolabel": "reuse",
+        "train_student": "reuse",
+        "evaluate": "run",
+    }
 
 
 def test_second_round_reuses_round_one_and_learns_from_its_student(

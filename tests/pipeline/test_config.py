@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, builtin_configs, flatten, load_config, to_yaml
-from pipeline.graph import Round, planned
+from pipeline.graph import Round, planned, random_start_warnings
 from tests.conftest import STAGE_NAMES, run_cli
 
 
@@ -18,6 +18,58 @@ def test_builtin_configs_load_by_name_and_path(tmp_path: Path) -> None:
     path = tmp_path / "copy.yaml"
     path.write_text(to_yaml(smoke))
     assert load_config(str(path)) == smoke
+
+
+def test_presets_layer_left_to_right_and_say_what_they_need(tmp_path: Path) -> None:
+    assert {"voc", "cityscapes", "gpu"} <= set(builtin_configs())
+    voc = load_config("voc,gpu", ["data.root=/data/VOC2012"])
+    assert (voc.name, voc.data.num_classes, voc.data.image_size, voc.data.crop) == (
+        "voc",
+        21,
+        512,
+        321,
+    )
+    assert voc.teacher.arch == voc.student.arch == "deeplabv3_resnet101"
+    assert voc.teacher.backbone_lr == 0.1
+    assert voc.pseudolabel.tau == 0.95
+    assert voc.runtime.use_gpu
+    assert voc.teach.gpus_per_actor == 1.0
+    assert voc.teach.actors == "auto"
+    # the overlay merges into sections key by key: the base's teach batch size survives
+    assert voc.teach.batch_size == 32
+    city = load_config("cityscapes", ["data.root=/c"])
+    assert (city.data.num_classes, city.data.image_size, city.data.crop) == (19, 2048, 801)
+    assert not city.runtime.use_gpu
+    assert city.teach.gpus_per_actor == "auto"
+    # a later layer and then --set win; a YAML path layers like a name
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("data: {crop_size: 401}\nteach: {batch_size: 4}\n")
+    layered = load_config(f"voc, {mine},gpu", ["data.root=/v", "teach.batch_size=2"])
+    assert (layered.data.crop, layered.data.image_size, layered.teach.batch_size) == (401, 512, 2)
+    with pytest.raises(ConfigError, match=r"data\.root is required when data\.source is 'voc'"):
+        load_config("voc")
+    with pytest.raises(ConfigError, match=r"unknown config 'vco'.*cityscapes, gpu, quickstart"):
+        load_config("vco,gpu")
+    with pytest.raises(ConfigError, match="empty name"):
+        load_config("voc,,gpu")
+
+
+def test_real_data_without_init_says_which_networks_start_from_random_weights() -> None:
+    assert random_start_warnings(load_config("quickstart")) == []  # generated data: by design
+    voc = load_config("voc", ["data.root=/v", "teacher.init=/w/resnet101.pth"])
+    assert random_start_warnings(voc) == [
+        "student trains deeplabv3_resnet101 from random weights: the semi-supervised recipes "
+        "fine-tune ImageNet (detector: COCO) weights; give student.init (README: Pretrained "
+        "weights)",
+        "detector trains fasterrcnn_resnet50_fpn from random weights: the semi-supervised "
+        "recipes fine-tune ImageNet (detector: COCO) weights; give detector.init (README: "
+        "Pretrained weights)",
+    ]
+    given = load_config(
+        "voc",
+        ["data.root=/v", "teacher.init=/w", "student.weights=/s.pt", "detector.enabled=false"],
+    )
+    assert random_start_warnings(given) == []
 
 
 def test_overrides_are_typed_and_dotted() -> None:

@@ -21,6 +21,8 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.runner import RunSummary, run_pipeline, source_items
 from stages.core.cache import output_dataset
+from stages.core.detectors import DEFAULT_ARCHITECTURES
+from stages.core.models import load_checkpoint
 from stages.core.storage import Storage
 from stages.ingest.stage import item_blocks, items_table
 from tests.conftest import local_ray, stage_outputs, write_png
@@ -151,9 +153,9 @@ def write_folder_semi(root: Path) -> Layout:
     return Layout(["data.source=folder", "data.num_classes=4", "data.val_fraction=0.3"], files)
 
 
-def _config(layout: Layout, data_root: str, tmp_path: Path, *extra: str):
+def _config(layout: Layout, data_root: str, tmp_path: Path, *extra: str, base: str = "smoke"):
     return load_config(
-        "smoke",
+        base,
         [
             *layout.overrides,
             f"data.root={data_root}",
@@ -245,12 +247,25 @@ LAYOUTS = [
 def test_whole_pipeline_on_a_mostly_unlabeled_real_layout(layout_name: str, tmp_path: Path) -> None:
     write, folder = WRITERS[layout_name]
     layout = write(tmp_path / folder)
-    config = _config(layout, str(tmp_path / folder), tmp_path)
+    if layout_name == "voc":
+        # the voc preset under smoke's sizes: its recipe (backbone rate, scale range, EMA) on a
+        # tiny run, trained on 24-px crops of the 32-px canvas and scored through a sliding window
+        extra = ["data.crop_size=24", f"detector.arch={DEFAULT_ARCHITECTURES['torchvision']}"]
+        config = _config(layout, str(tmp_path / folder), tmp_path, *extra, base="voc,smoke")
+        assert (config.student.ema, config.student.backbone_lr) == (0.99, 0.1)
+    else:
+        config = _config(layout, str(tmp_path / folder), tmp_path)
     root = str(tmp_path / "runs")
     _check_blocks(config, root, layout)
     with local_ray():
         summary = run_pipeline(config, root)
     _check_tables(root, summary, layout)
+    if layout_name == "voc":
+        outputs = stage_outputs(Path(root))
+        for model in ("teacher", "student"):
+            blob = (Path(root) / outputs[model]["path"]).read_bytes()
+            checkpoint = load_checkpoint(blob, source=model)
+            assert (checkpoint["image_size"], checkpoint["window"]) == (32, 24), model
 
 
 @pytest.mark.slow
