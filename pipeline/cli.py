@@ -34,7 +34,11 @@ def _setup_logging(verbose: bool) -> None:
     if not verbose:  # e.g. "Creating initial MLflow database tables": MLflow sets it at import
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+    from pipeline.console import QuietNotices
     from pipeline.redact import redact_logs
+
+    if not verbose and not isinstance(sys.stdout, QuietNotices):
+        sys.stdout = QuietNotices(sys.stdout)
 
     redact_logs()  # URL passwords and ?token=... never reach the console as they are
 

@@ -53,13 +53,15 @@ RAY_CORE_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [EWF] \d+ \d+\]")
 
 def _console_problems(console: str) -> list[str]:
     """What a quiet console (off a terminal) must not show: colour codes, the Ray workers'
-    output (Ray Train's reports, each step, deprecation and progress-bar notices, C++ errors),
+    output (Ray Train's reports, each step, deprecation and progress-bar notices, C++ errors, the
+    raylet's worker-pool notice),
     MLflow's notices, more than a start and an end line per stage, more than a screen of lines."""
     lines = console.splitlines()
     problems = [f"colour codes: {line!r}" for line in lines if "\x1b[" in line]
     noise = re.compile(
         r"\(\w* ?pid=|Reporting training result|Progress bars disabled|DeprecationWarning"
         r"|stages\.segtrain: step|mlflow\.store|committed \w+: \d+ rows"
+        r"|worker processes have been started"
     )
     problems += [f"noise: {line}" for line in lines if noise.search(line)]
     ray_errors = [line for line in lines if RAY_CORE_LINE.search(line)]
