@@ -356,7 +356,7 @@ def test_student_only_change_reruns_only_the_student(world: World, tmp_path: Pat
     gpu = load_config("smoke,gpu", [*_overrides(world, world.weights), "student.lr=0.01"])
     assert gpu.runtime.use_gpu
     assert gpu.teach.gpus_per_actor == 1.0
-    assert {r.stage: r.action for r in plan(gpu, str(root))} == {
+    assert {r.stage: r.action for r in plan(gpu, str(root)) if r.action != "skip"} == {
         "ingest": "reuse",
         "train_teacher": "reuse",
         "teach": "reuse",
