@@ -10,11 +10,13 @@ from stages.core.config import StrictModel
 from stages.ingest import cityscapes, voc
 from stages.ingest.generated import CLASS_NAMES, GeneratedSpec
 
-# Datasets whose classes are fixed: their names in index order.
+# Datasets with their own classes: their names in index order, the default for a source in
+# their layout. A custom dataset in the same layout gives num_classes and class_names instead.
 DATASET_CLASSES: dict[str, tuple[str, ...]] = {
     "voc": voc.CLASS_NAMES,
     "cityscapes": cityscapes.CLASS_NAMES,
 }
+LAYOUT_NAMES = {"voc": "VOC", "cityscapes": "Cityscapes"}
 
 
 class GeneratedSourceConfig(StrictModel):
@@ -62,9 +64,17 @@ class DataConfig(StrictModel):
         "generated", description="the dataset layout (README: Data sources)"
     )
     root: str | None = Field(None, description="folder, voc, cityscapes: directory or fsspec URL")
-    num_classes: int = Field(5, ge=2, le=255, description="voc and cityscapes: theirs by default")
+    num_classes: int = Field(
+        5,
+        ge=2,
+        le=255,
+        description="voc and cityscapes: theirs by default; another count needs class_names "
+        "(a custom dataset in their layout)",
+    )
     class_names: tuple[str, ...] | None = Field(
-        None, strict=False, description="names in index order (a YAML list)"
+        None,
+        strict=False,
+        description="names in index order (a YAML list); voc and cityscapes: theirs by default",
     )
     image_size: int = Field(
         64,
@@ -96,7 +106,7 @@ class DataConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _dataset_num_classes(cls, raw: Any) -> Any:
-        """A dataset with fixed classes sets num_classes when the config leaves it out."""
+        """A dataset with its own classes sets num_classes when the config leaves it out."""
         if isinstance(raw, dict) and "num_classes" not in raw:
             source = raw.get("source")
             if isinstance(source, str) and source in DATASET_CLASSES:
@@ -109,10 +119,13 @@ class DataConfig(StrictModel):
         if self.source != "generated" and not self.root:
             problems.append(f"data.root is required when data.source is {self.source!r}")
         fixed = DATASET_CLASSES.get(self.source)
-        if fixed is not None and self.num_classes != len(fixed):
+        layout = LAYOUT_NAMES.get(self.source)
+        if fixed is not None and self.num_classes != len(fixed) and self.class_names is None:
             problems.append(
                 f"data.num_classes must be {len(fixed)} for {self.source} ({fixed[0]}, "
-                f"{fixed[1]}, ..., {fixed[-1]}); got {self.num_classes}"
+                f"{fixed[1]}, ..., {fixed[-1]}); got {self.num_classes}; a custom dataset in the "
+                f"{layout} layout gives data.class_names as well ({self.num_classes} names in "
+                "index order)"
             )
         if self.source == "generated" and self.num_classes > len(CLASS_NAMES):
             problems.append(
@@ -125,9 +138,16 @@ class DataConfig(StrictModel):
                 f"({self.image_size}), the canvas it is cut from"
             )
         if self.class_names is not None and len(self.class_names) != self.num_classes:
-            problems.append(
-                f"class_names has {len(self.class_names)} names for {self.num_classes} classes"
+            problem = (
+                f"data.class_names has {len(self.class_names)} names for "
+                f"data.num_classes={self.num_classes}"
             )
+            if fixed is not None and self.num_classes == len(fixed):
+                problem += (
+                    f" ({self.source}'s own count); a custom dataset in the {layout} layout sets "
+                    f"data.num_classes: {len(self.class_names)} as well"
+                )
+            problems.append(problem)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -138,6 +158,8 @@ class DataConfig(StrictModel):
         return self.crop_size or self.image_size
 
     def names(self) -> list[str]:
+        """The class names in index order: ``class_names``, else the dataset's own (voc,
+        cityscapes), the generated shapes, or ``class_<i>``."""
         if self.class_names:
             return list(self.class_names)
         if self.source == "generated":

@@ -1,5 +1,6 @@
-"""``data.source`` in the config (voc and cityscapes need a root and fix the class count) and the
-runner's dispatch to a layout, whose listing digest follows the split lists and the files."""
+"""``data.source`` in the config (voc and cityscapes need a root and keep their own class count
+unless class_names come with another) and the runner's dispatch to a layout, whose listing digest
+follows the split lists and the files."""
 
 from __future__ import annotations
 
