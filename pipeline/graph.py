@@ -218,7 +218,13 @@ def _teach_family(ctx: Context, round_: Round) -> dict[str, Any]:
         "stage": "teach",
         "teacher": ctx.digest(round_.teacher),
         # teach.policies counts through the signals it makes the stage store
-        "teach": semantic(ctx.config.teach, INFERENCE_EXECUTION | {"policies"}),
+        # teach.tta only where set: the keys of runs without it stay what they were
+        "teach": semantic(
+            ctx.config.teach,
+            INFERENCE_EXECUTION
+            | {"policies"}
+            | (set() if ctx.config.teach.tta.enabled else {"tta"}),
+        ),
         "signals": _signal_spec(ctx).model_dump(),
         **_geometry(ctx),
     }

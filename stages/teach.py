@@ -37,14 +37,14 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from stages.core import codec, data
 from stages.core.cache import ShardPool
 from stages.core.config import StrictModel
 from stages.core.inference import InferenceConfig, load_model, pick_device, predict_into_pool
-from stages.core.models import segment_with_features
+from stages.core.models import segment_logits, segment_with_features
 from stages.core.storage import DatasetRef
 from stages.core.training import hold_point
 from stages.pseudolabel import ops
@@ -94,6 +94,33 @@ class SignalSpec(StrictModel):
     features: bool = Field(False, description="the decoder features (WPL)")
 
 
+class TTAConfig(StrictModel):
+    """Test-time augmentation of the teacher: its softmax averaged over the canvas scaled by each
+    factor of ``scales`` and, with ``flip``, each of those mirrored (``len(scales) * (1 + flip)``
+    forwards an image). WPL's features come from the plain view (scale 1, not flipped)."""
+
+    scales: tuple[float, ...] = Field(
+        (1.0,),
+        strict=False,
+        min_length=1,
+        description="canvas scale factors (1.0 must be one of them), e.g. [0.75, 1.0, 1.25]",
+    )
+    flip: bool = Field(False, description="also each scale mirrored left to right")
+
+    @field_validator("scales")
+    @classmethod
+    def _has_plain_view(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if 1.0 not in value:
+            raise ValueError(f"teach.tta.scales must include 1.0 (the plain view); got {value}")
+        if any(v <= 0 for v in value) or len(set(value)) != len(value):
+            raise ValueError(f"teach.tta.scales must be distinct and > 0; got {value}")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.scales != (1.0,) or self.flip
+
+
 class TeachConfig(InferenceConfig):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "bf16",
@@ -106,6 +133,7 @@ class TeachConfig(InferenceConfig):
         description="policies whose signals are stored besides pseudolabel.policy's, so that "
         "switching to one reuses this teach stage and the report compares them",
     )
+    tta: TTAConfig = Field(default_factory=TTAConfig)
 
 
 def quantize(values: torch.Tensor, levels: int = SIGNAL_LEVELS) -> torch.Tensor:
@@ -241,9 +269,11 @@ class TeacherPredictor:
         spec: dict[str, Any],
         precision: str = "bf16",
         gpus: float = 0.0,
+        tta: dict[str, Any] | None = None,
     ):
         model, _ = load_model(storage_url, checkpoint_path)
         self._setup(model, pick_device(gpus), SignalSpec.model_validate(spec), precision)
+        self.tta = TTAConfig.model_validate(tta or {})
 
     @classmethod
     def of_model(
@@ -257,6 +287,7 @@ class TeacherPredictor:
         becomes the next round's teacher)."""
         predictor = cls.__new__(cls)
         predictor._setup(model, device, spec or SignalSpec(), precision)
+        predictor.tta = TTAConfig()
         return predictor
 
     def _setup(
@@ -275,6 +306,33 @@ class TeacherPredictor:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def _averaged(self, images: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+        """The mean of the softmax over every TTA view (``plain``: the scale-1 unflipped one),
+        each view's probabilities brought back to the canvas (unflipped, bilinear)."""
+        side = images.shape[-2:]
+        total = plain.clone()
+        views = [
+            (s, f) for s in self.tta.scales for f in ((False, True) if self.tta.flip else (False,))
+        ]
+        for scale, flip in views:
+            if scale == 1.0 and not flip:
+                continue
+            view = images.flip(-1) if flip else images
+            if scale != 1.0:
+                size = [max(1, round(v * scale)) for v in side]
+                view = nn.functional.interpolate(
+                    view, size=size, mode="bilinear", align_corners=False
+                )
+            with self._autocast():
+                logits = segment_logits(self.model, view)
+            probs = logits.float().softmax(dim=1)
+            if scale != 1.0:
+                probs = nn.functional.interpolate(
+                    probs, size=side, mode="bilinear", align_corners=False
+                )
+            total += probs.flip(-1) if flip else probs
+        return total / len(views)
+
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         hold_point("teach")
@@ -284,6 +342,8 @@ class TeacherPredictor:
         with self._autocast():
             logits, features = segment_with_features(self.model, images)
         probs = logits.float().softmax(dim=1)
+        if self.tta.enabled:
+            probs = self._averaged(images, probs)
         n = len(batch["image_id"])
         columns: dict[str, list[Any]] = {name: [None] * n for name in self.maps}
         extents = np.asarray(batch["extent"]).reshape(-1, 2)
@@ -361,6 +421,7 @@ def run(
             "checkpoint_path": checkpoint_path,
             "spec": spec.model_dump(),
             "precision": cfg.precision,
+            "tta": cfg.tta.model_dump(mode="json"),
         },
         cfg=cfg,
         image_size=image_size,

@@ -72,6 +72,23 @@ def test_real_data_without_init_says_which_networks_start_from_random_weights() 
     assert random_start_warnings(given) == []
 
 
+def test_teach_tta_enters_the_teach_key_only_when_set() -> None:
+    from types import SimpleNamespace
+
+    from pipeline import graph
+
+    def family(*overrides: str) -> dict:
+        ctx = SimpleNamespace(config=load_config("smoke", list(overrides)), digest=lambda *_: "d")
+        return graph._teach_family(ctx, Round(1))  # type: ignore[arg-type]
+
+    plain = family()
+    assert "tta" not in plain["teach"]  # the keys of runs without TTA are what they were
+    assert family("teach.tta.scales=[1.0]", "teach.tta.flip=false") == plain
+    flipped = family("teach.tta.flip=true")
+    assert flipped["teach"]["tta"] == {"scales": [1.0], "flip": True}
+    assert family("teach.tta.scales=[0.75,1.0]")["teach"]["tta"]["scales"] == [0.75, 1.0]
+
+
 def test_overrides_are_typed_and_dotted() -> None:
     cfg = load_config("smoke", ["student.steps=7", "pseudolabel.tau=0.9", "data.blocks=3"])
     assert cfg.student.steps == 7

@@ -99,6 +99,58 @@ def test_teacher_predictor_upsamples_to_original_size(tmp_path: Path) -> None:
     assert bare["conf"] == row["conf"]
 
 
+def test_teacher_tta_averages_the_softmax_of_every_scaled_and_mirrored_view(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    args = {"arch": "lraspp_mobilenet_v3_large", "num_classes": 3}
+    network = build_segmenter(**args)
+    with torch.no_grad():  # confident, position-dependent outputs: views that differ
+        for name, weight in network.named_parameters():
+            if name.startswith("classifier"):
+                weight.mul_(40)
+    storage, path = _save(tmp_path, network, "segmenter", args)
+    batch = decode_for_inference(_rows(2, (20, 28)), image_size=32)
+    tta = {"scales": [0.75, 1.0, 1.5], "flip": True}
+    row = TeacherPredictor(storage.url, path, FULL, tta=tta)(batch).to_pylist()[1]
+    # by hand: six views, each softmax brought back to the 32-px canvas, unmirrored, averaged
+    model = model_from_checkpoint(load_checkpoint(storage.read_bytes(path), source=path))
+    images = data.normalize(torch.from_numpy(batch["image"]))
+    views = []
+    for side in (24, 32, 48):
+        for mirrored in (False, True):
+            x = images.flip(-1) if mirrored else images
+            x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear")
+            probs = segment_logits(model, x).softmax(1)
+            probs = torch.nn.functional.interpolate(probs, size=(32, 32), mode="bilinear")
+            views.append(probs.flip(-1) if mirrored else probs)
+    mean = torch.stack(views).mean(0)
+    mean = torch.nn.functional.interpolate(mean[..., :23, :], size=(20, 28), mode="bilinear")
+    conf, label = mean.max(dim=1)
+    signals = decode_signals(row)
+    plain = decode_signals(TeacherPredictor(storage.url, path, FULL)(batch).to_pylist()[1])
+    assert (signals["conf"] - conf[1]).abs().max() <= 1 / 510 + 1e-6
+    agree = (signals["label"] == label[1]).float().mean()
+    assert agree >= 0.99  # argmax ties between near-equal classes may round apart
+    assert (signals["conf"] - plain["conf"]).abs().max() > 0.01  # the views did count
+    # WPL's features are the plain view's, whatever the TTA
+    assert (
+        row["features"]
+        == TeacherPredictor(storage.url, path, FULL)(batch).to_pylist()[1]["features"]
+    )
+
+
+def test_tta_settings_name_what_is_valid() -> None:
+    from stages.teach import TTAConfig
+
+    assert not TTAConfig().enabled
+    assert TTAConfig(flip=True).enabled
+    with pytest.raises(ValueError, match=r"must include 1\.0"):
+        TTAConfig(scales=(0.5, 2.0))
+    with pytest.raises(ValueError, match="distinct and > 0"):
+        TTAConfig(scales=(1.0, 1.0))
+
+
 def test_teacher_predictor_groups_images_by_size(tmp_path: Path) -> None:
     """A batch of mixed original sizes: each image's maps at its own size, as if alone."""
     torch.manual_seed(0)
