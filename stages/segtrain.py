@@ -7,7 +7,8 @@
 weak view; the unlabeled batch one weak geometric draw, applied to the image and to every stored
 map alike, then two strong photometric views, each CutMixed with a partner image whose maps are
 mixed in the same box. The policy's live parts (methods.md §5) happen here: S4MC's keep mask from
-each view's stored margins (DPA), CSL's extra TMP view (its loss averaged with the strong views'),
+each view's stored margins (DPA), CSL's extra TMP view of the weak view (its own photometric draw
+without grayscale, no CutMix; its loss averaged with the strong views'),
 WPL's prototype memory fed from the student's features and refreshed across workers every
 ``refresh_every`` steps. Periodic work is ``if (step + 1) % n == 0``. ``train_loop`` runs it on
 Ray Train; ``pseudoflow bench quality`` runs it in-process.
@@ -335,7 +336,7 @@ def train_step(
 
     1. the labeled batch's weak view; the unlabeled batch's two strong views, each CutMixed
        with a partner image whose stored maps are mixed in the same box (``_strong_views``),
-       plus CSL's TMP view of the first;
+       plus CSL's TMP view of the weak view (``_tmp_view``);
     2. one forward of every view (float16 autocast on CUDA);
     3. L_s on the labeled view; L_u averaged over the unlabeled views, each weighted by the
        policy's live weight computed from its own (mixed) maps;
@@ -352,8 +353,10 @@ def train_step(
     images, lab = _weak_view(labeled, learner)
     views, targets = [data.normalize(images)], [lab]
     if unlabeled is not None:
-        strong, mixed = _strong_views(unlabeled, learner)
-        more, more_maps = _unlabeled_views(strong, mixed, policy, learner.generator)
+        weak, weak_maps = _weak_view(unlabeled, learner)
+        more, more_maps = _strong_views(weak, weak_maps, learner)
+        if policy.policy == "csl":
+            more, more_maps = [*more, _tmp_view(weak, weak_maps, learner)], [*more_maps, weak_maps]
         views, targets = views + more, targets + more_maps
     targets = [_to(device, maps) for maps in targets]
     amp = learner.scaler.is_enabled()
@@ -391,15 +394,14 @@ def train_step(
 
 
 def _strong_views(
-    batch: dict[str, torch.Tensor], learner: Learner
+    images: torch.Tensor, maps: dict[str, torch.Tensor], learner: Learner
 ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """The unlabeled batch's two strong views: one weak geometric draw per image, applied to the
-    image and every stored map; then per view a photometric draw per image and a CutMix box
-    (chance ``cutmix``) inside which the pixels and every map come from the previous image of
-    the batch (its own strong view). All of it batched on the training device
+    """The unlabeled batch's two strong views of its weak view (``_weak_view``: images
+    ``float32[B, 3, S, S]`` in [0, 1] and their maps): per view a photometric draw per image and
+    a CutMix box (chance ``cutmix``) inside which the pixels and every map come from the previous
+    image of the batch (its own strong view). All of it batched on the training device
     (``stages.core.augment``), the draws from the learner's generator. Returns normalised
     ``float32[B, 3, S, S]`` views and their mixed maps."""
-    images, maps = _weak_view(batch, learner)
     partner = torch.roll(torch.arange(len(images), device=images.device), 1)
     chance = learner.cfg.cutmix if isinstance(learner.cfg, StudentConfig) else 0.0
     height, width = images.shape[-2:]
@@ -413,18 +415,16 @@ def _strong_views(
     return views, mixed
 
 
-def _unlabeled_views(
-    views: list[torch.Tensor],
-    maps: list[dict[str, torch.Tensor]],
-    policy: PseudolabelConfig,
-    generator: torch.Generator,
-) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """The strong views, and under CSL the TMP view of the first (same targets and weights)."""
-    if policy.policy != "csl":
-        return views, maps
-    cover = (policy.csl.block, policy.csl.cover)
-    hidden = live.tmp_view(views[0], maps[0]["trusted"], *cover, generator=generator)
-    return [*views, hidden], [*maps, maps[0]]
+def _tmp_view(
+    images: torch.Tensor, maps: dict[str, torch.Tensor], learner: Learner
+) -> torch.Tensor:
+    """CSL's TMP view of the weak view (images ``float32[B, 3, S, S]`` in [0, 1], maps with
+    ``trusted``): its own photometric draw without grayscale and no CutMix (the CSL paper reports
+    both hurt with TMP; jitter and blur stay), then covered trusted pixels set to the mean
+    (methods.md §3). Its targets are the weak view's maps. Returns it normalised."""
+    csl = learner.policy.csl
+    coloured = data.normalize(learner.photometric.without_grayscale()(images, learner.generator))
+    return live.tmp_view(coloured, maps["trusted"], csl.block, csl.cover, learner.generator)
 
 
 def _to(device: torch.device, maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -208,6 +208,16 @@ class Photometric:
         self.jitter, self.hue, self.jitter_chance = jitter, hue, jitter_chance
         self.grayscale, self.blur = grayscale, blur
 
+    def without_grayscale(self) -> Photometric:
+        """The same draw with grayscale chance 0 (CSL's TMP view: grayscale hurts with TMP)."""
+        return Photometric(
+            jitter=self.jitter,
+            hue=self.hue,
+            jitter_chance=self.jitter_chance,
+            grayscale=0.0,
+            blur=self.blur,
+        )
+
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         count = len(images)
         device = images.device

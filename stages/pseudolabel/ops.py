@@ -25,8 +25,8 @@ from torch import Tensor
 
 IGNORE_INDEX = 255
 CSL_EPS = 1e-8
-# s_2 is treated as 0 when s_2 <= _CSL_RANK_TOL * s_1 (the Gram matrix is solved in float64, whose
-# round-off puts s_2 of an exactly rank-1 X near 1e-8 * s_1).
+# s_2 is treated as 0 when s_2 <= _CSL_RANK_TOL * s_1, with s_1, s_2 the singular values of X
+# itself (a QR of X, then the 2×2 SVD of R, all in float64), never of the squared Gram matrix.
 _CSL_RANK_TOL = 1e-6
 
 _NEIGHBOUR_OFFSETS: dict[int, tuple[tuple[int, int], ...]] = {
@@ -253,10 +253,11 @@ def csl_weights(probs: Tensor, valid: Tensor, alpha: float = 8.0) -> Tensor:
     ``w_p = 1`` if the pixel beats that cluster's mean in m or in r, else
     ``exp(−z_m²/alpha)·exp(−z_r²/alpha)``.
 
-    The split solves one 2×2 eigenproblem per image on ``X^T X``; the Gram sums, the eigenproblem
-    and the projections are done in float64, because squaring X halves the usable precision and
-    s_2 is often orders of magnitude below s_1 (r is much smaller than m). s_2 <= 1e-6·s_1 counts
-    as s_2 = 0. Statistics and weights use the input dtype.
+    The split is one QR of X per image (``X = QR``, R 2×2) and the closed-form SVD of R, in
+    float64: X and R share their singular values and right singular vectors, and neither is
+    squared, so s_2 is resolved down to round-off of s_1 (the Gram matrix ``X^T X`` loses half the
+    digits). s_2 <= 1e-6·s_1 counts as s_2 = 0 (rank one). Statistics and weights use the input
+    dtype.
 
     Args:
         probs: float[B, C, H, W] in [0, 1], teacher softmax probabilities, C >= 2.
@@ -291,6 +292,9 @@ def csl_weights_of(features: Tensor, valid: Tensor, alpha: float = 8.0) -> Tenso
 def _csl_second_cluster(feats: Tensor, mask: Tensor) -> Tensor:
     """True where a valid pixel joins cluster 2 of its image's SVD split.
 
+    Rank rule: s_2 <= 1e-6·s_1 means s_2 = 0 (every pixel in cluster 1), with s_1 >= s_2 the
+    singular values of X itself, from a float64 QR of X (methods.md §3), not of ``X^T X``.
+
     Args:
         feats: float[B, 2, N], rows (m, r) per pixel.
         mask: bool[B, N], valid pixels.
@@ -299,15 +303,38 @@ def _csl_second_cluster(feats: Tensor, mask: Tensor) -> Tensor:
         bool[B, N]; always False on invalid pixels and in images whose s_2 is 0 (relative to s_1).
     """
     x = torch.where(mask[:, None], feats.to(torch.float64), 0.0)  # [B, 2, N], zero if invalid
-    gram = x @ x.transpose(1, 2)  # [B, 2, 2] = X^T X per image
-    eigvals, eigvecs = torch.linalg.eigh(gram)  # ascending: index 1 is s_1², index 0 is s_2²
-    sing = eigvals.clamp(min=0.0).sqrt()
-    s1, s2 = sing[:, 1:2], sing[:, 0:1]
-    proj = eigvecs.transpose(1, 2) @ x  # [B, 2, N]: row k is x_p·v_k for eigenvalue k
+    if x.shape[-1] < 2:  # QR needs N >= 2 rows; zero rows leave the singular values unchanged
+        x = F.pad(x, (0, 2 - x.shape[-1]))
+    r = torch.linalg.qr(x.transpose(1, 2), mode="r").R  # [B, 2, 2] upper triangular, X = QR
+    s1, s2, v = _svd_upper_2x2(r)
+    proj = v.transpose(1, 2) @ x[..., : mask.shape[-1]]  # [B, 2, N]: row k is x_p·v_k
     # |x·v_2| / s_2 > |x·v_1| / s_1, written without divisions.
-    second = proj[:, 0].abs() * s1 > proj[:, 1].abs() * s2
+    second = proj[:, 1].abs() * s1[:, None] > proj[:, 0].abs() * s2[:, None]
     rank_two = s2 > _CSL_RANK_TOL * s1
-    return second & rank_two & mask
+    return second & rank_two[:, None] & mask
+
+
+def _svd_upper_2x2(r: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Singular values and right singular vectors of upper-triangular 2×2 matrices, closed form.
+
+    For ``R = [[a, b], [0, d]]``: ``s_1 = (√((a+d)² + b²) + √((a−d)² + b²)) / 2`` and
+    ``s_2 = |a·d| / s_1`` (the determinant, so no cancellation); v_1 is the leading eigenvector
+    of ``RᵀR`` at angle ``θ = atan2(2ab, a² − b² − d²) / 2``, v_2 is v_1 turned by 90°.
+
+    Args:
+        r: float[B, 2, 2], upper triangular.
+
+    Returns:
+        s1, s2: float[B] with s1 >= s2 >= 0 (both 0 for R = 0); v: float[B, 2, 2] whose columns
+        are v_1, v_2.
+    """
+    a, b, d = r[:, 0, 0], r[:, 0, 1], r[:, 1, 1]
+    s1 = (torch.hypot(a + d, b) + torch.hypot(a - d, b)) / 2
+    s2 = torch.where(s1 > 0, (a * d).abs() / s1.clamp(min=torch.finfo(r.dtype).tiny), 0.0)
+    theta = torch.atan2(2 * a * b, a * a - b * b - d * d) / 2
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    v = torch.stack([torch.stack([cos, -sin], dim=-1), torch.stack([sin, cos], dim=-1)], dim=-2)
+    return s1, s2, v
 
 
 def _masked_mean_var(x: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:

@@ -71,7 +71,7 @@ def test_strong_views_mix_pixels_and_every_map_in_the_same_box() -> None:
         "weight": torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1).expand(3, 16, 16).clone(),
         "keep": torch.ones(3, 16, 16, dtype=torch.uint8),
     }
-    views, maps = segtrain._strong_views(batch, learner)
+    views, maps = segtrain._strong_views(*segtrain._weak_view(batch, learner), learner)
     assert len(views) == 2
     normalised = data.normalize(batch["image"])[:, :, 0, 0]  # [3 images, 3 channels]
     boxes = []
@@ -91,6 +91,80 @@ def test_strong_views_mix_pixels_and_every_map_in_the_same_box() -> None:
         assert mixed["label"].dtype == torch.int64
         assert mixed["keep"].dtype == torch.bool
     assert not all(torch.equal(boxes[i], boxes[i + 3]) for i in range(3))  # two independent draws
+
+
+def _spy_on_the_step(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Record the batch of views that ``train_step`` forwards and the targets of L_u."""
+    seen: dict[str, Any] = {}
+    forward, unlabeled_loss = segtrain._forward, segtrain._unlabeled_loss
+
+    def spy_forward(model: Any, images: torch.Tensor, *, with_features: bool) -> Any:
+        seen["views"] = images.detach().clone()
+        return forward(model, images, with_features=with_features)
+
+    def spy_loss(logits: Any, features: Any, targets: Any, *rest: Any) -> Any:
+        seen["targets"] = targets
+        return unlabeled_loss(logits, features, targets, *rest)
+
+    monkeypatch.setattr(segtrain, "_forward", spy_forward)
+    monkeypatch.setattr(segtrain, "_unlabeled_loss", spy_loss)
+    return seen
+
+
+def test_tmp_view_is_the_weak_view_recoloured_without_cutmix_or_grayscale(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Strong views: CutMix and grayscale certain. The TMP view (methods.md §3) must have neither:
+    # each image keeps its own colour and pixels, trusted pixels (left half) covered with 0.
+    seen = _spy_on_the_step(monkeypatch)
+    colours = torch.tensor([[200, 40, 90], [30, 210, 60], [70, 100, 250]], dtype=torch.uint8)
+    labels = torch.arange(3, dtype=torch.uint8).view(3, 1, 1).expand(3, 16, 16)
+    unlabeled = {
+        "image": colours.view(3, 3, 1, 1).expand(3, 3, 16, 16).clone(),
+        "label": labels.clone(),
+        "weight": torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1).expand(3, 16, 16).clone(),
+        "keep": torch.ones(3, 16, 16, dtype=torch.uint8),
+        "trusted": (torch.arange(16) < 8).to(torch.uint8).expand(3, 16, 16).clone(),
+    }
+    labeled, _ = _batches(16)
+    runs = {}
+    for policy in ("csl", "threshold"):
+        cfg = segtrain.StudentConfig(
+            steps=4,
+            batch_size=2,
+            unlabeled_batch_size=3,
+            cutmix=1.0,
+            strong={"grayscale": 1.0, "jitter_chance": 0.0, "blur": 0.0},
+        )
+        learner = segtrain.new_learner(
+            cfg,
+            num_classes=4,
+            crop_size=16,
+            seed=0,
+            device=torch.device("cpu"),
+            policy=PseudolabelConfig(policy=policy, csl={"block": 8, "cover": 1.0}),
+        )
+        learner.weak = augment.ScaleCrop(16, scale=(1.0, 1.0), flip=0.0)
+        segtrain.train_step(learner, labeled, unlabeled, 0)
+        runs[policy] = seen["views"], seen["targets"]
+    views, targets = runs["csl"]
+    assert len(views) == 2 + 3 * 3  # labeled, two strong views, TMP
+    assert len(targets) == 3
+    own = data.normalize(colours.view(3, 3, 1, 1).float() / 255.0)  # [3 images, 3, 1, 1]
+    tmp = views[8:]
+    torch.testing.assert_close(tmp[..., 8:], own.expand(3, 3, 16, 8))  # own colour, no box
+    assert not tmp[..., :8].any()  # trusted and covered
+    for i in range(3):
+        assert (targets[2]["label"][i] == i).all()  # the TMP loss: the image's own maps
+        assert (targets[0]["label"][i] != i).any()  # while the strong views are CutMixed
+    assert torch.equal(targets[2]["trusted"], unlabeled["trusted"].bool())
+    # The rest of the step is as without CSL: same labeled and strong views, same targets.
+    plain_views, plain_targets = runs["threshold"]
+    assert torch.equal(views[:8], plain_views)
+    for mixed, plain in zip(targets[:2], plain_targets, strict=True):
+        assert all(torch.equal(mixed[k], plain[k]) for k in plain)
+    gray = views[2:8] * torch.tensor(data.STD).view(3, 1, 1) + torch.tensor(data.MEAN).view(3, 1, 1)
+    torch.testing.assert_close(gray, gray[:, :1].expand_as(gray))  # strong views: grayscale
 
 
 def _batches(

@@ -277,21 +277,25 @@ def _csl_reference(probs: np.ndarray, valid: np.ndarray, alpha: float = 8.0) -> 
         m = p.max(axis=1)
         others = np.array([np.delete(row, j) for row, j in zip(p, p.argmax(axis=1), strict=True)])
         r = ((others - ((1 - m) / (classes - 1))[:, None]) ** 2).sum(axis=1) / (classes - 1)
-        x = np.stack([m, r], axis=1)
-        u, s, _ = np.linalg.svd(x, full_matrices=False)
-        rank_two = len(s) == 2 and s[1] > 1e-6 * s[0]
-        cluster = np.abs(u).argmax(axis=1) if rank_two else np.zeros(len(x), dtype=int)
-        means, variances = [], []
-        for k in (0, 1):
-            sel = x[cluster == k]
-            means.append(sel.mean(axis=0) if len(sel) else np.zeros(2))
-            variances.append(sel.var(axis=0, ddof=1) if len(sel) > 1 else np.zeros(2))
-        best = int(np.argmax([mu[0] for mu in means]))
-        mu, sd = means[best], np.sqrt(variances[best] + 1e-8)
-        z_m, z_r = (m - mu[0]) / sd[0], (mu[1] - r) / sd[1]
-        w = np.where((z_m > 0) | (z_r > 0), 1.0, np.exp(-(z_m**2) / alpha - (z_r**2) / alpha))
-        out[i, mask] = w
+        out[i, mask] = _csl_reference_of(np.stack([m, r], axis=1), alpha)[1]
     return out.reshape(batch, height, width)
+
+
+def _csl_reference_of(x: np.ndarray, alpha: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
+    """One image's clusters (0 or 1) and weights from its rows x = (m, r), float64[N, 2]."""
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    rank_two = len(s) == 2 and s[1] > 1e-6 * s[0]
+    cluster = np.abs(u).argmax(axis=1) if rank_two else np.zeros(len(x), dtype=int)
+    means, variances = [], []
+    for k in (0, 1):
+        sel = x[cluster == k]
+        means.append(sel.mean(axis=0) if len(sel) else np.zeros(2))
+        variances.append(sel.var(axis=0, ddof=1) if len(sel) > 1 else np.zeros(2))
+    best = int(np.argmax([mu[0] for mu in means]))
+    mu, sd = means[best], np.sqrt(variances[best] + 1e-8)
+    z_m, z_r = (x[:, 0] - mu[0]) / sd[0], (mu[1] - x[:, 1]) / sd[1]
+    w = np.where((z_m > 0) | (z_r > 0), 1.0, np.exp(-(z_m**2) / alpha - (z_r**2) / alpha))
+    return cluster, w
 
 
 def _two_cluster_probs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,6 +342,51 @@ def test_csl_split_rank_one_up_to_rounding_is_one_cluster(dtype: torch.dtype) ->
     feats = torch.stack([m, m / math.pi])[None]  # [1, 2, 50]
     second = ops._csl_second_cluster(feats, torch.ones(1, 50, dtype=torch.bool))
     assert not second.any()
+
+
+def _near_rank_one_features(ratios: list[float]) -> torch.Tensor:
+    """One 8×8 image per ratio: rows (m, m/4 + ε·e) with m in [0.9, 1] (all confident), e ⟂ m, ε
+    set so that s_2/s_1 of X is the ratio; a direction that is not an axis, so X^T X is not
+    graded and its eigenvalues carry round-off of s_1² into s_2². Returns float64[B, 2, 8, 8]."""
+    gen = torch.Generator().manual_seed(11)
+    images = []
+    for ratio in ratios:
+        m = 0.9 + 0.1 * torch.rand(64, generator=gen, dtype=torch.float64)
+        e = torch.randn(64, generator=gen, dtype=torch.float64)
+        e = e - (e @ m) / (m @ m) * m
+        # X^T X = [[M, M/4], [M/4, M/16 + ε²E]]: s_1·s_2 = ε·√(ME), s_1² + s_2² = 17M/16 + ε²E
+        mm, ee = float(m @ m), float(e @ e)
+        s1 = math.sqrt(17 * mm / 16)  # to first order in ε
+        eps = ratio * s1 * s1 / math.sqrt(mm * ee)
+        images.append(torch.stack([m, m / 4 + eps * e]).reshape(2, 8, 8))
+    return torch.stack(images)
+
+
+def test_csl_rank_rule_matches_an_exact_float64_svd_of_x() -> None:
+    # methods.md §3: "s_2 = 0" means s_2 <= 1e-6·s_1 from X itself. Images just either side of
+    # the rule (ratio 1e-6·(1 ± 5e-6)) where eigh of X^T X misjudged 7 of the 32 splits, plus a
+    # real all-confident image (softmax of one dominant logit). Near rank one every weight is ~1
+    # whichever split is taken (r ∝ m), so the splits are what this checks.
+    ratios = [1e-6 * (1 + sign * 5e-6) for sign in (1, -1) for _ in range(16)]
+    feats = _near_rank_one_features(ratios)
+    logits = torch.randn(
+        1, 5, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
+    logits[:, 0] += 10.0
+    feats = torch.cat([feats, csl_features(logits.softmax(dim=1))])
+    valid = torch.ones(len(feats), 8, 8, dtype=torch.bool)
+    second = ops._csl_second_cluster(feats.flatten(2), valid.flatten(1))
+    weights = ops.csl_weights_of(feats, valid)
+    for i, x in enumerate(feats.flatten(2).transpose(1, 2).numpy()):
+        s = np.linalg.svd(x, compute_uv=False)
+        if i < len(ratios):  # the construction hits its ratio, on the intended side of 1e-6
+            assert s[1] / s[0] == pytest.approx(ratios[i], rel=1e-6)
+        cluster, expected = _csl_reference_of(x)
+        assert second[i].numpy().tolist() == (cluster == 1).tolist(), f"image {i}"
+        assert_close(weights[i].flatten(), torch.from_numpy(expected), atol=1e-12, rtol=0.0)
+    # both sides occur: split images above the rule, one cluster below it
+    assert second[:16].any(dim=1).all()
+    assert not second[16:].any()
 
 
 # --------------------------------------------------------------------------------------------- TMP
