@@ -146,8 +146,16 @@ def test_the_mlflow_model_loads_in_a_fresh_process_without_pickle(trained: Train
 def test_the_model_a_user_loads_holds_no_training_state(trained: Trained) -> None:
     student = trained.student_file()
     model = load_checkpoint(student.read_bytes(), source="student")
-    assert sorted(model) == ["config", "format", "image_size", "kind", "model_args", "state_dict"]
-    assert model["image_size"] == 32
+    assert sorted(model) == [
+        "config",
+        "format",
+        "image_size",
+        "kind",
+        "model_args",
+        "state_dict",
+        "window",
+    ]
+    assert (model["image_size"], model["window"]) == (32, 32)  # smoke: crops are the canvas
     state = load_checkpoint(Path(resumable_path(str(student))).read_bytes(), source="state")
     assert {"optimizer", "step", "rng"} <= set(state)
     assert state["step"] == 4
