@@ -296,16 +296,24 @@ def check_splits(config: PipelineConfig, counts: dict[str, int], where: str) -> 
     )
 
 
-def check_weights(config: PipelineConfig) -> None:
-    """Every weights file the config names exists (local path or fsspec URL): refuse before any
-    work, not when its stage starts after ingest."""
+def trained_sections(
+    config: PipelineConfig,
+) -> dict[str, segtrain.SegTrainConfig | train_detector.DetectorConfig]:
+    """The config sections of the networks a run trains or loads: teacher, student and, when
+    enabled, the detector."""
     sections: dict[str, segtrain.SegTrainConfig | train_detector.DetectorConfig] = {
         "teacher": config.teacher,
         "student": config.student,
     }
     if config.detector.enabled:
         sections["detector"] = config.detector
-    for section, cfg in sections.items():
+    return sections
+
+
+def check_weights(config: PipelineConfig) -> None:
+    """Every weights file the config names exists (local path or fsspec URL): refuse before any
+    work, not when its stage starts after ingest."""
+    for section, cfg in trained_sections(config).items():
         for key, path in (("weights", cfg.weights), ("init", cfg.init)):
             if path is None:
                 continue
@@ -328,16 +336,10 @@ def random_start_warnings(config: PipelineConfig) -> list[str]:
     weights: what the SSL recipes never do, and a missing ``*.init`` is the likeliest reason."""
     if config.data.source == "generated":
         return []
-    sections: dict[str, segtrain.SegTrainConfig | train_detector.DetectorConfig] = {
-        "teacher": config.teacher,
-        "student": config.student,
-    }
-    if config.detector.enabled:
-        sections["detector"] = config.detector
     return [
         f"{name} trains {cfg.arch} from random weights: the semi-supervised recipes fine-tune "
         f"ImageNet (detector: COCO) weights; give {name}.init (README: Pretrained weights)"
-        for name, cfg in sections.items()
+        for name, cfg in trained_sections(config).items()
         if cfg.init is None and cfg.weights is None
     ]
 

@@ -272,16 +272,14 @@ def _predict_batch(
     batch: list[tuple[Path, np.ndarray, torch.Tensor, tuple[int, int]]],
     device: torch.device,
 ) -> Iterator[Prediction]:
-    from stages.core.inference import sliding_logits, to_image
+    from stages.core.inference import label_maps
 
     images = torch.stack([image for _, _, image, _ in batch]).to(device)
     extents = np.asarray([fitted for *_, fitted in batch], np.int64)
-    window = model.window or model.image_size
-    probs = sliding_logits(model.forward, images, window, extents).float().softmax(dim=1)
-    for i, (path, picture, _, fitted) in enumerate(batch):
-        height, width = picture.shape[:2]
-        labels = to_image(probs[i], fitted, height, width).argmax(0).cpu().numpy()
-        yield Prediction(path, picture, labels)
+    sizes = [picture.shape[:2] for _, picture, _, _ in batch]
+    labels = label_maps(model.forward, images, model.window, extents, sizes)
+    for (path, picture, _, _), found in zip(batch, labels, strict=True):
+        yield Prediction(path, picture, found.cpu().numpy())
 
 
 def write_prediction(prediction: Prediction, out: Path, *, overlay: bool) -> None:

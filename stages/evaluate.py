@@ -15,11 +15,10 @@ import torch
 from stages.core import data
 from stages.core.inference import (
     InferenceConfig,
+    label_maps,
     load_model,
     pick_device,
     predict_split,
-    sliding_logits,
-    to_image,
 )
 from stages.core.models import segment_logits
 from stages.core.storage import DatasetRef
@@ -60,8 +59,8 @@ class ConfusionPredictor:
         for name, path in checkpoints.items():
             model, checkpoint = load_model(storage_url, path)
             self.models[name] = model.to(self.device)
-            # the model's training crop, where it is smaller than the canvas (sliding window)
-            self.windows[name] = int(checkpoint.get("window") or checkpoint.get("image_size") or 0)
+            # its training crop: the sliding window (0, in older checkpoints: the whole canvas)
+            self.windows[name] = int(checkpoint.get("window") or 0)
         self.num_classes = num_classes
 
     @torch.inference_mode()
@@ -74,16 +73,11 @@ class ConfusionPredictor:
         ]
         out = {}
         for name, model in self.models.items():
-            window = self.windows[name] or images.shape[-1]
-            logits = sliding_logits(
-                functools.partial(segment_logits, model), images, window, batch["extent"]
-            )
-            probs = logits.softmax(dim=1)
+            forward = functools.partial(segment_logits, model)
+            labels = label_maps(forward, images, self.windows[name], batch["extent"], sizes)
             total = np.zeros((self.num_classes, self.num_classes), np.int64)
-            for i, (h, w) in enumerate(sizes):
-                extent = (int(batch["extent"][i][0]), int(batch["extent"][i][1]))
-                pred = to_image(probs[i], extent, h, w).argmax(0).cpu().numpy()
-                total += confusion(pred, targets[i], self.num_classes)
+            for pred, target in zip(labels, targets, strict=True):
+                total += confusion(pred.cpu().numpy(), target, self.num_classes)
             out[f"confusion_{name}"] = total.reshape(1, -1)
         return out
 

@@ -43,7 +43,13 @@ from torch import nn
 from stages.core import codec, data
 from stages.core.cache import ShardPool
 from stages.core.config import StrictModel
-from stages.core.inference import InferenceConfig, load_model, pick_device, predict_into_pool
+from stages.core.inference import (
+    InferenceConfig,
+    load_model,
+    pick_device,
+    predict_into_pool,
+    to_image,
+)
 from stages.core.models import segment_logits, segment_with_features
 from stages.core.storage import DatasetRef
 from stages.core.training import hold_point
@@ -351,11 +357,7 @@ class TeacherPredictor:
             group = probs if len(index) == n else probs[torch.from_numpy(index).to(self.device)]
             # images of one size have one fitted part on the canvas (data.fit_and_pad)
             fh, fw = (int(v) for v in extents[index[0]])
-            group = group[..., :fh, :fw]
-            if group.shape[-2:] != (h, w):
-                group = nn.functional.interpolate(
-                    group, size=(h, w), mode="bilinear", align_corners=False
-                )
+            group = to_image(group, (fh, fw), h, w)
             host = quantized_maps(group, self.spec).cpu().numpy()  # one copy per size
             for m, name in enumerate(self.maps):
                 for j, i in enumerate(index):

@@ -94,11 +94,11 @@ def sliding_logits(
     extents: torch.Tensor | np.ndarray | None = None,
 ) -> torch.Tensor:
     """Logits ``float[B, C, H, W]`` of ``images`` ``[B, 3, H, W]``: ``forward`` on the whole
-    canvas when ``window`` covers it, else averaged over ``window`` x ``window`` windows at
+    canvas when ``window`` covers it (or is 0), else averaged over ``window`` x ``window`` windows at
     strides of two thirds of a window (UniMatch's sliding evaluation), over the part the images'
     ``extents`` (``[B, 2]`` fitted height and width) reach; outside it the logits are 0."""
     height, width = images.shape[-2:]
-    if window >= max(height, width):
+    if not window or window >= max(height, width):
         return forward(images)
     reach_h, reach_w = height, width
     if extents is not None:
@@ -119,14 +119,34 @@ def sliding_logits(
 
 
 def to_image(probs: torch.Tensor, extent: tuple[int, int], height: int, width: int) -> torch.Tensor:
-    """``float[C, S, S]`` on the canvas -> ``float[C, height, width]``: the fitted part
+    """``float[..., C, S, S]`` on the canvas -> ``float[..., C, height, width]``: the fitted part
     (``extent``), resized bilinearly to the image's own size (no-op at the same size)."""
-    part = probs[:, : extent[0], : extent[1]]
+    part = probs[..., : extent[0], : extent[1]]
     if part.shape[-2:] == (height, width):
         return part
-    return torch.nn.functional.interpolate(
-        part[None], size=(height, width), mode="bilinear", align_corners=False
-    )[0]
+    flat = part.reshape(-1, *part.shape[-3:])
+    resized = torch.nn.functional.interpolate(
+        flat, size=(height, width), mode="bilinear", align_corners=False
+    )
+    return resized.reshape(*part.shape[:-2], height, width)
+
+
+def label_maps(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    window: int,
+    extents: np.ndarray,
+    sizes: list[tuple[int, int]],
+) -> list[torch.Tensor]:
+    """Each image's labels ``int64[h, w]`` at its own size ``sizes[i]``, as evaluate scores and
+    ``pseudoflow predict`` writes them: logits over the canvas (:func:`sliding_logits`; window 0
+    is the whole canvas), softmax, the fitted part ``extents[i]`` bilinear to the image's size,
+    argmax."""
+    probs = sliding_logits(forward, images, window, extents).float().softmax(dim=1)
+    return [
+        to_image(probs[i], (int(extents[i][0]), int(extents[i][1])), h, w).argmax(0)
+        for i, (h, w) in enumerate(sizes)
+    ]
 
 
 ConfigT = TypeVar("ConfigT", bound=InferenceConfig)
