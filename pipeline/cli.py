@@ -112,6 +112,98 @@ def run(
         _report_after_run(summary)
 
 
+grid_option = click.option(
+    "--grid",
+    "grids",
+    multiple=True,
+    metavar="KEY=V1,V2,...",
+    help="an axis of the sweep (adds to or replaces the config's sweep.grid), e.g. "
+    "pseudolabel.policy=threshold,s4mc; the sweep runs the cross product",
+)
+seeds_option = click.option(
+    "--seeds",
+    type=click.IntRange(1, 20),
+    default=None,
+    help="runs per row, seeds seed, seed+1, ... [default: the config's sweep.seeds]",
+)
+references_option = click.option(
+    "--references/--no-references",
+    default=True,
+    show_default=True,
+    help="run the config's sweep.references rows (supervised, full) once per seed",
+)
+
+
+def _sweep_config(
+    config: str, overrides: tuple[str, ...], grids: tuple[str, ...], seeds: int | None, refs: bool
+) -> PipelineConfig:
+    from pipeline.config import ConfigError
+    from pipeline.sweep import expand, parse_grid, with_sweep
+
+    cfg = _load(config, overrides)
+    try:
+        cfg = with_sweep(cfg, parse_grid(grids), seeds, refs)
+        expand(cfg)  # every run's config checked before anything runs
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+    return cfg
+
+
+@main.command()
+@config_option
+@root_option
+@set_option
+@grid_option
+@seeds_option
+@references_option
+@click.option("--json", "json_path", default=None, help="also write the table as JSON here")
+def sweep(
+    config: str,
+    root: str,
+    overrides: tuple[str, ...],
+    grids: tuple[str, ...],
+    seeds: int | None,
+    references: bool,
+    json_path: str | None,
+) -> None:
+    """Run the grid (x seeds, plus the reference rows) as pipeline runs on one root and cache,
+    and print one table: val mIoU mean ± std, gap-closing g, pseudo-label coverage and
+    precision. The table (JSON, CSV, plot) is logged to one MLflow run whose children are the
+    pipeline runs, and written under ROOT/sweeps/."""
+    cfg = _sweep_config(config, overrides, grids, seeds, references)
+    _run_sweep(cfg, root, json_path)
+
+
+def _run_sweep(cfg: PipelineConfig, root: str, json_path: str | None) -> None:
+    import json
+
+    from pipeline.redact import redact
+    from pipeline.sweep import format_table, run_sweep
+    from stages.core.detectors import BackendUnavailable
+    from stages.ingest.folder import SourceError
+
+    try:
+        result = run_sweep(cfg, root)
+    except (SourceError, BackendUnavailable) as exc:
+        click.echo(f"error: {redact(str(exc))}", err=True)
+        sys.exit(2)
+    click.echo(format_table(result.rows))
+    click.echo(f"wall time {result.seconds:.0f} s, {len(result.outcomes)} runs")
+    click.echo(f"table, CSV and plot: {result.folder}/")
+    click.echo(f"MLflow run {result.mlflow_run_id} ({redact(result.tracking_uri)})")
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump(result.rows, handle, indent=2)
+    if result.failed:
+        for outcome in result.failed:
+            click.echo(
+                f"failed: {outcome.row} (seed {outcome.seed}): {redact(outcome.error or '')}",
+                err=True,
+            )
+        sys.exit(1)
+
+
 def _report_after_run(summary: RunSummary) -> None:
     """The run's report; a report that cannot be made is a warning, never a failed run."""
     from pipeline.report import write_report
@@ -327,6 +419,15 @@ def _cluster(address: str, token_file: str | None) -> Cluster:
 )
 @click.option("--python", default="python", show_default=True, help="the cluster's python")
 @click.option("--until", default=None, metavar="STAGE", help="stop after this stage")
+@click.option(
+    "--sweep",
+    "as_sweep",
+    is_flag=True,
+    help="submit `pseudoflow sweep` of the config's sweep section (with --grid, --seeds)",
+)
+@grid_option
+@seeds_option
+@references_option
 @click.option("--again", is_flag=True, help="submit even if an identical run was submitted")
 @click.option(
     "--dry-run",
@@ -344,6 +445,10 @@ def submit(
     env_refs: tuple[str, ...],
     python: str,
     until: str | None,
+    as_sweep: bool,
+    grids: tuple[str, ...],
+    seeds: int | None,
+    references: bool,
     again: bool,
     dry_run: bool,
 ) -> None:
@@ -359,7 +464,14 @@ def submit(
 
     if not address and not dry_run:
         raise click.UsageError("Missing option '--address' (or RAY_API_SERVER_ADDRESS).")
-    cfg = _load(config, overrides)
+    if not as_sweep and (grids or seeds is not None or not references):
+        raise click.UsageError("--grid, --seeds and --no-references go with --sweep")
+    if as_sweep and until:
+        raise click.UsageError("--until stops a single run; a sweep runs whole pipelines")
+    if as_sweep:
+        cfg = _sweep_config(config, overrides, grids, seeds, references)
+    else:
+        cfg = _load(config, overrides)
     with _submit_errors():
         uri = jobs.check_tracking_uri(cfg.tracking.uri or tracking_uri)
         env = jobs.parse_env(env_values, env_refs)
@@ -384,6 +496,7 @@ def submit(
                 working_dir=staged,
                 python=python,
                 until=until,
+                command="sweep" if as_sweep else "run",
             )
             if cluster is None:
                 _print_dry_run(shipped, submission)
@@ -855,67 +968,32 @@ def bench_throughput(
 
 
 @bench.command("quality")
-@click.option("--quick", is_flag=True, help="a tiny dataset and a few steps: checks every row runs")
-@click.option("--seeds", type=click.IntRange(1), default=None, help="seeds (default 3; quick 2)")
-@click.option("--jobs", type=click.IntRange(1), default=None, help="seeds at once (default: all)")
-@click.option("--json", "json_path", default=None, help="write the rows as JSON here")
-@click.option("--root", default="runs", show_default=True, help="folder for MLflow's SQLite")
 @click.option(
-    "--tracking-uri",
-    envvar="MLFLOW_TRACKING_URI",
-    default=None,
-    help="default: MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db",
+    "--config",
+    "config",
+    default="bench",
+    show_default=True,
+    help="the base config (built-in name or YAML path; layers: a,b): the named `quality` sweep "
+    "is layered over it, so it runs unchanged on a VOC, Cityscapes or folder source",
 )
-@click.option("--no-mlflow", is_flag=True, help="do not log to MLflow")
+@click.option("--quick", is_flag=True, help="a few steps of everything, 2 seeds: every row runs")
+@root_option
+@set_option
+@seeds_option
+@click.option("--json", "json_path", default=None, help="also write the table as JSON here")
 def bench_quality(
+    config: str,
     quick: bool,
-    seeds: int | None,
-    jobs: int | None,
-    json_path: str | None,
     root: str,
-    tracking_uri: str | None,
-    no_mlflow: bool,
+    overrides: tuple[str, ...],
+    seeds: int | None,
+    json_path: str | None,
 ) -> None:
-    """val mIoU of supervised-only, fully supervised and each policy (1 and 2 rounds), mean and
-    std over seeds, with pseudo-label coverage, precision and the gap-closing ratio."""
-    import json
-    import os
-    import time
-
-    from pipeline import quality
-    from stages.ingest.generated import CLASS_NAMES
-
-    _setup_logging(False)
-    plan = quality.default_plan(quick=quick, seeds=seeds)
-    started = time.perf_counter()
-    rows = quality.summarize(quality.run_benchmark(plan, jobs))
-    seconds = time.perf_counter() - started
-    table = quality.format_table(rows, CLASS_NAMES[: plan.dataset.num_classes])
-    click.echo(table)
-    click.echo(f"wall time {seconds:.0f} s, {len(plan.seeds)} seeds, {os.cpu_count()} CPUs")
-    text = json.dumps(rows, indent=2)
-    if json_path:
-        with open(json_path, "w") as handle:
-            handle.write(text + "\n")
-    if not no_mlflow:
-        from pipeline.tracking import artifact_location, local_uri, log_benchmark
-
-        root = os.path.abspath(root)
-        uri = tracking_uri or local_uri(root)
-        os.makedirs(root, exist_ok=True)
-        run_id = log_benchmark(
-            uri,
-            name="quality-quick" if quick else "quality",
-            params=quality.plan_params(plan),
-            metrics=quality.row_metrics(rows) | {"wall_seconds": seconds},
-            files={
-                "quality.json": text.encode(),
-                "quality.txt": table.encode(),
-                "quality.png": quality.plot(rows),
-            },
-            artifact_location=artifact_location(uri, root),
-        )
-        click.echo(f"MLflow run {run_id} in {uri} (experiment pseudoflow-bench)")
+    """Do the pseudo-labels pay? The `quality` sweep: every policy, one and two rounds, over
+    seeds, with the supervised, full and oracle reference rows (`pseudoflow sweep --config
+    bench,quality`): val mIoU mean ± std, gap-closing g, pseudo-label coverage and precision."""
+    layers = f"{config},quality" + (",quality-quick" if quick else "")
+    _run_sweep(_sweep_config(layers, overrides, (), seeds, True), root, json_path)
 
 
 def format_summary(summary: RunSummary) -> str:

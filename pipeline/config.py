@@ -8,6 +8,7 @@ path, and layered left to right: ``voc,gpu``.
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from collections.abc import Iterator
@@ -48,6 +49,41 @@ class TrackingConfig(StrictModel):
     )
 
 
+# The reference rows every sweep has unless told otherwise (``sweep.references``): the student
+# without its unlabeled loss, and the student with the unlabeled ground truth as plain labels (no
+# photometric change, no CutMix: supervised training on every image, where the source has masks).
+DEFAULT_REFERENCES: dict[str, dict[str, Any]] = {
+    "supervised": {"student.alpha": 0.0},
+    "full": {
+        "pseudolabel.policy": "ground_truth",
+        "student.cutmix": 0.0,
+        "student.strong.jitter_chance": 0.0,
+        "student.strong.grayscale": 0.0,
+        "student.strong.blur": 0.0,
+    },
+}
+
+
+class SweepConfig(StrictModel):
+    """What ``pseudoflow sweep`` runs: the cross product of ``grid`` over ``seeds`` seeds, plus the
+    reference rows once per seed. Read by the sweep command only: no stage's key holds it."""
+
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="dotted config key -> the values to try (the sweep runs the cross product); "
+        "--grid KEY=V1,V2 adds or replaces an axis",
+    )
+    seeds: int = Field(
+        1, ge=1, le=20, description="runs per grid point, with seed, seed + 1, ... (--seeds)"
+    )
+    references: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_REFERENCES.items()},
+        description="row name -> overrides of a reference row run once per seed; 'supervised' and "
+        "'full' give each row its gap-closing g (a ground_truth row is left out, with a warning, "
+        "where the unlabeled images have no masks)",
+    )
+
+
 class PipelineConfig(StrictModel):
     """One pipeline run: data, every stage, runtime and tracking."""
 
@@ -70,6 +106,7 @@ class PipelineConfig(StrictModel):
     evaluate: EvaluateConfig = EvaluateConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     tracking: TrackingConfig = TrackingConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
@@ -208,12 +245,19 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every leaf of a dumped config (a dict is a section)."""
-    if isinstance(value, dict):
+    """(dotted key, value) of every leaf of a dumped config (a dict is a section, but for a key
+    whose value is a mapping, such as ``sweep.grid``: that is one leaf)."""
+    if isinstance(value, dict) and prefix not in _mapping_keys():
         for key, child in value.items():
             yield from _leaves(child, f"{prefix}.{key}" if prefix else str(key))
     else:
         yield prefix, value
+
+
+@functools.cache
+def _mapping_keys() -> frozenset[str]:
+    """The dotted keys whose values are mappings, not sections (from the models' types)."""
+    return frozenset(row.key for row in reference() if "dict[" in row.type)
 
 
 def flatten(config: PipelineConfig) -> dict[str, str]:
@@ -232,6 +276,7 @@ def run_params(config: PipelineConfig) -> dict[str, str]:
     ]
     if not config.detector.enabled:
         unused += ["detector.", "detect."]
+    unused.append("sweep.")  # the sweep's own run logs it
     return {
         key: redact(",".join(map(str, value)) if isinstance(value, list) else str(value))
         for key, value in _leaves(config.model_dump(mode="json"))

@@ -353,3 +353,40 @@ def timeline_plot(spans: Sequence[Span]) -> bytes:
     ax.set_xlabel("seconds since the run started")
     fig.tight_layout()
     return _png(fig)
+
+
+def sweep_plot(rows: Sequence[dict[str, Any]]) -> bytes:
+    """A sweep's table: val mIoU (mean ± std over seeds) per grid row as points, each reference
+    row (supervised, full, ...) as a horizontal line. The axis spans the values, not 0..1, so that
+    differences of a few hundredths show."""
+    plt = _pyplot()
+    grid = [r for r in rows if not r["reference"] and r["miou_mean"] is not None]
+    references = [r for r in rows if r["reference"] and r["miou_mean"] is not None]
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(grid) + 2.5), 4.2))
+    x = np.arange(len(grid))
+    if grid:
+        means = [r["miou_mean"] for r in grid]
+        stds = [r["miou_std"] for r in grid]
+        ax.errorbar(x, means, yerr=stds, fmt="o", capsize=3, color="C0", label="grid rows")
+    styles = ("--", ":", "-.", (0, (5, 1)))
+    for index, row in enumerate(references):
+        ax.axhline(
+            row["miou_mean"],
+            color=f"C{index + 1}",
+            linestyle=styles[index % len(styles)],
+            label=f"{row['row']} {row['miou_mean']:.3f}",
+        )
+    turned = len(grid) > 4
+    ax.set_xticks(
+        x,
+        [r["row"] for r in grid],
+        rotation=30 if turned else 0,
+        ha="right" if turned else "center",
+    )
+    ax.set_xlim(-0.6, max(len(grid), 1) - 0.4)
+    ax.set_ylabel("val mIoU (mean ± std over seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    if grid or references:
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _png(fig)

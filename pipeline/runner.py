@@ -232,9 +232,17 @@ def _not_ray_dashboard_line(record: logging.LogRecord) -> bool:
     return "View the dashboard at" not in str(record.msg)
 
 
-def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) -> RunSummary:
+def run_pipeline(
+    config: PipelineConfig,
+    root: str,
+    until: str | None = None,
+    *,
+    parent_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> RunSummary:
     """Run every planned stage in order (up to and including ``until``, if given) under ``root``,
-    reusing committed cache entries, and return the summary."""
+    reusing committed cache entries, and return the summary. ``parent_id``: the MLflow run this
+    pipeline run is nested in (a sweep's), with ``tags`` added to its own run."""
     stages = planned(config)
     if until is not None:
         names = [s.name for s in stages]
@@ -256,7 +264,10 @@ def run_pipeline(config: PipelineConfig, root: str, until: str | None = None) ->
     run_id = new_run_id(config)
     storage.write_bytes(storage.path("pipelines", run_id, "config.yaml"), to_yaml(config).encode())
     tracker = Tracker(uri, config.tracking.experiment, artifact_location(uri, root))
-    parent = tracker.start_run(run_id, {RUN_TAG: run_id, **source_tags("pseudoflow run")})
+    command = "pseudoflow sweep" if parent_id else "pseudoflow run"
+    parent = tracker.start_run(
+        run_id, {RUN_TAG: run_id, **source_tags(command), **(tags or {})}, parent_id=parent_id
+    )
     tracker.log_params(parent, run_params(config))
     tracker.log_text(parent, to_yaml(config), "config.yaml")
     summary = RunSummary(run_id, parent, uri, root, experiment_id=tracker.experiment_id)

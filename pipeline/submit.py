@@ -26,7 +26,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
@@ -407,9 +407,13 @@ def build_submission(
     working_dir: Path,
     python: str = "python",
     until: str | None = None,
+    command: Literal["run", "sweep"] = "run",
 ) -> Submission:
-    """The job for ``config`` with its staged ``working_dir`` (see :func:`stage_working_dir`)."""
-    entrypoint = f"{python} -m pipeline run --config {SUBMITTED_CONFIG} --root {shlex.quote(root)}"
+    """The job for ``config`` with its staged ``working_dir`` (see :func:`stage_working_dir`):
+    ``pseudoflow run``, or ``pseudoflow sweep`` of the config's ``sweep`` section."""
+    entrypoint = (
+        f"{python} -m pipeline {command} --config {SUBMITTED_CONFIG} --root {shlex.quote(root)}"
+    )
     if until:
         entrypoint += f" --until {shlex.quote(until)}"
     job_env = {

@@ -11,7 +11,7 @@ each view's stored margins (DPA), CSL's extra TMP view of the weak view (its own
 without grayscale, no CutMix; its loss averaged with the strong views'),
 WPL's prototype memory fed from the student's features and refreshed across workers every
 ``refresh_every`` steps. Periodic work is ``if (step + 1) % n == 0``. ``train_loop`` runs it on
-Ray Train; ``pseudoflow bench quality`` runs it in-process.
+Ray Train.
 """
 
 from __future__ import annotations

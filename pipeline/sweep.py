@@ -1,0 +1,481 @@
+"""``pseudoflow sweep``: many pipeline runs on one storage root, one table of what won.
+
+A sweep is the config's ``sweep`` section (or ``--grid`` / ``--seeds`` on the command line): the
+cross product of the grid's values, each run with ``sweep.seeds`` seeds, plus the reference rows
+(``sweep.references``: ``supervised``, ``full``, ...) once per seed. Where the grid sweeps
+``pseudolabel.policy`` and ``teach.policies`` is not set, every run's teach stores the signals of
+every policy, so one teach per teacher serves them all (and any policy a later sweep adds).
+Every run is an ordinary pipeline run (:func:`pipeline.runner.run_pipeline`) on the same root, so
+the cache does the sharing: a teacher, a detection or a teach whose key recurs runs once, a pseudo-label set once per
+policy, and a second sweep over the same root runs only what is new.
+
+The MLflow parent run of the sweep holds every pipeline run as a child (and they their stage
+runs), its table as ``sweep.json``, ``sweep.csv`` and ``sweep.txt``, and a plot. The same files go
+under ``<root>/sweeps/<sweep id>/``, rewritten after each run, so a sweep stopped half-way keeps
+what it measured. A run that fails is logged, counted in its row and the sweep goes on; the
+sweep then ends with the runs that failed named.
+
+The gap-closing ratio of a row is g = (mIoU_row - mIoU_supervised) / (mIoU_full -
+mIoU_supervised), from the means over seeds; it is given where both reference rows are in the
+sweep and full is above supervised.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import yaml
+
+from pipeline.config import ConfigError, PipelineConfig, apply_overrides, to_yaml, validate
+from pipeline.runner import (
+    RunSummary,
+    resolve_root,
+    run_pipeline,
+    source_items,
+    tracking_uri,
+)
+from pipeline.tracking import Tracker, artifact_location, source_tags
+from stages.core.storage import Storage
+from stages.pseudolabel.stage import POLICIES
+
+logger = logging.getLogger(__name__)
+
+SWEEP_TAG = "pseudoflow.sweep"
+ROW_TAG = "pseudoflow.sweep_row"
+GROUND_TRUTH = "ground_truth"  # the pseudolabel policy that needs the unlabeled masks
+POLICY_KEY = "pseudolabel.policy"
+
+
+# ------------------------------------------------------------------------------- the plan
+def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
+    """``--grid KEY=V1,V2,...`` (each value read as YAML, as ``--set`` reads it) -> axes."""
+    grid: dict[str, list[Any]] = {}
+    problems = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        parts = [v.strip() for v in values.split(",")]
+        if not sep or not key or not all(parts):
+            problems.append(
+                f"--grid {item!r}: expected KEY=V1,V2,... (e.g. pseudolabel.tau=0.9,0.95)"
+            )
+        elif key in grid:
+            problems.append(f"--grid {item!r}: {key} is given twice")
+        else:
+            grid[key] = [yaml.safe_load(v) for v in parts]
+    if problems:
+        raise ConfigError(problems)
+    return grid
+
+
+def with_sweep(
+    config: PipelineConfig,
+    grid: dict[str, list[Any]] | None = None,
+    seeds: int | None = None,
+    references: bool = True,
+) -> PipelineConfig:
+    """``config`` with its ``sweep`` section changed from the command line: ``grid`` axes added
+    (or replacing the config's axis of the same key), ``seeds``, references dropped."""
+    raw = config.model_dump(mode="json")
+    section = raw["sweep"]
+    section["grid"] = {**section["grid"], **(grid or {})}
+    if seeds is not None:
+        section["seeds"] = seeds
+    if not references:
+        section["references"] = {}
+    return validate(raw)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One pipeline run of a sweep: its table row, seed, the overrides that make it, its config."""
+
+    row: str
+    reference: bool
+    seed: int
+    overrides: dict[str, Any]
+    config: PipelineConfig
+
+    @property
+    def label(self) -> str:
+        return f"{self.row} (seed {self.seed})"
+
+
+def row_name(point: dict[str, Any]) -> str:
+    """``policy=s4mc rounds=2``: each axis by its last key part (the whole key where two axes
+    share one)."""
+    leaves = [key.rsplit(".", 1)[-1] for key in point]
+    return " ".join(
+        f"{leaf if leaves.count(leaf) == 1 else key}={_show(value)}"
+        for leaf, (key, value) in zip(leaves, point.items(), strict=True)
+    )
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
+
+
+def expand(config: PipelineConfig, references: Sequence[str] | None = None) -> list[SweepRun]:
+    """Every run of the sweep, seed by seed (its references first, then the grid points), each
+    config validated: every problem of every run is reported together, before anything runs.
+    ``references``: the reference rows to keep (default: all of ``sweep.references``)."""
+    sweep = config.sweep
+    keep = set(sweep.references if references is None else references)
+    axes = list(sweep.grid.items())
+    points = [dict(zip([k for k, _ in axes], combo, strict=True)) for combo in _product(axes)]
+    rows: list[tuple[str, bool, dict[str, Any]]] = [
+        (name, True, overrides) for name, overrides in sweep.references.items() if name in keep
+    ]
+    rows += [(row_name(point), False, point) for point in points if point]
+    if not rows:
+        raise ConfigError(["the sweep has no rows: give --grid KEY=V1,V2 or sweep.references"])
+    base = config.model_dump(mode="json")
+    del base["sweep"]  # each run is a plain run
+    if POLICY_KEY in sweep.grid and not base["teach"]["policies"]:
+        # one teach serves every policy of this sweep and of any later one on the same root
+        base["teach"]["policies"] = list(POLICIES)
+    runs: list[SweepRun] = []
+    problems: dict[str, None] = {}  # a problem of every seed is said once
+    for seed in range(config.seed, config.seed + sweep.seeds):
+        for name, reference, overrides in rows:
+            settings = [f"{k}={json.dumps(v)}" for k, v in {**overrides, "seed": seed}.items()]
+            try:
+                run_config = validate(apply_overrides(base, settings))
+            except ConfigError as exc:
+                problems |= dict.fromkeys(f"row {name!r}: {p}" for p in exc.problems)
+                continue
+            runs.append(SweepRun(name, reference, seed, overrides, run_config))
+    if problems:
+        raise ConfigError(list(problems))
+    return runs
+
+
+def _product(axes: list[tuple[str, list[Any]]]) -> list[tuple[Any, ...]]:
+    return list(itertools.product(*[values for _, values in axes])) if axes else []
+
+
+def unusable_references(config: PipelineConfig, storage: Storage) -> dict[str, str]:
+    """Reference rows this source cannot run, and why: a ground_truth row where some unlabeled
+    image has no mask."""
+    wanting = [
+        name
+        for name, overrides in config.sweep.references.items()
+        if overrides.get(POLICY_KEY) == GROUND_TRUTH
+    ]
+    if not wanting:
+        return {}
+    items, _ = source_items(config, storage)
+    unlabeled = [item for item in items if item.split == "unlabeled"]
+    missing = [item.stem for item in unlabeled if item.mask_url is None]
+    if not missing:
+        return {}
+    why = (
+        f"{len(missing)} of {len(unlabeled)} unlabeled images have no mask (e.g. {missing[0]!r}); "
+        "the ground_truth policy needs the unlabeled split's masks"
+    )
+    return {name: why for name in wanting}
+
+
+# ------------------------------------------------------------------------------ the outcome
+@dataclass
+class RunOutcome:
+    """What one run of the sweep gave (``error``: why it failed)."""
+
+    row: str
+    reference: bool
+    seed: int
+    run_id: str = ""
+    mlflow_run_id: str = ""
+    miou: float | None = None
+    teacher_miou: float | None = None
+    coverage: float | None = None
+    precision: float | None = None
+    stages_run: int = 0
+    stages_reused: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def outcome_of(run: SweepRun, summary: RunSummary, seconds: float) -> RunOutcome:
+    """The run's row figures from its summary: the final student's val mIoU, the teacher's, and
+    the final round's pseudo-label coverage and precision (where it learns from them: alpha > 0)."""
+    metrics, config = summary.metrics, run.config
+    prefix = "pseudolabel" if config.rounds == 1 else f"pseudolabel_r{config.rounds}"
+    learns = config.student.alpha > 0
+    hits = sum(hit for _, hit in summary.cache.values())
+    return RunOutcome(
+        run.row,
+        run.reference,
+        run.seed,
+        summary.run_id,
+        summary.mlflow_run_id,
+        metrics.get("evaluate.student_miou"),
+        metrics.get("evaluate.teacher_miou"),
+        metrics.get(f"evaluate.{prefix}_coverage") if learns else None,
+        metrics.get(f"evaluate.{prefix}_precision") if learns else None,
+        len(summary.cache) - hits,
+        hits,
+        seconds,
+    )
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def summarize(outcomes: Sequence[RunOutcome]) -> list[dict[str, Any]]:
+    """One row per table row, in first-run order: ``miou_mean`` and ``miou_std`` (sample std over
+    the seeds that ran; 0 with one), ``miou_per_seed``, ``teacher_miou``, mean ``coverage`` and
+    ``precision`` (None where the row learns nothing from pseudo-labels), ``gap_closing``, the
+    stages run and reused over its seeds, seconds, and the seeds that failed."""
+    names = list(dict.fromkeys(o.row for o in outcomes))
+    by_name = {name: [o for o in outcomes if o.row == name] for name in names}
+    means = {
+        name: _mean([o.miou for o in rows if o.error is None]) for name, rows in by_name.items()
+    }
+    low, high = means.get("supervised"), means.get("full")
+    gap = high - low if low is not None and high is not None else math.nan
+    table = []
+    for name, rows in by_name.items():
+        done = [o for o in rows if o.error is None and o.miou is not None]
+        mious = [float(o.miou) for o in done if o.miou is not None]
+        mean = means[name]
+        table.append(
+            {
+                "row": name,
+                "reference": rows[0].reference,
+                "seeds": [o.seed for o in done],
+                "miou_mean": mean,
+                "miou_std": float(np.std(mious, ddof=1)) if len(mious) > 1 else 0.0,
+                "miou_per_seed": mious,
+                "gap_closing": (mean - low) / gap
+                if gap > 0 and mean is not None and low is not None
+                else None,
+                "teacher_miou": _mean([o.teacher_miou for o in done]),
+                "coverage": _mean([o.coverage for o in done]),
+                "precision": _mean([o.precision for o in done]),
+                "stages_run": sum(o.stages_run for o in rows),
+                "stages_reused": sum(o.stages_reused for o in rows),
+                "seconds": float(sum(o.seconds for o in rows)),
+                "failed": {str(o.seed): o.error for o in rows if o.error is not None},
+                "runs": [o.run_id for o in done],
+            }
+        )
+    return table
+
+
+CSV_COLUMNS = (
+    "row",
+    "reference",
+    "seeds",
+    "miou_mean",
+    "miou_std",
+    "gap_closing",
+    "teacher_miou",
+    "coverage",
+    "precision",
+    "stages_run",
+    "stages_reused",
+    "seconds",
+    "failed",
+)
+
+
+def to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """The table's scalar columns (``seeds``: their count; ``failed``: the failed seeds)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        cells = {k: row[k] for k in CSV_COLUMNS}
+        cells["seeds"] = len(row["seeds"])
+        cells["failed"] = " ".join(sorted(row["failed"]))
+        writer.writerow({k: "" if v is None else v for k, v in cells.items()})
+    return buffer.getvalue()
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The table as text: mIoU mean ± std over the seeds that ran, g, the pseudo-labels' coverage
+    and precision, how many stages ran and how many were reused."""
+    width = max([14, *(len(r["row"]) for r in rows)])
+    head = f"{'row':<{width}} {'val mIoU':>17} {'g':>7} {'coverage':>9} {'precision':>9}"
+    lines = [head + f" {'stages ran/reused':>18}"]
+    for row in rows:
+        if row["miou_mean"] is None:
+            miou = "failed"
+        else:
+            miou = f"{row['miou_mean']:.4f} ± {row['miou_std']:.4f}"
+        seeds = f" ({len(row['seeds'])})" if row["failed"] else ""
+        cells = [_cell(row["gap_closing"], 7), _cell(row["coverage"], 9)]
+        cells.append(_cell(row["precision"], 9))
+        stages = f"{row['stages_run']}/{row['stages_reused']}"
+        lines.append(f"{row['row']:<{width}} {miou + seeds:>17} {' '.join(cells)} {stages:>18}")
+    return "\n".join(lines)
+
+
+def _cell(value: float | None, width: int) -> str:
+    return f"{'-' if value is None else f'{value:.3f}':>{width}}"
+
+
+def row_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """MLflow metrics of the table: ``<row>.miou_mean``, ``.miou_std``, ``.gap_closing``, ...
+    (a row's name with what MLflow names refuse, such as ``=``, made ``-``)."""
+    keys = ("miou_mean", "miou_std", "gap_closing", "coverage", "precision")
+    return {
+        f"{metric_name(row['row'])}.{key}": float(row[key])
+        for row in rows
+        for key in keys
+        if row.get(key) is not None
+    }
+
+
+def metric_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./" else "-" for c in text.replace(" ", "_"))
+
+
+# ------------------------------------------------------------------------------------ running
+@dataclass
+class SweepResult:
+    sweep_id: str
+    mlflow_run_id: str
+    tracking_uri: str
+    folder: str  # where the table's files are, under the root
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: list[RunOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        return [o for o in self.outcomes if o.error is not None]
+
+
+def new_sweep_id(config: PipelineConfig) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"sweep-{config.name}-{stamp}-{secrets.token_hex(3)}"
+
+
+def sweep_params(config: PipelineConfig, runs: Sequence[SweepRun]) -> dict[str, str]:
+    """The sweep run's params: its grid, seeds, references and base config."""
+    sweep = config.sweep
+    params = {f"grid.{key}": ",".join(map(_show, values)) for key, values in sweep.grid.items()}
+    params |= {f"reference.{name}": _show(o) for name, o in sweep.references.items()}
+    params |= {"seeds": str(sweep.seeds), "runs": str(len(runs)), "config": config.name}
+    return params
+
+
+def run_sweep(
+    config: PipelineConfig,
+    root: str,
+    *,
+    run: Callable[..., RunSummary] = run_pipeline,
+) -> SweepResult:
+    """Every run of ``config``'s sweep, one after the other on ``root`` (one Ray, one cache),
+    nested under one MLflow parent run; the table written and logged after each run."""
+    root = resolve_root(root)
+    storage = Storage(root)
+    storage.fs.makedirs(storage.root, exist_ok=True)
+    unusable = unusable_references(config, storage)
+    for name, why in unusable.items():
+        logger.warning("sweep: reference row %r left out: %s", name, why)
+    kept = [name for name in config.sweep.references if name not in unusable]
+    runs = expand(config, kept)
+    uri = tracking_uri(config, root)
+    sweep_id = new_sweep_id(config)
+    folder = storage.path("sweeps", sweep_id)
+    tracker = Tracker(uri, config.tracking.experiment, artifact_location(uri, root))
+    parent = tracker.start_run(sweep_id, {SWEEP_TAG: sweep_id, **source_tags("pseudoflow sweep")})
+    tracker.log_params(parent, sweep_params(config, runs))
+    tracker.log_text(parent, to_yaml(config), "config.yaml")
+    result = SweepResult(sweep_id, parent, uri, folder)
+    rows_total = len({r.row for r in runs})
+    logger.info(
+        "sweep %s: %d runs (%d rows x %d seeds) on %s",
+        sweep_id,
+        len(runs),
+        rows_total,
+        config.sweep.seeds,
+        root,
+    )
+    started = time.perf_counter()
+    ok = False
+    try:
+        for index, item in enumerate(runs, 1):
+            logger.info("sweep run %d/%d: %s", index, len(runs), item.label)
+            result.outcomes.append(_one_run(item, root, parent, sweep_id, run))
+            result.rows = summarize(result.outcomes)
+            result.seconds = time.perf_counter() - started
+            tracker.log_metrics(parent, {"runs_done": float(index)}, step=index)
+            _write(storage, result)
+        ok = not result.failed
+    finally:
+        result.seconds = time.perf_counter() - started
+        if result.rows:
+            files = _files(result)
+            for name, data in files.items():
+                tracker.log_bytes(parent, data, name)
+            tracker.log_metrics(
+                parent,
+                row_metrics(result.rows)
+                | {"wall_seconds": result.seconds, "failed_runs": float(len(result.failed))},
+            )
+        tracker.end_run(parent, ok)
+    return result
+
+
+def _one_run(
+    item: SweepRun, root: str, parent: str, sweep_id: str, run: Callable[..., RunSummary]
+) -> RunOutcome:
+    started = time.perf_counter()
+    tags = {SWEEP_TAG: sweep_id, ROW_TAG: item.row, "pseudoflow.seed": str(item.seed)}
+    try:
+        summary = run(item.config, root, parent_id=parent, tags=tags)
+    except Exception as exc:  # the sweep goes on: the row counts the failure
+        logger.error("sweep run %s failed: %s", item.label, exc)
+        outcome = RunOutcome(item.row, item.reference, item.seed, error=str(exc) or repr(exc))
+        outcome.seconds = time.perf_counter() - started
+        return outcome
+    outcome = outcome_of(item, summary, time.perf_counter() - started)
+    miou = "n/a" if outcome.miou is None else f"{outcome.miou:.4f}"
+    logger.info(
+        "sweep run %s: student mIoU %s, %d stages run, %d reused",
+        item.label,
+        miou,
+        outcome.stages_run,
+        outcome.stages_reused,
+    )
+    return outcome
+
+
+def _files(result: SweepResult) -> dict[str, bytes]:
+    from pipeline.figures import sweep_plot
+
+    document = {
+        "sweep_id": result.sweep_id,
+        "wall_seconds": result.seconds,
+        "rows": result.rows,
+        "runs": [vars(o) for o in result.outcomes],
+    }
+    return {
+        "sweep.json": (json.dumps(document, indent=2) + "\n").encode(),
+        "sweep.csv": to_csv(result.rows).encode(),
+        "sweep.txt": (format_table(result.rows) + "\n").encode(),
+        "sweep.png": sweep_plot(result.rows),
+    }
+
+
+def _write(storage: Storage, result: SweepResult) -> None:
+    for name, data in _files(result).items():
+        storage.write_bytes(f"{result.folder}/{name}", data)

@@ -1,0 +1,258 @@
+"""``pseudoflow sweep``: the plan (rows, seeds, configs checked together), the table's numbers by
+hand, its files, and the MLflow parent run with a stand-in pipeline (no Ray: the runs' figures are
+given). Real pipeline runs of a sweep: tests/pipeline/test_sweep_runs.py."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import ConfigError, load_config
+from pipeline.runner import RunSummary
+from pipeline.sweep import (
+    ROW_TAG,
+    SWEEP_TAG,
+    RunOutcome,
+    expand,
+    format_table,
+    parse_grid,
+    row_metrics,
+    row_name,
+    run_sweep,
+    summarize,
+    to_csv,
+    unusable_references,
+    with_sweep,
+)
+from pipeline.tracking import Tracker
+from stages.core.storage import Storage
+from tests.conftest import write_png
+
+
+def _smoke(tmp_path: Path, *overrides: str) -> Any:
+    return load_config("smoke", [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *overrides])
+
+
+def test_grid_values_are_read_as_yaml() -> None:
+    grid = parse_grid(["pseudolabel.tau=0.9,0.95", "pseudolabel.policy=s4mc,csl", "rounds=1,2"])
+    assert grid == {
+        "pseudolabel.tau": [0.9, 0.95],
+        "pseudolabel.policy": ["s4mc", "csl"],
+        "rounds": [1, 2],
+    }
+
+
+@pytest.mark.parametrize("item", ["pseudolabel.tau", "=1,2", "rounds=1,,2", "rounds="])
+def test_a_malformed_grid_axis_is_named(item: str) -> None:
+    with pytest.raises(ConfigError, match="expected KEY=V1,V2"):
+        parse_grid([item])
+
+
+def test_an_axis_given_twice_is_refused() -> None:
+    with pytest.raises(ConfigError, match="rounds is given twice"):
+        parse_grid(["rounds=1,2", "rounds=3"])
+
+
+def test_runs_are_the_cross_product_per_seed_references_first(tmp_path: Path) -> None:
+    config = with_sweep(
+        _smoke(tmp_path, "seed=7"),
+        parse_grid(["pseudolabel.policy=threshold,s4mc", "rounds=1,2"]),
+        seeds=2,
+    )
+    runs = expand(config, ["supervised"])
+    names = [
+        "supervised",
+        *[f"policy={p} rounds={r}" for p in ("threshold", "s4mc") for r in (1, 2)],
+    ]
+    assert [(r.row, r.seed) for r in runs] == [(n, s) for s in (7, 8) for n in names]
+    by_row = {(r.row, r.seed): r.config for r in runs}
+    assert by_row["supervised", 8].student.alpha == 0.0
+    assert by_row["supervised", 8].seed == 8
+    assert by_row["policy=s4mc rounds=2", 7].pseudolabel.policy == "s4mc"
+    assert by_row["policy=s4mc rounds=2", 7].rounds == 2
+    assert by_row["policy=threshold rounds=1", 7].rounds == 1
+    # the grid sweeps the policy: one teach (every policy's signals) serves every row
+    assert {tuple(c.teach.policies) for c in by_row.values()} == {
+        ("threshold", "s4mc", "csl", "wpl")
+    }
+    assert all(c.sweep.grid == {} for c in by_row.values())  # each run is a plain run
+
+
+def test_a_set_teach_policies_is_kept(tmp_path: Path) -> None:
+    config = with_sweep(
+        _smoke(tmp_path, "teach.policies=[s4mc]"),
+        parse_grid(["pseudolabel.policy=threshold,s4mc"]),
+        references=False,
+    )
+    assert {tuple(r.config.teach.policies) for r in expand(config)} == {("s4mc",)}
+
+
+def test_every_bad_row_is_reported_before_anything_runs(tmp_path: Path) -> None:
+    config = with_sweep(
+        _smoke(tmp_path, "detector.enabled=false"),
+        parse_grid(["pseudolabel.policy=threshold,wpl", "student.lr=0.1,-1"]),
+        seeds=3,
+        references=False,
+    )
+    with pytest.raises(ConfigError) as caught:
+        expand(config)
+    problems = caught.value.problems
+    assert len(problems) == 3, problems  # said once, not once per seed
+    # pydantic checks the fields first: wpl's missing detections is said where lr is valid
+    assert sum("'policy=wpl lr=0.1'" in p and "needs detections" in p for p in problems) == 1
+    assert sum("lr=-1'" in p and "student.lr" in p for p in problems) == 2
+
+
+def test_a_sweep_without_rows_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no rows"):
+        expand(with_sweep(_smoke(tmp_path), references=False))
+
+
+def test_row_names_keep_whole_keys_where_leaves_clash() -> None:
+    assert row_name({"teacher.lr": 0.1, "student.lr": 0.2}) == "teacher.lr=0.1 student.lr=0.2"
+    assert row_name({"pseudolabel.tau": 0.9, "rounds": 2}) == "tau=0.9 rounds=2"
+
+
+def _outcome(row: str, seed: int, miou: float | None, **kw: Any) -> RunOutcome:
+    return RunOutcome(
+        row, row in {"supervised", "full"}, seed, f"run-{row}-{seed}", miou=miou, **kw
+    )
+
+
+def test_table_by_hand() -> None:
+    outcomes = [
+        _outcome("supervised", 0, 0.50),
+        _outcome("supervised", 1, 0.54),
+        _outcome("full", 0, 0.70),
+        _outcome("full", 1, 0.74),
+        _outcome("s4mc", 0, 0.60, coverage=0.8, precision=0.9, stages_run=4, stages_reused=4),
+        _outcome("s4mc", 1, 0.64, coverage=0.6, precision=0.7, stages_run=3, stages_reused=5),
+        _outcome("csl", 0, None, error="boom"),
+        _outcome("csl", 1, 0.56, coverage=0.5, precision=0.5),
+    ]
+    rows = {row["row"]: row for row in summarize(outcomes)}
+    assert list(rows) == ["supervised", "full", "s4mc", "csl"]
+    s4mc = rows["s4mc"]
+    assert s4mc["miou_mean"] == pytest.approx(0.62)
+    assert s4mc["miou_std"] == pytest.approx(0.0282843, abs=1e-6)  # sample std of 0.60, 0.64
+    assert s4mc["gap_closing"] == pytest.approx((0.62 - 0.52) / (0.72 - 0.52))  # 0.5
+    assert (s4mc["coverage"], s4mc["precision"]) == (pytest.approx(0.7), pytest.approx(0.8))
+    assert (s4mc["stages_run"], s4mc["stages_reused"]) == (7, 9)
+    assert rows["supervised"]["gap_closing"] == pytest.approx(0.0)
+    assert rows["full"]["gap_closing"] == pytest.approx(1.0)
+    csl = rows["csl"]  # one seed failed: the mean is the other's, the failure named
+    assert (csl["miou_mean"], csl["miou_std"], csl["seeds"]) == (0.56, 0.0, [1])
+    assert csl["failed"] == {"0": "boom"}
+    assert csl["gap_closing"] == pytest.approx(0.2)
+    text = format_table(list(rows.values()))
+    assert "0.6200 ± 0.0283" in text
+    assert "0.500" in text
+    assert "0.5600 ± 0.0000 (1)" in text
+    table = list(csv.DictReader(io.StringIO(to_csv(list(rows.values())))))
+    assert [r["row"] for r in table] == ["supervised", "full", "s4mc", "csl"]
+    assert table[2]["gap_closing"] == str(s4mc["gap_closing"])
+    assert table[2]["seeds"] == "2"
+    assert table[0]["coverage"] == ""
+    assert table[3]["failed"] == "0"
+    metrics = row_metrics([rows["s4mc"]])
+    assert metrics["s4mc.miou_mean"] == pytest.approx(0.62)
+    assert row_metrics([{**rows["csl"], "row": "policy=csl rounds=2"}]).keys() >= {
+        "policy-csl_rounds-2.miou_mean"
+    }
+
+
+def test_no_gap_closing_without_a_gap() -> None:
+    outcomes = [_outcome("supervised", 0, 0.6), _outcome("full", 0, 0.55), _outcome("x", 0, 0.7)]
+    assert all(row["gap_closing"] is None for row in summarize(outcomes))
+    assert all(row["gap_closing"] is None for row in summarize([_outcome("x", 0, 0.7)]))
+
+
+def _folder_source(root: Path, masked_unlabeled: bool) -> None:
+    """A folder source with split lists: 2 labeled, 2 unlabeled (the first with a mask where
+    ``masked_unlabeled``), 2 val images."""
+    import numpy as np
+
+    for split in ("labeled", "unlabeled", "val"):
+        stems = [f"{split}{i}" for i in range(2)]
+        (root / "splits").mkdir(parents=True, exist_ok=True)
+        (root / "splits" / f"{split}.txt").write_text("\n".join(stems) + "\n")
+        for i, stem in enumerate(stems):
+            write_png(root / "images" / f"{stem}.png", np.full((8, 8, 3), 40 * i, np.uint8))
+            if split != "unlabeled" or (masked_unlabeled and i == 0):
+                write_png(root / "masks" / f"{stem}.png", np.zeros((8, 8), np.uint8))
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_ground_truth_references_need_the_unlabeled_masks(tmp_path: Path, masked: bool) -> None:
+    source = tmp_path / "source"
+    _folder_source(source, masked)
+    config = _smoke(tmp_path, "data.source=folder", f"data.root={source}", "data.num_classes=2")
+    unusable = unusable_references(config, Storage(str(tmp_path / "root")))
+    # one or both unlabeled images have no mask: full (ground_truth) cannot run, supervised can
+    assert list(unusable) == ["full"]
+    missing = "1 of 2" if masked else "2 of 2"
+    example = "unlabeled1" if masked else "unlabeled0"
+    assert f"{missing} unlabeled images have no mask (e.g. {example!r})" in unusable["full"]
+
+
+def test_ground_truth_references_run_where_every_unlabeled_image_has_a_mask(
+    tmp_path: Path,
+) -> None:
+    assert unusable_references(_smoke(tmp_path), Storage(str(tmp_path / "root"))) == {}
+
+
+def test_the_sweep_run_holds_its_pipeline_runs_and_table(tmp_path: Path) -> None:
+    """A stand-in pipeline (no Ray) that logs a nested run as run_pipeline does: the sweep's
+    MLflow run, its children, its files under the root and in MLflow, the failed run counted."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = with_sweep(
+        _smoke(tmp_path), parse_grid(["pseudolabel.tau=0.8,0.9"]), seeds=2, references=False
+    )
+    figures = {(0.8, 0): 0.61, (0.8, 1): 0.63, (0.9, 0): 0.52}  # tau 0.9, seed 1 fails
+
+    def pipeline(config: Any, root: str, *, parent_id: str, tags: dict[str, str]) -> RunSummary:
+        tracker = Tracker(uri, config.tracking.experiment)
+        run = tracker.start_run("child", tags, parent_id=parent_id)
+        tracker.end_run(run)
+        miou = figures.get((config.pseudolabel.tau, config.seed))
+        if miou is None:
+            raise RuntimeError("no figure")
+        summary = RunSummary(f"p-{config.seed}", run, uri, root)
+        summary.metrics = {
+            "evaluate.student_miou": miou,
+            "evaluate.pseudolabel_coverage": config.pseudolabel.tau,
+        }
+        summary.cache = {"ingest": ("k", True), "train_student": ("k2", False)}
+        return summary
+
+    result = run_sweep(config, str(tmp_path / "root"), run=pipeline)
+    rows = {row["row"]: row for row in result.rows}
+    assert rows["tau=0.8"]["miou_mean"] == pytest.approx(0.62)
+    assert rows["tau=0.9"]["failed"] == {"1": "no figure"}
+    assert rows["tau=0.9"]["seeds"] == [0]
+    assert [o.seed for o in result.failed] == [1]
+    client = MlflowClient(tracking_uri=uri)
+    sweep_run = client.get_run(result.mlflow_run_id)
+    assert sweep_run.info.status == "FAILED"  # one of its runs failed
+    assert sweep_run.data.tags[SWEEP_TAG] == result.sweep_id
+    assert sweep_run.data.params["grid.pseudolabel.tau"] == "0.8,0.9"
+    assert sweep_run.data.metrics["tau-0.8.miou_mean"] == pytest.approx(0.62)
+    assert sweep_run.data.metrics["failed_runs"] == 1.0
+    children = client.search_runs(
+        [sweep_run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'",
+    )
+    assert sorted(c.data.tags[ROW_TAG] for c in children) == ["tau=0.8"] * 2 + ["tau=0.9"] * 2
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
+    assert artifacts >= {"sweep.json", "sweep.csv", "sweep.txt", "sweep.png", "config.yaml"}
+    folder = Path(result.folder)
+    document = json.loads((folder / "sweep.json").read_text())
+    assert [r["row"] for r in document["rows"]] == ["tau=0.8", "tau=0.9"]
+    assert len(document["runs"]) == 4
+    assert (folder / "sweep.png").read_bytes().startswith(b"\x89PNG")
