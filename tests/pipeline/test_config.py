@@ -48,7 +48,10 @@ def test_presets_layer_left_to_right_and_say_what_they_need(tmp_path: Path) -> N
     assert (layered.data.crop, layered.data.image_size, layered.teach.batch_size) == (401, 512, 2)
     with pytest.raises(ConfigError, match=r"data\.root is required when data\.source is 'voc'"):
         load_config("voc")
-    with pytest.raises(ConfigError, match=r"unknown config 'vco'.*cityscapes, gpu, quality, quality-quick, quickstart"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown config 'vco'.*cityscapes, gpu, quality, quality-quick, quickstart",
+    ):
         load_config("vco,gpu")
     with pytest.raises(ConfigError, match="empty name"):
         load_config("voc,,gpu")
