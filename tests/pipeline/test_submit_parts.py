@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -347,3 +348,37 @@ def test_dry_run_lists_what_would_be_shipped_and_submits_nothing(
     code, out, err = _dry_run(tmp_path / "again", monkeypatch)
     assert code == 2
     assert "Missing option '--address'" in err
+
+
+def test_a_sweep_is_submitted_as_the_sweep_command_with_its_grid_in_the_shipped_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import submit as jobs
+
+    shipped: dict[str, str] = {}
+    real_stage = jobs.stage_working_dir
+
+    def keep_config(source: Path, dest: Path, config: Any) -> list[tuple[str, int]]:
+        staged = real_stage(source, dest, config)
+        shipped["yaml"] = (dest / jobs.SUBMITTED_CONFIG).read_text()
+        return staged
+
+    monkeypatch.setattr(jobs, "stage_working_dir", keep_config)
+    args = ("--dry-run", "--sweep", "--grid", "pseudolabel.tau=0.9,0.95", "--seeds", "2")
+    code, out, err = _dry_run(tmp_path, monkeypatch, *args)
+    assert code == 0, out + err
+    entrypoint = next(line for line in out.splitlines() if line.startswith("entrypoint: "))
+    assert entrypoint == (
+        f"entrypoint: python -m pipeline sweep --config {jobs.SUBMITTED_CONFIG} --root s3://b/p"
+    )
+    sweep = yaml.safe_load(shipped["yaml"])["sweep"]
+    assert sweep["grid"] == {"pseudolabel.tau": [0.9, 0.95]}
+    assert sweep["seeds"] == 2
+    assert set(sweep["references"]) == {"supervised", "full"}
+    # a sweep's options without --sweep, and --until with it, are refused
+    code, out, err = _dry_run(tmp_path / "b", monkeypatch, "--dry-run", "--grid", "rounds=1,2")
+    assert code == 2
+    assert "--grid, --seeds and --no-references go with --sweep" in err
+    code, out, err = _dry_run(tmp_path / "c", monkeypatch, "--dry-run", "--sweep", "--until", "teach")
+    assert code == 2
+    assert "--until stops a single run" in err
