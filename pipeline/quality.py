@@ -46,7 +46,7 @@ from stages.detect import DetectorPredictor
 from stages.ingest.generated import GeneratedSpec, render_image, split_indices
 from stages.ingest.stage import ID_LENGTH
 from stages.pseudolabel.stage import (
-    POLICIES,
+    SIGNAL_POLICIES,
     PseudolabelConfig,
     fill_memory,
     label_batch,
@@ -70,7 +70,7 @@ class QualityPlan:
     dataset: GeneratedSpec
     student: segtrain.StudentConfig
     detector: DetectorConfig
-    policies: tuple[str, ...] = POLICIES
+    policies: tuple[str, ...] = SIGNAL_POLICIES
     rounds: int = 2
     seeds: tuple[int, ...] = (0, 1, 2)
 
