@@ -27,7 +27,12 @@ import torch.nn.functional as F
 
 from stages.core.fastconv import training_layout
 from stages.core.models import build_segmenter, segment_logits
-from stages.pseudolabel.stage import POLICIES, PseudolabelConfig, encode_row, policy_maps
+from stages.pseudolabel.stage import (
+    SIGNAL_POLICIES,
+    PseudolabelConfig,
+    encode_row,
+    policy_maps,
+)
 from stages.teach import SignalSpec, decode_signals, quantized_maps, stored_maps
 
 
@@ -79,7 +84,7 @@ def policy_costs(
     prototypes = torch.rand(num_classes, dim, generator=generator)
     prototypes[0] = float("nan")  # a class without a prototype, as with background in practice
     costs = []
-    for policy in POLICIES:
+    for policy in SIGNAL_POLICIES:
         cfg = PseudolabelConfig(policy=policy)
 
         def math(sample: dict[str, Any], cfg: PseudolabelConfig = cfg) -> object:

@@ -150,7 +150,8 @@ def given_weights(path: str) -> str:
 
 
 def pseudolabel_fields(config: PipelineConfig) -> dict[str, Any]:
-    """The pseudo-label settings that matter for the chosen policy (others' options excluded)."""
+    """The pseudo-label settings that matter for the chosen policy (others' options excluded;
+    ground_truth: the policy alone)."""
     cfg = config.pseudolabel
     fields: dict[str, Any] = {"policy": cfg.policy}
     if cfg.policy in {"threshold", "wpl"}:
@@ -161,10 +162,20 @@ def pseudolabel_fields(config: PipelineConfig) -> dict[str, Any]:
 
 
 def pseudolabel_key_fields(
-    config: PipelineConfig, signals: str, detections: str | None
+    config: PipelineConfig, signals: str, detections: str | None, unlabeled: str | None = None
 ) -> dict[str, Any]:
     """What the pseudolabel stage's key is computed from: its inputs' digests (the detections
-    only for WPL) and the chosen policy's settings."""
+    only for WPL) and the chosen policy's settings. ground_truth reads no teacher signals: its
+    key is the unlabeled images' digest (``unlabeled``, masks included), the policy and the
+    classes, so every teacher and seed shares one ground-truth set of the same images."""
+    if config.pseudolabel.policy == "ground_truth":
+        if unlabeled is None:
+            raise ValueError("the ground_truth policy's key needs the unlabeled images' digest")
+        return {
+            "unlabeled": unlabeled,
+            **pseudolabel_fields(config),
+            "num_classes": config.data.num_classes,
+        }
     return {
         "signals": signals,
         "detections": detections if _wpl(config) else None,
@@ -468,6 +479,7 @@ def _pseudolabel(ctx: Context, round_: Round) -> dict[str, float]:
         signals=ctx.dataset(round_.name("teacher_signals")),
         out=ctx.dataset(round_.name("pseudolabels")),
         detections=ctx.dataset("detections") if _wpl(ctx.config) else None,
+        images=ctx.dataset("images") if _ground_truth(ctx.config) else None,
     )
 
 
@@ -540,6 +552,10 @@ def _wpl(config: PipelineConfig) -> bool:
     return config.pseudolabel.policy == "wpl"
 
 
+def _ground_truth(config: PipelineConfig) -> bool:
+    return config.pseudolabel.policy == "ground_truth"
+
+
 def _round_stages(round_: Round) -> tuple[Stage, Stage, Stage]:
     """teach -> pseudolabel -> train_student of one round, reading the round's teacher."""
     signals, labels = round_.name("teacher_signals"), round_.name("pseudolabels")
@@ -558,13 +574,14 @@ def _round_stages(round_: Round) -> tuple[Stage, Stage, Stage]:
         ),
         Stage(
             round_.name("pseudolabel"),
-            (signals, "detections"),
+            (signals, "detections", "images"),  # images: ground_truth's masks
             (labels,),
             lambda ctx: _pseudolabel(ctx, round_),
             lambda ctx: pseudolabel_key_fields(
                 ctx.config,
                 ctx.digest(signals),
                 ctx.digest("detections") if _wpl(ctx.config) else None,
+                ctx.digest("images", "unlabeled"),
             ),
             pseudolabel.SCHEMA,
         ),

@@ -6,7 +6,7 @@ it was a cache hit, when it ran), the entries' records (metrics, per-class IoU) 
 (images, teacher signals, pseudo-labels). Nothing is inferred again: the policies the run did not
 use are applied to its stored teacher signals (threshold, S4MC, CSL need nothing else); WPL needs
 the detector's boxes and the prototype memory, so it is shown only where a WPL entry for the same
-signals is in the cache.
+signals is in the cache. A ``ground_truth`` run (reference rows) shows its own stored labels too.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ RELIABILITY = {
     "s4mc": "reliable: refined margin > γ",
     "csl": "trusted: w = 1",
     "wpl": "reliable R: detector ∧ segmentation",
+    "ground_truth": "kept: ground truth known (mask ≠ 255)",
 }
 SIGNAL_COLUMNS = ["image_id", "height", "width", "num_classes", *MAPS]
 LABEL_COLUMNS = ["image_id", "height", "width", "label", "keep", "weight", "weight_offset"]
@@ -250,14 +251,23 @@ def policy_quality(
     images, signals = records.output("ingest", "images"), records.output("teach", "teacher_signals")
     sweep, missing = ConfidenceSweep(), {}
     if images is None or signals is None:
-        return [], sweep, dict.fromkeys(pseudolabel.POLICIES, "the run stopped before teach")
+        return [], sweep, dict.fromkeys(pseudolabel.SIGNAL_POLICIES, "the run stopped before teach")
     truth = _truth_sample(output_dataset(storage, "images", images), limit)
     if not truth:
         reason = "no unlabeled image has ground truth"
-        return [], sweep, dict.fromkeys(pseudolabel.POLICIES, reason)
+        return [], sweep, dict.fromkeys(pseudolabel.SIGNAL_POLICIES, reason)
     results: dict[str, PolicyQuality] = {}
     computed: list[pseudolabel.PseudolabelConfig] = []
-    for policy in pseudolabel.POLICIES:
+    own, used = records.config.pseudolabel.policy, records.stages.get("pseudolabel")
+    labels = records.output("pseudolabel", "pseudolabels")
+    if own not in pseudolabel.SIGNAL_POLICIES and used is not None and labels is not None:
+        # ground_truth: no teacher signals to apply it to; the run's own stored rows
+        results[own] = quality = PolicyQuality(own, f"stored (entry {used.key[:12]})")
+        for image_id, label, keep, weight in _stored_maps(
+            output_dataset(storage, "pseudolabels", labels), set(truth)
+        ):
+            quality.add(label, keep, weight, truth[image_id])
+    for policy in pseudolabel.SIGNAL_POLICIES:
         found = stored_labels(storage, records, policy)
         if found is not None:
             ref, key = found

@@ -48,7 +48,7 @@ from pipeline.runner import (
 )
 from pipeline.tracking import Tracker, artifact_location, source_tags
 from stages.core.storage import Storage
-from stages.pseudolabel.stage import POLICIES
+from stages.pseudolabel.stage import SIGNAL_POLICIES
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def expand(config: PipelineConfig, references: Sequence[str] | None = None) -> l
     del base["sweep"]  # each run is a plain run
     if POLICY_KEY in sweep.grid and not base["teach"]["policies"]:
         # one teach serves every policy of this sweep and of any later one on the same root
-        base["teach"]["policies"] = list(POLICIES)
+        base["teach"]["policies"] = list(SIGNAL_POLICIES)
     runs: list[SweepRun] = []
     problems: dict[str, None] = {}  # a problem of every seed is said once
     for seed in range(config.seed, config.seed + sweep.seeds):

@@ -471,7 +471,7 @@ def _live_weight(
 ) -> torch.Tensor:
     """The per-pixel weight (keep folded in): S4MC's DPA keep mask from this batch's margins;
     WPL's W from the last refreshed prototypes (the stored first weight map until then); the
-    stored weight otherwise."""
+    stored weight otherwise (threshold, CSL, ground_truth: keep and weight are the stored ones)."""
     if policy.policy == "s4mc":
         keep = live.s4mc_keep(
             maps["margin"], maps["refined_margin"], valid, *progress, alpha0=policy.s4mc.alpha0
@@ -685,7 +685,8 @@ def unlabeled_dataset(images: DatasetRef, pseudolabels: DatasetRef, image_size: 
     """Unlabeled images joined with their pseudo-labels, as fixed-size arrays (materialised).
 
     Only image columns are read from ``images``: the ground truth that generated data keeps for
-    unlabeled images is never seen by training.
+    unlabeled images is never seen by training (but through the ``ground_truth`` policy's
+    pseudo-labels, the reference rows made from it on purpose).
     """
     columns = ["height", "width", "label", "keep", "weight", "weight_offset"]
     columns += ["margin", "refined_margin", "trusted", "reliable"]

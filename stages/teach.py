@@ -134,10 +134,11 @@ class TeachConfig(InferenceConfig):
         "channels-last), or float32; CPUs always run float32. Softmax and every statistic are "
         "float32",
     )
-    policies: list[Literal["threshold", "s4mc", "csl", "wpl"]] = Field(
+    policies: list[Literal["threshold", "s4mc", "csl", "wpl", "ground_truth"]] = Field(
         default_factory=list,
         description="policies whose signals are stored besides pseudolabel.policy's, so that "
-        "switching to one reuses this teach stage and the report compares them",
+        "switching to one reuses this teach stage and the report compares them (ground_truth "
+        "needs none)",
     )
     tta: TTAConfig = Field(default_factory=TTAConfig)
 

@@ -9,6 +9,11 @@ at the image's own resolution, what the student's loop needs (methods.md §5):
   mask per batch; the stored ``keep`` is the t = 0 view (per-image γ at α_0), for reports only;
 * CSL: the trusted mask (w == 1, exact, before quantisation) that TMP covers;
 * WPL: the reliability mask R and the first weight map W from the teacher-feature prototypes.
+
+``ground_truth`` is no method but the reference rows of a comparison (``full`` / ``oracle``: the
+student loop on perfect labels): it reads the unlabeled images' own masks instead of the teacher
+signals (label = the mask, keep = mask != 255, weight exactly 1), and fails before writing
+anything when an unlabeled image has no mask.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from stages.core import codec
 from stages.core.config import StrictModel
 from stages.core.inference import pick_device, write_committed
 from stages.core.storage import DatasetRef
-from stages.core.tables import lookup_columns, read_split
+from stages.core.tables import lookup_columns, read_split, split_ids
+from stages.ingest.folder import SourceError
 from stages.pseudolabel import ops
 from stages.pseudolabel.memory import PrototypeMemory, select_confident, select_reliable
 from stages.teach import (
@@ -45,7 +51,10 @@ from stages.teach import (
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("threshold", "s4mc", "csl", "wpl")
+# The policies computed from the teacher's signals (what a report or a benchmark compares).
+SIGNAL_POLICIES = ("threshold", "s4mc", "csl", "wpl")
+# Every policy a config may name: ``ground_truth`` labels from the unlabeled split's masks.
+POLICIES = (*SIGNAL_POLICIES, "ground_truth")
 
 PSEUDOLABELS_SCHEMA = pa.schema(
     [
@@ -107,7 +116,11 @@ class WPLOptions(StrictModel):
 class PseudolabelConfig(StrictModel):
     """Which pixels of an unlabeled image get which pseudo-label, and with what weight."""
 
-    policy: str = "threshold"
+    policy: str = Field(
+        "threshold",
+        description="threshold, s4mc, csl, wpl; or ground_truth: the unlabeled split's own masks "
+        "(reference rows, not a method; every unlabeled image needs a mask)",
+    )
     tau: float = Field(0.95, gt=0.0, le=1.0, description="confidence threshold (threshold, wpl)")
     s4mc: S4MCOptions = S4MCOptions()
     csl: CSLOptions = CSLOptions()
@@ -134,7 +147,8 @@ class PseudolabelConfig(StrictModel):
 def signal_spec(cfg: PseudolabelConfig, also: Iterable[str] = ()) -> SignalSpec:
     """What the teach stage must store for ``cfg.policy`` and the policies ``also`` (and so its
     cache key): S4MC's margins with its refinement settings (and argmax P̃ under
-    ``label_from: refined``), CSL's dispersion, WPL's decoder features."""
+    ``label_from: refined``), CSL's dispersion, WPL's decoder features. Threshold and
+    ground_truth (which reads no signals) need only what is always stored."""
     served = {cfg.policy, *also}
     s4mc = "s4mc" in served
     return SignalSpec(
@@ -210,6 +224,11 @@ def batch_policy_maps(
     maps: ``label`` int64, ``keep`` bool, ``weight`` float in [0, 1] (before
     ``weight_offset``), and the policy's extra maps.
     """
+    if cfg.policy == "ground_truth":
+        raise ValueError(
+            "the ground_truth policy labels from the unlabeled images' masks, not from teacher "
+            "signals: see ground_truth_maps"
+        )
     if reason := missing_signals(cfg, signals):
         raise ValueError(reason)
     conf, label = signals["conf"], signals["label"]
@@ -233,6 +252,18 @@ def batch_policy_maps(
             features, prototypes.to(features.device), label, k=cfg.wpl.k
         ),
         "reliable": wpl_reliable(cfg, label, conf, box_masks),
+    }
+
+
+def ground_truth_maps(masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ground_truth policy's maps of a batch of masks ``[B, H, W]`` (uint8 or int64, 255 =
+    ignore): ``label`` int64 = the mask, ``keep`` bool = mask != 255, ``weight`` float 1 (with
+    ``weight_offset`` 0, stored as q = 255: decoded exactly 1.0 where kept)."""
+    label = masks.long()
+    return {
+        "label": label,
+        "keep": label != ops.IGNORE_INDEX,
+        "weight": torch.ones(label.shape, dtype=torch.float32, device=label.device),
     }
 
 
@@ -450,6 +481,52 @@ def label_batch(
     return pa.Table.from_pylist(out, schema=PSEUDOLABELS_SCHEMA)
 
 
+def ground_truth_batch(table: pa.Table, cfg: dict[str, Any]) -> pa.Table:
+    """Ray Data batch function: unlabeled image rows (``image_id``, ``height``, ``width``,
+    ``mask``) -> the ground_truth policy's pseudo-label rows, in input order. The masks of each
+    image size are decoded into one batch, mapped by :func:`ground_truth_maps` and encoded by
+    :func:`encode_rows` (the table's only encoder), at the image's own resolution."""
+    policy = PseudolabelConfig.model_validate(cfg)
+    rows = table.to_pylist()
+    out: list[dict[str, Any]] = [{} for _ in rows]
+    heights, widths = table["height"].to_numpy(), table["width"].to_numpy()
+    for _, _, group in size_groups(heights, widths):
+        chunk = [rows[i] for i in group]
+        if any(r["mask"] is None for r in chunk):  # run() checks first; never a silent hole
+            missing = next(r["image_id"] for r in chunk if r["mask"] is None)
+            raise ValueError(f"the ground_truth policy: unlabeled image {missing} has no mask")
+        masks = torch.from_numpy(np.stack([codec.decode_png(r["mask"]) for r in chunk]))
+        encoded = encode_rows(policy, [r["image_id"] for r in chunk], ground_truth_maps(masks))
+        for i, row in zip(group, encoded, strict=True):
+            out[i] = row
+    return pa.Table.from_pylist(out, schema=PSEUDOLABELS_SCHEMA)
+
+
+def _without_mask(table: pa.Table) -> pa.Table:
+    return table.filter(pc.is_null(table["mask"])).select(["image_id", "stem"])
+
+
+def check_masks(images: DatasetRef) -> int:
+    """The number of unlabeled images, after checking (with Ray Data tasks; only the ids of
+    images without a mask come to the driver) that every one has a ground-truth mask, as the
+    ground_truth policy needs. Raises ``SourceError`` naming how many lack one and an example."""
+    total = len(split_ids(images, "unlabeled"))
+    missing = (
+        read_split(images, "unlabeled", ["image_id", "stem", "mask"])
+        .map_batches(_without_mask, batch_format="pyarrow")
+        .take_all()
+    )
+    if missing:
+        first = min(missing, key=lambda row: row["image_id"])
+        raise SourceError(
+            f"pseudolabel.policy=ground_truth: {len(missing)} of {total} unlabeled images have "
+            f"no ground-truth mask (e.g. image {first['image_id']}, stem {first['stem']!r}); "
+            "the ground_truth policy needs masks for the whole unlabeled split: give every "
+            "unlabeled image its mask, or choose another pseudolabel.policy"
+        )
+    return total
+
+
 def attach_detections(table: pa.Table, detections: Any) -> pa.Table:
     """Add each row's ``boxes``, ``labels`` and ``scores`` from the ``detections`` table.
 
@@ -596,13 +673,30 @@ def run(
     signals: DatasetRef,
     out: DatasetRef,
     detections: DatasetRef | None = None,
+    images: DatasetRef | None = None,
 ) -> dict[str, float]:
     """Apply the policy to every unlabeled signal row with Ray Data tasks; write and commit.
 
     WPL also needs ``detections``, put once into the object store for both of its passes.
+    ground_truth reads the unlabeled rows of ``images`` (their masks) instead of ``signals``,
+    on the CPU (there is no math to speed up), after checking that every one has a mask.
     """
     import ray
 
+    if cfg.policy == "ground_truth":
+        if images is None:
+            raise ValueError("the ground_truth policy needs the images dataset (their masks)")
+        check_masks(images)
+        labelled = read_split(images, "unlabeled", ["image_id", "height", "width", "mask"])
+        return _write(
+            labelled.map_batches(
+                ground_truth_batch,
+                fn_kwargs={"cfg": cfg.model_dump()},
+                batch_format="pyarrow",
+                batch_size=cfg.batch_size,
+            ),
+            out,
+        )
     columns = ["image_id", "height", "width", "num_classes", *MAPS]
     prototypes, boxes = None, None
     if cfg.policy == "wpl":
@@ -631,9 +725,14 @@ def run(
         batch_size=cfg.batch_size,
         num_gpus=cfg.gpus_per_task,
     )
-    manifest = write_committed(dataset, out, SCHEMA)
-    coverage = out.read_table(columns=["coverage"])["coverage"].to_numpy()
-    metrics = {"images": float(manifest["rows"]), "mean_image_coverage": float(coverage.mean())}
+    metrics = _write(dataset, out)
     if prototypes is not None:
         metrics["teacher_prototypes"] = float((~np.isnan(prototypes).any(axis=1)).sum())
     return metrics
+
+
+def _write(dataset: Any, out: DatasetRef) -> dict[str, float]:
+    """Write and commit the pseudo-label rows; the stage's metrics."""
+    manifest = write_committed(dataset, out, SCHEMA)
+    coverage = out.read_table(columns=["coverage"])["coverage"].to_numpy()
+    return {"images": float(manifest["rows"]), "mean_image_coverage": float(coverage.mean())}
