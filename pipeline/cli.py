@@ -126,6 +126,12 @@ seeds_option = click.option(
     default=None,
     help="runs per row, seeds seed, seed+1, ... [default: the config's sweep.seeds]",
 )
+parallel_option = click.option(
+    "--parallel",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="pipeline runs at once, sharing one Ray [default: the config's sweep.parallel]",
+)
 references_option = click.option(
     "--references/--no-references",
     default=True,
@@ -135,14 +141,19 @@ references_option = click.option(
 
 
 def _sweep_config(
-    config: str, overrides: tuple[str, ...], grids: tuple[str, ...], seeds: int | None, refs: bool
+    config: str,
+    overrides: tuple[str, ...],
+    grids: tuple[str, ...],
+    seeds: int | None,
+    refs: bool,
+    parallel: int | None = None,
 ) -> PipelineConfig:
     from pipeline.config import ConfigError
     from pipeline.sweep import expand, parse_grid, with_sweep
 
     cfg = _load(config, overrides)
     try:
-        cfg = with_sweep(cfg, parse_grid(grids), seeds, refs)
+        cfg = with_sweep(cfg, parse_grid(grids), seeds, refs, parallel)
         expand(cfg)  # every run's config checked before anything runs
     except ConfigError as exc:
         click.echo(str(exc), err=True)
@@ -157,6 +168,7 @@ def _sweep_config(
 @grid_option
 @seeds_option
 @references_option
+@parallel_option
 @click.option("--json", "json_path", default=None, help="also write the table as JSON here")
 def sweep(
     config: str,
@@ -165,13 +177,14 @@ def sweep(
     grids: tuple[str, ...],
     seeds: int | None,
     references: bool,
+    parallel: int | None,
     json_path: str | None,
 ) -> None:
     """Run the grid (x seeds, plus the reference rows) as pipeline runs on one root and cache,
     and print one table: val mIoU mean ± std, gap-closing g, pseudo-label coverage and
     precision. The table (JSON, CSV, plot) is logged to one MLflow run whose children are the
     pipeline runs, and written under ROOT/sweeps/."""
-    cfg = _sweep_config(config, overrides, grids, seeds, references)
+    cfg = _sweep_config(config, overrides, grids, seeds, references, parallel)
     _run_sweep(cfg, root, json_path)
 
 
@@ -428,6 +441,7 @@ def _cluster(address: str, token_file: str | None) -> Cluster:
 @grid_option
 @seeds_option
 @references_option
+@parallel_option
 @click.option("--again", is_flag=True, help="submit even if an identical run was submitted")
 @click.option(
     "--dry-run",
@@ -449,6 +463,7 @@ def submit(
     grids: tuple[str, ...],
     seeds: int | None,
     references: bool,
+    parallel: int | None,
     again: bool,
     dry_run: bool,
 ) -> None:
@@ -464,12 +479,12 @@ def submit(
 
     if not address and not dry_run:
         raise click.UsageError("Missing option '--address' (or RAY_API_SERVER_ADDRESS).")
-    if not as_sweep and (grids or seeds is not None or not references):
-        raise click.UsageError("--grid, --seeds and --no-references go with --sweep")
+    if not as_sweep and (grids or seeds is not None or not references or parallel is not None):
+        raise click.UsageError("--grid, --seeds, --parallel and --no-references go with --sweep")
     if as_sweep and until:
         raise click.UsageError("--until stops a single run; a sweep runs whole pipelines")
     if as_sweep:
-        cfg = _sweep_config(config, overrides, grids, seeds, references)
+        cfg = _sweep_config(config, overrides, grids, seeds, references, parallel)
     else:
         cfg = _load(config, overrides)
     with _submit_errors():
@@ -980,6 +995,7 @@ def bench_throughput(
 @root_option
 @set_option
 @seeds_option
+@parallel_option
 @click.option("--json", "json_path", default=None, help="also write the table as JSON here")
 def bench_quality(
     config: str,
@@ -987,13 +1003,14 @@ def bench_quality(
     root: str,
     overrides: tuple[str, ...],
     seeds: int | None,
+    parallel: int | None,
     json_path: str | None,
 ) -> None:
     """Do the pseudo-labels pay? The `quality` sweep: every policy, one and two rounds, over
     seeds, with the supervised, full and oracle reference rows (`pseudoflow sweep --config
     bench,quality`): val mIoU mean ± std, gap-closing g, pseudo-label coverage and precision."""
     layers = f"{config},quality" + (",quality-quick" if quick else "")
-    _run_sweep(_sweep_config(layers, overrides, (), seeds, True), root, json_path)
+    _run_sweep(_sweep_config(layers, overrides, (), seeds, True, parallel), root, json_path)
 
 
 def format_summary(summary: RunSummary) -> str:

@@ -76,6 +76,14 @@ class SweepConfig(StrictModel):
     seeds: int = Field(
         1, ge=1, le=20, description="runs per grid point, with seed, seed + 1, ... (--seeds)"
     )
+    parallel: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="pipeline runs at once (--parallel): each seed's first run alone, then the "
+        "rest as they become free of one another; on one machine, with runtime.torch_threads "
+        "set to cores / parallel",
+    )
     references: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_REFERENCES.items()},
         description="row name -> overrides of a reference row run once per seed; 'supervised' and "

@@ -30,7 +30,8 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -39,6 +40,7 @@ import numpy as np
 import yaml
 
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides, to_yaml, validate
+from pipeline.graph import check_splits, split_counts
 from pipeline.runner import (
     RunSummary,
     resolve_root,
@@ -48,6 +50,7 @@ from pipeline.runner import (
 )
 from pipeline.tracking import Tracker, artifact_location, source_tags
 from stages.core.storage import Storage
+from stages.ingest.folder import SourceItem
 from stages.pseudolabel.stage import SIGNAL_POLICIES
 
 logger = logging.getLogger(__name__)
@@ -85,14 +88,18 @@ def with_sweep(
     grid: dict[str, list[Any]] | None = None,
     seeds: int | None = None,
     references: bool = True,
+    parallel: int | None = None,
 ) -> PipelineConfig:
     """``config`` with its ``sweep`` section changed from the command line: ``grid`` axes added
-    (or replacing the config's axis of the same key), ``seeds``, references dropped."""
+    (or replacing the config's axis of the same key), ``seeds``, references dropped,
+    ``parallel``."""
     raw = config.model_dump(mode="json")
     section = raw["sweep"]
     section["grid"] = {**section["grid"], **(grid or {})}
     if seeds is not None:
         section["seeds"] = seeds
+    if parallel is not None:
+        section["parallel"] = parallel
     if not references:
         section["references"] = {}
     return validate(raw)
@@ -166,9 +173,31 @@ def _product(axes: list[tuple[str, list[Any]]]) -> list[tuple[Any, ...]]:
     return list(itertools.product(*[values for _, values in axes])) if axes else []
 
 
-def unusable_references(config: PipelineConfig, storage: Storage) -> dict[str, str]:
-    """Reference rows this source cannot run, and why: a ground_truth row where some unlabeled
-    image has no mask."""
+def _earlier_round(earlier: SweepRun, later: SweepRun) -> bool:
+    """``earlier`` is ``later`` with fewer rounds: its stages are the first rounds of ``later``."""
+    a, b = earlier.config, later.config
+    return a.rounds < b.rounds and a.model_copy(update={"rounds": b.rounds}) == b
+
+
+def dependencies(runs: Sequence[SweepRun]) -> list[set[int]]:
+    """For each run, the earlier runs it waits for when runs go in parallel, so that no two runs
+    at once train what the cache would share: each seed's first run (its teacher, detector and
+    teach) before the seed's other runs, and a run with fewer rounds before the same run with
+    more (its first rounds)."""
+    first_of_seed: dict[int, int] = {}
+    waits: list[set[int]] = []
+    for index, item in enumerate(runs):
+        wait = {j for j in range(index) if _earlier_round(runs[j], item)}
+        first = first_of_seed.setdefault(item.seed, index)
+        if first != index:
+            wait.add(first)
+        waits.append(wait)
+    return waits
+
+
+def unusable_references(config: PipelineConfig, items: Sequence[SourceItem]) -> dict[str, str]:
+    """Reference rows this source (its ``items``) cannot run, and why: a ground_truth row where
+    some unlabeled image has no mask."""
     wanting = [
         name
         for name, overrides in config.sweep.references.items()
@@ -176,7 +205,6 @@ def unusable_references(config: PipelineConfig, storage: Storage) -> dict[str, s
     ]
     if not wanting:
         return {}
-    items, _ = source_items(config, storage)
     unlabeled = [item for item in items if item.split == "unlabeled"]
     missing = [item.stem for item in unlabeled if item.mask_url is None]
     if not missing:
@@ -373,6 +401,7 @@ def sweep_params(config: PipelineConfig, runs: Sequence[SweepRun]) -> dict[str, 
     params = {f"grid.{key}": ",".join(map(_show, values)) for key, values in sweep.grid.items()}
     params |= {f"reference.{name}": _show(o) for name, o in sweep.references.items()}
     params |= {"seeds": str(sweep.seeds), "runs": str(len(runs)), "config": config.name}
+    params["parallel"] = str(sweep.parallel)
     return params
 
 
@@ -387,11 +416,15 @@ def run_sweep(
     root = resolve_root(root)
     storage = Storage(root)
     storage.fs.makedirs(storage.root, exist_ok=True)
-    unusable = unusable_references(config, storage)
+    items, _ = source_items(config, storage)  # a source no run can use fails here, once
+    unusable = unusable_references(config, items)
     for name, why in unusable.items():
         logger.warning("sweep: reference row %r left out: %s", name, why)
     kept = [name for name in config.sweep.references if name not in unusable]
     runs = expand(config, kept)
+    counts = split_counts(items)
+    for item in runs:
+        check_splits(item.config, counts, f"data source {config.data.source} (row {item.row!r})")
     uri = tracking_uri(config, root)
     sweep_id = new_sweep_id(config)
     folder = storage.path("sweeps", sweep_id)
@@ -412,9 +445,12 @@ def run_sweep(
     started = time.perf_counter()
     ok = False
     try:
-        for index, item in enumerate(runs, 1):
-            logger.info("sweep run %d/%d: %s", index, len(runs), item.label)
-            result.outcomes.append(_one_run(item, root, parent, sweep_id, run))
+        if config.sweep.parallel > 1:  # the stages every run shares, before runs race for them
+            run(runs[0].config, root, until="ingest", parent_id=parent, tags={SWEEP_TAG: sweep_id})
+        for index, outcome in enumerate(
+            _in_order(runs, config.sweep.parallel, root, parent, sweep_id, run), 1
+        ):
+            result.outcomes.append(outcome)
             result.rows = summarize(result.outcomes)
             result.seconds = time.perf_counter() - started
             tracker.log_metrics(parent, {"runs_done": float(index)}, step=index)
@@ -433,6 +469,39 @@ def run_sweep(
             )
         tracker.end_run(parent, ok)
     return result
+
+
+def _in_order(
+    runs: Sequence[SweepRun],
+    parallel: int,
+    root: str,
+    parent: str,
+    sweep_id: str,
+    run: Callable[..., RunSummary],
+) -> Iterator[RunOutcome]:
+    """Each run's outcome as it ends: one after the other, or ``parallel`` at a time in threads
+    (one driver, one Ray), each run started once the runs it waits for (:func:`dependencies`)
+    have ended."""
+    total = len(runs)
+    if parallel == 1:
+        for index, item in enumerate(runs, 1):
+            logger.info("sweep run %d/%d: %s", index, total, item.label)
+            yield _one_run(item, root, parent, sweep_id, run)
+        return
+    waits, done = dependencies(runs), set[int]()
+    pending = list(range(total))
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="sweep") as pool:
+        active: dict[Future[RunOutcome], int] = {}
+        while pending or active:
+            for index in [i for i in pending if waits[i] <= done][: parallel - len(active)]:
+                pending.remove(index)
+                item = runs[index]
+                logger.info("sweep run %d/%d: %s", total - len(pending), total, item.label)
+                active[pool.submit(_one_run, item, root, parent, sweep_id, run)] = index
+            finished, _ = wait(active, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done.add(active.pop(future))
+                yield future.result()
 
 
 def _one_run(

@@ -378,7 +378,7 @@ def test_a_sweep_is_submitted_as_the_sweep_command_with_its_grid_in_the_shipped_
     # a sweep's options without --sweep, and --until with it, are refused
     code, out, err = _dry_run(tmp_path / "b", monkeypatch, "--dry-run", "--grid", "rounds=1,2")
     assert code == 2
-    assert "--grid, --seeds and --no-references go with --sweep" in err
+    assert "--grid, --seeds, --parallel and --no-references go with --sweep" in err
     code, out, err = _dry_run(
         tmp_path / "c", monkeypatch, "--dry-run", "--sweep", "--until", "teach"
     )

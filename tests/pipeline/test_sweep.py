@@ -14,11 +14,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError, load_config
-from pipeline.runner import RunSummary
+from pipeline.runner import RunSummary, source_items
 from pipeline.sweep import (
     ROW_TAG,
     SWEEP_TAG,
     RunOutcome,
+    dependencies,
     expand,
     format_table,
     parse_grid,
@@ -193,7 +194,8 @@ def test_ground_truth_references_need_the_unlabeled_masks(tmp_path: Path, masked
     source = tmp_path / "source"
     _folder_source(source, masked)
     config = _smoke(tmp_path, "data.source=folder", f"data.root={source}", "data.num_classes=2")
-    unusable = unusable_references(config, Storage(str(tmp_path / "root")))
+    items, _ = source_items(config, Storage(str(tmp_path / "root")))
+    unusable = unusable_references(config, items)
     # one or both unlabeled images have no mask: full (ground_truth) cannot run, supervised can
     assert list(unusable) == ["full"]
     missing = "1 of 2" if masked else "2 of 2"
@@ -204,7 +206,9 @@ def test_ground_truth_references_need_the_unlabeled_masks(tmp_path: Path, masked
 def test_ground_truth_references_run_where_every_unlabeled_image_has_a_mask(
     tmp_path: Path,
 ) -> None:
-    assert unusable_references(_smoke(tmp_path), Storage(str(tmp_path / "root"))) == {}
+    config = _smoke(tmp_path)
+    items, _ = source_items(config, Storage(str(tmp_path / "root")))
+    assert unusable_references(config, items) == {}
 
 
 def test_the_sweep_run_holds_its_pipeline_runs_and_table(tmp_path: Path) -> None:
@@ -216,7 +220,9 @@ def test_the_sweep_run_holds_its_pipeline_runs_and_table(tmp_path: Path) -> None
     )
     figures = {(0.8, 0): 0.61, (0.8, 1): 0.63, (0.9, 0): 0.52}  # tau 0.9, seed 1 fails
 
-    def pipeline(config: Any, root: str, *, parent_id: str, tags: dict[str, str]) -> RunSummary:
+    def pipeline(
+        config: Any, root: str, until: str | None = None, *, parent_id: str, tags: dict[str, str]
+    ) -> RunSummary:
         tracker = Tracker(uri, config.tracking.experiment)
         run = tracker.start_run("child", tags, parent_id=parent_id)
         tracker.end_run(run)
@@ -256,3 +262,68 @@ def test_the_sweep_run_holds_its_pipeline_runs_and_table(tmp_path: Path) -> None
     assert [r["row"] for r in document["rows"]] == ["tau=0.8", "tau=0.9"]
     assert len(document["runs"]) == 4
     assert (folder / "sweep.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_runs_in_parallel_wait_for_what_they_share(tmp_path: Path) -> None:
+    config = with_sweep(
+        _smoke(tmp_path), parse_grid(["pseudolabel.tau=0.8,0.9", "rounds=1,2"]), seeds=2
+    )
+    runs = expand(config, ["supervised"])
+    names = [r.label for r in runs]
+    assert names[:5] == [
+        "supervised (seed 0)",
+        "tau=0.8 rounds=1 (seed 0)",
+        "tau=0.8 rounds=2 (seed 0)",
+        "tau=0.9 rounds=1 (seed 0)",
+        "tau=0.9 rounds=2 (seed 0)",
+    ]
+    waits = dependencies(runs)
+    # each seed's first run (supervised) alone; round 2 after round 1 of the same settings
+    assert waits[:5] == [set(), {0}, {0, 1}, {0}, {0, 3}]
+    assert waits[5:] == [set(), {5}, {5, 6}, {5}, {5, 8}]
+
+
+def test_a_parallel_sweep_starts_each_run_after_those_it_waits_for(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = with_sweep(
+        _smoke(tmp_path, "sweep.parallel=3"),
+        parse_grid(["pseudolabel.tau=0.8,0.9", "rounds=1,2"]),
+        seeds=2,
+        references=False,
+    )
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    running = [0, 0]  # now, most at once
+
+    def pipeline(
+        config: Any, root: str, until: str | None = None, *, parent_id: str, tags: dict[str, str]
+    ) -> RunSummary:
+        name = "ingest" if until else f"{tags[ROW_TAG]} (seed {config.seed})"
+        with lock:
+            events.append(("start", name))
+            running[0] += 1
+            running[1] = max(running)
+        time.sleep(0.2)
+        with lock:
+            events.append(("end", name))
+            running[0] -= 1
+        summary = RunSummary(name, "", uri, root)
+        summary.metrics = {"evaluate.student_miou": 0.5}
+        return summary
+
+    result = run_sweep(config, str(tmp_path / "root"), run=pipeline)
+    assert len(result.outcomes) == 8
+    assert not result.failed
+    assert events[:2] == [("start", "ingest"), ("end", "ingest")]  # shared by every run
+    runs = expand(config)
+    order = [name for kind, name in events if kind == "start"][1:]
+    ended = {name: i for i, (kind, name) in enumerate(events) if kind == "end"}
+    started = {name: i for i, (kind, name) in enumerate(events) if kind == "start"}
+    assert sorted(order) == sorted(r.label for r in runs)
+    for index, wait_for in enumerate(dependencies(runs)):
+        for earlier in wait_for:
+            assert ended[runs[earlier].label] < started[runs[index].label]
+    assert running[1] == 3  # never more than sweep.parallel at once, and that many

@@ -62,6 +62,7 @@ data:
   num_classes: 5
   class_names: [{", ".join(NAMES)}]
   image_size: 32
+  voc: {{labeled: labeled}}
 teacher: {{arch: lraspp_mobilenet_v3_large}}
 student: {{arch: lraspp_mobilenet_v3_large}}
 tracking: {{uri: "sqlite:///{tmp_path}/mlflow.db"}}
