@@ -213,6 +213,8 @@ def unusable_references(config: PipelineConfig, items: Sequence[SourceItem]) -> 
         f"{len(missing)} of {len(unlabeled)} unlabeled images have no mask (e.g. {missing[0]!r}); "
         "the ground_truth policy needs the unlabeled split's masks"
     )
+    if config.data.source in {"voc", "cityscapes"}:
+        why += f" (set data.{config.data.source}.unlabeled_masks: true)"
     return {name: why for name in wanting}
 
 

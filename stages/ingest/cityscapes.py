@@ -13,7 +13,8 @@ list relative to the root, in either format of ``stages.ingest.lists`` (UniMatch
 ``leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png gtFine/...``). Without an
 ``unlabeled`` setting the unlabeled split is the rest of the train split.
 
-Semi-supervised protocol: an unlabeled image gets no mask, even when gtFine has one, so no ground
+Semi-supervised protocol: an unlabeled image gets no mask, even when gtFine has one (unless
+``data.cityscapes.unlabeled_masks``, for benchmarks), so no ground
 truth reaches training through it.
 """
 
@@ -68,9 +69,15 @@ Index = dict[str, tuple[str, str]]  # stem -> (split folder, path)
 
 
 def enumerate_cityscapes(
-    url: str, *, labeled: str = "train", unlabeled: str | None = None, val: str = "val"
+    url: str,
+    *,
+    labeled: str = "train",
+    unlabeled: str | None = None,
+    val: str = "val",
+    unlabeled_masks: bool = False,
 ) -> list[SourceItem]:
-    """List the items of a Cityscapes folder, checking splits, images and masks before any work."""
+    """List the items of a Cityscapes folder, checking splits, images and masks before any work.
+    ``unlabeled_masks``: unlabeled images keep their masks where gtFine has them."""
     fs, root = fsspec.core.url_to_fs(url)
     if not fs.isdir(root):
         raise SourceError(f"Cityscapes folder {url!r} does not exist")
@@ -91,7 +98,9 @@ def enumerate_cityscapes(
     items = []
     for split in SPLITS:
         for stem in sorted(splits[split]):
-            mask = prefix + masks[stem][1] if split != "unlabeled" else None  # see the docstring
+            # an unlabeled image has no mask (see the docstring) unless unlabeled_masks
+            shown_mask = split != "unlabeled" or (unlabeled_masks and stem in masks)
+            mask = prefix + masks[stem][1] if shown_mask else None
             items.append(SourceItem(stem, split, prefix + images[stem][1], mask))
     logger.info("Cityscapes %s: %s", url, {split: len(splits[split]) for split in SPLITS})
     return items

@@ -37,6 +37,13 @@ class GeneratedSourceConfig(StrictModel):
         return GeneratedSpec(num_classes=num_classes, **self.model_dump())
 
 
+UNLABELED_MASKS = (
+    "keep the unlabeled images' masks where the dataset has them, to measure pseudo-labels "
+    "against (coverage, precision) and for a sweep's ground-truth reference rows; training "
+    "reads them only under pseudolabel.policy ground_truth"
+)
+
+
 class VocSourceConfig(StrictModel):
     """Pascal VOC 2012 splits (see ``stages.ingest.voc``): each a list name under
     ImageSets/Segmentation (``train``) or a .txt path relative to data.root."""
@@ -46,6 +53,7 @@ class VocSourceConfig(StrictModel):
     unlabeled_from: str = "train"
     val: str = "val"
     augmented: bool = Field(False, description="labeled masks from SegmentationClassAug")
+    unlabeled_masks: bool = Field(False, description=UNLABELED_MASKS)
 
 
 class CityscapesSourceConfig(StrictModel):
@@ -55,6 +63,7 @@ class CityscapesSourceConfig(StrictModel):
     labeled: str = "train"
     unlabeled: str | None = Field(None, description="default: the rest of the train split")
     val: str = "val"
+    unlabeled_masks: bool = Field(False, description=UNLABELED_MASKS)
 
 
 class DataConfig(StrictModel):

@@ -11,7 +11,8 @@ the root (``splits/pascal/92/labeled.txt``), in either format of ``stages.ingest
 92 / 183 / 366 / 732 / 1464 labeled subsets of the semi-supervised literature with the rest of
 ``train`` (or of ``trainaug``) unlabeled.
 
-Semi-supervised protocol: an unlabeled image gets no mask, even when the dataset has one, so no
+Semi-supervised protocol: an unlabeled image gets no mask, even when the dataset has one (unless
+``data.voc.unlabeled_masks``, for benchmarks: pseudo-label precision, ground-truth rows), so no
 ground truth reaches training through it. Labeled masks come from SegmentationClass, or from
 SegmentationClassAug when ``augmented``; val is always scored against SegmentationClass, the
 official ground truth.
@@ -73,8 +74,10 @@ def enumerate_voc(
     unlabeled_from: str = "train",
     val: str = "val",
     augmented: bool = False,
+    unlabeled_masks: bool = False,
 ) -> list[SourceItem]:
-    """List the items of a VOC 2012 folder, checking lists, images and masks before any work."""
+    """List the items of a VOC 2012 folder, checking lists, images and masks before any work.
+    ``unlabeled_masks``: unlabeled images keep their masks where the mask folder has them."""
     fs, root = fsspec.core.url_to_fs(url)
     _check_layout(fs, root, url, augmented)
     splits = _read_splits(fs, root, labeled, unlabeled, unlabeled_from, val)
@@ -83,12 +86,22 @@ def enumerate_voc(
     if not splits["unlabeled"]:
         logger.warning("VOC %s: the unlabeled split is empty (set data.voc.unlabeled)", url)
     prefix = url_prefix(fs)
+    truth = mask_dirs["labeled"]  # where an unlabeled image's mask is looked for
+    kept = _stems(fs, posixpath.join(root, truth), ".png") if unlabeled_masks else set()
     items = []
     for split in SPLITS:
         folder = mask_dirs.get(split)  # none for unlabeled images: see the module docstring
         for stem in sorted(splits[split]):
             image = prefix + posixpath.join(root, IMAGES, f"{stem}.jpg")
-            mask = prefix + posixpath.join(root, folder, f"{stem}.png") if folder else None
+            if folder is None and stem in kept:
+                folder_of_stem: str | None = truth
+            else:
+                folder_of_stem = folder
+            mask = (
+                prefix + posixpath.join(root, folder_of_stem, f"{stem}.png")
+                if folder_of_stem
+                else None
+            )
             items.append(SourceItem(stem, split, image, mask))
     logger.info("VOC %s: %s", url, {split: len(splits[split]) for split in SPLITS})
     return items

@@ -58,6 +58,18 @@ def test_unimatch_list_and_rest_of_train_unlabeled(tmp_path: Path) -> None:
         f"{root}/gtFine/val/frankfurt/{CITY_VAL[0]}_gtFine_labelTrainIds.png"
     )
     assert masks[CITY_TRAIN[1]] is None  # gtFine has it: unlabeled images get none
+    kept = {
+        i.stem: i.mask_url
+        for i in enumerate_cityscapes(str(root), labeled=labeled, unlabeled_masks=True)
+    }  # a benchmark keeps them (data.cityscapes.unlabeled_masks)
+    for unlabeled in CITY_TRAIN[1:]:
+        city = unlabeled.split("_")[0]
+        assert kept[unlabeled] == (
+            f"{root}/gtFine/train/{city}/{unlabeled}_gtFine_labelTrainIds.png"
+        )
+    assert {k: kept[k] for k in masks if k not in CITY_TRAIN[1:]} == {
+        k: v for k, v in masks.items() if k not in CITY_TRAIN[1:]
+    }
 
     rows = {i.stem: load_item(asdict(i), NUM_CLASSES) for i in items}
     assert all(row["error"] is None for row in rows.values())

@@ -16,6 +16,7 @@ from pipeline.runner import source_items
 from stages.core.storage import Storage
 from stages.ingest import stage as ingest
 from stages.ingest.config import DataConfig
+from stages.ingest.voc import enumerate_voc
 from tests.conftest import write_png
 from tests.stages.ingest.layouts import (
     HEIGHT,
@@ -141,3 +142,25 @@ def test_custom_classes_name_the_per_class_metrics(source: str) -> None:
     assert data.names() == NAMES
     default = DataConfig(source=source, root="/d")
     assert len(default.names()) == default.num_classes == (21 if source == "voc" else 19)
+
+
+def test_unlabeled_masks_are_kept_only_when_asked(tmp_path: Path) -> None:
+    """The semi-supervised protocol drops an unlabeled image's mask; a benchmark keeps it
+    (``data.voc.unlabeled_masks``) to score pseudo-labels and run ground-truth rows."""
+    root = _custom_voc(tmp_path / "voc")
+    masks = root / "SegmentationClass"
+    by_default = {i.stem: i.mask_url for i in enumerate_voc(str(root), labeled="labeled")}
+    kept = {
+        i.stem: i.mask_url
+        for i in enumerate_voc(str(root), labeled="labeled", unlabeled_masks=True)
+    }
+    assert by_default["part_004"] is None  # the one unlabeled image
+    assert kept["part_004"] == str(masks / "part_004.png")
+    assert {k: v for k, v in kept.items() if k != "part_004"} == {
+        k: v for k, v in by_default.items() if k != "part_004"
+    }
+    (masks / "part_004.png").unlink()  # where the dataset has none, none is made up
+    assert {
+        i.stem: i.mask_url
+        for i in enumerate_voc(str(root), labeled="labeled", unlabeled_masks=True)
+    }["part_004"] is None
