@@ -14,7 +14,7 @@ from stages.core.cache import CacheEntry
 from stages.core.storage import Storage
 from tests.conftest import local_ray, stage_outputs
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # two pipeline runs: beyond the default budget
 
 
 def test_ground_truth_labels_are_the_masks_and_are_shared_across_teachers(
