@@ -59,6 +59,7 @@ SWEEP_TAG = "pseudoflow.sweep"
 ROW_TAG = "pseudoflow.sweep_row"
 GROUND_TRUTH = "ground_truth"  # the pseudolabel policy that needs the unlabeled masks
 POLICY_KEY = "pseudolabel.policy"
+_REFERENCE_ORDER = {"supervised": 0, "full": 1}
 
 
 # ------------------------------------------------------------------------------- the plan
@@ -142,8 +143,10 @@ def expand(config: PipelineConfig, references: Sequence[str] | None = None) -> l
     keep = set(sweep.references if references is None else references)
     axes = list(sweep.grid.items())
     points = [dict(zip([k for k, _ in axes], combo, strict=True)) for combo in _product(axes)]
+    # supervised and full first (g's two ends), then the others (YAML keeps no key order)
+    ordered = sorted(sweep.references.items(), key=lambda kv: _REFERENCE_ORDER.get(kv[0], 2))
     rows: list[tuple[str, bool, dict[str, Any]]] = [
-        (name, True, overrides) for name, overrides in sweep.references.items() if name in keep
+        (name, True, overrides) for name, overrides in ordered if name in keep
     ]
     rows += [(row_name(point), False, point) for point in points if point]
     if not rows:
