@@ -269,12 +269,13 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
-def summarize(outcomes: Sequence[RunOutcome]) -> list[dict[str, Any]]:
-    """One row per table row, in first-run order: ``miou_mean`` and ``miou_std`` (sample std over
+def summarize(outcomes: Sequence[RunOutcome], order: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """One row per table row, in ``order`` (the plan's; then any other in first-run order): ``miou_mean`` and ``miou_std`` (sample std over
     the seeds that ran; 0 with one), ``miou_per_seed``, ``teacher_miou``, mean ``coverage`` and
     ``precision`` (None where the row learns nothing from pseudo-labels), ``gap_closing``, the
     stages run and reused over its seeds, seconds, and the seeds that failed."""
-    names = list(dict.fromkeys(o.row for o in outcomes))
+    present = {o.row for o in outcomes}
+    names = list(dict.fromkeys([n for n in order if n in present] + [o.row for o in outcomes]))
     by_name = {name: [o for o in outcomes if o.row == name] for name in names}
     means = {
         name: _mean([o.miou for o in rows if o.error is None]) for name, rows in by_name.items()
@@ -456,7 +457,7 @@ def run_sweep(
             _in_order(runs, config.sweep.parallel, root, parent, sweep_id, run), 1
         ):
             result.outcomes.append(outcome)
-            result.rows = summarize(result.outcomes)
+            result.rows = summarize(result.outcomes, [r.row for r in runs])
             result.seconds = time.perf_counter() - started
             tracker.log_metrics(parent, {"runs_done": float(index)}, step=index)
             _write(storage, result)

@@ -80,6 +80,7 @@ def _stage_runs(client: MlflowClient, pipeline_run: str) -> dict[str, bool]:
     return {r.data.tags[STAGE_TAG]: r.data.tags[HIT_TAG] == "true" for r in runs}
 
 
+@pytest.mark.timeout(2700)  # 20 pipeline runs, 11 of them training a student
 def test_bench_quality_on_a_voc_folder_reruns_only_the_new_policy(
     tmp_path: Path, ray_env: dict[str, str]
 ) -> None:
@@ -95,6 +96,8 @@ def test_bench_quality_on_a_voc_folder_reruns_only_the_new_policy(
         "pseudolabel.policy=threshold,s4mc,csl",
         "--seeds",
         "1",
+        "--parallel",
+        "3",
         env=ray_env,
         timeout=1800,
     )
@@ -109,6 +112,8 @@ def test_bench_quality_on_a_voc_folder_reruns_only_the_new_policy(
         str(root),
         "--seeds",
         "1",
+        "--parallel",
+        "3",
         "--json",
         str(tmp_path / "quality.json"),
         env=ray_env,
