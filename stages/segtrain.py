@@ -56,7 +56,7 @@ from stages.core.pretrained import (
 )
 from stages.core.progress import Poster
 from stages.core.storage import DatasetRef, Storage
-from stages.core.tables import join_on_image_id, ordered, read_split
+from stages.core.tables import even_blocks, join_on_image_id, ordered, read_split
 from stages.core.training import (
     CHECKPOINT_FILE,
     TrainingRun,
@@ -666,23 +666,32 @@ def _restore(learner: Learner, rank: int) -> int:
     return int(state["step"])
 
 
+# Rows a block of the training datasets holds: every run cuts them alike (``even_blocks``).
+TRAIN_BLOCK_ROWS = 16
+
+
 def labeled_dataset(images: DatasetRef, image_size: int) -> Any:
     """The labeled split as fixed-size arrays, in ``image_id`` order (materialised: it is iterated
-    every epoch; ordered, so a run's batches are the same whichever task finished first)."""
+    every epoch; ordered, so a run's batches are the same whichever task finished first), in
+    blocks of about ``TRAIN_BLOCK_ROWS`` rows (``even_blocks``: the sort's blocks differ run to run,
+    and the loop's local shuffle with them)."""
     columns = ["image_id", "height", "width", "image", "mask"]
     with ordered():
-        return (
+        arrays = (
             read_split(images, "labeled", columns)
             .sort("image_id")
             .map_batches(
-                labeled_rows_to_arrays, fn_kwargs={"image_size": image_size}, batch_size=16
+                labeled_rows_to_arrays,
+                fn_kwargs={"image_size": image_size},
+                batch_size=TRAIN_BLOCK_ROWS,
             )
-            .materialize()
         )
+        return even_blocks(arrays, TRAIN_BLOCK_ROWS)
 
 
 def unlabeled_dataset(images: DatasetRef, pseudolabels: DatasetRef, image_size: int) -> Any:
-    """Unlabeled images joined with their pseudo-labels, as fixed-size arrays (materialised).
+    """Unlabeled images joined with their pseudo-labels, as fixed-size arrays (materialised), in
+    ``image_id`` order and blocks of about ``TRAIN_BLOCK_ROWS`` rows, as ``labeled_dataset``.
 
     Only image columns are read from ``images``: the ground truth that generated data keeps for
     unlabeled images is never seen by training (but through the ``ground_truth`` policy's
@@ -693,13 +702,12 @@ def unlabeled_dataset(images: DatasetRef, pseudolabels: DatasetRef, image_size: 
     with ordered():
         pixels = read_split(images, "unlabeled", ["image_id", "image"])
         joined = join_on_image_id(pixels, pseudolabels, columns, num_partitions=4)
-        return (
-            joined.sort("image_id")
-            .map_batches(
-                pseudolabel_rows_to_arrays, fn_kwargs={"image_size": image_size}, batch_size=16
-            )
-            .materialize()
+        arrays = joined.sort("image_id").map_batches(
+            pseudolabel_rows_to_arrays,
+            fn_kwargs={"image_size": image_size},
+            batch_size=TRAIN_BLOCK_ROWS,
         )
+        return even_blocks(arrays, TRAIN_BLOCK_ROWS)
 
 
 def run_segmenter(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,22 @@ def ordered() -> Iterator[None]:
         yield
     finally:
         options.preserve_order = saved
+
+
+def even_blocks(dataset: Any, rows: int) -> Any:
+    """``dataset`` materialised, its rows in their order, in blocks cut where the row count
+    alone says: ceil(rows in all / ``rows``) blocks of near-equal size (``repartition``
+    without a shuffle splits at equal row indices), whatever blocks the operators before made.
+
+    Those differ run to run: ``sort`` takes its range boundaries from a random sample of keys
+    (``random.sample`` in Ray Data's sampling tasks), so one split sorted twice lands in
+    different blocks. The rows are the same, but what consumes blocks is not: a local shuffle
+    buffer draws over the rows it holds when it refills (block by block), and
+    ``streaming_split`` deals whole blocks to the workers. (Ray 2.60's streaming
+    ``repartition(target_num_rows_per_block=..., strict=True)`` keeps some of the sort's
+    boundaries, so it is not used.)"""
+    done = dataset.materialize()
+    return done.repartition(max(1, math.ceil(done.count() / rows))).materialize()
 
 
 def read_dataset(ref: DatasetRef, columns: list[str] | None = None) -> Any:

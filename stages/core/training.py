@@ -97,12 +97,31 @@ def fit(
             ),
             run_config=run_config,
             datasets=datasets,
+            dataset_config=ordered_ingest(),
         )
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         return (Path(folder) / CHECKPOINT_FILE).read_bytes()
+
+
+def ordered_ingest() -> Any:
+    """Ray Train's ingest (``DataConfig``) as its default (the driver's resource limits and
+    progress setting) with ``preserve_order``: the split deals each worker the blocks that the
+    row counts alone say (least rows so far first), not those stored on its node, so with several
+    workers on several nodes each worker's rows do not depend on where a task ran. (Built here:
+    ``DataConfig.default_ingest_options`` also passes the deprecated ``exclude_resources``.)"""
+    from ray.data import DataContext, ExecutionOptions
+    from ray.train import DataConfig
+
+    current = DataContext.get_current().execution_options
+    options = ExecutionOptions(
+        resource_limits=current.resource_limits,
+        preserve_order=True,
+        verbose_progress=current.verbose_progress,
+    )
+    return DataConfig(execution_options=options)
 
 
 def worker_resources(use_gpu: bool, resources: dict[str, float] | None) -> dict[str, float] | None:
