@@ -253,8 +253,8 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 
 
 def _leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every leaf of a dumped config (a dict is a section, but for a key
-    whose value is a mapping, such as ``sweep.grid``: that is one leaf)."""
+    """(dotted key, value) of every leaf of a dumped config (a dict is a section, but for the keys
+    of :func:`_mapping_keys`, such as ``sweep.grid``: that is one leaf)."""
     if isinstance(value, dict) and prefix not in _mapping_keys():
         for key, child in value.items():
             yield from _leaves(child, f"{prefix}.{key}" if prefix else str(key))
@@ -264,8 +264,11 @@ def _leaves(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 @functools.cache
 def _mapping_keys() -> frozenset[str]:
-    """The dotted keys whose values are mappings, not sections (from the models' types)."""
-    return frozenset(row.key for row in reference() if "dict[" in row.type)
+    """The dotted keys whose values are mappings of lists or mappings (``sweep.grid``,
+    ``sweep.references``): one leaf each. A mapping of scalars (``teach.resources``) is walked
+    like a section: one leaf per entry, none when empty."""
+    nested = ("dict[str, list", "dict[str, dict")
+    return frozenset(row.key for row in reference() if row.type.startswith(nested))
 
 
 def flatten(config: PipelineConfig) -> dict[str, str]:
