@@ -168,7 +168,7 @@ def pseudolabel_key_fields(
     only for WPL) and the chosen policy's settings. ground_truth reads no teacher signals: its
     key is the unlabeled images' digest (``unlabeled``, masks included), the policy and the
     classes, so every teacher and seed shares one ground-truth set of the same images."""
-    if config.pseudolabel.policy == "ground_truth":
+    if _ground_truth(config):
         if unlabeled is None:
             raise ValueError("the ground_truth policy's key needs the unlabeled images' digest")
         return {
@@ -553,7 +553,7 @@ def _wpl(config: PipelineConfig) -> bool:
 
 
 def _ground_truth(config: PipelineConfig) -> bool:
-    return config.pseudolabel.policy == "ground_truth"
+    return config.pseudolabel.policy == pseudolabel.GROUND_TRUTH
 
 
 def _round_stages(round_: Round) -> tuple[Stage, Stage, Stage]:

@@ -239,10 +239,12 @@ def run_pipeline(
     *,
     parent_id: str | None = None,
     tags: dict[str, str] | None = None,
+    source: tuple[list[SourceItem], str] | None = None,
 ) -> RunSummary:
     """Run every planned stage in order (up to and including ``until``, if given) under ``root``,
     reusing committed cache entries, and return the summary. ``parent_id``: the MLflow run this
-    pipeline run is nested in (a sweep's), with ``tags`` added to its own run."""
+    pipeline run is nested in (a sweep's), with ``tags`` added to its own run; ``source``: the
+    :func:`source_items` of this config's data, where the caller has listed it already."""
     stages = planned(config)
     if until is not None:
         names = [s.name for s in stages]
@@ -258,7 +260,8 @@ def run_pipeline(
     check_weights(config)
     for warning in random_start_warnings(config):
         logger.warning(warning)
-    items, digest = source_items(config, storage)  # fails here, before anything is written
+    # fails here, before anything is written
+    items, digest = source if source is not None else source_items(config, storage)
     check_splits(config, split_counts(items), f"data source {config.data.source}")
     storage.fs.makedirs(storage.root, exist_ok=True)
     run_id = new_run_id(config)

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -51,13 +52,12 @@ from pipeline.runner import (
 from pipeline.tracking import Tracker, artifact_location, source_tags
 from stages.core.storage import Storage
 from stages.ingest.folder import SourceItem
-from stages.pseudolabel.stage import SIGNAL_POLICIES
+from stages.pseudolabel.stage import GROUND_TRUTH, SIGNAL_POLICIES
 
 logger = logging.getLogger(__name__)
 
 SWEEP_TAG = "pseudoflow.sweep"
 ROW_TAG = "pseudoflow.sweep_row"
-GROUND_TRUTH = "ground_truth"  # the pseudolabel policy that needs the unlabeled masks
 POLICY_KEY = "pseudolabel.policy"
 _REFERENCE_ORDER = {"supervised": 0, "full": 1}
 
@@ -381,6 +381,24 @@ def metric_name(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ running
+class Sources:
+    """Each distinct ``data`` section's :func:`source_items`, listed once for the whole sweep
+    (a listing digests every file: at a million images on S3, minutes) and handed to its runs;
+    thread-safe for parallel runs."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.listed: dict[str, tuple[list[SourceItem], str]] = {}
+        self.lock = threading.Lock()
+
+    def of(self, config: PipelineConfig) -> tuple[list[SourceItem], str]:
+        key = json.dumps(config.data.model_dump(mode="json"), sort_keys=True)
+        with self.lock:
+            if key not in self.listed:
+                self.listed[key] = source_items(config, self.storage)
+            return self.listed[key]
+
+
 @dataclass
 class SweepResult:
     sweep_id: str
@@ -422,15 +440,16 @@ def run_sweep(
     root = resolve_root(root)
     storage = Storage(root)
     storage.fs.makedirs(storage.root, exist_ok=True)
-    items, _ = source_items(config, storage)  # a source no run can use fails here, once
+    sources = Sources(storage)
+    items, _ = sources.of(config)  # a source no run can use fails here, once
     unusable = unusable_references(config, items)
     for name, why in unusable.items():
         logger.warning("sweep: reference row %r left out: %s", name, why)
     kept = [name for name in config.sweep.references if name not in unusable]
     runs = expand(config, kept)
-    counts = split_counts(items)
-    for item in runs:
-        check_splits(item.config, counts, f"data source {config.data.source} (row {item.row!r})")
+    for item in runs:  # with its own listing where a grid axis changes data.*
+        where = f"data source {item.config.data.source} (row {item.row!r})"
+        check_splits(item.config, split_counts(sources.of(item.config)[0]), where)
     uri = tracking_uri(config, root)
     sweep_id = new_sweep_id(config)
     folder = storage.path("sweeps", sweep_id)
@@ -452,10 +471,11 @@ def run_sweep(
     ok = False
     try:
         if config.sweep.parallel > 1:  # the stages every run shares, before runs race for them
-            run(runs[0].config, root, until="ingest", parent_id=parent, tags={SWEEP_TAG: sweep_id})
-        for index, outcome in enumerate(
-            _in_order(runs, config.sweep.parallel, root, parent, sweep_id, run), 1
-        ):
+            first = runs[0].config
+            tags = {SWEEP_TAG: sweep_id}
+            run(first, root, "ingest", parent_id=parent, tags=tags, source=sources.of(first))
+        context = RunContext(root, parent, sweep_id, run, sources)
+        for index, outcome in enumerate(_in_order(runs, config.sweep.parallel, context), 1):
             result.outcomes.append(outcome)
             result.rows = summarize(result.outcomes, [r.row for r in runs])
             result.seconds = time.perf_counter() - started
@@ -477,14 +497,18 @@ def run_sweep(
     return result
 
 
-def _in_order(
-    runs: Sequence[SweepRun],
-    parallel: int,
-    root: str,
-    parent: str,
-    sweep_id: str,
-    run: Callable[..., RunSummary],
-) -> Iterator[RunOutcome]:
+@dataclass(frozen=True)
+class RunContext:
+    """What every run of one sweep is started with."""
+
+    root: str
+    parent: str  # the sweep's MLflow run
+    sweep_id: str
+    run: Callable[..., RunSummary]
+    sources: Sources
+
+
+def _in_order(runs: Sequence[SweepRun], parallel: int, context: RunContext) -> Iterator[RunOutcome]:
     """Each run's outcome as it ends: one after the other, or ``parallel`` at a time in threads
     (one driver, one Ray), each run started once the runs it waits for (:func:`dependencies`)
     have ended."""
@@ -492,7 +516,7 @@ def _in_order(
     if parallel == 1:
         for index, item in enumerate(runs, 1):
             logger.info("sweep run %d/%d: %s", index, total, item.label)
-            yield _one_run(item, root, parent, sweep_id, run)
+            yield _one_run(item, context)
         return
     waits, done = dependencies(runs), set[int]()
     pending = list(range(total))
@@ -503,20 +527,24 @@ def _in_order(
                 pending.remove(index)
                 item = runs[index]
                 logger.info("sweep run %d/%d: %s", total - len(pending), total, item.label)
-                active[pool.submit(_one_run, item, root, parent, sweep_id, run)] = index
+                active[pool.submit(_one_run, item, context)] = index
             finished, _ = wait(active, return_when=FIRST_COMPLETED)
             for future in finished:
                 done.add(active.pop(future))
                 yield future.result()
 
 
-def _one_run(
-    item: SweepRun, root: str, parent: str, sweep_id: str, run: Callable[..., RunSummary]
-) -> RunOutcome:
+def _one_run(item: SweepRun, context: RunContext) -> RunOutcome:
     started = time.perf_counter()
-    tags = {SWEEP_TAG: sweep_id, ROW_TAG: item.row, "pseudoflow.seed": str(item.seed)}
+    tags = {SWEEP_TAG: context.sweep_id, ROW_TAG: item.row, "pseudoflow.seed": str(item.seed)}
     try:
-        summary = run(item.config, root, parent_id=parent, tags=tags)
+        summary = context.run(
+            item.config,
+            context.root,
+            parent_id=context.parent,
+            tags=tags,
+            source=context.sources.of(item.config),
+        )
     except Exception as exc:  # the sweep goes on: the row counts the failure
         logger.error("sweep run %s failed: %s", item.label, exc)
         outcome = RunOutcome(item.row, item.reference, item.seed, error=str(exc) or repr(exc))

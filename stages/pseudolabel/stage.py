@@ -54,7 +54,8 @@ logger = logging.getLogger(__name__)
 # The policies computed from the teacher's signals (what a report or a benchmark compares).
 SIGNAL_POLICIES = ("threshold", "s4mc", "csl", "wpl")
 # Every policy a config may name: ``ground_truth`` labels from the unlabeled split's masks.
-POLICIES = (*SIGNAL_POLICIES, "ground_truth")
+GROUND_TRUTH = "ground_truth"
+POLICIES = (*SIGNAL_POLICIES, GROUND_TRUTH)
 
 PSEUDOLABELS_SCHEMA = pa.schema(
     [
@@ -224,7 +225,7 @@ def batch_policy_maps(
     maps: ``label`` int64, ``keep`` bool, ``weight`` float in [0, 1] (before
     ``weight_offset``), and the policy's extra maps.
     """
-    if cfg.policy == "ground_truth":
+    if cfg.policy == GROUND_TRUTH:
         raise ValueError(
             "the ground_truth policy labels from the unlabeled images' masks, not from teacher "
             "signals: see ground_truth_maps"
@@ -683,7 +684,7 @@ def run(
     """
     import ray
 
-    if cfg.policy == "ground_truth":
+    if cfg.policy == GROUND_TRUTH:
         if images is None:
             raise ValueError("the ground_truth policy needs the images dataset (their masks)")
         check_masks(images)

@@ -33,6 +33,7 @@ from pipeline.sweep import (
 )
 from pipeline.tracking import Tracker
 from stages.core.storage import Storage
+from stages.ingest.folder import SourceError
 from tests.conftest import write_png
 
 
@@ -226,7 +227,13 @@ def test_the_sweep_run_holds_its_pipeline_runs_and_table(tmp_path: Path) -> None
     figures = {(0.8, 0): 0.61, (0.8, 1): 0.63, (0.9, 0): 0.52}  # tau 0.9, seed 1 fails
 
     def pipeline(
-        config: Any, root: str, until: str | None = None, *, parent_id: str, tags: dict[str, str]
+        config: Any,
+        root: str,
+        until: str | None = None,
+        *,
+        parent_id: str,
+        tags: dict[str, str],
+        source: Any,
     ) -> RunSummary:
         tracker = Tracker(uri, config.tracking.experiment)
         run = tracker.start_run("child", tags, parent_id=parent_id)
@@ -305,7 +312,13 @@ def test_a_parallel_sweep_starts_each_run_after_those_it_waits_for(tmp_path: Pat
     both_firsts = threading.Barrier(2, timeout=30)
 
     def pipeline(
-        config: Any, root: str, until: str | None = None, *, parent_id: str, tags: dict[str, str]
+        config: Any,
+        root: str,
+        until: str | None = None,
+        *,
+        parent_id: str,
+        tags: dict[str, str],
+        source: Any,
     ) -> RunSummary:
         name = "ingest" if until else f"{tags[ROW_TAG]} (seed {config.seed})"
         with lock:
@@ -338,3 +351,50 @@ def test_a_parallel_sweep_starts_each_run_after_those_it_waits_for(tmp_path: Pat
         for earlier in wait_for:
             assert ended[runs[earlier].label] < started[runs[index].label]
     assert running[1] <= 3  # never more than sweep.parallel at once
+
+
+def test_each_data_section_is_listed_once_and_each_run_checked_against_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs get the sweep's listing of their own data (not one listing per run: at a million
+    images a listing takes minutes); a grid axis over data.* gets its own listing, and its
+    splits are checked against it before anything runs."""
+    import pipeline.sweep as sweep_module
+
+    listed: list[int] = []
+    real = sweep_module.source_items
+
+    def counting(config: Any, storage: Storage) -> Any:
+        listed.append(config.data.generated.num_unlabeled)
+        return real(config, storage)
+
+    monkeypatch.setattr(sweep_module, "source_items", counting)
+    given: list[tuple[int, int]] = []
+
+    def pipeline(config: Any, root: str, until: str | None = None, **kw: Any) -> RunSummary:
+        items, _ = kw["source"]
+        given.append(
+            (config.data.generated.num_unlabeled, sum(i.split == "unlabeled" for i in items))
+        )
+        summary = RunSummary("p", "", kw["tags"][SWEEP_TAG], root)
+        summary.metrics = {"evaluate.student_miou": 0.5}
+        return summary
+
+    grid = parse_grid(["pseudolabel.tau=0.8,0.9", "data.generated.num_unlabeled=12,6"])
+    config = with_sweep(_smoke(tmp_path), grid, seeds=2, references=False)
+    run_sweep(config, str(tmp_path / "root"), run=pipeline)
+    assert sorted(listed) == [6, 12]  # once per data section, not once per run (8 runs)
+    assert sorted(given) == [(6, 6)] * 4 + [(12, 12)] * 4
+    # a data axis that empties the unlabeled split is refused before any run, naming the row
+    import shutil
+
+    full, bare = tmp_path / "full", tmp_path / "bare"
+    _folder_source(full, masked_unlabeled=True)
+    shutil.copytree(full, bare)
+    (bare / "splits" / "unlabeled.txt").unlink()
+    folders = _smoke(tmp_path, "data.source=folder", f"data.root={full}", "data.num_classes=2")
+    empty = with_sweep(folders, parse_grid([f"data.root={full},{bare}"]), references=False)
+    given.clear()
+    with pytest.raises(SourceError, match=r"row 'root=.*bare'\): the unlabeled split is empty"):
+        run_sweep(empty, str(tmp_path / "root2"), run=pipeline)
+    assert given == []
