@@ -286,9 +286,10 @@ def report(
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     click.echo(f"report: {made.location}/index.html")
+    width = max((len(q.policy) for q in made.quality), default=0)
     for quality in made.quality:
         click.echo(
-            f"  {quality.policy:10} coverage {quality.coverage:.4f}  precision "
+            f"  {quality.policy:{width}}  coverage {quality.coverage:.4f}  precision "
             f"{quality.precision:.4f}  ({quality.source})"
         )
     if made.mlflow_run_id:

@@ -25,7 +25,7 @@ from stages.core.config import StrictModel
 from stages.detect import DetectConfig
 from stages.evaluate import EvaluateConfig
 from stages.ingest.config import DataConfig
-from stages.pseudolabel.stage import PseudolabelConfig
+from stages.pseudolabel.stage import GROUND_TRUTH, PseudolabelConfig
 from stages.segtrain import SegTrainConfig, StudentConfig
 from stages.teach import TeachConfig
 from stages.train_detector import DetectorConfig
@@ -287,6 +287,8 @@ def run_params(config: PipelineConfig) -> dict[str, str]:
     ]
     if not config.detector.enabled:
         unused += ["detector.", "detect."]
+    if config.pseudolabel.policy == GROUND_TRUTH:
+        unused.append("pseudolabel.tau")  # the masks are the labels: no threshold applies
     unused.append("sweep.")  # the sweep's own run logs it
     return {
         key: redact(",".join(map(str, value)) if isinstance(value, list) else str(value))

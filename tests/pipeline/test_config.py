@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, builtin_configs, flatten, load_config, to_yaml
+from pipeline.config import (
+    ConfigError,
+    builtin_configs,
+    flatten,
+    load_config,
+    run_params,
+    to_yaml,
+)
 from pipeline.graph import Round, planned, random_start_warnings
 from tests.conftest import STAGE_NAMES, run_cli
 
@@ -167,6 +174,13 @@ def test_flatten_gives_dotted_string_params() -> None:
     flat = flatten(load_config("smoke"))
     assert flat["pseudolabel.tau"] == "0.95"
     assert flat["data.generated.num_labeled"] == "8"
+
+
+def test_run_params_leave_out_tau_where_the_masks_are_the_labels() -> None:
+    assert run_params(load_config("smoke"))["pseudolabel.tau"] == "0.95"
+    truth = run_params(load_config("smoke", ["pseudolabel.policy=ground_truth"]))
+    assert truth["pseudolabel.policy"] == "ground_truth"
+    assert "pseudolabel.tau" not in truth
 
 
 def test_cli_unknown_key_exits_nonzero_before_work(tmp_path: Path) -> None:
