@@ -192,7 +192,8 @@ def _run_sweep(cfg: PipelineConfig, root: str, json_path: str | None) -> None:
     import json
 
     from pipeline.redact import redact
-    from pipeline.sweep import format_table, run_sweep
+    from pipeline.sweep import run_sweep
+    from pipeline.sweep_table import format_table
     from stages.core.detectors import BackendUnavailable
     from stages.ingest.folder import SourceError
 

@@ -15,19 +15,14 @@ under ``<root>/sweeps/<sweep id>/``, rewritten after each run, so a sweep stoppe
 what it measured. A run that fails is logged, counted in its row and the sweep goes on; the
 sweep then ends with the runs that failed named.
 
-The gap-closing ratio of a row is g = (mIoU_row - mIoU_supervised) / (mIoU_full -
-mIoU_supervised), from the means over seeds; it is given where both reference rows are in the
-sweep and full is above supervised.
+The table (and the gap-closing ratio g) is :mod:`pipeline.sweep_table`'s.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import logging
-import math
 import secrets
 import threading
 import time
@@ -37,7 +32,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
 import yaml
 
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides, to_yaml, validate
@@ -49,6 +43,7 @@ from pipeline.runner import (
     source_items,
     tracking_uri,
 )
+from pipeline.sweep_table import RunOutcome, format_table, row_metrics, summarize, to_csv
 from pipeline.tracking import Tracker, artifact_location, source_tags
 from stages.core.storage import Storage
 from stages.ingest.folder import SourceItem
@@ -222,25 +217,6 @@ def unusable_references(config: PipelineConfig, items: Sequence[SourceItem]) -> 
 
 
 # ------------------------------------------------------------------------------ the outcome
-@dataclass
-class RunOutcome:
-    """What one run of the sweep gave (``error``: why it failed)."""
-
-    row: str
-    reference: bool
-    seed: int
-    run_id: str = ""
-    mlflow_run_id: str = ""
-    miou: float | None = None
-    teacher_miou: float | None = None
-    coverage: float | None = None
-    precision: float | None = None
-    stages_run: int = 0
-    stages_reused: int = 0
-    seconds: float = 0.0
-    error: str | None = None
-
-
 def outcome_of(run: SweepRun, summary: RunSummary, seconds: float) -> RunOutcome:
     """The run's row figures from its summary: the final student's val mIoU, the teacher's, and
     the final round's pseudo-label coverage and precision (where it learns from them: alpha > 0)."""
@@ -262,122 +238,6 @@ def outcome_of(run: SweepRun, summary: RunSummary, seconds: float) -> RunOutcome
         hits,
         seconds,
     )
-
-
-def _mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return float(np.mean(present)) if present else None
-
-
-def summarize(outcomes: Sequence[RunOutcome], order: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """One row per table row, in ``order`` (the plan's; then any other in first-run order): ``miou_mean`` and ``miou_std`` (sample std over
-    the seeds that ran; 0 with one), ``miou_per_seed``, ``teacher_miou``, mean ``coverage`` and
-    ``precision`` (None where the row learns nothing from pseudo-labels), ``gap_closing``, the
-    stages run and reused over its seeds, seconds, and the seeds that failed."""
-    present = {o.row for o in outcomes}
-    names = list(dict.fromkeys([n for n in order if n in present] + [o.row for o in outcomes]))
-    by_name = {name: [o for o in outcomes if o.row == name] for name in names}
-    means = {
-        name: _mean([o.miou for o in rows if o.error is None]) for name, rows in by_name.items()
-    }
-    low, high = means.get("supervised"), means.get("full")
-    gap = high - low if low is not None and high is not None else math.nan
-    table = []
-    for name, rows in by_name.items():
-        done = [o for o in rows if o.error is None and o.miou is not None]
-        mious = [float(o.miou) for o in done if o.miou is not None]
-        mean = means[name]
-        table.append(
-            {
-                "row": name,
-                "reference": rows[0].reference,
-                "seeds": [o.seed for o in done],
-                "miou_mean": mean,
-                "miou_std": float(np.std(mious, ddof=1)) if len(mious) > 1 else 0.0,
-                "miou_per_seed": mious,
-                "gap_closing": (mean - low) / gap
-                if gap > 0 and mean is not None and low is not None
-                else None,
-                "teacher_miou": _mean([o.teacher_miou for o in done]),
-                "coverage": _mean([o.coverage for o in done]),
-                "precision": _mean([o.precision for o in done]),
-                "stages_run": sum(o.stages_run for o in rows),
-                "stages_reused": sum(o.stages_reused for o in rows),
-                "seconds": float(sum(o.seconds for o in rows)),
-                "failed": {str(o.seed): o.error for o in rows if o.error is not None},
-                "runs": [o.run_id for o in done],
-            }
-        )
-    return table
-
-
-CSV_COLUMNS = (
-    "row",
-    "reference",
-    "seeds",
-    "miou_mean",
-    "miou_std",
-    "gap_closing",
-    "teacher_miou",
-    "coverage",
-    "precision",
-    "stages_run",
-    "stages_reused",
-    "seconds",
-    "failed",
-)
-
-
-def to_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """The table's scalar columns (``seeds``: their count; ``failed``: the failed seeds)."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        cells = {k: row[k] for k in CSV_COLUMNS}
-        cells["seeds"] = len(row["seeds"])
-        cells["failed"] = " ".join(sorted(row["failed"]))
-        writer.writerow({k: "" if v is None else v for k, v in cells.items()})
-    return buffer.getvalue()
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The table as text: mIoU mean ± std over the seeds that ran, g, the pseudo-labels' coverage
-    and precision, how many stages ran and how many were reused."""
-    width = max([14, *(len(r["row"]) for r in rows)])
-    head = f"{'row':<{width}} {'val mIoU':>17} {'g':>7} {'coverage':>9} {'precision':>9}"
-    lines = [head + f" {'stages ran/reused':>18}"]
-    for row in rows:
-        if row["miou_mean"] is None:
-            miou = "failed"
-        else:
-            miou = f"{row['miou_mean']:.4f} ± {row['miou_std']:.4f}"
-        seeds = f" ({len(row['seeds'])})" if row["failed"] else ""
-        cells = [_cell(row["gap_closing"], 7), _cell(row["coverage"], 9)]
-        cells.append(_cell(row["precision"], 9))
-        stages = f"{row['stages_run']}/{row['stages_reused']}"
-        lines.append(f"{row['row']:<{width}} {miou + seeds:>17} {' '.join(cells)} {stages:>18}")
-    return "\n".join(lines)
-
-
-def _cell(value: float | None, width: int) -> str:
-    return f"{'-' if value is None else f'{value:.3f}':>{width}}"
-
-
-def row_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """MLflow metrics of the table: ``<row>.miou_mean``, ``.miou_std``, ``.gap_closing``, ...
-    (a row's name with what MLflow names refuse, such as ``=``, made ``-``)."""
-    keys = ("miou_mean", "miou_std", "gap_closing", "coverage", "precision")
-    return {
-        f"{metric_name(row['row'])}.{key}": float(row[key])
-        for row in rows
-        for key in keys
-        if row.get(key) is not None
-    }
-
-
-def metric_name(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "_-./" else "-" for c in text.replace(" ", "_"))
 
 
 # ------------------------------------------------------------------------------------ running

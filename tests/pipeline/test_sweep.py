@@ -18,19 +18,15 @@ from pipeline.runner import RunSummary, source_items
 from pipeline.sweep import (
     ROW_TAG,
     SWEEP_TAG,
-    RunOutcome,
     dependencies,
     expand,
-    format_table,
     parse_grid,
-    row_metrics,
     row_name,
     run_sweep,
-    summarize,
-    to_csv,
     unusable_references,
     with_sweep,
 )
+from pipeline.sweep_table import RunOutcome, format_table, row_metrics, summarize, to_csv
 from pipeline.tracking import Tracker
 from stages.core.storage import Storage
 from stages.ingest.folder import SourceError
