@@ -16,6 +16,7 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -160,10 +161,15 @@ def new_run_id(config: PipelineConfig) -> str:
     return f"{config.name}-{stamp}-{secrets.token_hex(3)}"
 
 
+# One ``ray.init`` per process: a parallel sweep's runs call :func:`init_ray` from several threads
+# at once (where their ingest came from the cache, nothing started Ray before them).
+_RAY_INIT = threading.Lock()
+
+
 def init_ray(config: PipelineConfig, uri: str) -> None:
     """Join the cluster at ``RAY_ADDRESS`` if set (``local``: always start a new local Ray), else
     Ray's default (the cluster ``ray start`` left on this machine, or a new local Ray); MLflow's
-    URI reaches every worker.
+    URI reaches every worker. Thread-safe: the first caller starts Ray, the others wait for it.
 
     What the workers print (Ray Train's and Ray Data's chatter, each training step, Ray's C++
     errors and deprecation warnings) reaches this console only when it is verbose; otherwise it
@@ -175,8 +181,14 @@ def init_ray(config: PipelineConfig, uri: str) -> None:
     progress.set_interactive(interactive)
     if not interactive:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray reads it as it prints each line
-    if ray.is_initialized():
-        return
+    with _RAY_INIT:
+        if not ray.is_initialized():
+            _start_ray(config, uri, interactive)
+
+
+def _start_ray(config: PipelineConfig, uri: str, interactive: bool) -> None:
+    import ray
+
     env = {"MLFLOW_TRACKING_URI": uri, "RAY_USAGE_STATS_ENABLED": "0"}
     address = os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"log_to_driver": progress.verbose()}

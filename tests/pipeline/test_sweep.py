@@ -7,6 +7,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import threading
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -394,3 +398,33 @@ def test_each_data_section_is_listed_once_and_each_run_checked_against_its_own(
     with pytest.raises(SourceError, match=r"row 'root=.*bare'\): the unlabeled split is empty"):
         run_sweep(empty, str(tmp_path / "root2"), run=pipeline)
     assert given == []
+
+
+def test_parallel_runs_start_ray_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parallel sweep whose ingest came from the cache: its first runs reach ``init_ray`` at
+    once, and only one may call ``ray.init`` (a second raised "called ray.init twice" and failed
+    its run)."""
+    import ray
+
+    from pipeline import runner
+
+    calls: list[str] = []
+    started = threading.Event()
+
+    def fake_init(**kwargs: Any) -> Any:
+        if started.is_set():
+            raise RuntimeError("Maybe you called ray.init twice by accident?")
+        calls.append(threading.current_thread().name)
+        time.sleep(0.2)  # Ray takes seconds to start: every other thread arrives meanwhile
+        started.set()
+        return types.SimpleNamespace(dashboard_url=None)
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "is_initialized", started.is_set)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = load_config("smoke")
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(runner.init_ray, config, "sqlite:///x.db") for _ in range(4)]
+        errors = [f.exception() for f in futures]
+    assert errors == [None] * 4
+    assert len(calls) == 1
