@@ -8,13 +8,13 @@ import io
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
 from stages.core import data
 from stages.core.inference import (
     InferenceConfig,
+    decode_for_inference,
     label_maps,
     load_model,
     pick_device,
@@ -22,7 +22,14 @@ from stages.core.inference import (
 )
 from stages.core.models import segment_logits
 from stages.core.storage import DatasetRef
-from stages.core.tables import drop_null, keep_ids, lookup_columns, read_dataset, read_split
+from stages.core.tables import (
+    DRIVER_SPLIT_BYTES,
+    keep_ids,
+    lookup_columns,
+    read_dataset,
+    read_split_table,
+    split_bytes,
+)
 from stages.pseudolabel.stage import decode_pseudolabels
 
 
@@ -89,17 +96,31 @@ def evaluate_models(
     checkpoints: dict[str, str],
     num_classes: int,
     image_size: int,
+    driver_bytes: int = DRIVER_SPLIT_BYTES,
 ) -> dict[str, dict[str, Any]]:
-    """Val mIoU and per-class IoU of each checkpoint (name -> storage path), in one pass."""
-    rows = predict_split(
-        images,
-        "val",
-        ["image_id", "height", "width", "image", "mask"],
-        ConfusionPredictor,
-        {"checkpoints": checkpoints, "num_classes": num_classes},
-        cfg=cfg,
-        image_size=image_size,
-    ).take_all()
+    """Val mIoU and per-class IoU of each checkpoint (name -> storage path), in one pass: on
+    this process where the val split holds at most ``driver_bytes`` (estimated) and no custom
+    resources are asked for, through Ray Data's actor pool otherwise."""
+    columns = ["image_id", "height", "width", "image", "mask"]
+    if not cfg.resources and 0 < split_bytes(images, "val") <= driver_bytes:
+        table = read_split_table(images, "val", columns)
+        gpus = float(torch.cuda.is_available())
+        predictor = ConfusionPredictor(images.storage.url, checkpoints, num_classes, gpus)
+        rows = []
+        for start in range(0, table.num_rows, cfg.batch_size):
+            part = table.slice(start, cfg.batch_size)
+            batch = {name: part[name].to_numpy(zero_copy_only=False) for name in columns}
+            rows.append(predictor(decode_for_inference(batch, image_size)))
+    else:
+        rows = predict_split(
+            images,
+            "val",
+            columns,
+            ConfusionPredictor,
+            {"checkpoints": checkpoints, "num_classes": num_classes},
+            cfg=cfg,
+            image_size=image_size,
+        ).take_all()
     results = {}
     for name in checkpoints:
         parts = [np.asarray(r[f"confusion_{name}"]) for r in rows]
@@ -133,12 +154,16 @@ def pseudolabel_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def pseudolabel_quality(
-    images: DatasetRef, pseudolabels: DatasetRef, max_images: int = 2000
+    images: DatasetRef,
+    pseudolabels: DatasetRef,
+    max_images: int = 2000,
+    driver_bytes: int = DRIVER_SPLIT_BYTES,
 ) -> dict[str, float]:
     """Coverage (kept / valid pixels) and precision (correct / kept) over the unlabeled images
     that have ground truth (generated data, benchmarks): at most ``max_images`` of them, the
-    first by image id, a fixed sample. Their masks (small PNGs) are broadcast through the object
-    store and looked up by id: no shuffle join."""
+    first by image id, a fixed sample. Their masks (small PNGs) are read on this process and
+    looked up by id: no shuffle join. Pseudo-labels of at most ``driver_bytes`` are counted here
+    too; larger ones by Ray tasks, the masks broadcast through the object store."""
     import ray
 
     table = images.read_table(["image_id", "split"])
@@ -146,28 +171,36 @@ def pseudolabel_quality(
     sample = set(sorted(unlabeled)[:max_images])
     if not sample:
         return {}
-    masks = keep_ids(read_split(images, "unlabeled", ["image_id", "mask"]), sample)
-    truth = pa.Table.from_pylist(drop_null(masks, "mask").take_all())
+    masks = images.read_rows(["mask"], sample)
+    truth = masks.filter(pc.is_valid(masks["mask"]))
     if truth.num_rows == 0:
         return {}
-    labels = read_dataset(pseudolabels, ["image_id", "height", "width", "label", "keep"])
-    counts = (
-        keep_ids(labels, set(truth["image_id"].to_pylist()))
-        .map_batches(
-            lookup_columns,
-            fn_kwargs={"source": ray.put(truth), "names": ["mask"]},
-            batch_format="pyarrow",
+    columns = ["height", "width", "label", "keep"]
+    if pseudolabels.size_bytes() <= driver_bytes:  # on this process: no Ray task to start
+        labels = pseudolabels.read_rows(columns, truth["image_id"].to_pylist())
+        joined = lookup_columns(labels, truth, ["mask"])
+        batch = {name: joined[name].to_numpy(zero_copy_only=False) for name in joined.column_names}
+        counts = pseudolabel_counts(batch)
+    else:
+        labels = read_dataset(pseudolabels, ["image_id", *columns])
+        counts = (
+            keep_ids(labels, set(truth["image_id"].to_pylist()))
+            .map_batches(
+                lookup_columns,
+                fn_kwargs={"source": ray.put(truth), "names": ["mask"]},
+                batch_format="pyarrow",
+            )
+            .map_batches(pseudolabel_counts, batch_format="numpy")
+            .to_pandas()
         )
-        .map_batches(pseudolabel_counts, batch_format="numpy")
-        .to_pandas()
-    )
-    if counts.empty or counts["valid"].sum() == 0:
+        counts = {name: counts[name].to_numpy() for name in ("valid", "kept", "correct")}
+    if len(counts["valid"]) == 0 or counts["valid"].sum() == 0:
         return {}
     kept = float(counts["kept"].sum())
     return {
         "pseudolabel_coverage": kept / float(counts["valid"].sum()),
         "pseudolabel_precision": float(counts["correct"].sum()) / kept if kept else 0.0,
-        "pseudolabel_images_with_truth": float(len(counts)),
+        "pseudolabel_images_with_truth": float(len(counts["valid"])),
     }
 
 

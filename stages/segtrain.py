@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from stages.core import augment, data, fastconv
+from stages.core import augment, data, fastconv, tables
 from stages.core.config import StrictModel
 from stages.core.models import (
     build_segmenter,
@@ -56,7 +56,6 @@ from stages.core.pretrained import (
 )
 from stages.core.progress import Poster
 from stages.core.storage import DatasetRef, Storage
-from stages.core.tables import even_blocks, join_on_image_id, ordered, read_split
 from stages.core.training import (
     CHECKPOINT_FILE,
     TrainingRun,
@@ -670,15 +669,25 @@ def _restore(learner: Learner, rank: int) -> int:
 TRAIN_BLOCK_ROWS = 16
 
 
-def labeled_dataset(images: DatasetRef, image_size: int) -> Any:
+def labeled_dataset(
+    images: DatasetRef, image_size: int, driver_bytes: int = tables.DRIVER_SPLIT_BYTES
+) -> Any:
     """The labeled split as fixed-size arrays, in ``image_id`` order (materialised: it is iterated
     every epoch; ordered, so a run's batches are the same whichever task finished first), in
     blocks of about ``TRAIN_BLOCK_ROWS`` rows (``even_blocks``: the sort's blocks differ run to run,
-    and the loop's local shuffle with them)."""
+    and the loop's local shuffle with them).
+
+    A split of at most ``driver_bytes`` (estimated) is decoded on the driver into the same rows
+    and blocks (``tables.driver_blocks``); a larger one through Ray Data."""
     columns = ["image_id", "height", "width", "image", "mask"]
-    with ordered():
+    if 0 < tables.split_bytes(images, "labeled") <= driver_bytes:
+        table = tables.read_split_table(images, "labeled", columns)
+        return tables.driver_blocks(
+            table, labeled_rows_to_arrays, TRAIN_BLOCK_ROWS, image_size=image_size
+        )
+    with tables.ordered():
         arrays = (
-            read_split(images, "labeled", columns)
+            tables.read_split(images, "labeled", columns)
             .sort("image_id")
             .map_batches(
                 labeled_rows_to_arrays,
@@ -686,12 +695,19 @@ def labeled_dataset(images: DatasetRef, image_size: int) -> Any:
                 batch_size=TRAIN_BLOCK_ROWS,
             )
         )
-        return even_blocks(arrays, TRAIN_BLOCK_ROWS)
+        return tables.even_blocks(arrays, TRAIN_BLOCK_ROWS)
 
 
-def unlabeled_dataset(images: DatasetRef, pseudolabels: DatasetRef, image_size: int) -> Any:
+def unlabeled_dataset(
+    images: DatasetRef,
+    pseudolabels: DatasetRef,
+    image_size: int,
+    driver_bytes: int = tables.DRIVER_SPLIT_BYTES,
+) -> Any:
     """Unlabeled images joined with their pseudo-labels, as fixed-size arrays (materialised), in
-    ``image_id`` order and blocks of about ``TRAIN_BLOCK_ROWS`` rows, as ``labeled_dataset``.
+    ``image_id`` order and blocks of about ``TRAIN_BLOCK_ROWS`` rows, as ``labeled_dataset``
+    (on the driver too where the split and the pseudo-labels together hold at most
+    ``driver_bytes``).
 
     Only image columns are read from ``images``: the ground truth that generated data keeps for
     unlabeled images is never seen by training (but through the ``ground_truth`` policy's
@@ -699,15 +715,24 @@ def unlabeled_dataset(images: DatasetRef, pseudolabels: DatasetRef, image_size: 
     """
     columns = ["height", "width", "label", "keep", "weight", "weight_offset"]
     columns += ["margin", "refined_margin", "trusted", "reliable"]
-    with ordered():
-        pixels = read_split(images, "unlabeled", ["image_id", "image"])
-        joined = join_on_image_id(pixels, pseudolabels, columns, num_partitions=4)
+    pixel_bytes = tables.split_bytes(images, "unlabeled")
+    if pixel_bytes > 0 and pixel_bytes + pseudolabels.size_bytes() <= driver_bytes:
+        pixels = tables.read_split_table(images, "unlabeled", ["image_id", "image"])
+        labels = pseudolabels.read_table(["image_id", *columns])
+        joined = tables.lookup_inner(pixels, labels, columns)
+        if joined.num_rows:
+            return tables.driver_blocks(
+                joined, pseudolabel_rows_to_arrays, TRAIN_BLOCK_ROWS, image_size=image_size
+            )
+    with tables.ordered():
+        pixels = tables.read_split(images, "unlabeled", ["image_id", "image"])
+        joined = tables.join_on_image_id(pixels, pseudolabels, columns, num_partitions=4)
         arrays = joined.sort("image_id").map_batches(
             pseudolabel_rows_to_arrays,
             fn_kwargs={"image_size": image_size},
             batch_size=TRAIN_BLOCK_ROWS,
         )
-        return even_blocks(arrays, TRAIN_BLOCK_ROWS)
+        return tables.even_blocks(arrays, TRAIN_BLOCK_ROWS)
 
 
 def run_segmenter(

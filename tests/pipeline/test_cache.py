@@ -7,6 +7,7 @@ folder where it changes it), so the tests do not depend on each other's order.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +33,10 @@ from stages.core import codec
 from stages.core.cache import ShardPool, new_token, output_dataset, write_shard
 from stages.core.models import build_segmenter
 from stages.core.storage import Storage
+from stages.core.tables import DRIVER_SPLIT_BYTES
+from stages.evaluate import EvaluateConfig, evaluate_models, pseudolabel_quality
 from stages.ingest.generated import GeneratedSpec, generate_dataset
+from stages.segtrain import labeled_dataset, unlabeled_dataset
 from tests.conftest import local_ray, run_cli, stage_outputs, write_png
 from tests.servers import kill_with_env
 
@@ -570,3 +575,51 @@ def _rows(ids: list[str]):
     import pyarrow as pa
 
     return pa.table({"image_id": ids, "value": list(range(len(ids)))})
+
+
+def _blocks(dataset: Any) -> list[dict[str, np.ndarray]]:
+    import ray
+    from ray.data.block import BlockAccessor
+
+    refs = [ref for bundle in dataset.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    return [BlockAccessor.for_block(ray.get(ref)).to_batch_format("numpy") for ref in refs]
+
+
+def test_small_splits_on_the_driver_give_what_ray_data_gives(world: World) -> None:
+    """The labeled and the unlabeled training sets of small splits are decoded on the driver:
+    the same blocks, columns and values as through Ray Data's read, join, sort and map. The val
+    scores and the pseudo-label quality computed there are those of Ray Data's path too."""
+    storage, outputs = Storage(str(world.root)), _outputs(world)
+    images = output_dataset(storage, "images", outputs["images"])
+    labels = output_dataset(storage, "pseudolabels", outputs["pseudolabels"])
+    builds = {
+        "labeled": functools.partial(labeled_dataset, images, 32),
+        "unlabeled": functools.partial(unlabeled_dataset, images, labels, 32),
+    }
+    for name, build in builds.items():
+        ray_data, driver = (_blocks(build(driver_bytes=b)) for b in (0, DRIVER_SPLIT_BYTES))
+        rows = 8 if name == "labeled" else UNLABELED  # the bad items quarantined
+        assert [len(b["image"]) for b in driver] == [len(b["image"]) for b in ray_data] == [rows]
+        for ours, theirs in zip(driver, ray_data, strict=True):
+            assert ours.keys() == theirs.keys(), name
+            for column in ours:
+                assert ours[column].dtype == theirs[column].dtype, (name, column)
+                assert np.array_equal(ours[column], theirs[column]), (name, column)
+    checkpoints = {n: storage.resolve(_outputs(world)[n]["path"]) for n in ("teacher", "student")}
+    scores = [
+        evaluate_models(
+            EvaluateConfig(),
+            images=images,
+            checkpoints=checkpoints,
+            num_classes=4,
+            image_size=32,
+            driver_bytes=b,
+        )
+        for b in (0, DRIVER_SPLIT_BYTES)
+    ]
+    assert scores[0] == scores[1]
+    assert scores[0]["teacher"]["val_pixels"] == 4 * 32 * 32
+    quality = [pseudolabel_quality(images, labels, driver_bytes=b) for b in (0, DRIVER_SPLIT_BYTES)]
+    assert quality[0] == quality[1]
+    assert quality[0]["pseudolabel_coverage"] == world.cold.metrics["evaluate.pseudolabel_coverage"]
+    assert quality[0]["pseudolabel_images_with_truth"] == UNLABELED

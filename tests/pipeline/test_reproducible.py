@@ -20,6 +20,7 @@ from pipeline.runner import RunSummary, run_pipeline
 from stages.core import codec
 from stages.core.cache import output_dataset
 from stages.core.storage import DatasetRef, Storage
+from stages.core.tables import DRIVER_SPLIT_BYTES
 from stages.core.training import endless_batches
 from stages.segtrain import labeled_dataset
 from tests.conftest import local_ray, stage_outputs
@@ -99,20 +100,22 @@ def test_training_sets_are_cut_alike_so_their_shuffled_batches_are_the_same(
     """A training set built twice gives the same blocks and the same shuffled batches. Ray
     Data's sort samples 10 keys a block at random for its boundaries: with more rows a block
     (quickstart: 100 unlabeled a shard) its blocks ended elsewhere each time, and the local
-    shuffle buffer (``endless_batches``), which draws over the blocks it holds, with them."""
+    shuffle buffer (``endless_batches``), which draws over the blocks it holds, with them.
+    Made on the driver (a small split), it gives those blocks and batches too."""
     images = _labeled_images(tmp_path, count=96, shards=4)
     layouts, streams = [], []
     with local_ray():
-        for _ in range(2):
-            dataset = labeled_dataset(images, image_size=8)
+        for driver_bytes in (0, 0, DRIVER_SPLIT_BYTES):  # Ray Data twice, then the driver
+            dataset = labeled_dataset(images, image_size=8, driver_bytes=driver_bytes)
             bundles = dataset.iter_internal_ref_bundles()
             layouts.append([meta.num_rows for bundle in bundles for meta in bundle.metadata])
             batches = endless_batches(dataset.iterator(), batch_size=2, seed=0)
             # 60 batches: the whole first pass (48) and into the second's reshuffle; the image's
             # first pixel is its index
             ids = [next(batches)["image"][:, 0, 0, 0].tolist() for _ in range(60)]
+            batches.close()  # its iterator's clean-up, while Ray is up
             assert sorted(i for batch in ids[:48] for i in batch) == list(range(96))
             streams.append(ids)
-    assert streams[0] == streams[1]
-    assert layouts[0] == layouts[1]
-    assert sum(layouts[0]) == 96
+    assert streams[0] == streams[1] == streams[2]
+    assert layouts[0] == layouts[1] == layouts[2]
+    assert layouts[0] == [16] * 6
