@@ -23,8 +23,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import STAGE_NAMES, run_cli
 from tests.servers import kill_with_env
 
-# A whole pipeline that starts its own Ray (about 3.5 min on 2 cores): the slow step.
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = pytest.mark.ray
 
 
 def _secrets() -> dict[str, str]:
