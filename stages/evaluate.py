@@ -26,9 +26,9 @@ from stages.core.tables import (
     DRIVER_SPLIT_BYTES,
     keep_ids,
     lookup_columns,
+    numpy_batch,
     read_dataset,
-    read_split_table,
-    split_bytes,
+    small_split_ids,
 )
 from stages.pseudolabel.stage import decode_pseudolabels
 
@@ -102,14 +102,14 @@ def evaluate_models(
     this process where the val split holds at most ``driver_bytes`` (estimated) and no custom
     resources are asked for, through Ray Data's actor pool otherwise."""
     columns = ["image_id", "height", "width", "image", "mask"]
-    if not cfg.resources and 0 < split_bytes(images, "val") <= driver_bytes:
-        table = read_split_table(images, "val", columns)
+    ids = None if cfg.resources else small_split_ids(images, "val", driver_bytes)
+    if ids is not None:
+        table = images.read_rows(columns[1:], ids).sort_by("image_id")
         gpus = float(torch.cuda.is_available())
         predictor = ConfusionPredictor(images.storage.url, checkpoints, num_classes, gpus)
         rows = []
         for start in range(0, table.num_rows, cfg.batch_size):
-            part = table.slice(start, cfg.batch_size)
-            batch = {name: part[name].to_numpy(zero_copy_only=False) for name in columns}
+            batch = numpy_batch(table.slice(start, cfg.batch_size))
             rows.append(predictor(decode_for_inference(batch, image_size)))
     else:
         rows = predict_split(
@@ -178,9 +178,7 @@ def pseudolabel_quality(
     columns = ["height", "width", "label", "keep"]
     if pseudolabels.size_bytes() <= driver_bytes:  # on this process: no Ray task to start
         labels = pseudolabels.read_rows(columns, truth["image_id"].to_pylist())
-        joined = lookup_columns(labels, truth, ["mask"])
-        batch = {name: joined[name].to_numpy(zero_copy_only=False) for name in joined.column_names}
-        counts = pseudolabel_counts(batch)
+        counts = pseudolabel_counts(numpy_batch(lookup_columns(labels, truth, ["mask"])))
     else:
         labels = read_dataset(pseudolabels, ["image_id", *columns])
         counts = (

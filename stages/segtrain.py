@@ -680,8 +680,9 @@ def labeled_dataset(
     A split of at most ``driver_bytes`` (estimated) is decoded on the driver into the same rows
     and blocks (``tables.driver_blocks``); a larger one through Ray Data."""
     columns = ["image_id", "height", "width", "image", "mask"]
-    if 0 < tables.split_bytes(images, "labeled") <= driver_bytes:
-        table = tables.read_split_table(images, "labeled", columns)
+    ids = tables.small_split_ids(images, "labeled", driver_bytes)
+    if ids is not None:
+        table = images.read_rows(columns[1:], ids).sort_by("image_id")
         return tables.driver_blocks(
             table, labeled_rows_to_arrays, TRAIN_BLOCK_ROWS, image_size=image_size
         )
@@ -715,12 +716,12 @@ def unlabeled_dataset(
     """
     columns = ["height", "width", "label", "keep", "weight", "weight_offset"]
     columns += ["margin", "refined_margin", "trusted", "reliable"]
-    pixel_bytes = tables.split_bytes(images, "unlabeled")
-    if pixel_bytes > 0 and pixel_bytes + pseudolabels.size_bytes() <= driver_bytes:
-        pixels = tables.read_split_table(images, "unlabeled", ["image_id", "image"])
-        labels = pseudolabels.read_table(["image_id", *columns])
-        joined = tables.lookup_inner(pixels, labels, columns)
-        if joined.num_rows:
+    ids = tables.small_split_ids(images, "unlabeled", driver_bytes, pseudolabels.size_bytes())
+    if ids is not None:
+        labels = pseudolabels.read_rows(columns, ids)
+        pixels = images.read_rows(["image"], labels["image_id"].to_pylist())
+        joined = tables.lookup_inner(pixels.sort_by("image_id"), labels, columns)
+        if joined.num_rows:  # none: Ray Data's path makes the empty set the loop refuses
             return tables.driver_blocks(
                 joined, pseudolabel_rows_to_arrays, TRAIN_BLOCK_ROWS, image_size=image_size
             )

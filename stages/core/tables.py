@@ -60,26 +60,32 @@ def even_cuts(rows: int, blocks: int) -> list[int]:
     return cuts
 
 
-# A training split up to this size (its share of the stored table's bytes) is decoded on the
-# driver and handed to Ray Train as ready blocks. Through Ray Data the read, sort, map and two
-# materialisations of a few dozen rows cost 12 to 17 s of task scheduling on 2 cores (measured on
-# the smoke config's 12 labeled images), a fixed cost every teacher and student paid twice.
+# A split up to this size (its share of the stored table's bytes) is decoded or scored on the
+# driver. Through Ray Data the read, sort, map and two materialisations of a few dozen rows cost
+# 12 to 17 s of task scheduling on 2 cores (measured on the smoke config's 12 labeled images): a
+# fixed cost the student paid twice, the teacher, the detector and evaluate once or twice each.
 DRIVER_SPLIT_BYTES = 64 << 20
 
 
-def split_bytes(images: DatasetRef, split: str) -> int:
-    """An estimate of one split's stored bytes: the table's size times the split's share of its
-    rows (one read of the ``split`` column on the driver)."""
-    column = images.read_table(["split"])["split"]
-    rows = int(pc.sum(pc.equal(column, split)).as_py() or 0)
-    return images.size_bytes() * rows // max(len(column), 1)
+def small_split_ids(
+    images: DatasetRef, split: str, budget: int, extra_bytes: int = 0
+) -> set[str] | None:
+    """The ids of one split where it is small enough for the driver: it has rows, and its
+    estimated stored bytes (the table's size times the split's share of its rows) plus
+    ``extra_bytes`` are at most ``budget``; else ``None``. One read of two columns."""
+    table = images.read_table(["image_id", "split"])
+    ids = table.filter(pc.equal(table["split"], split))["image_id"]
+    if len(ids) == 0:
+        return None
+    estimate = images.size_bytes() * len(ids) // table.num_rows
+    return set(ids.to_pylist()) if estimate + extra_bytes <= budget else None
 
 
-def read_split_table(images: DatasetRef, split: str, columns: list[str]) -> pa.Table:
-    """One split's rows with ``columns`` (``image_id`` first), read on the driver, sorted by
-    ``image_id``."""
-    rows = images.read_rows([c for c in columns if c != "image_id"], split_ids(images, split))
-    return rows.sort_by("image_id")
+def numpy_batch(table: pa.Table) -> dict[str, Any]:
+    """``table`` as the numpy batch Ray Data's ``map_batches`` hands a function."""
+    from ray.data.block import BlockAccessor
+
+    return BlockAccessor.for_block(table).to_batch_format("numpy")
 
 
 def driver_blocks(
@@ -96,7 +102,7 @@ def driver_blocks(
     bounds = [0, *even_cuts(count, max(1, math.ceil(count / rows))), count]
     blocks = []
     for start, end in itertools.pairwise(bounds):
-        batch = BlockAccessor.for_block(table.slice(start, end - start)).to_batch_format("numpy")
+        batch = numpy_batch(table.slice(start, end - start))
         blocks.append(BlockAccessor.batch_to_block(to_arrays(batch, **kwargs)))
     return ray.data.from_blocks(blocks)
 
