@@ -26,6 +26,7 @@ import yaml
 from pipeline.config import PipelineConfig
 from pipeline.graph import Context, all_stages
 from pipeline.redact import MASK, redact
+from pipeline.source import source_folder
 from stages.core.cache import (
     ATTEMPTS,
     ENTRY_FILE,
@@ -70,8 +71,6 @@ def plan(config: PipelineConfig, root: str) -> list[PlanRow]:
     """For each stage: reuse (the committed key) or run, and why: the config fields or inputs
     that differ from the newest entry of that stage, or the upstream stage that must run first.
     Reads only manifests and records; writes nothing (not even the generated source)."""
-    from pipeline.runner import source_folder
-
     storage = Storage(root)
     folder = source_folder(config, storage, create=False)
     rows: list[PlanRow] = []

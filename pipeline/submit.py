@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
+from pipeline.provenance import COMMIT_ENV, git_commit
 from pipeline.redact import has_password, secret_query_names
-from pipeline.source import COMMIT_ENV, git_commit
 from stages.core.progress import WORKER_SETUP_HOOK
 
 if TYPE_CHECKING:

@@ -36,13 +36,8 @@ import yaml
 
 from pipeline.config import ConfigError, PipelineConfig, apply_overrides, to_yaml, validate
 from pipeline.graph import check_splits, split_counts
-from pipeline.runner import (
-    RunSummary,
-    resolve_root,
-    run_pipeline,
-    source_items,
-    tracking_uri,
-)
+from pipeline.runner import RunSummary, resolve_root, run_pipeline, tracking_uri
+from pipeline.source import source_items
 from pipeline.sweep_table import RunOutcome, format_table, row_metrics, summarize, to_csv
 from pipeline.tracking import Tracker, artifact_location, source_tags
 from stages.core.storage import Storage

@@ -21,8 +21,8 @@ from typing import Any
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 
+from pipeline.provenance import git_commit
 from pipeline.redact import redact
-from pipeline.source import git_commit
 
 logger = logging.getLogger(__name__)
 

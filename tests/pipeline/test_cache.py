@@ -26,8 +26,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.cache import collect_garbage, iter_entries, plan, verify_entry
 from pipeline.config import PipelineConfig, load_config
+from pipeline.provenance import git_commit
 from pipeline.runner import RunSummary, run_pipeline
-from pipeline.source import git_commit
 from pipeline.tracking import referenced_keys
 from stages.core import codec
 from stages.core.cache import ShardPool, new_token, output_dataset, write_shard

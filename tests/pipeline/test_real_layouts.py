@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.runner import RunSummary, run_pipeline, source_items
+from pipeline.runner import RunSummary, run_pipeline
+from pipeline.source import source_items
 from stages.core.cache import output_dataset
 from stages.core.detectors import DEFAULT_ARCHITECTURES
 from stages.core.models import load_checkpoint

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.source import COMMIT_ENV, git_commit
+from pipeline.provenance import COMMIT_ENV, git_commit
 from pipeline.submit import (
     SUBMITTED_CONFIG,
     SubmitError,

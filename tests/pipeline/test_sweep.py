@@ -18,7 +18,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError, load_config
-from pipeline.runner import RunSummary, source_items
+from pipeline.runner import RunSummary
+from pipeline.source import source_items
 from pipeline.sweep import (
     ROW_TAG,
     SWEEP_TAG,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.runner import source_items
+from pipeline.source import source_items
 from stages.core.storage import Storage
 from stages.ingest import stage as ingest
 from stages.ingest.config import DataConfig

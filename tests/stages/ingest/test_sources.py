@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.runner import source_folder, source_items
+from pipeline.source import source_folder, source_items
 from stages.core.storage import Storage
 from stages.ingest.config import DataConfig
 from stages.ingest.voc import enumerate_voc

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.source import COMMIT_ENV, git_commit
+from pipeline.provenance import COMMIT_ENV, git_commit
 
 
 def _git(folder: Path, *args: str) -> str:
