@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.core.data import IGNORE_INDEX
+from stages.core.constants import IGNORE_INDEX
 
 IGNORE_COLOUR = (255, 255, 255)
 DROPPED_GREY = 96  # a pseudo-label's dropped pixels

@@ -18,10 +18,11 @@ from pipeline.config import PipelineConfig, to_yaml
 from pipeline.models import store_export
 from stages import detect, evaluate, segtrain, teach, train_detector
 from stages.core.cache import ShardPool, digest_json, file_digest, output_dataset
+from stages.core.constants import SPLITS
 from stages.core.inference import InferenceConfig, resolve_gpus
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest import stage as ingest
-from stages.ingest.folder import SPLITS, SourceError, SourceItem
+from stages.ingest.folder import SourceError, SourceItem
 from stages.pseudolabel import stage as pseudolabel
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,8 @@ from pipeline.redact import redact
 from stages import evaluate
 from stages.core import codec
 from stages.core.cache import CacheEntry, cache_key, output_dataset
-from stages.core.data import IGNORE_INDEX
+from stages.core.constants import IGNORE_INDEX
+from stages.core.metrics import LabelCounts
 from stages.core.storage import DatasetRef, Storage
 from stages.pseudolabel import stage as pseudolabel
 from stages.teach import MAPS, decode_signals
@@ -137,9 +138,7 @@ class PolicyQuality:
 
     policy: str
     source: str  # where the maps came from
-    valid: int = 0
-    kept: int = 0
-    correct: int = 0
+    counts: LabelCounts = field(default_factory=LabelCounts)
     images: int = 0
     weights: list[np.ndarray] = field(default_factory=list)
 
@@ -147,22 +146,18 @@ class PolicyQuality:
         self, label: np.ndarray, keep: np.ndarray, weight: np.ndarray, truth: np.ndarray
     ) -> None:
         """label: int[H, W]; keep: bool[H, W]; weight: float[H, W]; truth: int[H, W] (255 unknown)."""
-        known = truth != IGNORE_INDEX
-        kept = keep & known
-        self.valid += int(known.sum())
-        self.kept += int(kept.sum())
-        self.correct += int((kept & (label == truth)).sum())
+        self.counts += LabelCounts.of(label, keep, truth)
         self.images += 1
         if sum(w.size for w in self.weights) < MAX_WEIGHTS:
             self.weights.append(weight[keep].astype(np.float32))
 
     @property
     def coverage(self) -> float:
-        return self.kept / self.valid if self.valid else 0.0
+        return self.counts.coverage
 
     @property
     def precision(self) -> float:
-        return self.correct / self.kept if self.kept else 0.0
+        return self.counts.precision
 
     def weight_values(self) -> np.ndarray:
         return np.concatenate(self.weights) if self.weights else np.zeros(0, np.float32)

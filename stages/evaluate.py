@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import torch
 
 from stages.core import data
+from stages.core.constants import IGNORE_INDEX
 from stages.core.inference import (
     InferenceConfig,
     decode_for_inference,
@@ -20,6 +21,7 @@ from stages.core.inference import (
     pick_device,
     predict_split,
 )
+from stages.core.metrics import LabelCounts, confusion, iou_from_confusion
 from stages.core.models import segment_logits
 from stages.core.storage import DatasetRef
 from stages.core.tables import (
@@ -35,23 +37,6 @@ from stages.pseudolabel.stage import decode_pseudolabels
 
 class EvaluateConfig(InferenceConfig):
     pass
-
-
-def confusion(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
-    """Confusion counts ``int64[C, C]`` (rows: truth, columns: prediction); target 255 ignored."""
-    valid = target != data.IGNORE_INDEX
-    index = target[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64)
-    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def iou_from_confusion(matrix: np.ndarray) -> tuple[np.ndarray, float]:
-    """Per-class IoU = TP / (TP + FP + FN) (NaN for a class absent from truth and prediction),
-    and their mean over the classes that are present."""
-    tp = np.diag(matrix).astype(np.float64)
-    union = matrix.sum(0) + matrix.sum(1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, tp / union, np.nan)
-    return iou, float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
 
 
 class ConfusionPredictor:
@@ -138,7 +123,7 @@ def decode_pseudolabel(
     restricted to the valid pixels."""
     truth = data.decode_mask(mask, int(row["height"]), int(row["width"])).numpy()
     maps = decode_pseudolabels(row, ("label", "keep"))
-    return truth, maps["label"], maps["keep"] & (truth != data.IGNORE_INDEX)
+    return truth, maps["label"], maps["keep"] & (truth != IGNORE_INDEX)
 
 
 def pseudolabel_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -147,9 +132,10 @@ def pseudolabel_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for i in range(len(batch["image_id"])):
         row = {name: batch[name][i] for name in ("label", "keep", "height", "width")}
         truth, label, keep = decode_pseudolabel(batch["mask"][i], row)
-        out["valid"].append(int((truth != data.IGNORE_INDEX).sum()))
-        out["kept"].append(int(keep.sum()))
-        out["correct"].append(int((keep & (label == truth)).sum()))
+        counts = LabelCounts.of(label, keep, truth)
+        out["valid"].append(counts.valid)
+        out["kept"].append(counts.kept)
+        out["correct"].append(counts.correct)
     return {k: np.asarray(v, np.int64) for k, v in out.items()}
 
 
@@ -192,12 +178,12 @@ def pseudolabel_quality(
             .to_pandas()
         )
         counts = {name: counts[name].to_numpy() for name in ("valid", "kept", "correct")}
-    if len(counts["valid"]) == 0 or counts["valid"].sum() == 0:
+    total = LabelCounts(*(int(counts[name].sum()) for name in ("valid", "kept", "correct")))
+    if total.valid == 0:
         return {}
-    kept = float(counts["kept"].sum())
     return {
-        "pseudolabel_coverage": kept / float(counts["valid"].sum()),
-        "pseudolabel_precision": float(counts["correct"].sum()) / kept if kept else 0.0,
+        "pseudolabel_coverage": total.coverage,
+        "pseudolabel_precision": total.precision,
         "pseudolabel_images_with_truth": float(len(counts["valid"])),
     }
 

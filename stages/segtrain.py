@@ -34,6 +34,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from stages.core import augment, data, fastconv, tables
 from stages.core.config import StrictModel
+from stages.core.constants import IGNORE_INDEX
 from stages.core.models import (
     build_segmenter,
     check_arch,
@@ -365,7 +366,7 @@ def train_step(
     sizes = [len(view) for view in views]
     logits_v = logits.float().split(sizes)
     features_v = features.split(sizes) if features is not None else (None,) * len(views)
-    loss_s = F.cross_entropy(logits_v[0], targets[0]["label"], ignore_index=data.IGNORE_INDEX)
+    loss_s = F.cross_entropy(logits_v[0], targets[0]["label"], ignore_index=IGNORE_INDEX)
     loss_u, stats = torch.zeros((), device=device), dict[str, float]()
     if unlabeled is not None:
         loss_u, stats = _unlabeled_loss(
@@ -454,7 +455,7 @@ def _unlabeled_loss(
     maps; ``kept_fraction``: the first view's share of pixels with a weight above 0."""
     losses, weights = [], []
     for view_logits, view_features, view_maps in zip(logits, features, maps, strict=True):
-        valid = view_maps["label"] != data.IGNORE_INDEX
+        valid = view_maps["label"] != IGNORE_INDEX
         weights.append(_live_weight(policy, view_maps, valid, view_features, memory, progress))
         losses.append(weighted_unsup_loss(view_logits, view_maps["label"], weights[-1], valid))
     return torch.stack(losses).mean(), {"kept_fraction": float((weights[0] > 0).float().mean())}

@@ -81,7 +81,7 @@ SIGNALS_SCHEMA = pa.schema(
 )
 
 
-SPLITS = ("labeled", "unlabeled")
+TEACH_SPLITS = ("labeled", "unlabeled")  # the splits a teach stage labels
 
 
 POLICY_NAMES = ("threshold", "s4mc", "csl", "wpl")
@@ -417,7 +417,7 @@ def run(
     (actor pool, a shard committed at a time); commit ``out`` over all of them."""
     return predict_into_pool(
         images,
-        SPLITS,
+        TEACH_SPLITS,
         ["image_id", "height", "width", "image", "split", "mask"],
         TeacherPredictor,
         {

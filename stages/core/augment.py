@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from stages.core.data import IGNORE_INDEX
+from stages.core.constants import IGNORE_INDEX
 
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 LUMA = (0.2989, 0.587, 0.114)

@@ -20,8 +20,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from stages.core import codec
+from stages.core.constants import IGNORE_INDEX
 
-IGNORE_INDEX = 255
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 

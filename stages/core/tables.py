@@ -11,9 +11,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from stages.core.constants import SPLITS
 from stages.core.storage import DatasetRef
-
-SPLITS = ("labeled", "unlabeled", "val")
 
 
 @contextlib.contextmanager

@@ -25,7 +25,8 @@ import posixpath
 
 import fsspec
 
-from stages.ingest.folder import SPLITS, SourceError, SourceItem
+from stages.core.constants import SPLITS
+from stages.ingest.folder import SourceError, SourceItem
 from stages.ingest.lists import (
     check_disjoint,
     file_stem,

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import fsspec
 
+from stages.core.constants import SPLITS
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_SUFFIXES = (".png",)
-SPLITS = ("labeled", "unlabeled", "val")
 
 
 class SourceError(ValueError):

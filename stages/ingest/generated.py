@@ -47,7 +47,6 @@ CLASS_COLOURS = np.array(
 )
 MIN_NUM_CLASSES = 4  # background + at least three shapes
 MIN_IMAGE_SIZE = 16  # below this the smallest shapes may cover no pixel centre
-SPLITS: tuple[str, ...] = ("labeled", "unlabeled", "val")
 STEM_PREFIX = "gen-"
 
 SIZE_RANGE = (0.2, 0.5)  # object extent, as a fraction of the image side

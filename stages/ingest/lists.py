@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterable
 
 import fsspec
 
-from stages.ingest.folder import SPLITS, SourceError
+from stages.core.constants import SPLITS
+from stages.ingest.folder import SourceError
 
 SHOWN = 5  # names quoted in an error message
 

@@ -21,12 +21,12 @@ import pyarrow.compute as pc
 from PIL import Image, UnidentifiedImageError
 
 from stages.core import codec
+from stages.core.constants import IGNORE_INDEX
 from stages.core.storage import DatasetRef
 from stages.ingest.folder import SourceItem
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
 ID_LENGTH = 24  # hex characters of the pixel digest used as image_id (96 bits)
 
 IMAGES_SCHEMA = pa.schema(

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from stages.pseudolabel.ops import IGNORE_INDEX
+from stages.core.constants import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 

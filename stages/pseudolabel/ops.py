@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = 255
 CSL_EPS = 1e-8
 # s_2 is treated as 0 when s_2 <= _CSL_RANK_TOL * s_1, with s_1, s_2 the singular values of X
 # itself (a QR of X, then the 2×2 SVD of R, all in float64), never of the squared Gram matrix.

@@ -31,6 +31,7 @@ from pydantic import Field, Strict, field_validator
 
 from stages.core import codec
 from stages.core.config import StrictModel
+from stages.core.constants import IGNORE_INDEX
 from stages.core.inference import pick_device, write_committed
 from stages.core.storage import DatasetRef
 from stages.core.tables import lookup_columns, read_split, split_ids
@@ -263,7 +264,7 @@ def ground_truth_maps(masks: torch.Tensor) -> dict[str, torch.Tensor]:
     label = masks.long()
     return {
         "label": label,
-        "keep": label != ops.IGNORE_INDEX,
+        "keep": label != IGNORE_INDEX,
         "weight": torch.ones(label.shape, dtype=torch.float32, device=label.device),
     }
 

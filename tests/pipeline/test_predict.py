@@ -23,8 +23,8 @@ from pipeline.models import MODEL_TAG, STUDENT_TAG, load_model, predict_images
 from pipeline.runner import RunSummary, run_pipeline
 from pipeline.tracking import local_uri
 from stages.core import data
+from stages.core.metrics import confusion, iou_from_confusion
 from stages.core.models import load_checkpoint, model_from_checkpoint, resumable_path
-from stages.evaluate import confusion, iou_from_confusion
 from tests.conftest import local_ray, run_cli, stage_outputs
 
 # A whole pipeline run and MLflow exports: the slow step keeps the default suite in its budget.

@@ -14,6 +14,7 @@ import torch
 
 from stages import segtrain
 from stages.core import augment, codec, data, training
+from stages.core.constants import IGNORE_INDEX
 from stages.core.fastconv import DilatedDepthwiseConv2d
 from stages.core.models import load_checkpoint
 from stages.core.storage import Storage
@@ -267,10 +268,10 @@ def test_training_on_non_square_images_squashes_nothing() -> None:
     assert arrays["extent"].tolist() == [[16, 32]] * 8
     for i in range(8):
         label = arrays["label"][i]
-        assert (label[16:] == data.IGNORE_INDEX).all()
+        assert (label[16:] == IGNORE_INDEX).all()
         assert set(np.unique(label[:16]).tolist()) == {1, 2}
         assert _box(label, 2) == (8, 8)
-        assert (arrays["weight"][i] == (label != data.IGNORE_INDEX)).all()
+        assert (arrays["weight"][i] == (label != IGNORE_INDEX)).all()
     cfg = segtrain.SegTrainConfig(steps=2, batch_size=8, scale=(0.75, 1.25))
     learner = segtrain.new_learner(
         cfg, num_classes=3, crop_size=24, seed=0, device=torch.device("cpu")

@@ -7,7 +7,7 @@ import pyarrow as pa
 import torch
 
 from stages.core import codec
-from stages.evaluate import confusion, iou_from_confusion
+from stages.core.metrics import confusion, iou_from_confusion
 from stages.pseudolabel.stage import (
     PSEUDOLABELS_SCHEMA,
     PseudolabelConfig,

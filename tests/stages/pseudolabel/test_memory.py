@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from stages.core.constants import IGNORE_INDEX
 from stages.pseudolabel.memory import (
     QUEUES,
     PrototypeMemory,
@@ -24,7 +25,6 @@ from stages.pseudolabel.memory import (
     select_labeled,
     select_reliable,
 )
-from stages.pseudolabel.ops import IGNORE_INDEX
 from tests.conftest import local_ray
 
 NAN = math.nan

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from stages.core.constants import IGNORE_INDEX
 from stages.pseudolabel import ops
 from stages.pseudolabel.ops import (
-    IGNORE_INDEX,
     csl_features,
     csl_weights,
     detector_reliability,
