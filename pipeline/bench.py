@@ -27,12 +27,8 @@ import torch.nn.functional as F
 
 from stages.core.fastconv import training_layout
 from stages.core.models import build_segmenter, segment_logits
-from stages.pseudolabel.stage import (
-    SIGNAL_POLICIES,
-    PseudolabelConfig,
-    encode_row,
-    policy_maps,
-)
+from stages.pseudolabel.config import SIGNAL_POLICIES, PseudolabelConfig
+from stages.pseudolabel.stage import encode_row, policy_maps
 from stages.teach import SignalSpec, decode_signals, quantized_maps, stored_maps
 
 

@@ -25,7 +25,7 @@ from stages.core.config import StrictModel
 from stages.detect import DetectConfig
 from stages.evaluate import EvaluateConfig
 from stages.ingest.config import DataConfig
-from stages.pseudolabel.stage import GROUND_TRUTH, PseudolabelConfig
+from stages.pseudolabel.config import GROUND_TRUTH, PseudolabelConfig
 from stages.segtrain import SegTrainConfig, StudentConfig
 from stages.teach import TeachConfig
 from stages.train_detector import DetectorConfig

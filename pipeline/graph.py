@@ -24,6 +24,7 @@ from stages.core.storage import DatasetRef, Storage
 from stages.ingest import stage as ingest
 from stages.ingest.folder import SourceError, SourceItem
 from stages.pseudolabel import stage as pseudolabel
+from stages.pseudolabel.config import GROUND_TRUTH
 
 logger = logging.getLogger(__name__)
 
@@ -495,7 +496,7 @@ def _train_student(ctx: Context, round_: Round) -> dict[str, float]:
     }
     extra = {
         **ctx.loop_extra(),
-        "pseudolabel": ctx.config.pseudolabel.model_dump(),
+        "policy": ctx.config.pseudolabel,
     }
     stage = round_.name("train_student")
     metrics = segtrain.run_segmenter(
@@ -554,7 +555,7 @@ def _wpl(config: PipelineConfig) -> bool:
 
 
 def _ground_truth(config: PipelineConfig) -> bool:
-    return config.pseudolabel.policy == pseudolabel.GROUND_TRUTH
+    return config.pseudolabel.policy == GROUND_TRUTH
 
 
 def _round_stages(round_: Round) -> tuple[Stage, Stage, Stage]:

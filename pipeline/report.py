@@ -37,6 +37,7 @@ from stages.core.constants import IGNORE_INDEX
 from stages.core.metrics import LabelCounts
 from stages.core.storage import DatasetRef, Storage
 from stages.pseudolabel import stage as pseudolabel
+from stages.pseudolabel.config import POLICIES, SIGNAL_POLICIES, PseudolabelConfig
 from stages.teach import MAPS, decode_signals
 
 logger = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def stored_labels(
     return output_dataset(storage, "pseudolabels", record["outputs"]["pseudolabels"]), key
 
 
-def _with_policy(config: PipelineConfig, policy: str) -> pseudolabel.PseudolabelConfig:
+def _with_policy(config: PipelineConfig, policy: str) -> PseudolabelConfig:
     return config.pseudolabel.model_copy(update={"policy": policy})
 
 
@@ -246,23 +247,23 @@ def policy_quality(
     images, signals = records.output("ingest", "images"), records.output("teach", "teacher_signals")
     sweep, missing = ConfidenceSweep(), {}
     if images is None or signals is None:
-        return [], sweep, dict.fromkeys(pseudolabel.SIGNAL_POLICIES, "the run stopped before teach")
+        return [], sweep, dict.fromkeys(SIGNAL_POLICIES, "the run stopped before teach")
     truth = _truth_sample(output_dataset(storage, "images", images), limit)
     if not truth:
         reason = "no unlabeled image has ground truth"
-        return [], sweep, dict.fromkeys(pseudolabel.SIGNAL_POLICIES, reason)
+        return [], sweep, dict.fromkeys(SIGNAL_POLICIES, reason)
     results: dict[str, PolicyQuality] = {}
-    computed: list[pseudolabel.PseudolabelConfig] = []
+    computed: list[PseudolabelConfig] = []
     own, used = records.config.pseudolabel.policy, records.stages.get("pseudolabel")
     labels = records.output("pseudolabel", "pseudolabels")
-    if own not in pseudolabel.SIGNAL_POLICIES and used is not None and labels is not None:
+    if own not in SIGNAL_POLICIES and used is not None and labels is not None:
         # ground_truth: no teacher signals to apply it to; the run's own stored rows
         results[own] = quality = PolicyQuality(own, f"stored (entry {used.key[:12]})")
         for image_id, label, keep, weight in _stored_maps(
             output_dataset(storage, "pseudolabels", labels), set(truth)
         ):
             quality.add(label, keep, weight, truth[image_id])
-    for policy in pseudolabel.SIGNAL_POLICIES:
+    for policy in SIGNAL_POLICIES:
         found = stored_labels(storage, records, policy)
         if found is not None:
             ref, key = found
@@ -292,7 +293,7 @@ def policy_quality(
             weight = maps["weight"].float().numpy() * keep
             results[cfg.policy].add(maps["label"].numpy(), keep, weight, target)
     results = {p: q for p, q in results.items() if p not in missing}
-    return [results[p] for p in pseudolabel.POLICIES if p in results], sweep, missing
+    return [results[p] for p in POLICIES if p in results], sweep, missing
 
 
 # ------------------------------------------------------------------------------- overlays

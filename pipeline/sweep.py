@@ -42,7 +42,7 @@ from pipeline.sweep_table import RunOutcome, format_table, row_metrics, summariz
 from pipeline.tracking import Tracker, artifact_location, source_tags
 from stages.core.storage import Storage
 from stages.ingest.folder import SourceItem
-from stages.pseudolabel.stage import GROUND_TRUTH, SIGNAL_POLICIES
+from stages.pseudolabel.config import GROUND_TRUTH, SIGNAL_POLICIES
 
 logger = logging.getLogger(__name__)
 

@@ -49,7 +49,8 @@ from torch import nn
 from stages.core import codec, data
 from stages.core.models import build_detector, build_segmenter, segment_logits
 from stages.detect import DETECTIONS_SCHEMA, DetectorPredictor
-from stages.pseudolabel.stage import PseudolabelConfig, label_batch, signal_spec
+from stages.pseudolabel.config import PseudolabelConfig
+from stages.pseudolabel.stage import label_batch, signal_spec
 from stages.segtrain import (
     Learner,
     StudentConfig,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,9 @@ from stages.core.pretrained import (
     load_init,
 )
 from stages.core.progress import Poster
+from stages.core.run_config import LoopConfig, TrainingRun, loop_of, poly_lr
 from stages.core.training import (
-    TrainingRun,
+    CHECKPOINT_FILE,
     endless_batches,
     hold_point,
     inject_fault,
@@ -52,7 +53,6 @@ from stages.core.training import (
     rng_state,
     worker_logging,
 )
-from stages.segtrain import CHECKPOINT_FILE, MetricSink, poly_lr
 
 logger = logging.getLogger(__name__)
 
@@ -236,30 +236,33 @@ def detector_step(learner: DetectorLearner, batch: dict[str, torch.Tensor], step
     return float(loss.item())
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
+def train_loop(train_loop_config: dict[str, Any]) -> None:
     """Ray Train worker function for the detector (rank 0 logs and checkpoints)."""
     import ray.train
     import ray.train.torch
 
-    cfg = DetectorConfig.model_validate(loop_config["train"])
+    loop = loop_of(train_loop_config)
+    cfg = loop.train
+    if not isinstance(cfg, DetectorConfig):
+        raise TypeError(f"a detector trains from a DetectorConfig, got {type(cfg).__name__}")
     rank = ray.train.get_context().get_world_rank()
-    torch.set_num_threads(loop_config["torch_threads"])
+    torch.set_num_threads(loop.torch_threads)
     worker_logging()
     learner = new_detector_learner(
         cfg,
-        num_classes=loop_config["num_classes"],
-        seed=loop_config["seed"] + rank,
+        num_classes=loop.num_classes,
+        seed=loop.seed + rank,
         device=ray.train.torch.get_device(),
-        init=decode_state(loop_config["init"]) if loop_config.get("init") else None,
+        init=decode_state(loop.init) if loop.init else None,
     )
     start = _restore(learner)
     learner.model = ray.train.torch.prepare_model(learner.model)
     batches = endless_batches(ray.train.get_dataset_shard("labeled"), cfg.batch_size, rank)
     for _ in range(start):  # the data position: the batches the checkpoint already trained on
         next(batches)
-    sink: MetricSink | None = loop_config.get("sink") if rank == 0 else None
-    post = Poster(loop_config.get("progress") if rank == 0 else None, cfg.steps, start)
-    log_lines = rank == 0 and loop_config.get("log_lines", True)
+    sink = loop.rank_sink(rank)
+    post = Poster(loop.progress if rank == 0 else None, cfg.steps, start)
+    log_lines = rank == 0 and loop.log_lines
     started, losses = time.perf_counter(), []
     for step in range(start, cfg.steps):
         inject_fault(step, "detector")
@@ -354,13 +357,13 @@ def run(
         image_size = loop_extra["image_size"]
         storage.write_bytes(out_path, finished_model(blob, image_size=image_size, source=out_path))
         return {"trained_steps": 0.0}
-    loop_config = {"train": cfg.model_dump(), "num_classes": num_classes, **loop_extra}
+    loop_config = LoopConfig(train=cfg, num_classes=num_classes, **loop_extra)
     metrics = {"trained_steps": float(cfg.steps)}
     if cfg.init:  # mapped here, once: a file that does not fit fails before any worker starts
         model = build_detector(**detector_args(cfg, num_classes))
         report = load_init(model, cfg.init, detector_layout(cfg.backend))
         logger.info("%s: init %s", name, report.summary())
-        loop_config["init"] = encode_state(report.loaded)
+        loop_config = replace(loop_config, init=encode_state(report.loaded))
         metrics.update(report.metrics())
     blob = fit(
         train_loop,

@@ -6,15 +6,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 
-from stages.core.config import StrictModel
-from stages.core.pretrained import check_init_or_weights
 from stages.core.progress import training_progress
+from stages.core.run_config import LoopConfig
 from stages.core.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -22,41 +21,10 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FILE = "model.pt"
 
 
-class TrainingRun(StrictModel):
-    """How a Ray Train training runs and where it starts from: the settings every trained model
-    (teacher, student, detector) shares. All but ``init`` are execution only."""
-
-    checkpoint_every: int = Field(
-        100, ge=0, description="steps between resumable checkpoints (0: only at the end)"
-    )
-    max_failures: int = Field(
-        2, ge=0, description="worker-group restarts, each resuming from the last checkpoint"
-    )
-    workers: int = Field(1, ge=1, description="Ray Train workers (execution only)")
-    resources: dict[str, float] = Field(
-        default_factory=dict,
-        description="custom Ray resources each worker needs besides its CPU or GPU (execution "
-        "only), e.g. {trainer_node: 1} to keep workers on the nodes that advertise it",
-    )
-    weights: str | None = Field(None, description="skip training and load this checkpoint file")
-    init: str | None = Field(
-        None,
-        description="start training from these weights (local path or URL): a torchvision-shaped "
-        "state dict of the whole network (heads of another class count re-initialised, tensors "
-        "it lacks such as an aux head dropped) or of its backbone's classification network, "
-        "e.g. ImageNet resnet50",
-    )
-
-    @model_validator(mode="after")
-    def _init_or_weights(self) -> TrainingRun:
-        check_init_or_weights(self.init, self.weights)
-        return self
-
-
 def fit(
     loop: Callable[[dict[str, Any]], None],
     *,
-    loop_config: dict[str, Any],
+    loop_config: LoopConfig,
     datasets: dict[str, Any],
     workers: int,
     use_gpu: bool,
@@ -86,10 +54,10 @@ def fit(
     )
     with training_progress(name.rsplit("-", 1)[0]) as board:
         # on a terminal rank 0 feeds the line drawn here; elsewhere it logs every log_every steps
-        progress = {"progress": board, "log_lines": board is None}
+        config = replace(loop_config, progress=board, log_lines=board is None)
         trainer = TorchTrainer(
             loop,
-            train_loop_config={**loop_config, **progress},
+            train_loop_config={"loop": config},
             scaling_config=ScalingConfig(
                 num_workers=workers,
                 use_gpu=use_gpu,

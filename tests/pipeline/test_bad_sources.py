@@ -18,6 +18,7 @@ from pipeline.graph import check_splits, needed_splits
 from pipeline.runner import run_pipeline
 from stages import train_detector
 from stages.core import training
+from stages.core.run_config import LoopConfig
 from stages.core.training import EmptyShardError
 from stages.ingest.folder import SourceError
 from tests.conftest import local_ray, write_png
@@ -58,14 +59,9 @@ def test_detector_loop_over_an_empty_shard_raises(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: "cpu")
     monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model: model)
     config = load_config("smoke")
-    loop_config = {
-        "train": config.detector.model_dump(),
-        "num_classes": 4,
-        "seed": 0,
-        "torch_threads": 1,
-    }
+    loop = LoopConfig(train=config.detector, num_classes=4, seed=0, image_size=64)
     with pytest.raises(EmptyShardError, match="labeled shard holds no rows"):
-        train_detector.train_loop(loop_config)
+        train_detector.train_loop({"loop": loop})
 
 
 def test_needed_splits_follow_what_the_run_trains() -> None:

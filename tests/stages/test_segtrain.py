@@ -16,10 +16,13 @@ from stages import segtrain
 from stages.core import augment, codec, data, training
 from stages.core.constants import IGNORE_INDEX
 from stages.core.fastconv import DilatedDepthwiseConv2d
-from stages.core.models import load_checkpoint
+from stages.core.models import feature_layer, load_checkpoint
+from stages.core.run_config import LoopConfig
 from stages.core.storage import Storage
-from stages.core.training import fit
-from stages.pseudolabel.stage import POLICIES, PseudolabelConfig
+from stages.core.training import CHECKPOINT_FILE, fit
+from stages.pseudolabel.config import POLICIES, PseudolabelConfig
+from stages.segtrain import loop as segloop
+from stages.segtrain import step as segstep
 from tests.conftest import local_ray
 
 
@@ -72,7 +75,7 @@ def test_strong_views_mix_pixels_and_every_map_in_the_same_box() -> None:
         "weight": torch.tensor([0.1, 0.5, 0.9]).view(3, 1, 1).expand(3, 16, 16).clone(),
         "keep": torch.ones(3, 16, 16, dtype=torch.uint8),
     }
-    views, maps = segtrain._strong_views(*segtrain._weak_view(batch, learner), learner)
+    views, maps = segstep._strong_views(*segstep._weak_view(batch, learner), learner)
     assert len(views) == 2
     normalised = data.normalize(batch["image"])[:, :, 0, 0]  # [3 images, 3 channels]
     boxes = []
@@ -97,7 +100,7 @@ def test_strong_views_mix_pixels_and_every_map_in_the_same_box() -> None:
 def _spy_on_the_step(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Record the batch of views that ``train_step`` forwards and the targets of L_u."""
     seen: dict[str, Any] = {}
-    forward, unlabeled_loss = segtrain._forward, segtrain._unlabeled_loss
+    forward, unlabeled_loss = segstep._forward, segstep._unlabeled_loss
 
     def spy_forward(model: Any, images: torch.Tensor, *, with_features: bool) -> Any:
         seen["views"] = images.detach().clone()
@@ -107,8 +110,8 @@ def _spy_on_the_step(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         seen["targets"] = targets
         return unlabeled_loss(logits, features, targets, *rest)
 
-    monkeypatch.setattr(segtrain, "_forward", spy_forward)
-    monkeypatch.setattr(segtrain, "_unlabeled_loss", spy_loss)
+    monkeypatch.setattr(segstep, "_forward", spy_forward)
+    monkeypatch.setattr(segstep, "_unlabeled_loss", spy_loss)
     return seen
 
 
@@ -277,7 +280,7 @@ def test_training_on_non_square_images_squashes_nothing() -> None:
         cfg, num_classes=3, crop_size=24, seed=0, device=torch.device("cpu")
     )
     batch = {name: torch.from_numpy(value) for name, value in arrays.items()}
-    images, maps = segtrain._weak_view(batch, learner)
+    images, maps = segstep._weak_view(batch, learner)
     assert images.shape == (8, 3, 24, 24)
     whole = 0
     for i in range(8):
@@ -322,7 +325,7 @@ def test_a_step_with_gradients_that_are_not_finite_reports_no_grad_norm() -> Non
         cfg, num_classes=4, crop_size=32, seed=0, device=torch.device("cpu")
     )
     with torch.no_grad():
-        segtrain.feature_layer(learner.network).weight.fill_(math.inf)
+        feature_layer(learner.network).weight.fill_(math.inf)
     stats = segtrain.train_step(learner, _batches(32)[0], None, 0)
     assert not math.isfinite(stats["loss_s"])
     assert "grad_norm" not in stats
@@ -395,10 +398,10 @@ def test_ema_checkpoint_holds_the_average_and_resumes_both(
         reported.append(ray.train.Checkpoint.from_directory(str(saved)))
 
     monkeypatch.setattr(ray.train, "report", report)
-    loop_config = {"resolved_config": {}, "train": {"arch": learner.cfg.arch}, "num_classes": 4}
-    segtrain._report({}, learner, 2, loop_config, rank=0, save=True)
+    loop_config = LoopConfig(train=learner.cfg, num_classes=4, seed=0, image_size=32)
+    segloop._report({}, learner, 2, loop_config, rank=0, save=True)
     state = torch.load(
-        Path(reported[0].path) / segtrain.CHECKPOINT_FILE, map_location="cpu", weights_only=True
+        Path(reported[0].path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True
     )
     for name, value in learner.result.state_dict().items():
         assert torch.equal(state["state_dict"][name], value)
@@ -408,7 +411,7 @@ def test_ema_checkpoint_holds_the_average_and_resumes_both(
 
     resumed = _ema_learner(0.5)
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: reported[0])
-    assert segtrain._restore(resumed, rank=0) == 2
+    assert segloop._restore(resumed, rank=0) == 2
     for one, other in ((learner.model, resumed.model), (learner.result, resumed.result)):
         for (name, a), b in zip(one.state_dict().items(), other.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
@@ -437,14 +440,7 @@ def test_the_ray_train_loop_trains_exactly_as_train_step_in_process(tmp_path: Pa
             "labeled": ray.data.from_items(_rows(labeled_rows)).materialize(),
             "unlabeled": ray.data.from_items(_rows(unlabeled_rows)).materialize(),
         }
-        loop_config = {
-            "train": cfg.model_dump(),
-            "num_classes": 4,
-            "image_size": 32,
-            "seed": 0,
-            "torch_threads": 1,
-            "resolved_config": {},
-        }
+        loop_config = LoopConfig(train=cfg, num_classes=4, seed=0, image_size=32)
         blob = fit(
             segtrain.train_loop,
             loop_config=loop_config,

@@ -28,7 +28,7 @@ from stages.core.pretrained import (
     map_state,
 )
 from stages.core.storage import Storage
-from stages.pseudolabel.stage import PseudolabelConfig
+from stages.pseudolabel.config import PseudolabelConfig
 from stages.train_detector import (
     DetectorConfig,
     detector_args,

@@ -9,19 +9,19 @@ import pyarrow as pa
 import pytest
 import torch
 
-from stages import segtrain
 from stages.core import codec
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest.folder import SourceError
 from stages.ingest.stage import IMAGES_SCHEMA
 from stages.pseudolabel import stage
+from stages.pseudolabel.config import PseudolabelConfig
 from stages.pseudolabel.stage import (
-    PseudolabelConfig,
     batch_policy_maps,
     decode_pseudolabels,
     ground_truth_batch,
     signal_spec,
 )
+from stages.segtrain import step as segstep
 from stages.teach import TeachConfig
 from tests.conftest import local_ray
 
@@ -90,7 +90,7 @@ def test_ground_truth_reads_no_signals_and_trains_like_threshold() -> None:
     # the student's loop: the stored weight (keep folded in) is the live one
     label = torch.tensor([[[1, 255], [0, 2]]])
     maps = {"label": label, "keep": label != 255, "weight": (label != 255).float()}
-    live = segtrain._live_weight(GROUND_TRUTH, maps, label != 255, None, None, (0, 10))
+    live = segstep._live_weight(GROUND_TRUTH, maps, label != 255, None, None, (0, 10))
     assert live is maps["weight"]
 
 

@@ -11,15 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from stages import segtrain
 from stages.core import codec
 from stages.core.inference import decode_for_inference
 from stages.core.models import build_segmenter, checkpoint_bytes, make_checkpoint
 from stages.core.storage import Storage
 from stages.pseudolabel import live, ops, stage
+from stages.pseudolabel.config import PseudolabelConfig
 from stages.pseudolabel.memory import PrototypeMemory
 from stages.pseudolabel.stage import (
-    PseudolabelConfig,
     attach_detections,
     decode_pseudolabels,
     encode_row,
@@ -29,6 +28,8 @@ from stages.pseudolabel.stage import (
     policy_maps,
     queue_batch,
 )
+from stages.segtrain import data as segdata
+from stages.segtrain import step as segstep
 from stages.teach import (
     MAPS,
     SignalSpec,
@@ -228,7 +229,7 @@ def test_stored_row_round_trips_to_training_maps_with_plus_one() -> None:
     assert row["margin"] is None
     assert row["trusted"] is None
     assert row["coverage"] == pytest.approx(2 / 3)  # conf 0.96 < τ = 0.97 drops pixel 2
-    back = segtrain._stored_maps(row)
+    back = segdata._stored_maps(row)
     torch.testing.assert_close(back["weight"], torch.tensor([[1.0, 1.4, 0.0]]))
     assert back["keep"].tolist() == [[1, 1, 0]]
     assert back["reliable"].tolist() == [[0, 1, 0]]
@@ -255,7 +256,7 @@ def test_one_decoder_serves_training_evaluation_and_the_report() -> None:
     assert maps["trusted"].dtype == np.bool_
     assert maps["keep"].tolist() == [[True, True, True]]
     assert set(decode_pseudolabels(row, ["keep"])) == {"keep"}
-    student = segtrain._stored_maps(row)
+    student = segdata._stored_maps(row)
     for name, value in maps.items():
         np.testing.assert_array_equal(
             student[name].numpy(), value.astype(student[name].numpy().dtype)
@@ -437,7 +438,7 @@ def test_csl_loss_averages_the_strong_and_the_tmp_view() -> None:
     torch.testing.assert_close(tmp, torch.zeros_like(images))  # every pixel trusted, covered
     views, targets = [images, tmp], [maps, maps]
     logits = [model(view)["out"] for view in views]
-    loss, _ = segtrain._unlabeled_loss(logits, [None, None], targets, cfg, None, (0, 10))
+    loss, _ = segstep._unlabeled_loss(logits, [None, None], targets, cfg, None, (0, 10))
     valid = torch.ones(2, 4, 4, dtype=torch.bool)
     strong = ops.weighted_unsup_loss(model(images)["out"], maps["label"], maps["weight"], valid)
     hidden = ops.weighted_unsup_loss(
@@ -452,7 +453,7 @@ def test_s4mc_loss_uses_the_live_keep_mask() -> None:
     cfg = PseudolabelConfig(policy="s4mc")
     targets = [maps]
     logits = [model(images)["out"]]
-    loss, stats = segtrain._unlabeled_loss(logits, [None], targets, cfg, None, (5, 10))
+    loss, stats = segstep._unlabeled_loss(logits, [None], targets, cfg, None, (5, 10))
     valid = torch.ones(2, 4, 4, dtype=torch.bool)
     keep = live.s4mc_keep(maps["margin"], maps["refined_margin"], valid, 5, 10)
     expected = ops.weighted_unsup_loss(logits[0], maps["label"], keep.float(), valid)
@@ -464,15 +465,15 @@ def test_wpl_weight_stored_until_the_first_refresh_then_from_prototypes() -> Non
     model, maps = _Tiny(), _unlabeled_batch()
     images = torch.randn(2, 3, 4, 4)
     cfg = PseudolabelConfig(policy="wpl", wpl={"k": 2})
-    memory = segtrain._new_memory(cfg, 3, model)
+    memory = segstep._new_memory(cfg, 3, model)
     assert memory is not None
     valid = torch.ones(2, 4, 4, dtype=torch.bool)
-    logits, features = segtrain._forward(model, images, with_features=True)
+    logits, features = segstep._forward(model, images, with_features=True)
     assert features is not None
-    before = segtrain._live_weight(cfg, maps, valid, features, memory, (0, 10))
+    before = segstep._live_weight(cfg, maps, valid, features, memory, (0, 10))
     assert torch.equal(before, maps["weight"])
     labeled = {"label": logits.argmax(dim=1)}  # every labeled pixel predicted right
-    segtrain._feed_memory(
+    segstep._feed_memory(
         memory,
         cfg.model_copy(update={"wpl": cfg.wpl.model_copy(update={"conf_thresh": 0.0})}),
         torch.Generator(),
@@ -480,25 +481,25 @@ def test_wpl_weight_stored_until_the_first_refresh_then_from_prototypes() -> Non
         (features, maps),
     )
     prototypes = memory.refresh()
-    after = segtrain._live_weight(cfg, maps, valid, features, memory, (1, 10))
+    after = segstep._live_weight(cfg, maps, valid, features, memory, (1, 10))
     expected = ops.topk_index_similarity(features, prototypes, maps["label"], k=2)
     torch.testing.assert_close(after, expected)
     assert not torch.equal(after, maps["weight"])
     plus_one = cfg.model_copy(
         update={"wpl": cfg.wpl.model_copy(update={"weight_form": "plus_one"})}
     )
-    shifted = segtrain._live_weight(plus_one, maps, valid, features, memory, (1, 10))
+    shifted = segstep._live_weight(plus_one, maps, valid, features, memory, (1, 10))
     torch.testing.assert_close(shifted, expected + 1)  # keep is all True here
 
 
 def test_prototype_memory_matches_the_student_feature_width() -> None:
     cfg = PseudolabelConfig(policy="wpl")
-    memory = segtrain._new_memory(
+    memory = segstep._new_memory(
         cfg, 3, build_segmenter(arch="lraspp_mobilenet_v3_large", num_classes=3)
     )
     assert isinstance(memory, PrototypeMemory)
     assert memory.dim == 128
-    assert segtrain._new_memory(PseudolabelConfig(policy="csl"), 3, _Tiny()) is None
+    assert segstep._new_memory(PseudolabelConfig(policy="csl"), 3, _Tiny()) is None
 
 
 # ------------------------------------------------------------------------- batched over images

@@ -1,0 +1,86 @@
+"""What configures a training run and its worker loop, Ray-free: the settings every trained model
+shares (``TrainingRun``), what each worker gets (``LoopConfig``), where rank 0's metrics go
+(``MetricSink``) and the poly learning-rate schedule. ``stages.core.training`` runs the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import Field, model_validator
+
+from stages.core.config import StrictModel
+from stages.core.pretrained import check_init_or_weights
+
+
+class MetricSink(Protocol):
+    """Where rank 0 sends its metrics (the pipeline passes an MLflow-backed sink)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+class TrainingRun(StrictModel):
+    """How a Ray Train training runs and where it starts from: the settings every trained model
+    (teacher, student, detector) shares. All but ``init`` are execution only."""
+
+    checkpoint_every: int = Field(
+        100, ge=0, description="steps between resumable checkpoints (0: only at the end)"
+    )
+    max_failures: int = Field(
+        2, ge=0, description="worker-group restarts, each resuming from the last checkpoint"
+    )
+    workers: int = Field(1, ge=1, description="Ray Train workers (execution only)")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each worker needs besides its CPU or GPU (execution "
+        "only), e.g. {trainer_node: 1} to keep workers on the nodes that advertise it",
+    )
+    weights: str | None = Field(None, description="skip training and load this checkpoint file")
+    init: str | None = Field(
+        None,
+        description="start training from these weights (local path or URL): a torchvision-shaped "
+        "state dict of the whole network (heads of another class count re-initialised, tensors "
+        "it lacks such as an aux head dropped) or of its backbone's classification network, "
+        "e.g. ImageNet resnet50",
+    )
+
+    @model_validator(mode="after")
+    def _init_or_weights(self) -> TrainingRun:
+        check_init_or_weights(self.init, self.weights)
+        return self
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What every worker of a training loop gets (Ray Train's ``train_loop_config`` carries it as
+    ``{"loop": LoopConfig}``): the model's own settings, typed as their section's class
+    (``SegTrainConfig``, ``StudentConfig``, ``DetectorConfig``), and the run's."""
+
+    train: TrainingRun
+    num_classes: int
+    seed: int  # rank r seeds with seed + r
+    image_size: int
+    crop_size: int | None = None  # the training crop (None: the whole canvas)
+    torch_threads: int = 1
+    resolved_config: str = ""  # the run's config as YAML, kept in the checkpoint
+    policy: StrictModel | None = None  # a student's pseudo-label settings
+    init: bytes | None = None  # pretrained tensors, mapped on the driver (``encode_state``)
+    sink: MetricSink | None = None  # rank 0's metrics go here
+    progress: Any = None  # the progress board's handle (set by ``fit``)
+    log_lines: bool = True  # rank 0 logs a line every log_every steps
+
+    def rank_sink(self, rank: int) -> MetricSink | None:
+        return self.sink if rank == 0 else None
+
+
+def loop_of(train_loop_config: dict[str, Any]) -> LoopConfig:
+    """The typed config inside the dict Ray Train hands a worker loop."""
+    loop = train_loop_config["loop"]
+    if not isinstance(loop, LoopConfig):
+        raise TypeError(f"a training loop takes {{'loop': LoopConfig}}, got {type(loop).__name__}")
+    return loop
+
+
+def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
+    """Poly schedule: base_lr * (1 - step/total)^power."""
+    return base_lr * (1.0 - step / total) ** power
