@@ -92,7 +92,13 @@ class Context:
 @dataclass(frozen=True)
 class Stage:
     """A stage: its function, what it reads and writes, its output schema, and ``fields``: what
-    (besides name, schema and package version) its cache key is computed from."""
+    (besides name, schema and package version) its cache key is computed from. The rest
+    declares how the runner presents it (the runner knows no stage by name): its config
+    ``section`` (the stage run's params), the image splits it reads (``image_inputs``: split and
+    MLflow context, logged as dataset inputs) and the pseudo-label set it trains on
+    (``label_input``), the figures its "done" line shows (``key_figures``), its metrics the
+    pipeline run logs as its own (``summary``), and the outputs whose entry records the run's
+    per-split image digests (``split_digests``)."""
 
     name: str
     reads: tuple[str, ...]
@@ -103,6 +109,12 @@ class Stage:
     enabled: Callable[[PipelineConfig], bool] = lambda config: True
     # plots from the stage's recorded results (drawn again on a cache hit)
     figures: Callable[[PipelineConfig, dict[str, Any]], dict[str, bytes]] | None = None
+    section: str | None = None
+    image_inputs: tuple[tuple[str, str], ...] = ()
+    label_input: str | None = None
+    key_figures: tuple[str, ...] = ()
+    summary: tuple[str, ...] = ()
+    split_digests: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -573,6 +585,9 @@ def _round_stages(round_: Round) -> tuple[Stage, Stage, Stage]:
                 "unlabeled": ctx.digest("images", "unlabeled"),
             },
             teach.SCHEMA,
+            section="teach",
+            image_inputs=(("labeled", "inference"), ("unlabeled", "inference")),
+            key_figures=("images_inferred", "shards_reused"),
         ),
         Stage(
             round_.name("pseudolabel"),
@@ -586,6 +601,8 @@ def _round_stages(round_: Round) -> tuple[Stage, Stage, Stage]:
                 ctx.digest("images", "unlabeled"),
             ),
             pseudolabel.SCHEMA,
+            section="pseudolabel",
+            key_figures=("images", "mean_image_coverage"),
         ),
         Stage(
             round_.name("train_student"),
@@ -594,12 +611,28 @@ def _round_stages(round_: Round) -> tuple[Stage, Stage, Stage]:
             lambda ctx: _train_student(ctx, round_),
             lambda ctx: _student_fields(ctx, round_),
             "segmenter/1",
+            section="student",
+            image_inputs=(("labeled", "train"), ("unlabeled", "train")),
+            label_input=labels,
+            key_figures=("trained_steps", "loss_s", "loss_u", "steps_per_s"),
         ),
     )
 
 
+# evaluate's figures that the pipeline run logs as its own (``teacher_miou``, ...)
+EVALUATE_SUMMARY = ("teacher_miou", "student_miou", "pseudolabel_coverage", "pseudolabel_precision")
+
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", ("source",), ("images", "quarantine"), _ingest, _ingest_fields, ingest.SCHEMA),
+    Stage(
+        "ingest",
+        ("source",),
+        ("images", "quarantine"),
+        _ingest,
+        _ingest_fields,
+        ingest.SCHEMA,
+        key_figures=("images", "quarantined_images"),
+        split_digests=("images",),
+    ),
     Stage(
         "train_teacher",
         ("images",),
@@ -607,6 +640,9 @@ STAGES: tuple[Stage, ...] = (
         _train_teacher,
         lambda ctx: _train_fields(ctx, ctx.config.teacher, ctx.config.teacher.weights),
         "segmenter/1",
+        section="teacher",
+        image_inputs=(("labeled", "train"),),
+        key_figures=("trained_steps", "loss_s", "steps_per_s"),
     ),
     Stage(
         "train_detector",
@@ -616,6 +652,9 @@ STAGES: tuple[Stage, ...] = (
         lambda ctx: _train_fields(ctx, ctx.config.detector, ctx.config.detector.weights),
         "detector/1",
         lambda c: c.detector.enabled,
+        section="detector",
+        image_inputs=(("labeled", "train"),),
+        key_figures=("trained_steps", "loss", "steps_per_s"),
     ),
     Stage(
         "detect",
@@ -625,6 +664,9 @@ STAGES: tuple[Stage, ...] = (
         lambda ctx: {**_detect_family(ctx), "unlabeled": ctx.digest("images", "unlabeled")},
         detect.SCHEMA,
         lambda c: c.detector.enabled,
+        section="detect",
+        image_inputs=(("unlabeled", "inference"),),
+        key_figures=("images_inferred", "shards_reused", "boxes_per_image"),
     ),
     *_round_stages(Round(1)),
     Stage(
@@ -635,6 +677,10 @@ STAGES: tuple[Stage, ...] = (
         _evaluate_fields,
         "metrics/1",
         figures=_evaluate_figures,
+        section="evaluate",
+        image_inputs=(("val", "eval"), ("unlabeled", "eval")),
+        key_figures=EVALUATE_SUMMARY,
+        summary=EVALUATE_SUMMARY,
     ),
 )
 
@@ -643,13 +689,35 @@ def all_stages(config: PipelineConfig) -> tuple[Stage, ...]:
     """Every stage of a run in order: round 1 as in ``STAGES``, then rounds 2..N, evaluate last."""
     later = [s for r in range(2, config.rounds + 1) for s in _round_stages(Round(r))]
     if not later:
-        return STAGES
+        return check_graph(STAGES)
     last = final_round(config)  # evaluate reads every round's student and pseudo-labels
     students = tuple(
         Round(r).name(n) for r in range(1, last.number + 1) for n in ("student", "pseudolabels")
     )
     evaluate_stage = replace(STAGES[-1], reads=("images", "teacher", *students))
-    return (*STAGES[:-1], *later, evaluate_stage)
+    return check_graph((*STAGES[:-1], *later, evaluate_stage))
+
+
+def check_graph(stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
+    """``stages`` as they are, after checking their declarations: unique names, each output
+    written once, and every read written by an earlier stage (``source``: the data source). A
+    read may come from a stage a config disables (``detections`` without a detector): the stage
+    then runs without it, as its key fields say."""
+    written, names = {"source"}, set()
+    for stage in stages:
+        if stage.name in names:
+            raise ValueError(f"two stages are named {stage.name!r}")
+        names.add(stage.name)
+        unknown = [name for name in stage.reads if name not in written]
+        if unknown:
+            raise ValueError(
+                f"stage {stage.name!r} reads {', '.join(unknown)}, which no earlier stage writes"
+            )
+        twice = written.intersection(stage.writes)
+        if twice:
+            raise ValueError(f"stage {stage.name!r} writes {', '.join(sorted(twice))} again")
+        written.update(stage.writes)
+    return stages
 
 
 def planned(config: PipelineConfig) -> list[Stage]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import secrets
 import threading
 import time
@@ -249,7 +248,7 @@ def run_pipeline(
             summary.metrics.update(_run_stage(stage, ctx, tracker, parent, summary))
         ok = True
     finally:
-        tracker.log_metrics(parent, _parent_metrics(summary, ctx))
+        tracker.log_metrics(parent, _parent_metrics(summary, ctx, stages))
         tracker.set_tags(parent, {f"{KEY_TAG}.{s}": k for s, (k, _) in summary.cache.items()})
         tracker.end_run(parent, ok)
         record = {
@@ -305,13 +304,13 @@ def _run_stage(
     tracker.log_metrics(run, {**metrics, "seconds": seconds})
     tracker.log_text(run, json.dumps(record, indent=2, sort_keys=True), "cache_entry.json")
     _log_image_inputs(tracker, run, ctx, stage)
-    if stage.name.startswith("train_student"):
-        _log_pseudolabel_input(tracker, run, ctx, stage.reads[-1])
+    if stage.label_input is not None:
+        _log_pseudolabel_input(tracker, run, ctx, stage.label_input)
     _log_models(tracker, run, parent, ctx, stage, record)
     for name, png in (stage.figures(ctx.config, ctx.results) if stage.figures else {}).items():
         tracker.log_bytes(run, png, f"plots/{name}")
         tracker.log_bytes(parent, png, f"plots/{name}")
-    figures = key_figures(stage.name, tracker.latest_metrics(run))
+    figures = key_figures(stage, tracker.latest_metrics(run))
     tracker.end_run(run, True)
     logger.info("stage %s done in %.1fs: %s", stage.name, seconds, figures)
     return {f"{stage.name}.{k}": v for k, v in metrics.items()}
@@ -378,7 +377,7 @@ def _outputs(stage: Stage, ctx: Context) -> dict[str, dict[str, Any]]:
             continue
         ref: DatasetRef = ctx.dataset(name)
         if ref.is_committed():
-            extra = {"digests": ctx.results["digests"]} if name == "images" else {}
+            extra = {"digests": ctx.results["digests"]} if name in stage.split_digests else {}
             outputs[name] = dataset_output(ref, **extra, **_footprint(ref))
     return outputs
 
@@ -398,27 +397,15 @@ def _footprint(ref: DatasetRef) -> dict[str, float]:
     return {"bytes": size, "bytes_per_pixel": size / pixels if pixels else 0.0}
 
 
-# The image splits each stage reads, and MLflow's dataset context for them.
-IMAGE_INPUTS = {
-    "train_teacher": (("labeled", "train"),),
-    "train_detector": (("labeled", "train"),),
-    "detect": (("unlabeled", "inference"),),
-    "teach": (("labeled", "inference"), ("unlabeled", "inference")),
-    "train_student": (("labeled", "train"), ("unlabeled", "train")),
-    "evaluate": (("val", "eval"), ("unlabeled", "eval")),
-}
-
-
 def _log_image_inputs(tracker: Tracker, run: str, ctx: Context, stage: Stage) -> None:
     """The image splits a stage read, as MLflow dataset inputs with their content digests (the
     same digests its cache key holds): the UI shows which labeled, unlabeled and val sets a
     model was trained and scored on."""
     images = ctx.outputs.get("images")
-    base = re.sub(r"_r\d+$", "", stage.name)
-    if images is None or base not in IMAGE_INPUTS:
+    if images is None:
         return
     source = f"{ctx.storage.url.rstrip('/')}/{images['directory']}"
-    for split, context in IMAGE_INPUTS[base]:
+    for split, context in stage.image_inputs:
         digest = str(images["digests"].get(split, "empty"))
         tracker.log_dataset(
             run,
@@ -463,8 +450,7 @@ def _log_models(
 def _stage_params(stage: Stage, config: PipelineConfig) -> dict[str, str]:
     """A stage run's params: the data keys, the seed and its own section's (as the pipeline
     run logs them), under the stage's name."""
-    base = re.sub(r"_r\d+$", "", stage.name)  # a later round's stage has its section's name
-    section = base.removeprefix("train_")
+    section = stage.section
     params = run_params(config)
     own = {k for k in params if k.split(".")[0] in {"data", "seed"}}
     mine = {
@@ -475,35 +461,23 @@ def _stage_params(stage: Stage, config: PipelineConfig) -> dict[str, str]:
     return {**{k: params[k] for k in own}, **mine}
 
 
-def _parent_metrics(summary: RunSummary, ctx: Context) -> dict[str, float]:
-    keep = {
-        "evaluate.teacher_miou": "teacher_miou",
-        "evaluate.student_miou": "student_miou",
-        "evaluate.pseudolabel_coverage": "pseudolabel_coverage",
-        "evaluate.pseudolabel_precision": "pseudolabel_precision",
+def _parent_metrics(summary: RunSummary, ctx: Context, stages: list[Stage]) -> dict[str, float]:
+    """The pipeline run's own metrics: each stage's ``summary`` figures under their own name
+    (evaluate's ``teacher_miou``, ...), the quarantined images and the stages' total seconds."""
+    metrics = {
+        name: summary.metrics[f"{stage.name}.{name}"]
+        for stage in stages
+        for name in stage.summary
+        if f"{stage.name}.{name}" in summary.metrics
     }
-    metrics = {short: summary.metrics[k] for k, short in keep.items() if k in summary.metrics}
     metrics["quarantined_images"] = float(ctx.results.get("quarantined_images", 0))
     metrics["total_seconds"] = sum(summary.stage_seconds.values())
     return metrics
 
 
-# What a stage's "done" line shows, from its MLflow run: its record's metrics and, for a training
-# stage, the last logged step's (a later round's stage, e.g. train_student_r2, shows its base's).
-KEY_FIGURES = {
-    "ingest": ("images", "quarantined_images"),
-    "train_teacher": ("trained_steps", "loss_s", "steps_per_s"),
-    "train_detector": ("trained_steps", "loss", "steps_per_s"),
-    "detect": ("images_inferred", "shards_reused", "boxes_per_image"),
-    "teach": ("images_inferred", "shards_reused"),
-    "pseudolabel": ("images", "mean_image_coverage"),
-    "train_student": ("trained_steps", "loss_s", "loss_u", "steps_per_s"),
-    "evaluate": ("teacher_miou", "student_miou", "pseudolabel_coverage", "pseudolabel_precision"),
-}
-
-
-def key_figures(stage: str, metrics: dict[str, float]) -> str:
-    """``images_inferred=400, shards_reused=0``: the figures of ``KEY_FIGURES`` the stage has
-    (all of a stage not listed there), in that order."""
-    names = KEY_FIGURES.get(re.sub(r"_r\d+$", "", stage), tuple(sorted(metrics)))
+def key_figures(stage: Stage, metrics: dict[str, float]) -> str:
+    """``images_inferred=400, shards_reused=0``: the stage's ``key_figures`` that ``metrics``
+    (its MLflow run's latest: a training stage's last logged step) holds, in that order; all of
+    them, sorted, for a stage that declares none."""
+    names = stage.key_figures or tuple(sorted(metrics))
     return ", ".join(f"{k}={metrics[k]:.4g}" for k in names if k in metrics)

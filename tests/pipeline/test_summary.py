@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
+
 from pipeline.cli import format_summary
+from pipeline.config import load_config
+from pipeline.graph import Stage, all_stages, check_graph
 from pipeline.runner import RunSummary, key_figures
+
+
+def _stage(name: str) -> Stage:
+    """A stage of the smoke config run for two rounds."""
+    return next(s for s in all_stages(load_config("smoke", ["rounds=2"])) if s.name == name)
 
 
 def test_summary_lists_every_stage_with_how_it_ran() -> None:
@@ -39,11 +50,49 @@ def test_a_stage_done_line_shows_its_key_figures_in_order() -> None:
         "trained_steps": 300.0,
         "lr": 0.02,
     }
-    assert key_figures("train_student", metrics) == (
+    assert key_figures(_stage("train_student"), metrics) == (
         "trained_steps=300, loss_s=0.4123, loss_u=0.1235, steps_per_s=6.981"
     )
-    assert key_figures("train_student_r2", metrics) == key_figures("train_student", metrics)
+    assert key_figures(_stage("train_student_r2"), metrics) == key_figures(
+        _stage("train_student"), metrics
+    )
     # a figure the stage lacks is left out (given weights: no training, no loss)
-    assert key_figures("train_teacher", {"trained_steps": 0.0}) == "trained_steps=0"
+    assert key_figures(_stage("train_teacher"), {"trained_steps": 0.0}) == "trained_steps=0"
     # a stage with no list shows all it has, by name
-    assert key_figures("other", {"b": 2.0, "a": 1.0}) == "a=1, b=2"
+    bare = replace(_stage("ingest"), key_figures=())
+    assert key_figures(bare, {"b": 2.0, "a": 1.0}) == "a=1, b=2"
+
+
+def test_every_stage_declares_its_config_section_and_a_later_round_its_base_s() -> None:
+    config = load_config("smoke", ["rounds=3"])
+    stages = {s.name: s for s in all_stages(config)}
+    sections = {name: stage.section for name, stage in stages.items()}
+    assert sections == {
+        "ingest": None,
+        "train_teacher": "teacher",
+        "train_detector": "detector",
+        "detect": "detect",
+        **{f"teach{r}": "teach" for r in ("", "_r2", "_r3")},
+        **{f"pseudolabel{r}": "pseudolabel" for r in ("", "_r2", "_r3")},
+        **{f"train_student{r}": "student" for r in ("", "_r2", "_r3")},
+        "evaluate": "evaluate",
+    }
+    assert all(s is None or s in type(config).model_fields for s in sections.values())
+    assert [stages[f"train_student{r}"].label_input for r in ("", "_r2", "_r3")] == [
+        "pseudolabels",
+        "pseudolabels_r2",
+        "pseudolabels_r3",
+    ]
+    assert stages["teach_r3"].image_inputs == stages["teach"].image_inputs
+    assert [s.name for s in stages.values() if s.split_digests] == ["ingest"]
+
+
+def test_the_graph_refuses_a_read_before_its_write_and_a_second_writer() -> None:
+    stages = all_stages(load_config("smoke"))
+    teach = next(s for s in stages if s.name == "teach")
+    with pytest.raises(ValueError, match="'teach' reads images, teacher, which no earlier"):
+        check_graph((teach, *stages))
+    with pytest.raises(ValueError, match="stage 'copy' writes teacher_signals again"):
+        check_graph((*stages, replace(teach, name="copy")))
+    with pytest.raises(ValueError, match="two stages are named 'teach'"):
+        check_graph((*stages, replace(teach, writes=())))
