@@ -41,7 +41,8 @@ from stages.core.cache import (
     pool_schema,
     pool_schemas,
 )
-from stages.core.storage import Storage, StorageError, check_schema, id_digest
+from stages.core.errors import StorageError
+from stages.core.storage import Storage, check_schema, id_digest
 from stages.ingest.folder import listing_digest
 from stages.ingest.sources import enumerate_source
 

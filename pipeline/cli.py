@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -53,7 +53,23 @@ def _load(config: str, overrides: tuple[str, ...]) -> PipelineConfig:
         sys.exit(2)
 
 
-@click.group()
+class Commands(click.Group):
+    """The command group: an error of pseudoflow's own (``stages.core.errors``) ends any command
+    with one line, ``error: <message>`` (credentials masked), and its exit code; anything else
+    is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from pipeline.redact import redact
+        from stages.core.errors import PseudoflowError
+
+        try:
+            return super().invoke(ctx)
+        except PseudoflowError as exc:
+            click.echo(f"error: {redact(str(exc))}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=Commands)
 @click.option(
     "-v",
     "--verbose",
@@ -96,17 +112,9 @@ def run(
 ) -> None:
     """Run the pipeline (reusing cached stages) and print a summary."""
     from pipeline.runner import run_pipeline
-    from stages.core.detectors import BackendUnavailable
-    from stages.ingest.folder import SourceError
 
     cfg = _load(config, overrides)
-    try:
-        summary = run_pipeline(cfg, root, until=until)
-    except (SourceError, BackendUnavailable) as exc:
-        from pipeline.redact import redact
-
-        click.echo(f"error: {redact(str(exc))}", err=True)
-        sys.exit(2)
+    summary = run_pipeline(cfg, root, until=until)
     click.echo(format_summary(summary))
     if report and until is None:
         _report_after_run(summary)
@@ -194,14 +202,8 @@ def _run_sweep(cfg: PipelineConfig, root: str, json_path: str | None) -> None:
     from pipeline.redact import redact
     from pipeline.sweep import run_sweep
     from pipeline.sweep_table import format_table
-    from stages.core.detectors import BackendUnavailable
-    from stages.ingest.folder import SourceError
 
-    try:
-        result = run_sweep(cfg, root)
-    except (SourceError, BackendUnavailable) as exc:
-        click.echo(f"error: {redact(str(exc))}", err=True)
-        sys.exit(2)
+    result = run_sweep(cfg, root)
     click.echo(format_table(result.rows))
     click.echo(f"wall time {result.seconds:.0f} s, {len(result.outcomes)} runs")
     click.echo(f"table, CSV and plot: {result.folder}/")
@@ -377,14 +379,9 @@ def plan(config: str, root: str, overrides: tuple[str, ...]) -> None:
     """For each stage: reuse (cache key) or run, and why. Writes nothing."""
     from pipeline.cache import plan as make_plan
     from pipeline.runner import resolve_root
-    from stages.ingest.folder import SourceError
 
     cfg = _load(config, overrides)
-    try:
-        rows = make_plan(cfg, resolve_root(root))
-    except SourceError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    rows = make_plan(cfg, resolve_root(root))
     name = max([15, *(len(row.stage) for row in rows)])
     for row in rows:
         key = row.key[:12] if row.key else "-"

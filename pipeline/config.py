@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipeline.redact import redact, redact_values
+from stages.core import errors
 from stages.core.config import StrictModel
 from stages.detect import DetectConfig
 from stages.evaluate import EvaluateConfig
@@ -135,7 +136,7 @@ class PipelineConfig(StrictModel):
         return self
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.ConfigError):
     """Every problem found in a config, one per line."""
 
     def __init__(self, problems: list[str]):

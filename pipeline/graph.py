@@ -19,10 +19,11 @@ from pipeline.models import store_export
 from stages import detect, evaluate, segtrain, teach, train_detector
 from stages.core.cache import ShardPool, digest_json, file_digest, output_dataset
 from stages.core.constants import SPLITS
+from stages.core.errors import ModelError, SourceError
 from stages.core.inference import InferenceConfig, resolve_gpus
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest import stage as ingest
-from stages.ingest.folder import SourceError, SourceItem
+from stages.ingest.folder import SourceItem
 from stages.pseudolabel import stage as pseudolabel
 from stages.pseudolabel.config import GROUND_TRUTH
 
@@ -159,7 +160,7 @@ def given_weights(path: str) -> str:
     """sha256 of a weights file the config names (local path or URL)."""
     fs, inner = fsspec.core.url_to_fs(path)
     if not fs.exists(inner):
-        raise SourceError(f"weights file {path!r} does not exist")
+        raise ModelError(f"weights file {path!r} does not exist")
     return file_digest(fs, inner)
 
 
@@ -346,14 +347,14 @@ def check_weights(config: PipelineConfig) -> None:
                 fs, inner = fsspec.core.url_to_fs(path)
                 found = fs.isfile(inner)
             except (OSError, ValueError) as exc:
-                raise SourceError(f"{section}.{key}={path!r} cannot be read: {exc}") from exc
+                raise ModelError(f"{section}.{key}={path!r} cannot be read: {exc}") from exc
             if not found:
                 what = {
                     "weights": "a checkpoint file (local path or URL), or leave it unset to train",
                     "init": "a state dict file (local path or URL), or leave it unset to train "
                     "from random weights",
                 }[key]
-                raise SourceError(f"{section}.{key}={path!r} does not exist: give {what}")
+                raise ModelError(f"{section}.{key}={path!r} does not exist: give {what}")
 
 
 def random_start_warnings(config: PipelineConfig) -> list[str]:

@@ -427,7 +427,7 @@ def _read_uri(storage: Storage, config: PipelineConfig, given: str | None) -> st
     """Where the run's metrics are: ``given``, else where the run was tracked; ``None`` when
     that is a SQLite file that does not exist (reading would create it)."""
     from pipeline.runner import tracking_uri as run_tracking_uri
-    from stages.ingest.folder import SourceError
+    from stages.core.errors import SourceError
 
     try:
         uri = given or run_tracking_uri(config, storage.root if storage.is_local else storage.url)

@@ -63,8 +63,9 @@ from stages.core.cache import (
     model_output,
     new_token,
 )
+from stages.core.errors import ConfigError
 from stages.core.storage import DatasetRef, Storage
-from stages.ingest.folder import SourceError, SourceItem
+from stages.ingest.folder import SourceItem
 from stages.train_detector import check_detector_backend
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def tracking_uri(config: PipelineConfig, root: str) -> str:
     if uri:
         return uri
     if "://" in root:
-        raise SourceError(
+        raise ConfigError(
             f"root {root!r} is remote: set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow "
             "server URL"
         )
@@ -216,7 +217,7 @@ def run_pipeline(
     if until is not None:
         names = [s.name for s in stages]
         if until not in names:
-            raise SourceError(
+            raise ConfigError(
                 f"unknown stage {until!r} for --until; choose one of {', '.join(names)}"
             )
         stages = stages[: names.index(until) + 1]

@@ -55,14 +55,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.core.storage import (
-    CorruptFile,
-    DatasetRef,
-    Storage,
-    StorageError,
-    check_schema,
-    id_digest,
-)
+from stages.core.errors import StorageError
+from stages.core.storage import CorruptFile, DatasetRef, Storage, check_schema, id_digest
 
 logger = logging.getLogger(__name__)
 

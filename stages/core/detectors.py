@@ -27,6 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models import get_model, list_models
 
+from stages.core.errors import ModelError
+
 BackendName = Literal["torchvision", "detectron2"]
 DEFAULT_BACKEND: BackendName = "torchvision"
 
@@ -79,7 +81,7 @@ DEFAULT_ARCHITECTURES: dict[str, str] = {
 Target = dict[str, torch.Tensor]
 
 
-class BackendUnavailable(ValueError):
+class BackendUnavailable(ModelError):
     """The selected detector backend cannot be imported in this environment (a config error)."""
 
 

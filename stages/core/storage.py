@@ -37,6 +37,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from stages.core.errors import StorageError
+
 logger = logging.getLogger(__name__)
 
 # ``faults://``: a local folder that fails on purpose (stages.core.faults), known to every process
@@ -46,10 +48,6 @@ fsspec.register_implementation("faults", "stages.core.faults.FaultyFileSystem", 
 MANIFEST = "_manifest.json"
 COMMITTED = "_COMMITTED"
 _SAFE_PART = re.compile(r"^[A-Za-z0-9_.=+-]+$")
-
-
-class StorageError(RuntimeError):
-    """A dataset is missing, uncommitted or inconsistent with its manifest."""
 
 
 class CorruptFile(StorageError, ValueError):

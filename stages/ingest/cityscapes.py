@@ -26,7 +26,8 @@ import posixpath
 import fsspec
 
 from stages.core.constants import SPLITS
-from stages.ingest.folder import SourceError, SourceItem
+from stages.core.errors import SourceError
+from stages.ingest.folder import SourceItem
 from stages.ingest.lists import (
     check_disjoint,
     file_stem,

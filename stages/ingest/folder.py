@@ -15,15 +15,12 @@ from dataclasses import dataclass
 import fsspec
 
 from stages.core.constants import SPLITS
+from stages.core.errors import SourceError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MASK_SUFFIXES = (".png",)
-
-
-class SourceError(ValueError):
-    """The data source cannot be read at all (missing folder, bad split list): fail before work."""
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import fsspec
 
 from stages.core.constants import SPLITS
-from stages.ingest.folder import SourceError
+from stages.core.errors import SourceError
 
 SHOWN = 5  # names quoted in an error message
 

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 from stages.core import codec
 from stages.core.constants import IGNORE_INDEX
+from stages.core.errors import SourceError
 from stages.core.inference import pick_device, write_committed
 from stages.core.storage import DatasetRef
 from stages.core.tables import lookup_columns, read_split, split_ids
-from stages.ingest.folder import SourceError
 from stages.pseudolabel import ops
 from stages.pseudolabel.config import (
     GROUND_TRUTH,

@@ -18,9 +18,9 @@ from pipeline.graph import check_splits, needed_splits
 from pipeline.runner import run_pipeline
 from stages import train_detector
 from stages.core import training
+from stages.core.errors import SourceError
 from stages.core.run_config import LoopConfig
 from stages.core.training import EmptyShardError
-from stages.ingest.folder import SourceError
 from tests.conftest import local_ray, write_png
 
 

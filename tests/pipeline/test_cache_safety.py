@@ -44,7 +44,8 @@ from stages.core.cache import (
     output_dataset,
     write_shard,
 )
-from stages.core.storage import DatasetRef, Storage, StorageError
+from stages.core.errors import StorageError
+from stages.core.storage import DatasetRef, Storage
 from stages.ingest.generated import GeneratedSpec, generate_dataset
 
 HOUR = 3600.0

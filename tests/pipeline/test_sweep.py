@@ -33,8 +33,8 @@ from pipeline.sweep import (
 )
 from pipeline.sweep_table import RunOutcome, format_table, row_metrics, summarize, to_csv
 from pipeline.tracking import Tracker
+from stages.core.errors import SourceError
 from stages.core.storage import Storage
-from stages.ingest.folder import SourceError
 from tests.conftest import write_png
 
 

@@ -13,7 +13,8 @@ import pytest
 
 from stages.core import cache
 from stages.core.cache import CacheEntry, ShardPool, cache_key, output_dataset, write_shard
-from stages.core.storage import DatasetRef, Storage, StorageError
+from stages.core.errors import StorageError
+from stages.core.storage import DatasetRef, Storage
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -15,7 +15,8 @@ import pytest
 from stages import teach
 from stages.core import cache
 from stages.core.cache import CacheEntry, DamagedEntry, ShardPool, dataset_output, write_shard
-from stages.core.storage import DatasetRef, Storage, StorageError
+from stages.core.errors import StorageError
+from stages.core.storage import DatasetRef, Storage
 
 
 def _rows(ids: list[str]) -> pa.Table:

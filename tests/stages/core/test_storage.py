@@ -5,7 +5,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from stages.core.storage import DatasetRef, Storage, StorageError, id_digest
+from stages.core.errors import StorageError
+from stages.core.storage import DatasetRef, Storage, id_digest
 
 
 def _ref(tmp_path: Path, name: str = "images") -> DatasetRef:

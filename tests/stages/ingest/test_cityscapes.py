@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from stages.core import codec
+from stages.core.errors import SourceError
 from stages.ingest.cityscapes import CLASS_NAMES, enumerate_cityscapes
-from stages.ingest.folder import SourceError, listing_digest
+from stages.ingest.folder import listing_digest
 from stages.ingest.stage import load_item
 from tests.stages.ingest.layouts import (
     CITY_TEST,

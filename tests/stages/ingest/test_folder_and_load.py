@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from stages.core import codec
-from stages.ingest.folder import SourceError, SourceItem, enumerate_folder
+from stages.core.errors import SourceError
+from stages.ingest.folder import SourceItem, enumerate_folder
 from stages.ingest.stage import item_blocks, items_table, load_batch, load_item
 from tests.conftest import write_png
 

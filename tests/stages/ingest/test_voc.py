@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from stages.core import codec
-from stages.ingest.folder import SourceError, listing_digest
+from stages.core.errors import SourceError
+from stages.ingest.folder import listing_digest
 from stages.ingest.stage import load_item
 from stages.ingest.voc import CLASS_NAMES, enumerate_voc
 from tests.stages.ingest.layouts import (

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from stages.core import codec
+from stages.core.errors import SourceError
 from stages.core.storage import DatasetRef, Storage
-from stages.ingest.folder import SourceError
 from stages.ingest.stage import IMAGES_SCHEMA
 from stages.pseudolabel import stage
 from stages.pseudolabel.config import PseudolabelConfig
