@@ -377,7 +377,7 @@ def predict(
 @set_option
 def plan(config: str, root: str, overrides: tuple[str, ...]) -> None:
     """For each stage: reuse (cache key) or run, and why. Writes nothing."""
-    from pipeline.cache import plan as make_plan
+    from pipeline.cache.plan import plan as make_plan
     from pipeline.runner import resolve_root
 
     cfg = _load(config, overrides)
@@ -656,7 +656,8 @@ def cache() -> None:
 @root_option
 def cache_ls(root: str) -> None:
     """List committed entries with size, age and rows (a damaged one: DAMAGED and why)."""
-    from pipeline.cache import entry_bytes, human_age, human_bytes, iter_entries
+    from pipeline.cache.entries import entry_bytes, iter_entries
+    from pipeline.cache.gc import human_age, human_bytes
     from pipeline.runner import resolve_root
     from stages.core.storage import Storage
 
@@ -687,8 +688,9 @@ def cache_ls(root: str) -> None:
 def cache_verify(root: str, repair: bool) -> None:
     """Check every entry and pool shard against its data; exit 1 if any is damaged (0 once
     ``--repair`` uncommitted them all)."""
-    from pipeline.cache import iter_entries, verify_entry, verify_pools
-    from pipeline.cache import repair as uncommit
+    from pipeline.cache.entries import iter_entries
+    from pipeline.cache.verify import repair as uncommit
+    from pipeline.cache.verify import verify_entry, verify_pools
     from pipeline.runner import resolve_root
     from stages.core.storage import Storage
 
@@ -740,7 +742,7 @@ def cache_gc(
     root: str, tracking_uri: str | None, min_age: float, delete: bool, allow_empty_tracking: bool
 ) -> None:
     """Collect entries no MLflow run references and stale leftovers (dry run by default)."""
-    from pipeline.cache import TrackingError, collect_garbage, gc_references, human_bytes
+    from pipeline.cache.gc import TrackingError, collect_garbage, gc_references, human_bytes
     from pipeline.runner import resolve_root
     from stages.core.storage import Storage
 

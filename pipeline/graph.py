@@ -14,13 +14,14 @@ from typing import Any
 import fsspec
 from pydantic import BaseModel
 
+from pipeline.cache.entries import output_dataset
 from pipeline.config import PipelineConfig, to_yaml
 from pipeline.models import store_export
 from stages import detect, evaluate, segtrain, teach, train_detector
-from stages.core.cache import ShardPool, digest_json, file_digest, output_dataset
 from stages.core.constants import SPLITS
 from stages.core.errors import ModelError, SourceError
 from stages.core.inference import InferenceConfig, resolve_gpus
+from stages.core.shards import ShardPool, digest_json, file_digest
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest import stage as ingest
 from stages.ingest.folder import SourceItem

@@ -26,13 +26,14 @@ import torch
 import yaml
 
 from pipeline import figures
+from pipeline.cache.entries import CacheEntry, output_dataset
+from pipeline.cache.walk import look_up
 from pipeline.config import PipelineConfig, validate
-from pipeline.graph import all_stages, final_round, pseudolabel_key_fields
+from pipeline.graph import Context, all_stages, final_round
 from pipeline.models import model_from_bytes, predict_pictures
 from pipeline.redact import redact
 from stages import evaluate
 from stages.core import codec
-from stages.core.cache import CacheEntry, cache_key, output_dataset
 from stages.core.constants import IGNORE_INDEX
 from stages.core.metrics import LabelCounts
 from stages.core.storage import DatasetRef, Storage
@@ -206,18 +207,21 @@ def stored_labels(
 ) -> tuple[DatasetRef, str] | None:
     """The committed pseudo-labels of ``policy`` made from this run's teacher signals with this
     run's settings (the entry the run would reuse for that policy), if any."""
-    config = records.config
-    signals = records.stages.get("teach")
-    if signals is None:
+    if "teach" not in records.stages:
         return None
-    detect = records.stages.get("detect")
-    cfg = config.model_copy(update={"pseudolabel": _with_policy(config, policy)})
-    fields = pseudolabel_key_fields(cfg, signals.key, detect.key if detect else None)
-    key = cache_key("pseudolabel", pseudolabel.SCHEMA, fields)
-    record = CacheEntry(storage, "pseudolabel", key).record()
-    if record is None:
+    cfg = records.config.model_copy(update={"pseudolabel": _with_policy(records.config, policy)})
+    ctx = Context(cfg, storage, records.run_id, [])
+    for use in records.stages.values():  # the run's outputs, as its stages read them
+        ctx.outputs.update({n: {**o, "key": use.key} for n, o in use.record["outputs"].items()})
+    stage = next(s for s in all_stages(cfg) if s.name == "pseudolabel")
+    try:
+        found = look_up(stage, ctx)
+    except KeyError:  # an input this policy needs (WPL: detections) the run did not make
         return None
-    return output_dataset(storage, "pseudolabels", record["outputs"]["pseudolabels"]), key
+    if found.record is None:
+        return None
+    labels = found.record["outputs"]["pseudolabels"]
+    return output_dataset(storage, "pseudolabels", labels), found.key
 
 
 def _with_policy(config: PipelineConfig, policy: str) -> PseudolabelConfig:

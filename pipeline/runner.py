@@ -1,7 +1,7 @@
 """Running a pipeline: checks before any work, one MLflow parent run with a nested run per stage,
 and a summary at the end.
 
-Every stage's output is a cache entry (:mod:`stages.core.cache`): a stage whose key is committed
+Every stage's output is a cache entry (:mod:`pipeline.cache`): a stage whose key is committed
 is not run (its nested run is tagged as a cache hit with the key it reused, and its recorded
 metrics are logged again); a stage that runs writes into its own attempt folder and commits the
 entry at the end. Ray is started only when a stage actually runs.
@@ -20,16 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
-from pipeline.cache import (
-    TRACKING_FILE,
-    check_output_schemas,
-    drop_unused,
-    entry_files,
-    tracking_record,
-)
+from pipeline.cache.commit import execute
+from pipeline.cache.gc import TRACKING_FILE, tracking_record
+from pipeline.cache.walk import look_up
 from pipeline.config import PipelineConfig, run_params, to_yaml
 from pipeline.graph import (
     Context,
@@ -55,16 +48,8 @@ from pipeline.tracking import (
     source_tags,
 )
 from stages.core import progress
-from stages.core.cache import (
-    CacheEntry,
-    Heartbeat,
-    cache_key,
-    dataset_output,
-    model_output,
-    new_token,
-)
 from stages.core.errors import ConfigError
-from stages.core.storage import DatasetRef, Storage
+from stages.core.storage import Storage
 from stages.ingest.folder import SourceItem
 from stages.train_detector import check_detector_backend
 
@@ -269,14 +254,12 @@ def _run_stage(
     stage: Stage, ctx: Context, tracker: Tracker, parent: str, summary: RunSummary
 ) -> dict[str, float]:
     _record_tracking(ctx, summary.tracking_uri)
-    fields = stage.fields(ctx)
-    key = cache_key(stage.name, stage.schema, fields)
-    ctx.keys[stage.name] = key
-    entry = CacheEntry(ctx.storage, stage.name, key)
-    record, damage = entry.load()
-    if damage is not None:  # never reused: recomputed, and the commit replaces it
-        logger.warning("stage %s: committed entry %s is damaged (%s)", stage.name, key[:12], damage)
-        record = None
+    found = look_up(stage, ctx)
+    key, record = found.key, found.record
+    if found.damage is not None:  # never reused: recomputed, and the commit replaces it
+        logger.warning(
+            "stage %s: committed entry %s is damaged (%s)", stage.name, key[:12], found.damage
+        )
     hit = record is not None
     summary.cache[stage.name] = (key, hit)
     tags = {STAGE_TAG: stage.name, KEY_TAG: key, HIT_TAG: str(hit).lower()}
@@ -288,7 +271,9 @@ def _run_stage(
     try:
         if record is None:
             logger.info("stage %s: running (key %s)", stage.name, key[:12])
-            record = _execute(stage, ctx, entry, fields, tracker.sink(run))
+            sink = tracker.sink(run)
+            init_ray(ctx.config, sink.uri)
+            record = execute(stage, ctx, found.entry, found.fields, sink)
         else:
             logger.info("stage %s: cache hit, reusing %s", stage.name, key[:12])
     except BaseException:
@@ -300,7 +285,7 @@ def _run_stage(
     for name, output in record["outputs"].items():
         if "bytes_per_pixel" in output:
             metrics[f"{name}.bytes_per_pixel"] = output["bytes_per_pixel"]
-    ctx.outputs.update({name: {**out, "key": key} for name, out in record["outputs"].items()})
+    found.adopt(ctx, record)
     ctx.results.update(record.get("results", {}))
     tracker.log_metrics(run, {**metrics, "seconds": seconds})
     tracker.log_text(run, json.dumps(record, indent=2, sort_keys=True), "cache_entry.json")
@@ -317,85 +302,12 @@ def _run_stage(
     return {f"{stage.name}.{k}": v for k, v in metrics.items()}
 
 
-def _execute(
-    stage: Stage, ctx: Context, entry: CacheEntry, fields: dict[str, Any], sink: Any
-) -> dict[str, Any]:
-    """Run ``stage`` into an attempt folder and commit its entry (or adopt the record of a run
-    that committed the same key first).
-
-    The attempt is fresh, or a dead attempt of the same key (its heartbeat stopped) that left a
-    Ray Train folder: taking it over keeps its token, so training resumes from its checkpoints.
-    Each attempt trains in its own folder (``Context.train_name``), so racing attempts never
-    share one, and each removes only its own once committed."""
-    init_ray(ctx.config, sink.uri)
-    storage = ctx.storage
-
-    def resumable(token: str) -> bool:
-        return bool(storage.fs.exists(storage.path("ray_train", ctx.train_name(stage.name, token))))
-
-    token = entry.take_over(resumable) or new_token()
-    ctx.writing, ctx.attempt, ctx.sink = stage.writes, entry.attempt_dir(token), sink
-    train_dir = storage.path("ray_train", ctx.train_name(stage.name))
-    if storage.fs.exists(train_dir):
-        logger.info("%s: taking over dead attempt %s, resuming its training", stage.name, token)
-    earlier, ctx.results = ctx.results, {}  # what this stage sets is stored in its record
-    try:
-        with Heartbeat(storage, entry.heartbeat_path(token)):
-            metrics = stage.run(ctx)
-            outputs = _outputs(stage, ctx)
-    finally:
-        results, ctx.results = ctx.results, earlier
-        ctx.writing, ctx.attempt = (), ""
-    check_output_schemas(storage, outputs)  # a shard of another schema is named, not committed
-    written = {"outputs": outputs}
-    ours = entry_files(storage, written)  # read before a lost race discards the attempt
-    record, won = entry.commit(
-        token, {"fields": fields, "outputs": outputs, "metrics": metrics, "results": results}
-    )
-    if not won:
-        dropped = drop_unused(storage, ours, record)
-        logger.info("%s: lost the commit race; removed %d unused files", stage.name, len(dropped))
-    if storage.fs.exists(train_dir):  # the model is in the entry now
-        storage.fs.rm(train_dir, recursive=True)
-    return record
-
-
 def _record_tracking(ctx: Context, uri: str) -> None:
     """``pipelines/<run_id>/tracking.json``: the tracking store this run logs to (credentials
     removed), for ``cache gc``; written before the run's first stage uses or commits an entry."""
     path = ctx.storage.path("pipelines", ctx.run_id, TRACKING_FILE)
     if not ctx.storage.fs.exists(path):
         ctx.storage.write_json(path, tracking_record(uri, ctx.storage.root))
-
-
-def _outputs(stage: Stage, ctx: Context) -> dict[str, dict[str, Any]]:
-    """What the stage wrote into its attempt folder, as the entry records it."""
-    outputs = {}
-    for name in stage.writes:
-        model = ctx.model_path(name)
-        if ctx.storage.fs.exists(model):
-            outputs[name] = model_output(ctx.storage, model)
-            continue
-        ref: DatasetRef = ctx.dataset(name)
-        if ref.is_committed():
-            extra = {"digests": ctx.results["digests"]} if name in stage.split_digests else {}
-            outputs[name] = dataset_output(ref, **extra, **_footprint(ref))
-    return outputs
-
-
-def _footprint(ref: DatasetRef) -> dict[str, float]:
-    """Stored bytes of a dataset, and per pixel where its rows carry image sizes."""
-    files = ref.files()
-    size = float(sum(ref.storage.fs.size(path) for path in files))
-    if not files:
-        return {"bytes": size}
-    with ref.storage.fs.open(files[0], "rb") as handle:
-        names = pq.read_schema(handle).names
-    if "height" not in names or "width" not in names:
-        return {"bytes": size}
-    table = ref.read_table(["height", "width"])
-    pixels = float(pc.sum(pc.multiply(table["height"], table["width"])).as_py() or 0)
-    return {"bytes": size, "bytes_per_pixel": size / pixels if pixels else 0.0}
 
 
 def _log_image_inputs(tracker: Tracker, run: str, ctx: Context, stage: Stage) -> None:

@@ -321,7 +321,7 @@ def tree_digest(folder: Path) -> str:
     """sha256 over the relative paths and contents of every file under ``folder``."""
     from fsspec.implementations.local import LocalFileSystem
 
-    from stages.core.cache import file_digest
+    from stages.core.shards import file_digest
 
     fs, digest = LocalFileSystem(), hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):

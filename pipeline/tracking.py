@@ -35,7 +35,7 @@ MAX_PARAMS_PER_BATCH = 100
 
 def source_tags(command: str) -> dict[str, str]:
     """MLflow's source tags for a pipeline run (the UI shows them), and the package version."""
-    from stages.core.cache import package_version
+    from stages.core.shards import package_version
 
     tags = {
         "mlflow.source.type": "JOB",

@@ -14,7 +14,6 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from stages.core.cache import ShardPool
 from stages.core.detectors import split_backend
 from stages.core.inference import (
     InferenceConfig,
@@ -22,6 +21,7 @@ from stages.core.inference import (
     pick_device,
     predict_into_pool,
 )
+from stages.core.shards import ShardPool
 from stages.core.storage import DatasetRef
 from stages.core.training import hold_point
 

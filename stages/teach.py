@@ -41,7 +41,6 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from stages.core import codec, data
-from stages.core.cache import ShardPool
 from stages.core.config import StrictModel
 from stages.core.inference import (
     InferenceConfig,
@@ -51,6 +50,7 @@ from stages.core.inference import (
     to_image,
 )
 from stages.core.models import segment_logits, segment_with_features
+from stages.core.shards import ShardPool
 from stages.core.storage import DatasetRef
 from stages.core.training import hold_point
 from stages.pseudolabel import ops

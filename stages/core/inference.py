@@ -18,10 +18,10 @@ from pydantic import Field
 from torch import nn
 
 from stages.core import data
-from stages.core.cache import ShardPool, new_token, write_shard
 from stages.core.config import StrictModel
 from stages.core.errors import StorageError
 from stages.core.models import load_checkpoint, model_from_checkpoint
+from stages.core.shards import ShardPool, new_token, write_shard
 from stages.core.storage import DatasetRef, Storage
 from stages.core.tables import keep_ids, ordered, read_split, split_ids
 

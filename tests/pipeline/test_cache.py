@@ -24,14 +24,17 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.cache import collect_garbage, iter_entries, plan, verify_entry
+from pipeline.cache.entries import iter_entries, output_dataset
+from pipeline.cache.gc import collect_garbage
+from pipeline.cache.plan import plan
+from pipeline.cache.verify import verify_entry
 from pipeline.config import PipelineConfig, load_config
 from pipeline.provenance import git_commit
 from pipeline.runner import RunSummary, run_pipeline
 from pipeline.tracking import referenced_keys
 from stages.core import codec
-from stages.core.cache import ShardPool, new_token, output_dataset, write_shard
 from stages.core.models import build_segmenter
+from stages.core.shards import ShardPool, new_token, write_shard
 from stages.core.storage import Storage
 from stages.core.tables import DRIVER_SPLIT_BYTES
 from stages.evaluate import EvaluateConfig, evaluate_models, pseudolabel_quality

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-import stages.core.cache as core_cache
+import stages.core.shards as shards
+from pipeline.cache.entries import cache_key
 from pipeline.config import load_config
 from pipeline.graph import Context, all_stages
-from stages.core.cache import cache_key
 from stages.core.storage import Storage
 
 SPLITS = ("labeled", "unlabeled", "val")
@@ -47,7 +47,7 @@ def walk_keys(name: str, overrides: list[str], root: str) -> dict[str, str]:
 
 @pytest.fixture(autouse=True)
 def fixed_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core_cache, "package_version", lambda: "pinned")
+    monkeypatch.setattr(shards, "package_version", lambda: "pinned")
 
 
 def test_smoke_keys_are_todays(tmp_path) -> None:

@@ -13,7 +13,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.cache import iter_entries, verify_entry
+from pipeline.cache.entries import iter_entries
+from pipeline.cache.verify import verify_entry
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 from stages.core.models import build_segmenter

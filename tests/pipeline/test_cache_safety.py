@@ -19,32 +19,31 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import runner
-from pipeline.cache import (
-    TrackingError,
-    collect_garbage,
+from pipeline.cache.entries import (
+    CacheEntry,
+    cache_key,
+    dataset_output,
     drop_unused,
     entry_files,
+    iter_entries,
+    output_dataset,
+)
+from pipeline.cache.gc import (
+    TrackingError,
+    collect_garbage,
     gc_references,
     gc_tracking_uris,
-    iter_entries,
-    plan,
     tracking_record,
-    verify_entry,
 )
+from pipeline.cache.plan import plan
+from pipeline.cache.verify import verify_entry
 from pipeline.cli import main
 from pipeline.config import PipelineConfig, load_config
 from pipeline.graph import Context, Stage
 from pipeline.tracking import KEY_TAG, STAGE_TAG, Tracker, local_uri
 from stages import teach
-from stages.core.cache import (
-    CacheEntry,
-    ShardPool,
-    cache_key,
-    dataset_output,
-    output_dataset,
-    write_shard,
-)
 from stages.core.errors import StorageError
+from stages.core.shards import ShardPool, write_shard
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest.generated import GeneratedSpec, generate_dataset
 

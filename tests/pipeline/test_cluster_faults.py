@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from stages.core.cache import output_dataset
+from pipeline.cache.entries import output_dataset
 from stages.core.models import resumable_path
 from stages.core.storage import Storage
 from stages.core.training import HOLD_ENV

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import pipeline.cache
+import pipeline.cache.plan
 from pipeline import config as pipeline_config
 from pipeline.cli import main
 from pipeline.runner import run_pipeline, tracking_uri
@@ -67,7 +67,7 @@ def test_any_command_ends_a_reported_error_with_one_masked_line_and_its_code(
     def fail(*args: object, **kwargs: object) -> None:
         raise error
 
-    monkeypatch.setattr(pipeline.cache, "plan", fail)
+    monkeypatch.setattr(pipeline.cache.plan, "plan", fail)
     result = CliRunner().invoke(main, ["plan", "--config", "smoke"])
     assert result.exit_code == code
     assert result.output.strip().splitlines()[-1] == f"error: {error}".replace(
@@ -81,6 +81,6 @@ def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise KeyError("not a user's error")
 
-    monkeypatch.setattr(pipeline.cache, "plan", fail)
+    monkeypatch.setattr(pipeline.cache.plan, "plan", fail)
     result = CliRunner().invoke(main, ["plan", "--config", "smoke"])
     assert isinstance(result.exception, KeyError)

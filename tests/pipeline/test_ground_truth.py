@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cache.entries import CacheEntry
 from pipeline.config import load_config
 from pipeline.report import build_report
 from pipeline.runner import run_pipeline
-from stages.core.cache import CacheEntry
 from stages.core.storage import Storage
 from tests.conftest import local_ray, stage_outputs
 

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.cache.entries import output_dataset
 from pipeline.config import load_config
 from pipeline.runner import RunSummary, run_pipeline
 from pipeline.source import source_items
-from stages.core.cache import output_dataset
 from stages.core.detectors import DEFAULT_ARCHITECTURES
 from stages.core.models import load_checkpoint
 from stages.core.storage import Storage

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from pipeline import figures, report
+from pipeline.cache.entries import CacheEntry, cache_key, dataset_output, model_output
 from pipeline.cli import main
 from pipeline.config import PipelineConfig, load_config, to_yaml
 from pipeline.graph import pseudolabel_key_fields
@@ -34,7 +35,6 @@ from pipeline.report import (
 )
 from pipeline.tracking import HIT_TAG, KEY_TAG, STAGE_TAG
 from stages.core import codec, data
-from stages.core.cache import CacheEntry, cache_key, dataset_output, model_output
 from stages.core.models import build_segmenter, checkpoint_bytes, make_checkpoint
 from stages.core.storage import DatasetRef, Storage
 from stages.pseudolabel import stage as pseudolabel

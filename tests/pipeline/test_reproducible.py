@@ -15,10 +15,10 @@ import pyarrow as pa
 import pytest
 import torch
 
+from pipeline.cache.entries import output_dataset
 from pipeline.config import load_config
 from pipeline.runner import RunSummary, run_pipeline
 from stages.core import codec
-from stages.core.cache import output_dataset
 from stages.core.storage import DatasetRef, Storage
 from stages.core.tables import DRIVER_SPLIT_BYTES
 from stages.core.training import endless_batches

@@ -22,8 +22,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline.cache.entries import output_dataset
 from stages.core import codec
-from stages.core.cache import output_dataset
 from stages.core.models import (
     load_checkpoint,
     model_from_checkpoint,

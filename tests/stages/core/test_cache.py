@@ -11,9 +11,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from pipeline.cache.entries import CacheEntry, cache_key, output_dataset
 from stages.core import cache
-from stages.core.cache import CacheEntry, ShardPool, cache_key, output_dataset, write_shard
 from stages.core.errors import StorageError
+from stages.core.shards import ShardPool, write_shard
 from stages.core.storage import DatasetRef, Storage
 
 
@@ -174,7 +175,7 @@ def test_manifest_paths_cannot_leave_the_root(tmp_path: Path) -> None:
 
 
 def test_a_losing_writer_removes_the_pool_shards_the_winner_does_not_use(tmp_path: Path) -> None:
-    from pipeline.cache import drop_unused, entry_files
+    from pipeline.cache.entries import drop_unused, entry_files
 
     storage = Storage(str(tmp_path / "root"))
     pool = _pool(storage, "family")

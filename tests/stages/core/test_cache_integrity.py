@@ -12,10 +12,11 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from pipeline.cache.entries import CacheEntry, DamagedEntry, dataset_output
 from stages import teach
 from stages.core import cache
-from stages.core.cache import CacheEntry, DamagedEntry, ShardPool, dataset_output, write_shard
 from stages.core.errors import StorageError
+from stages.core.shards import ShardPool, write_shard
 from stages.core.storage import DatasetRef, Storage
 
 

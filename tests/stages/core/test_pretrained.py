@@ -17,7 +17,6 @@ from torchvision.models import get_model
 from pipeline import graph
 from stages import segtrain
 from stages.core import pretrained
-from stages.core.cache import file_digest
 from stages.core.models import build_detector, build_segmenter, load_checkpoint
 from stages.core.pretrained import (
     SEGMENTER,
@@ -27,6 +26,7 @@ from stages.core.pretrained import (
     load_init,
     map_state,
 )
+from stages.core.shards import file_digest
 from stages.core.storage import Storage
 from stages.pseudolabel.config import PseudolabelConfig
 from stages.train_detector import (

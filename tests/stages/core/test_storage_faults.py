@@ -13,11 +13,13 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cache import check_output_schemas, iter_entries, verify_entry, verify_pools
+from pipeline.cache.commit import check_output_schemas
+from pipeline.cache.entries import CacheEntry, dataset_output, iter_entries
+from pipeline.cache.verify import verify_entry, verify_pools
 from pipeline.cli import main
 from stages import detect
-from stages.core.cache import CacheEntry, ShardPool, dataset_output, new_token, write_shard
 from stages.core.faults import FAULTS_ENV, FaultPlan, InjectedFault, operations
+from stages.core.shards import ShardPool, new_token, write_shard
 from stages.core.storage import CorruptFile, DatasetRef, Storage
 
 IDS = [f"img{i:02d}" for i in range(10)]

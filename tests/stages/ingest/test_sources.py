@@ -101,7 +101,7 @@ def test_runner_reads_the_cityscapes_layout(tmp_path: Path) -> None:
 
 def test_plan_reads_a_dataset_layout_like_the_runner(tmp_path: Path) -> None:
     """``pseudoflow plan`` lists the same items as a run would: every stage runs on a new root."""
-    from pipeline.cache import plan
+    from pipeline.cache.plan import plan
 
     root = write_voc(tmp_path / "VOC2012")
     config = load_config("smoke", ["data.source=voc", f"data.root={root}", "data.num_classes=21"])

@@ -1,116 +1,55 @@
-"""The content-addressed cache: stage outputs keyed by what determines them.
-
-Layout under the storage root::
-
-    cache/<stage>/<key>/_ENTRY.json                 the entry's record, created exclusively, last
-    cache/<stage>/<key>/attempts/<token>/...        what one writer wrote (datasets, model files)
-    cache/<stage>/pool/<family>/<shard>.parquet     inference shards shared by every key of a
-    cache/<stage>/pool/<family>/<shard>.json        family (same model and settings); the shard's
-                                                    manifest, created exclusively after its file
-
-A key is sha256 over the stage name, its output schema, the package version and the stage's
-``fields``: input keys or content digests, model weight digests and the semantic config fields.
-Execution-only knobs never enter it.
-
-Commit protocol (no atomic rename needed): every writer writes into its own attempt folder; a
-dataset there is committed by its manifest and marker (:class:`DatasetRef`); the entry is committed
-by creating ``_ENTRY.json`` only if it does not exist. Of two writers racing on one key, exactly
-one creates it; the other deletes its attempt and uses the winner's record. Readers look only at
-``_ENTRY.json``, so they never see a half-written entry.
-
-Inference shards are committed one by one while a stage runs (file first, then its manifest with
-row count, id set and family key), so a killed run leaves them behind and the rerun infers only
-the images no committed shard covers; a new key (new images) references the old shards. A
-family key covers the stage's output schema version and the package version too, and a shard
-must have the stage's Arrow schema to be committed.
-
-A committed entry is *damaged* when its ``_ENTRY.json`` does not parse or an output it records
-(a dataset's manifest and marker, a model file) is missing: it is never reused, and the next
-writer of its key replaces it (:meth:`CacheEntry.commit`).
-
-A running attempt keeps ``attempts/<token>/_ALIVE`` fresh (:class:`Heartbeat`); an attempt
-whose heartbeat stopped is dead, and a rerun of the same key may take it over (same token, so
-its Ray Train run resumes from its checkpoints: :meth:`CacheEntry.take_over`).
-"""
+"""A stage output under its key: the key, the committed entry and its record, its outputs, the
+attempt folders and their heartbeats."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib
 import json
 import logging
 import posixpath
-import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import cache
-from importlib import metadata
 from types import TracebackType
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from stages.core import shards
 from stages.core.errors import StorageError
-from stages.core.storage import CorruptFile, DatasetRef, Storage, check_schema, id_digest
+from stages.core.shards import POOL, file_digest
+from stages.core.storage import DatasetRef, Storage
 
 logger = logging.getLogger(__name__)
 
+
 ENTRY_FILE = "_ENTRY.json"
+
+
 ATTEMPTS = "attempts"
-POOL = "pool"
+
+
 HEARTBEAT = "_ALIVE"
+
+
 TAKEN = "_TAKEN-"  # + n + .json: the n-th takeover of a dead attempt
+
+
 HEARTBEAT_S = 30.0  # how often a running attempt writes its heartbeat
+
+
 STALE_S = 300.0  # an attempt whose heartbeat is older is dead
-# The stages that commit inference shards to a pool, and the module holding each one's output
-# schema: SCHEMA (its version) and the Arrow schema named here.
-POOL_SCHEMAS = {
-    "detect": ("stages.detect", "DETECTIONS_SCHEMA"),
-    "teach": ("stages.teach", "SIGNALS_SCHEMA"),
-}
 
 
 class DamagedEntry(StorageError):
     """A committed entry whose record does not parse."""
 
 
-@cache
-def package_version() -> str:
-    try:
-        return metadata.version("pseudoflow")
-    except metadata.PackageNotFoundError:  # running from a source tree without installing
-        return "0+unknown"
-
-
-def digest_json(payload: Any) -> str:
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def cache_key(stage: str, schema: str, fields: dict[str, Any]) -> str:
     """sha256 over stage name, output schema, package version and the stage's key fields."""
-    return digest_json(
-        {"stage": stage, "schema": schema, "version": package_version(), "fields": fields}
+    return shards.digest_json(
+        {"stage": stage, "schema": schema, "version": shards.package_version(), "fields": fields}
     )
-
-
-def file_digest(fs: Any, path: str) -> str:
-    """sha256 of a file's bytes on filesystem ``fs``, read in chunks (model weights)."""
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def new_token() -> str:
-    """A writer's unique name: sortable by time, unguessable suffix."""
-    return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
 
 
 @dataclass(frozen=True)
@@ -176,7 +115,7 @@ class CacheEntry:
             "key": self.key,
             "attempt": token,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "version": package_version(),
+            "version": shards.package_version(),
         }
         self.storage.sync(output_files(self.storage, full.get("outputs", {})))
         for _ in range(3):
@@ -340,127 +279,94 @@ def output_dataset(storage: Storage, name: str, output: dict[str, Any]) -> Datas
     return DatasetRef(storage, storage.resolve(output["directory"]), name)
 
 
-# --- inference shards ---------------------------------------------------------------------------
-
-
-def pool_schema(stage: str) -> tuple[str, pa.Schema]:
-    """The output schema of a stage that commits shards to a pool: its version and its Arrow
-    schema (imported when needed: those stage modules import this one)."""
-    if stage not in POOL_SCHEMAS:
-        raise ValueError(f"stage {stage!r} has no shard pool; pools: {', '.join(POOL_SCHEMAS)}")
-    module, name = POOL_SCHEMAS[stage]
-    loaded = importlib.import_module(module)
-    return str(loaded.SCHEMA), getattr(loaded, name)
-
-
-def pool_schemas() -> dict[str, pa.Schema]:
-    """Output schema version -> Arrow schema, for every stage that has a shard pool."""
-    return dict(pool_schema(stage) for stage in POOL_SCHEMAS)
-
-
 @dataclass(frozen=True)
-class ShardPool:
-    """The committed inference shards of one family (stage + model + semantic settings +
-    output schema + package version); ``schema``: the Arrow schema every shard must have."""
+class Entry:
+    """A committed entry; ``damage`` says why it cannot be reused (then ``record`` may be
+    empty: its ``_ENTRY.json`` did not parse)."""
 
-    storage: Storage
-    directory: str
-    family: str
-    schema: pa.Schema | None = None
+    stage: str
+    key: str
+    record: dict[str, Any]
+    age_s: float
+    damage: str | None = None
 
-    @classmethod
-    def of(cls, storage: Storage, stage: str, family: str) -> ShardPool:
-        """The pool of ``stage`` for ``family`` (a digest of the model and semantic settings),
-        kept apart per output schema version and package version."""
-        version, schema = pool_schema(stage)
-        key = digest_json({"family": family, "schema": version, "version": package_version()})
-        return cls(storage, storage.path("cache", stage, POOL, key), key, schema)
 
-    def committed(self) -> list[dict[str, Any]]:
-        """Manifests of the committed shards, oldest first. A manifest whose family differs or
-        whose file is missing is skipped (and reported by ``cache verify``)."""
-        fs = self.storage.fs
-        if not fs.exists(self.directory):
-            return []
-        shards = []
-        for path in sorted(p for p in fs.ls(self.directory, detail=False) if p.endswith(".json")):
+# ------------------------------------------------------------------------------------ entries
+def iter_entries(storage: Storage, stage: str | None = None) -> Iterator[Entry]:
+    """Every committed entry under the root (of one stage, if given), with its age; a damaged
+    one (see :meth:`CacheEntry.load`) comes with its ``damage``."""
+    fs, base = storage.fs, storage.path("cache")
+    if not fs.exists(base):
+        return
+    stage_dirs = [storage.path("cache", stage)] if stage else sorted(fs.ls(base, detail=False))
+    for stage_dir in stage_dirs:
+        if not fs.exists(stage_dir):
+            continue
+        stage = posixpath.basename(stage_dir)
+        for key_dir in sorted(fs.ls(stage_dir, detail=False)):
+            key = posixpath.basename(key_dir)
+            if key == POOL:
+                continue
+            entry = CacheEntry(storage, stage, key)
+            record, damage = entry.load()
+            if record is None and damage is None:
+                continue
             try:
-                manifest = self.storage.read_json(path)
-            except CorruptFile as exc:
-                logger.warning("skipping a damaged shard manifest: %s", exc)
-                continue
-            if manifest.get("family") != self.family or "file" not in manifest:
-                continue
-            manifest["path"] = posixpath.join(self.directory, manifest["file"])
-            shards.append(manifest)
-        shards.sort(key=lambda m: (m["created"], m["file"]))
-        return shards
-
-    def cover(self, wanted: set[str]) -> tuple[list[dict[str, Any]], set[str]]:
-        """Committed shards whose ids all lie in ``wanted`` (no two overlapping), and the ids
-        they leave uncovered: those, and only those, still need inference."""
-        chosen: list[dict[str, Any]] = []
-        covered: set[str] = set()
-        for shard in self.committed():
-            ids = set(shard["ids"])
-            if ids <= wanted and not ids & covered:
-                chosen.append(shard)
-                covered |= ids
-        return chosen, wanted - covered
-
-    def writer_kwargs(self, token: str) -> dict[str, Any]:
-        return {
-            "storage_url": self.storage.url,
-            "directory": self.directory,
-            "family": self.family,
-            "token": token,
-            "schema": self.schema,
-        }
+                assert record is not None
+                created = datetime.fromisoformat(record["created"]).timestamp()
+            except (AssertionError, KeyError, TypeError, ValueError):
+                try:
+                    created = modified(fs.info(entry.record_path))
+                except FileNotFoundError:  # removed since the listing
+                    continue
+            yield Entry(stage, key, record or {}, time.time() - created, damage)
 
 
-def write_shard(
-    table: pa.Table,
-    *,
-    storage_url: str,
-    directory: str,
-    family: str,
-    token: str,
-    schema: pa.Schema | None = None,
-) -> pa.Table:
-    """Ray Data batch function: write ``table`` as one shard and commit it (file, then manifest
-    created exclusively; on a local filesystem the file is fsync'ed first). A table whose
-    Arrow schema is not ``schema`` is refused. Returns one row naming the shard."""
-    storage = Storage(storage_url)
-    name = f"{token}-{secrets.token_hex(6)}"
-    path = posixpath.join(directory, f"{name}.parquet")
-    if schema is not None:
-        check_schema(table.schema, schema, f"shard {path} (family {family[:12]})")
-    storage.fs.makedirs(directory, exist_ok=True)
-    with storage.fs.open(path, "wb") as handle:
-        pq.write_table(table, handle, compression="zstd")
-    _check_written(storage, path, table.num_rows)
-    storage.sync([path])
-    ids = table.column("image_id").to_pylist()
-    manifest = {
-        "family": family,
-        "file": f"{name}.parquet",
-        "rows": table.num_rows,
-        "ids": sorted(ids),
-        "id_digest": id_digest(ids),
-        "created": time.time(),
-    }
-    if not storage.create_exclusive(posixpath.join(directory, f"{name}.json"), manifest):
-        raise StorageError(f"shard name collision at {path}")
-    return pa.table({"shard": [path], "rows": [table.num_rows]})
+def entry_files(storage: Storage, record: dict[str, Any]) -> set[str]:
+    """The files an entry's outputs consist of (dataset shards anywhere, model files)."""
+    return output_files(storage, record["outputs"])
 
 
-def _check_written(storage: Storage, path: str, rows: int) -> None:
-    """Read back a shard's footer before its manifest vouches for it: a write that lost its
-    tail without an error (no footer, or another row count) is refused, naming the file."""
-    try:
-        with storage.fs.open(path, "rb") as handle:
-            found = pq.ParquetFile(handle).metadata.num_rows
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise CorruptFile(f"shard {path}: unreadable right after it was written: {exc}") from exc
-    if found != rows:
-        raise CorruptFile(f"shard {path}: {found} rows right after writing {rows}")
+def _committed_files(storage: Storage) -> set[str]:
+    """Every file any usable committed entry under the root references."""
+    files: set[str] = set()
+    for entry in iter_entries(storage):
+        if entry.damage is None:
+            try:
+                files |= entry_files(storage, entry.record)
+            except (FileNotFoundError, StorageError):
+                continue  # damaged since it was read: it protects nothing
+    return files
+
+
+def drop_unused(storage: Storage, ours: set[str], winner: dict[str, Any]) -> list[str]:
+    """After losing a commit race: delete the files of our outputs (``ours``, listed before our
+    attempt was discarded) that no committed entry uses (the winner's, or any other key's that
+    reuses a pool shard we wrote), such as inference shards we committed to a pool, so that one
+    copy stays. Returns the deleted paths."""
+    unused = sorted(ours - entry_files(storage, winner) - _committed_files(storage))
+    for path in unused:
+        if storage.fs.exists(path):
+            storage.fs.rm(path)
+            manifest = path.removesuffix(".parquet") + ".json"
+            if path.endswith(".parquet") and storage.fs.exists(manifest):
+                storage.fs.rm(manifest)
+    return unused
+
+
+def entry_bytes(storage: Storage, record: dict[str, Any]) -> int:
+    """An entry's size: its own files plus the shards its datasets reference."""
+    total = 0
+    for path in entry_files(storage, record):
+        try:
+            total += int(storage.fs.size(path))
+        except FileNotFoundError:
+            continue
+    return total
+
+
+def children(storage: Storage, directory: str) -> list[dict[str, Any]]:
+    """The entries (``ls`` with details) of ``directory``; none where it does not exist."""
+    if not storage.fs.exists(directory):
+        return []
+    return list(storage.fs.ls(directory, detail=True))
