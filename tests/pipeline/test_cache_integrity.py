@@ -12,9 +12,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from pipeline.cache import entries as cache
 from pipeline.cache.entries import CacheEntry, DamagedEntry, dataset_output
 from stages import teach
-from stages.core import cache
+from stages.core import shards
 from stages.core.errors import StorageError
 from stages.core.shards import ShardPool, write_shard
 from stages.core.storage import DatasetRef, Storage
@@ -169,7 +170,7 @@ def test_the_pool_family_covers_the_schema_version_and_the_package_version(
     monkeypatch.setattr(teach, "SCHEMA", "teacher_signals/99")
     assert ShardPool.of(storage, "teach", "model-and-settings").family != base.family
     monkeypatch.undo()
-    monkeypatch.setattr(cache, "package_version", lambda: "9.9.9")
+    monkeypatch.setattr(shards, "package_version", lambda: "9.9.9")
     assert ShardPool.of(storage, "teach", "model-and-settings").family != base.family
     with pytest.raises(
         ValueError, match="stage 'evaluate' has no shard pool; pools: detect, teach"

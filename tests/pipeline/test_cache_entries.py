@@ -11,8 +11,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from pipeline.cache import entries as cache
 from pipeline.cache.entries import CacheEntry, cache_key, output_dataset
-from stages.core import cache
+from stages.core import shards
 from stages.core.errors import StorageError
 from stages.core.shards import ShardPool, write_shard
 from stages.core.storage import DatasetRef, Storage
@@ -37,7 +38,7 @@ def test_key_depends_on_every_part_and_not_on_field_order(monkeypatch: pytest.Mo
     assert base != cache_key("detect", "s/1", {"a": 1, "b": {"c": 2, "d": 3}})
     assert base != cache_key("teach", "s/2", {"a": 1, "b": {"c": 2, "d": 3}})
     assert base != cache_key("teach", "s/1", {"a": 1, "b": {"c": 2, "d": 4}})
-    monkeypatch.setattr(cache, "package_version", lambda: "9.9.9")
+    monkeypatch.setattr(shards, "package_version", lambda: "9.9.9")
     assert base != cache_key("teach", "s/1", {"a": 1, "b": {"c": 2, "d": 3}})
 
 
@@ -115,9 +116,9 @@ def _pool(storage: Storage, family: str) -> ShardPool:
 def test_shard_pool_reuses_only_wanted_disjoint_shards(storage: Storage) -> None:
     pool = _pool(storage, "family-a")
     for ids in (["a", "b"], ["c"], ["b", "d"]):
-        write_shard(_rows(ids), **pool.writer_kwargs(cache.new_token()))
+        write_shard(_rows(ids), **pool.writer_kwargs(shards.new_token()))
     other = _pool(storage, "family-b")
-    write_shard(_rows(["e"]), **other.writer_kwargs(cache.new_token()))
+    write_shard(_rows(["e"]), **other.writer_kwargs(shards.new_token()))
 
     def cover(wanted: set[str]) -> tuple[list[list[str]], set[str]]:
         chosen, missing = pool.cover(wanted)
