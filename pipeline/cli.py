@@ -271,23 +271,19 @@ def report(
 ) -> None:
     """Write RUN's report (the newest run if omitted): a static HTML page and PNGs, also
     logged to the run's MLflow parent run."""
-    from pipeline.report import ReportError, write_report
+    from pipeline.report import write_report
     from pipeline.runner import resolve_root
     from stages.core.storage import Storage
 
-    try:
-        made = write_report(
-            Storage(resolve_root(root)),
-            run,
-            out=out,
-            tracking_uri=tracking_uri,
-            log=not no_mlflow,
-            samples=samples,
-            limit=max_images,
-        )
-    except ReportError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    made = write_report(
+        Storage(resolve_root(root)),
+        run,
+        out=out,
+        tracking_uri=tracking_uri,
+        log=not no_mlflow,
+        samples=samples,
+        limit=max_images,
+    )
     click.echo(f"report: {made.location}/index.html")
     width = max((len(q.policy) for q in made.quality), default=0)
     for quality in made.quality:

@@ -600,7 +600,7 @@ def _round_stages(round_: Round) -> tuple[Stage, Stage, Stage]:
                 ctx.config,
                 ctx.digest(signals),
                 ctx.digest("detections") if _wpl(ctx.config) else None,
-                ctx.digest("images", "unlabeled"),
+                ctx.digest("images", "unlabeled") if _ground_truth(ctx.config) else None,
             ),
             pseudolabel.SCHEMA,
             section="pseudolabel",

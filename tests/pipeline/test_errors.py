@@ -11,6 +11,7 @@ from click.testing import CliRunner
 import pipeline.cache.plan
 from pipeline import config as pipeline_config
 from pipeline.cli import main
+from pipeline.report import ReportError
 from pipeline.runner import run_pipeline, tracking_uri
 from stages.core import errors
 from stages.core.detectors import BackendUnavailable
@@ -34,6 +35,8 @@ def test_every_reported_error_is_one_kind_with_its_exit_code() -> None:
     assert issubclass(pipeline_config.ConfigError, errors.ConfigError)
     assert issubclass(BackendUnavailable, errors.ModelError)
     assert issubclass(CorruptFile, errors.StorageError)
+    assert issubclass(ReportError, errors.PseudoflowError)
+    assert ReportError.exit_code == 2
     # callers that caught ValueError / RuntimeError still do
     assert issubclass(errors.SourceError, ValueError)
     assert issubclass(errors.StorageError, RuntimeError)

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from pipeline import figures, report
+from pipeline import figures
 from pipeline.cache.entries import CacheEntry, cache_key, dataset_output, model_output
 from pipeline.cli import main
 from pipeline.config import PipelineConfig, load_config, to_yaml
@@ -28,6 +28,7 @@ from pipeline.report import (
     ReportError,
     find_run,
     load_run,
+    pictures,
     policy_quality,
     training_curves,
     val_predictions,
@@ -489,5 +490,5 @@ def test_val_predictions_are_the_students_and_teachers_forward(
     assert len(val_predictions(root.storage, records, count=1)) == 1
     # large images: fewer of them (here the budget is under two of data.image_size's inputs)
     size = records.config.data.image_size
-    monkeypatch.setattr(report, "MAX_PREDICTED_PIXELS", 2 * size * size - 1)
+    monkeypatch.setattr(pictures, "MAX_PREDICTED_PIXELS", 2 * size * size - 1)
     assert len(val_predictions(root.storage, records, count=6)) == 1
