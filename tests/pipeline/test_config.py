@@ -14,6 +14,7 @@ from pipeline.config import (
     to_yaml,
 )
 from pipeline.graph import Round, planned, random_start_warnings
+from pipeline.graph import keys as graph_keys
 from tests.conftest import STAGE_NAMES, run_cli
 
 
@@ -85,11 +86,9 @@ def test_real_data_without_init_says_which_networks_start_from_random_weights() 
 def test_teach_tta_enters_the_teach_key_only_when_set() -> None:
     from types import SimpleNamespace
 
-    from pipeline import graph
-
     def family(*overrides: str) -> dict:
         ctx = SimpleNamespace(config=load_config("smoke", list(overrides)), digest=lambda *_: "d")
-        return graph._teach_family(ctx, Round(1))  # type: ignore[arg-type]
+        return graph_keys.teach_family(ctx, Round(1))  # type: ignore[arg-type]
 
     plain = family()
     assert "tta" not in plain["teach"]  # the keys of runs without TTA are what they were

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torchvision.models import get_model
 
-from pipeline import graph
+from pipeline.graph import keys as graph_keys
 from stages import segtrain
 from stages.core import pretrained
 from stages.core.models import build_detector, build_segmenter, load_checkpoint
@@ -221,7 +221,7 @@ def test_the_init_file_is_in_the_cache_key_by_content_not_by_path(tmp_path: Path
 
     def fields(init: str | None) -> dict[str, Any]:
         section = segtrain.SegTrainConfig(init=init)
-        return graph._train_fields(ctx, section, None)  # type: ignore[arg-type]
+        return graph_keys.train_fields(ctx, section, None)  # type: ignore[arg-type]
 
     assert fields(here)["init"] == file_digest(Storage(str(tmp_path)).fs, here)
     assert fields(here) == fields(there)  # moved, same bytes: same key
@@ -265,8 +265,8 @@ def test_a_ray_train_worker_starts_from_the_init_file(tmp_path: Path) -> None:
                 "image_size": 32,
                 "seed": 0,
                 "torch_threads": 1,
-                "resolved_config": {},
-                "pseudolabel": PseudolabelConfig().model_dump(),
+                "resolved_config": "",
+                "policy": PseudolabelConfig(),
             },
             use_gpu=False,
         )

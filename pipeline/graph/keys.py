@@ -1,0 +1,178 @@
+"""What each stage's cache key is computed from: its inputs' digests and the semantic fields of
+its config section (execution-only settings never enter a key)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import fsspec
+from pydantic import BaseModel
+
+from pipeline.config import PipelineConfig
+from pipeline.graph.model import Context, Round, final_round
+from stages import teach
+from stages.core.errors import ModelError
+from stages.core.inference import InferenceConfig
+from stages.core.shards import file_digest
+from stages.pseudolabel import stage as pseudolabel
+from stages.pseudolabel.config import GROUND_TRUTH
+
+logger = logging.getLogger(__name__)
+
+
+# Settings that change how a stage runs but never what it produces.
+TRAIN_EXECUTION = {
+    "log_every",
+    "checkpoint_every",
+    "max_failures",
+    "workers",
+    "resources",
+    "weights",
+    "init",  # its content digest is a field of its own
+    "enabled",
+}
+
+
+INFERENCE_EXECUTION = set(InferenceConfig.model_fields)
+
+
+def semantic(section: BaseModel, execution: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in section.model_dump(mode="json").items() if k not in execution}
+
+
+def given_weights(path: str) -> str:
+    """sha256 of a weights file the config names (local path or URL)."""
+    fs, inner = fsspec.core.url_to_fs(path)
+    if not fs.exists(inner):
+        raise ModelError(f"weights file {path!r} does not exist")
+    return file_digest(fs, inner)
+
+
+def pseudolabel_fields(config: PipelineConfig) -> dict[str, Any]:
+    """The pseudo-label settings that matter for the chosen policy (others' options excluded;
+    ground_truth: the policy alone)."""
+    cfg = config.pseudolabel
+    fields: dict[str, Any] = {"policy": cfg.policy}
+    if cfg.policy in {"threshold", "wpl"}:
+        fields["tau"] = cfg.tau
+    if cfg.policy in {"s4mc", "csl", "wpl"}:
+        fields[cfg.policy] = getattr(cfg, cfg.policy).model_dump(mode="json")
+    return fields
+
+
+def pseudolabel_key_fields(
+    config: PipelineConfig, signals: str, detections: str | None, unlabeled: str | None = None
+) -> dict[str, Any]:
+    """What the pseudolabel stage's key is computed from: its inputs' digests (the detections
+    only for WPL) and the chosen policy's settings. ground_truth reads no teacher signals: its
+    key is the unlabeled images' digest (``unlabeled``, masks included), the policy and the
+    classes, so every teacher and seed shares one ground-truth set of the same images."""
+    if uses_ground_truth(config):
+        if unlabeled is None:
+            raise ValueError("the ground_truth policy's key needs the unlabeled images' digest")
+        return {
+            "unlabeled": unlabeled,
+            **pseudolabel_fields(config),
+            "num_classes": config.data.num_classes,
+        }
+    return {
+        "signals": signals,
+        "detections": detections if uses_wpl(config) else None,
+        **pseudolabel_fields(config),
+        "num_classes": config.data.num_classes,
+    }
+
+
+def train_fields(ctx: Context, section: BaseModel, weights: str | None) -> dict[str, Any]:
+    base = {"num_classes": ctx.config.data.num_classes}
+    if weights:
+        return {**base, "arch": getattr(section, "arch", None), "weights": given_weights(weights)}
+    fields = {
+        **base,
+        "train": semantic(section, TRAIN_EXECUTION),
+        "labeled": ctx.digest("images", "labeled"),
+        **geometry(ctx),
+        "crop_size": ctx.config.data.crop,
+        "seed": ctx.config.seed,
+    }
+    init = getattr(section, "init", None)
+    if init:  # the pretrained weights by content, wherever they are read from
+        fields["init"] = given_weights(init)
+    return fields
+
+
+def geometry(ctx: Context) -> dict[str, Any]:
+    """How images reach the models: fitted (long side, aspect kept) to an image_size canvas."""
+    return {"image_size": ctx.config.data.image_size, "canvas": "fit-long-side-pad"}
+
+
+def ingest_fields(ctx: Context) -> dict[str, Any]:
+    return {"source": ctx.source_digest, "num_classes": ctx.config.data.num_classes}
+
+
+def detect_family(ctx: Context) -> dict[str, Any]:
+    return {
+        "stage": "detect",
+        "detector": ctx.digest("detector"),
+        "min_score": ctx.config.detect.min_score,
+        **geometry(ctx),
+    }
+
+
+def stored_signals(ctx: Context) -> teach.SignalSpec:
+    return pseudolabel.signal_spec(ctx.config.pseudolabel, ctx.config.teach.policies)
+
+
+def teach_family(ctx: Context, round_: Round) -> dict[str, Any]:
+    return {
+        "stage": "teach",
+        "teacher": ctx.digest(round_.teacher),
+        # teach.policies counts through the signals it makes the stage store
+        # teach.tta only where set: the keys of runs without it stay what they were
+        "teach": semantic(
+            ctx.config.teach,
+            INFERENCE_EXECUTION
+            | {"policies"}
+            | (set() if ctx.config.teach.tta.enabled else {"tta"}),
+        ),
+        "signals": stored_signals(ctx).model_dump(),
+        **geometry(ctx),
+    }
+
+
+def student_fields(ctx: Context, round_: Round) -> dict[str, Any]:
+    return {
+        **train_fields(ctx, ctx.config.student, ctx.config.student.weights),
+        "unlabeled": ctx.digest("images", "unlabeled"),
+        "pseudolabels": ctx.digest(round_.name("pseudolabels")),
+        "pseudolabel": pseudolabel_fields(ctx.config),
+    }
+
+
+def evaluate_fields(ctx: Context) -> dict[str, Any]:
+    last = final_round(ctx.config)
+    fields = {
+        "teacher": ctx.digest("teacher"),
+        "student": ctx.digest(last.name("student")),
+        "val": ctx.digest("images", "val"),
+        "unlabeled": ctx.digest("images", "unlabeled"),
+        "pseudolabels": ctx.digest(last.name("pseudolabels")),
+        "num_classes": ctx.config.data.num_classes,
+        **geometry(ctx),
+        "window": ctx.config.data.crop,
+    }
+    if last.number > 1:  # earlier rounds are evaluated too
+        fields["rounds"] = [
+            [ctx.digest(Round(r).name("student")), ctx.digest(Round(r).name("pseudolabels"))]
+            for r in range(1, last.number)
+        ]
+    return fields
+
+
+def uses_wpl(config: PipelineConfig) -> bool:
+    return config.pseudolabel.policy == "wpl"
+
+
+def uses_ground_truth(config: PipelineConfig) -> bool:
+    return config.pseudolabel.policy == GROUND_TRUTH

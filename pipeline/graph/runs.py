@@ -1,0 +1,213 @@
+"""What each stage does with its context: the config mapped to the stage functions' arguments."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+from typing import Any
+
+from pipeline.config import PipelineConfig
+from pipeline.graph.checks import check_splits
+from pipeline.graph.keys import (
+    detect_family,
+    stored_signals,
+    teach_family,
+    uses_ground_truth,
+    uses_wpl,
+)
+from pipeline.graph.model import Context, Round, final_round
+from pipeline.models import store_export
+from stages import detect, evaluate, segtrain, teach, train_detector
+from stages.core.errors import SourceError
+from stages.core.inference import resolve_gpus
+from stages.ingest import stage as ingest
+from stages.pseudolabel import stage as pseudolabel
+
+logger = logging.getLogger(__name__)
+
+
+def _check_bad_fraction(ctx: Context, quarantined: int, rows: int) -> None:
+    """Fail the run when more than ``data.max_bad_fraction`` of the source's items were
+    quarantined: a folder of mostly unreadable files is a broken source, not a dataset."""
+    total = quarantined + rows
+    limit = ctx.config.data.max_bad_fraction
+    if total and quarantined / total > limit:
+        directory = ctx.dataset("quarantine").directory
+        table = directory if ctx.storage.is_local else ctx.storage.fs.unstrip_protocol(directory)
+        raise SourceError(
+            f"{quarantined} of {total} items ({quarantined / total:.1%}) were quarantined, more "
+            f"than data.max_bad_fraction={limit}; the reasons are in the quarantine table at "
+            f"{table}"
+        )
+
+
+def run_ingest(ctx: Context) -> dict[str, float]:
+    data = ctx.config.data
+    result = ingest.run(
+        ctx.items,
+        num_classes=data.num_classes,
+        out=ctx.dataset("images"),
+        quarantine=ctx.dataset("quarantine"),
+        num_blocks=data.blocks,
+    )
+    _check_bad_fraction(ctx, result.quarantined, result.rows)
+    check_splits(ctx.config, result.per_split, "after ingest (quarantined items removed)")
+    ctx.results["quarantined_images"] = result.quarantined
+    ctx.results["digests"] = result.digests
+    metrics = {f"images_{split}": float(n) for split, n in result.per_split.items()}
+    metrics.update({f"images_{kind}": float(n) for kind, n in result.notes.items()})
+    return {
+        **metrics,
+        "images": float(result.rows),
+        "quarantined_images": float(result.quarantined),
+    }
+
+
+def run_train_teacher(ctx: Context) -> dict[str, float]:
+    cfg, data = ctx.config.teacher, ctx.config.data
+    datasets = (
+        {}
+        if cfg.weights
+        else {"labeled": segtrain.labeled_dataset(ctx.dataset("images"), data.image_size)}
+    )
+    metrics = segtrain.run_segmenter(
+        cfg,
+        datasets=datasets,
+        num_classes=data.num_classes,
+        storage=ctx.storage,
+        out_path=ctx.model_path("teacher"),
+        name=ctx.train_name("train_teacher"),
+        loop_extra=ctx.loop_extra(),
+        use_gpu=ctx.config.runtime.use_gpu,
+    )
+    _export(ctx, "teacher")
+    return metrics
+
+
+def _export(ctx: Context, name: str) -> None:
+    """The trained segmenter ``name`` as an MLflow model in the entry (``tracking.log_models``);
+    the runner logs it with every run that uses the entry."""
+    if ctx.config.tracking.log_models:
+        started = time.perf_counter()
+        directory = posixpath.join(ctx.attempt, f"{name}_mlflow")
+        store_export(ctx.storage, ctx.model_path(name), directory)
+        ctx.results["mlflow_models"] = {name: ctx.storage.relative(directory)}
+        logger.debug("%s exported as an MLflow model in %.1fs", name, time.perf_counter() - started)
+
+
+def run_train_detector(ctx: Context) -> dict[str, float]:
+    cfg = ctx.config.detector
+    labeled = (
+        None
+        if cfg.weights
+        else segtrain.labeled_dataset(ctx.dataset("images"), ctx.config.data.image_size)
+    )
+    return train_detector.run(
+        cfg,
+        labeled=labeled,
+        num_classes=ctx.config.data.num_classes,
+        storage=ctx.storage,
+        out_path=ctx.model_path("detector"),
+        name=ctx.train_name("train_detector"),
+        loop_extra=ctx.loop_extra(),
+        use_gpu=ctx.config.runtime.use_gpu,
+    )
+
+
+def run_detect(ctx: Context) -> dict[str, float]:
+    return detect.run(
+        resolve_gpus(ctx.config.detect, ctx.config.runtime.use_gpu),
+        images=ctx.dataset("images"),
+        checkpoint_path=ctx.model_path("detector"),
+        image_size=ctx.config.data.image_size,
+        out=ctx.dataset("detections"),
+        pool=ctx.pool("detect", detect_family(ctx)),
+    )
+
+
+def run_teach(ctx: Context, round_: Round) -> dict[str, float]:
+    return teach.run(
+        resolve_gpus(ctx.config.teach, ctx.config.runtime.use_gpu),
+        spec=stored_signals(ctx),
+        images=ctx.dataset("images"),
+        checkpoint_path=ctx.model_path(round_.teacher),
+        image_size=ctx.config.data.image_size,
+        out=ctx.dataset(round_.name("teacher_signals")),
+        pool=ctx.pool("teach", teach_family(ctx, round_)),
+    )
+
+
+def run_pseudolabel(ctx: Context, round_: Round) -> dict[str, float]:
+    return pseudolabel.run(
+        ctx.config.pseudolabel,
+        signals=ctx.dataset(round_.name("teacher_signals")),
+        out=ctx.dataset(round_.name("pseudolabels")),
+        detections=ctx.dataset("detections") if uses_wpl(ctx.config) else None,
+        images=ctx.dataset("images") if uses_ground_truth(ctx.config) else None,
+    )
+
+
+def run_train_student(ctx: Context, round_: Round) -> dict[str, float]:
+    cfg, data = ctx.config.student, ctx.config.data
+    images = ctx.dataset("images")
+    datasets = {
+        "labeled": segtrain.labeled_dataset(images, data.image_size),
+        "unlabeled": segtrain.unlabeled_dataset(
+            images, ctx.dataset(round_.name("pseudolabels")), data.image_size
+        ),
+    }
+    extra = {
+        **ctx.loop_extra(),
+        "policy": ctx.config.pseudolabel,
+    }
+    stage = round_.name("train_student")
+    metrics = segtrain.run_segmenter(
+        cfg,
+        datasets=datasets,
+        num_classes=data.num_classes,
+        storage=ctx.storage,
+        out_path=ctx.model_path(round_.name("student")),
+        name=ctx.train_name(stage),
+        loop_extra=extra,
+        use_gpu=ctx.config.runtime.use_gpu,
+    )
+    _export(ctx, round_.name("student"))
+    return metrics
+
+
+def run_evaluate(ctx: Context) -> dict[str, float]:
+    data, images = ctx.config.data, ctx.dataset("images")
+    last = final_round(ctx.config)
+    rounds = [Round(r) for r in range(1, last.number + 1)]
+    # the final student is "student"; an earlier round's is "student_r<r>" in the metrics
+    names = {"teacher": "teacher", "student": last.name("student")}
+    names |= {f"student_r{r.number}": r.name("student") for r in rounds[:-1]}
+    metrics: dict[str, float] = {}
+    per_class: dict[str, list[float]] = {}
+    results = evaluate.evaluate_models(
+        resolve_gpus(ctx.config.evaluate, ctx.config.runtime.use_gpu),
+        images=images,
+        checkpoints={label: ctx.model_path(name) for label, name in names.items()},
+        num_classes=data.num_classes,
+        image_size=data.image_size,
+    )
+    for model, result in results.items():
+        metrics[f"{model}_miou"] = result["miou"]
+        per_class[model] = result["iou"]
+        for name, iou in zip(data.names(), result["iou"], strict=True):
+            if iou == iou:  # not NaN
+                metrics[f"{model}_iou.{name}"] = iou
+    for r in rounds:  # round 1's keep their names: pseudolabel_coverage, ...
+        quality = evaluate.pseudolabel_quality(images, ctx.dataset(r.name("pseudolabels")))
+        prefix = "pseudolabel" if r.number == 1 else f"pseudolabel_r{r.number}"
+        metrics |= {key.replace("pseudolabel", prefix, 1): v for key, v in quality.items()}
+    ctx.results["per_class_iou"] = per_class
+    return metrics
+
+
+def evaluate_figures(config: PipelineConfig, results: dict[str, Any]) -> dict[str, bytes]:
+    per_class = results.get("per_class_iou")
+    if not per_class:
+        return {}
+    return {"iou_per_class.png": evaluate.iou_plot(config.data.names(), per_class)}
