@@ -34,7 +34,7 @@ def bench_policies(size: int, classes: int, images: int, json_path: str | None) 
     """Per-image cost of each pseudo-label policy's math and of its stored-row path."""
     import json
 
-    from pipeline.bench import format_costs, policy_costs, rows_as_dicts
+    from pipeline.bench.costs import format_costs, policy_costs, rows_as_dicts
 
     costs = policy_costs(size=size, num_classes=classes, images=images)
     click.echo(format_costs(costs, size=size, num_classes=classes))
@@ -59,7 +59,7 @@ def bench_step(
     import json
     from dataclasses import asdict
 
-    from pipeline.bench import format_step, step_cost
+    from pipeline.bench.costs import format_step, step_cost
     from stages.core.models import check_arch
 
     try:
@@ -126,7 +126,7 @@ def bench_detectors(
 
     import torch
 
-    from pipeline.bench import detector_costs, format_detector_costs
+    from pipeline.bench.costs import detector_costs, format_detector_costs
     from stages.core.detectors import (
         DEFAULT_ARCHITECTURES,
         BackendUnavailable,
@@ -219,8 +219,9 @@ def bench_throughput(
 
     import torch
 
-    from pipeline.throughput import as_json, format_table, log_results, make_plan
-    from pipeline.throughput import measure_throughput as measure
+    from pipeline.bench.throughput import log_results
+    from pipeline.bench.throughput import measure_throughput as measure
+    from pipeline.bench.timing import as_json, format_table, make_plan
     from stages.core.models import check_arch
 
     try:

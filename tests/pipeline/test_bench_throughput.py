@@ -18,7 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import throughput
+from pipeline.bench import adapters, synthetic
 from tests.conftest import run_cli
 
 KEYS = [
@@ -93,12 +93,12 @@ def test_bytes_per_pixel_are_the_rows_parquet_size(quick: dict[str, Any]) -> Non
     """The same synthetic rows, made again here: the stand-in's field (seed 0) through the teach
     predictor and the threshold policy, written as zstd Parquet, over 2 x 64² pixels."""
     generator = torch.Generator().manual_seed(0)
-    logits, grid = throughput.peaked_logits(BATCH, CLASSES, SIZE, generator=generator)
-    images = throughput.synthetic_images(throughput.region_labels(grid, SIZE), generator)
-    replay = throughput.ReplayNetwork(logits, torch.zeros(BATCH, 4, 8, 8))
-    predictor, _ = throughput._teacher_predictor(replay, torch.device("cpu"))
-    signals = predictor(throughput.image_batch(images))
-    rows = throughput._label_rows(signals, "threshold")
+    logits, grid = synthetic.peaked_logits(BATCH, CLASSES, SIZE, generator=generator)
+    images = synthetic.synthetic_images(synthetic.region_labels(grid, SIZE), generator)
+    replay = synthetic.ReplayNetwork(logits, torch.zeros(BATCH, 4, 8, 8))
+    predictor, _ = adapters.teacher_predictor(replay, torch.device("cpu"))
+    signals = predictor(synthetic.image_batch(images))
+    rows = adapters.label_rows(signals, "threshold")
     pixels = BATCH * SIZE * SIZE
     measured = quick["json"]
     assert measured["signals_bytes_per_pixel"]["value"] == _zstd_parquet_size(signals) / pixels
@@ -123,7 +123,7 @@ def test_mlflow_run_holds_the_metrics_and_the_plot(quick: dict[str, Any], tmp_pa
 
 def test_peaked_field_is_confident_inside_regions_and_soft_across_borders() -> None:
     generator = torch.Generator().manual_seed(3)
-    logits, grid = throughput.peaked_logits(2, CLASSES, 256, generator=generator)
+    logits, grid = synthetic.peaked_logits(2, CLASSES, 256, generator=generator)
     assert logits.shape == (2, CLASSES, 256, 256)
     conf, label = logits.softmax(dim=1).max(dim=1)
     assert 0.85 <= float((conf > 0.95).float().mean()) <= 0.95
