@@ -28,7 +28,7 @@ from stages.evaluate import EvaluateConfig
 from stages.ingest.config import DataConfig
 from stages.pseudolabel.config import GROUND_TRUTH, PseudolabelConfig
 from stages.segtrain import SegTrainConfig, StudentConfig
-from stages.teach import TeachConfig
+from stages.teach.config import TeachConfig
 from stages.train_detector import DetectorConfig
 
 

@@ -15,12 +15,8 @@ from pydantic import Field
 from torch import nn
 
 from stages.core.detectors import split_backend
-from stages.core.inference import (
-    InferenceConfig,
-    load_model,
-    pick_device,
-    predict_into_pool,
-)
+from stages.core.inference import load_model, pick_device, predict_into_pool
+from stages.core.run_config import InferenceConfig
 from stages.core.shards import ShardPool
 from stages.core.storage import DatasetRef
 from stages.core.training import hold_point

@@ -14,7 +14,6 @@ import torch
 from stages.core import data
 from stages.core.constants import IGNORE_INDEX
 from stages.core.inference import (
-    InferenceConfig,
     decode_for_inference,
     label_maps,
     load_model,
@@ -23,6 +22,7 @@ from stages.core.inference import (
 )
 from stages.core.metrics import LabelCounts, confusion, iou_from_confusion
 from stages.core.models import segment_logits
+from stages.core.run_config import InferenceConfig
 from stages.core.storage import DatasetRef
 from stages.core.tables import (
     DRIVER_SPLIT_BYTES,
@@ -32,7 +32,7 @@ from stages.core.tables import (
     read_dataset,
     small_split_ids,
 )
-from stages.pseudolabel.stage import decode_pseudolabels
+from stages.pseudolabel.table import decode_pseudolabels
 
 
 class EvaluateConfig(InferenceConfig):

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from stages.detect import DETECTIONS_SCHEMA, DetectorPredictor
+from stages.pseudolabel.batches import label_batch
 from stages.pseudolabel.config import PseudolabelConfig
-from stages.pseudolabel.stage import label_batch, signal_spec
+from stages.pseudolabel.maps import signal_spec
 from stages.segtrain import (
     Learner,
     StudentConfig,
@@ -24,7 +25,9 @@ from stages.segtrain import (
     pseudolabel_rows_to_arrays,
     train_step,
 )
-from stages.teach import SignalSpec, TeachConfig, TeacherPredictor
+from stages.teach.config import TeachConfig
+from stages.teach.predictor import TeacherPredictor
+from stages.teach.table import SignalSpec
 
 Labeler = Callable[[dict[str, np.ndarray]], pa.Table]
 

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from stages.core.fastconv import training_layout
 from stages.core.models import build_segmenter, segment_logits
 from stages.pseudolabel.config import SIGNAL_POLICIES, PseudolabelConfig
-from stages.pseudolabel.stage import encode_row, policy_maps
-from stages.teach import SignalSpec, decode_signals, quantized_maps, stored_maps
+from stages.pseudolabel.maps import policy_maps
+from stages.pseudolabel.table import encode_row
+from stages.teach.table import SignalSpec, decode_signals, quantized_maps, stored_maps
 
 
 @dataclass(frozen=True)

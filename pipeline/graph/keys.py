@@ -11,12 +11,12 @@ from pydantic import BaseModel
 
 from pipeline.config import PipelineConfig
 from pipeline.graph.model import Context, Round, final_round
-from stages import teach
 from stages.core.errors import ModelError
-from stages.core.inference import InferenceConfig
+from stages.core.run_config import InferenceConfig
 from stages.core.shards import file_digest
-from stages.pseudolabel import stage as pseudolabel
 from stages.pseudolabel.config import GROUND_TRUTH
+from stages.pseudolabel.maps import signal_spec
+from stages.teach.table import SignalSpec
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ def detect_family(ctx: Context) -> dict[str, Any]:
     }
 
 
-def stored_signals(ctx: Context) -> teach.SignalSpec:
-    return pseudolabel.signal_spec(ctx.config.pseudolabel, ctx.config.teach.policies)
+def stored_signals(ctx: Context) -> SignalSpec:
+    return signal_spec(ctx.config.pseudolabel, ctx.config.teach.policies)
 
 
 def teach_family(ctx: Context, round_: Round) -> dict[str, Any]:

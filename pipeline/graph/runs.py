@@ -18,11 +18,12 @@ from pipeline.graph.keys import (
 )
 from pipeline.graph.model import Context, Round, final_round
 from pipeline.models import store_export
-from stages import detect, evaluate, segtrain, teach, train_detector
+from stages import detect, evaluate, segtrain, train_detector
 from stages.core.errors import SourceError
 from stages.core.inference import resolve_gpus
 from stages.ingest import stage as ingest
 from stages.pseudolabel import stage as pseudolabel
+from stages.teach import stage as teach_stage
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def run_detect(ctx: Context) -> dict[str, float]:
 
 
 def run_teach(ctx: Context, round_: Round) -> dict[str, float]:
-    return teach.run(
+    return teach_stage.run(
         resolve_gpus(ctx.config.teach, ctx.config.runtime.use_gpu),
         spec=stored_signals(ctx),
         images=ctx.dataset("images"),

@@ -29,9 +29,10 @@ from pipeline.graph.runs import (
     run_train_student,
     run_train_teacher,
 )
-from stages import detect, teach
+from stages import detect
 from stages.ingest import stage as ingest
-from stages.pseudolabel import stage as pseudolabel
+from stages.pseudolabel import table as pseudolabel_table
+from stages.teach import table as teach_table
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def _round_stages(round_: Round) -> tuple[Stage, Stage, Stage]:
                 "labeled": ctx.digest("images", "labeled"),
                 "unlabeled": ctx.digest("images", "unlabeled"),
             },
-            teach.SCHEMA,
+            teach_table.SCHEMA,
             section="teach",
             image_inputs=(("labeled", "inference"), ("unlabeled", "inference")),
             key_figures=("images_inferred", "shards_reused"),
@@ -66,7 +67,7 @@ def _round_stages(round_: Round) -> tuple[Stage, Stage, Stage]:
                 ctx.digest("detections") if uses_wpl(ctx.config) else None,
                 ctx.digest("images", "unlabeled") if uses_ground_truth(ctx.config) else None,
             ),
-            pseudolabel.SCHEMA,
+            pseudolabel_table.SCHEMA,
             section="pseudolabel",
             key_figures=("images", "mean_image_coverage"),
         ),

@@ -19,7 +19,7 @@ from pipeline.report.runs import RunRecords
 from stages.core import codec
 from stages.core.constants import IGNORE_INDEX
 from stages.core.storage import Storage
-from stages.pseudolabel import stage as pseudolabel
+from stages.pseudolabel.table import decode_pseudolabels
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def overlay_samples(
     ).to_pylist():
         label, keep, weight = decode_labels(row)
         mask_column = {"csl": "trusted", "wpl": "reliable"}.get(row["policy"], "keep")
-        reliable = pseudolabel.decode_pseudolabels(row, [mask_column]).get(mask_column, keep)
+        reliable = decode_pseudolabels(row, [mask_column]).get(mask_column, keep)
         picture = pictures[row["image_id"]]
         truth = codec.decode_png(picture["mask"]) if picture["mask"] is not None else None
         samples.append(

@@ -20,9 +20,10 @@ from stages.core import codec
 from stages.core.constants import IGNORE_INDEX
 from stages.core.metrics import LabelCounts
 from stages.core.storage import DatasetRef, Storage
-from stages.pseudolabel import stage as pseudolabel
 from stages.pseudolabel.config import POLICIES, SIGNAL_POLICIES, PseudolabelConfig
-from stages.teach import MAPS, decode_signals
+from stages.pseudolabel.maps import missing_signals, policy_maps
+from stages.pseudolabel.table import decode_pseudolabels
+from stages.teach.table import MAPS, decode_signals
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def _with_policy(config: PipelineConfig, policy: str) -> PseudolabelConfig:
 def decode_labels(row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A stored ``pseudolabels`` row -> label int64[H, W], keep bool[H, W] and the training
     weight float32[H, W] (``weight_offset`` added where kept, 0 elsewhere)."""
-    maps = pseudolabel.decode_pseudolabels(row, ("label", "keep", "weight"))
+    maps = decode_pseudolabels(row, ("label", "keep", "weight"))
     return maps["label"].astype(np.int64), maps["keep"], maps["weight"]
 
 
@@ -194,10 +195,10 @@ def policy_quality(
         target = truth[row["image_id"]]
         sweep.add(signals["conf"].numpy(), signals["label"].numpy(), target)
         for cfg in computed:
-            if why := pseudolabel.missing_signals(cfg, row):
+            if why := missing_signals(cfg, row):
                 missing[cfg.policy] = why
                 continue
-            maps = pseudolabel.policy_maps(cfg, signals)
+            maps = policy_maps(cfg, signals)
             keep = maps["keep"].numpy()
             weight = maps["weight"].float().numpy() * keep
             results[cfg.policy].add(maps["label"].numpy(), keep, weight, target)

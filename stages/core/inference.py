@@ -10,17 +10,16 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
 from stages.core import data
-from stages.core.config import StrictModel
 from stages.core.errors import StorageError
 from stages.core.models import load_checkpoint, model_from_checkpoint
+from stages.core.run_config import CPUS_PER_CPU_ACTOR, InferenceConfig
 from stages.core.shards import ShardPool, new_token, write_shard
 from stages.core.storage import DatasetRef, Storage
 from stages.core.tables import keep_ids, ordered, read_split, split_ids
@@ -28,34 +27,8 @@ from stages.core.tables import keep_ids, ordered, read_split, split_ids
 logger = logging.getLogger(__name__)
 
 
-CPUS_PER_CPU_ACTOR = 8
 """``actors: auto`` without GPUs: one actor per this many of the cluster's CPUs (each actor's
 torch uses several threads; the decode tasks need CPUs too)."""
-
-
-class InferenceConfig(StrictModel):
-    """Execution knobs of an inference stage (never part of a result's identity)."""
-
-    batch_size: int = Field(16, ge=1)
-    actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto",
-        description="model actors; auto: with GPUs a pool from 1 up to as many as the cluster's "
-        "GPUs hold (it grows as an autoscaling cluster adds GPU nodes), on CPUs one per "
-        f"{CPUS_PER_CPU_ACTOR} of the cluster's CPUs (at least 1)",
-    )
-    gpus_per_actor: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
-        "auto",
-        description="GPUs each actor reserves (fractions share a GPU); auto: 1 with "
-        "runtime.use_gpu, else 0",
-    )
-    shard_rows: int = Field(
-        256, ge=1, description="rows per committed shard: what a killed run can lose"
-    )
-    resources: dict[str, float] = Field(
-        default_factory=dict,
-        description="custom Ray resources each actor needs, e.g. {gpu_node: 1} to keep the "
-        "actors on the nodes that advertise it",
-    )
 
 
 def decode_for_inference(batch: dict[str, np.ndarray], image_size: int) -> dict[str, Any]:

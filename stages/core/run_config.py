@@ -1,11 +1,13 @@
-"""What configures a training run and its worker loop, Ray-free: the settings every trained model
-shares (``TrainingRun``), what each worker gets (``LoopConfig``), where rank 0's metrics go
-(``MetricSink``) and the poly learning-rate schedule. ``stages.core.training`` runs the loop."""
+"""What configures a run's training and inference, Ray-free: the settings every trained model
+shares (``TrainingRun``), what each worker of a training loop gets (``LoopConfig``), where rank
+0's metrics go (``MetricSink``), the poly learning-rate schedule, and the execution knobs of an
+inference stage (``InferenceConfig``). ``stages.core.training`` and ``stages.core.inference``
+run them on Ray."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
@@ -84,3 +86,31 @@ def loop_of(train_loop_config: dict[str, Any]) -> LoopConfig:
 def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
     """Poly schedule: base_lr * (1 - step/total)^power."""
     return base_lr * (1.0 - step / total) ** power
+
+
+CPUS_PER_CPU_ACTOR = 8
+
+
+class InferenceConfig(StrictModel):
+    """Execution knobs of an inference stage (never part of a result's identity)."""
+
+    batch_size: int = Field(16, ge=1)
+    actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        description="model actors; auto: with GPUs a pool from 1 up to as many as the cluster's "
+        "GPUs hold (it grows as an autoscaling cluster adds GPU nodes), on CPUs one per "
+        f"{CPUS_PER_CPU_ACTOR} of the cluster's CPUs (at least 1)",
+    )
+    gpus_per_actor: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="GPUs each actor reserves (fractions share a GPU); auto: 1 with "
+        "runtime.use_gpu, else 0",
+    )
+    shard_rows: int = Field(
+        256, ge=1, description="rows per committed shard: what a killed run can lose"
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each actor needs, e.g. {gpu_node: 1} to keep the "
+        "actors on the nodes that advertise it",
+    )

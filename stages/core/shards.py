@@ -43,7 +43,7 @@ POOL = "pool"
 # schema: SCHEMA (its version) and the Arrow schema named here.
 POOL_SCHEMAS = {
     "detect": ("stages.detect", "DETECTIONS_SCHEMA"),
-    "teach": ("stages.teach", "SIGNALS_SCHEMA"),
+    "teach": ("stages.teach.table", "SIGNALS_SCHEMA"),
 }
 
 

@@ -11,7 +11,7 @@ import torch
 
 from stages.core import data, tables
 from stages.core.storage import DatasetRef
-from stages.pseudolabel.stage import decode_pseudolabels
+from stages.pseudolabel.table import decode_pseudolabels
 
 
 def labeled_rows_to_arrays(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:

@@ -14,11 +14,11 @@ import pytest
 
 from pipeline.cache import entries as cache
 from pipeline.cache.entries import CacheEntry, DamagedEntry, dataset_output
-from stages import teach
 from stages.core import shards
 from stages.core.errors import StorageError
 from stages.core.shards import ShardPool, write_shard
 from stages.core.storage import DatasetRef, Storage
+from stages.teach import table as teach_table
 
 
 def _rows(ids: list[str]) -> pa.Table:
@@ -153,7 +153,7 @@ def test_a_heartbeat_keeps_its_file_fresh_while_running(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ shard schemas
 def _signals(ids: list[str]) -> pa.Table:
     return pa.Table.from_pylist(
-        [{"image_id": i, "num_classes": 2} for i in ids], teach.SIGNALS_SCHEMA
+        [{"image_id": i, "num_classes": 2} for i in ids], teach_table.SIGNALS_SCHEMA
     )
 
 
@@ -164,10 +164,10 @@ def test_the_pool_family_covers_the_schema_version_and_the_package_version(
     base = ShardPool.of(storage, "teach", "model-and-settings")
     assert base.family != "model-and-settings"
     assert base.directory == storage.path("cache", "teach", "pool", base.family)
-    assert base.schema is teach.SIGNALS_SCHEMA
+    assert base.schema is teach_table.SIGNALS_SCHEMA
     assert ShardPool.of(storage, "teach", "model-and-settings") == base  # stable
     assert ShardPool.of(storage, "teach", "other-model").family != base.family
-    monkeypatch.setattr(teach, "SCHEMA", "teacher_signals/99")
+    monkeypatch.setattr(teach_table, "SCHEMA", "teacher_signals/99")
     assert ShardPool.of(storage, "teach", "model-and-settings").family != base.family
     monkeypatch.undo()
     monkeypatch.setattr(shards, "package_version", lambda: "9.9.9")
@@ -194,7 +194,7 @@ def test_a_shard_of_another_schema_is_refused_at_write_commit_and_verify(tmp_pat
     ref = DatasetRef(storage, storage.path("d"), "teacher_signals")
     ref.prepare()
     with pytest.raises(StorageError) as refused:
-        ref.commit_files([good, bad_path], schema=teach.SIGNALS_SCHEMA)
+        ref.commit_files([good, bad_path], schema=teach_table.SIGNALS_SCHEMA)
     assert str(refused.value) == (
         f"dataset 'teacher_signals': {bad_path}: schema differs from the expected one: "
         "missing column 'features' (binary); column 'num_classes' is int64, expected int32"
@@ -203,4 +203,4 @@ def test_a_shard_of_another_schema_is_refused_at_write_commit_and_verify(tmp_pat
     ref.commit_files([good, bad_path])  # without a schema, only rows and ids are checked
     ref.verify(deep=True)
     with pytest.raises(StorageError, match=f"{bad_path}: schema differs"):
-        ref.verify(deep=True, schema=teach.SIGNALS_SCHEMA)
+        ref.verify(deep=True, schema=teach_table.SIGNALS_SCHEMA)

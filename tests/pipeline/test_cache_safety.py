@@ -41,11 +41,11 @@ from pipeline.cli import main
 from pipeline.config import PipelineConfig, load_config
 from pipeline.graph import Context, Stage
 from pipeline.tracking import KEY_TAG, STAGE_TAG, Tracker, local_uri
-from stages import teach
 from stages.core.errors import StorageError
 from stages.core.shards import ShardPool, write_shard
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest.generated import GeneratedSpec, generate_dataset
+from stages.teach import table as teach_table
 
 HOUR = 3600.0
 
@@ -461,18 +461,18 @@ def test_the_runner_never_commits_a_shard_of_another_schema(
 ) -> None:
     monkeypatch.setattr(runner, "init_ray", lambda config, uri: None)
     storage = Storage(str(tmp_path / "root"))
-    key = cache_key("teach", teach.SCHEMA, {})
+    key = cache_key("teach", teach_table.SCHEMA, {})
     rows = [{"image_id": "a", "height": 4, "width": 4}]
-    drifted = pa.Table.from_pylist(rows, teach.SIGNALS_SCHEMA).drop_columns(["features"])
+    drifted = pa.Table.from_pylist(rows, teach_table.SIGNALS_SCHEMA).drop_columns(["features"])
 
     def run(ctx: Context) -> dict[str, float]:
         ref = ctx.dataset("teacher_signals")
         ref.prepare()
         ref.write_table(drifted)
-        ref.commit({"schema": teach.SCHEMA})
+        ref.commit({"schema": teach_table.SCHEMA})
         return {}
 
-    stage = Stage("teach", (), ("teacher_signals",), run, lambda ctx: {}, teach.SCHEMA)
+    stage = Stage("teach", (), ("teacher_signals",), run, lambda ctx: {}, teach_table.SCHEMA)
     entry = CacheEntry(storage, "teach", key)
     with pytest.raises(StorageError) as refused:
         runner._execute(stage, _context(storage, "teach", key), entry, {}, _Sink())

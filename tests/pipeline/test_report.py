@@ -38,8 +38,9 @@ from pipeline.tracking import HIT_TAG, KEY_TAG, STAGE_TAG
 from stages.core import codec, data
 from stages.core.models import build_segmenter, checkpoint_bytes, make_checkpoint
 from stages.core.storage import DatasetRef, Storage
-from stages.pseudolabel import stage as pseudolabel
-from stages.teach import SIGNALS_SCHEMA, SignalSpec, quantized_maps, stored_maps
+from stages.pseudolabel import table as pseudolabel_table
+from stages.pseudolabel.batches import label_batch
+from stages.teach.table import SIGNALS_SCHEMA, SignalSpec, quantized_maps, stored_maps
 from tests.conftest import run_cli
 
 STORED = SignalSpec(margins=True, dispersion=True)  # what threshold, S4MC and CSL read
@@ -190,10 +191,12 @@ def build_root(base: Path) -> Root:
         )
     signal_output = _dataset(storage, "teacher_signals", signals, SIGNALS_SCHEMA)
     teach = _commit(storage, "teach", {"n": 2}, {"teacher_signals": signal_output})
-    labels = pseudolabel.label_batch(pa.Table.from_pylist(signals), config.pseudolabel.model_dump())
+    labels = label_batch(pa.Table.from_pylist(signals), config.pseudolabel.model_dump())
     fields = pseudolabel_key_fields(config, teach, None)
-    key = cache_key("pseudolabel", pseudolabel.SCHEMA, fields)
-    output = _dataset(storage, "pseudolabels", labels.to_pylist(), pseudolabel.PSEUDOLABELS_SCHEMA)
+    key = cache_key("pseudolabel", pseudolabel_table.SCHEMA, fields)
+    output = _dataset(
+        storage, "pseudolabels", labels.to_pylist(), pseudolabel_table.PSEUDOLABELS_SCHEMA
+    )
     _commit_at(storage, "pseudolabel", key, fields, {"pseudolabels": output})
     metrics = {"teacher_miou": 0.5, "student_miou": 0.625}
     per_class = {"teacher": [0.9, 0.5, 0.1], "student": [0.95, 0.6, 0.3]}

@@ -23,7 +23,8 @@ from stages.core.models import (
 from stages.core.storage import Storage
 from stages.detect import DETECTIONS_SCHEMA, DetectorPredictor
 from stages.evaluate import ConfusionPredictor
-from stages.teach import SIGNALS_SCHEMA, TeacherPredictor, decode_features, decode_signals
+from stages.teach.predictor import TeacherPredictor
+from stages.teach.table import SIGNALS_SCHEMA, decode_features, decode_signals
 
 
 def _rows(n: int, size: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -141,7 +142,7 @@ def test_teacher_tta_averages_the_softmax_of_every_scaled_and_mirrored_view(
 
 
 def test_tta_settings_name_what_is_valid() -> None:
-    from stages.teach import TTAConfig
+    from stages.teach.config import TTAConfig
 
     assert not TTAConfig().enabled
     assert TTAConfig(flip=True).enabled

@@ -8,9 +8,11 @@ import torch
 
 from stages.core import codec
 from stages.core.metrics import confusion, iou_from_confusion
+from stages.pseudolabel.batches import label_batch
 from stages.pseudolabel.config import PseudolabelConfig
-from stages.pseudolabel.stage import PSEUDOLABELS_SCHEMA, label_batch, policy_maps
-from stages.teach import SignalSpec, decode_signals, quantized_maps, stored_maps
+from stages.pseudolabel.maps import policy_maps
+from stages.pseudolabel.table import PSEUDOLABELS_SCHEMA
+from stages.teach.table import SignalSpec, decode_signals, quantized_maps, stored_maps
 from stages.train_detector import boxes_from_mask
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import ray.data
 
-from stages.core.inference import InferenceConfig, PoolSize, pool_size, resolve_gpus
-from stages.teach import TeachConfig
+from stages.core.inference import PoolSize, pool_size, resolve_gpus
+from stages.core.run_config import InferenceConfig
+from stages.teach.config import TeachConfig
 
 
 def test_auto_with_gpus_grows_from_one_to_what_the_cluster_holds() -> None:

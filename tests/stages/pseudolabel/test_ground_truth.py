@@ -14,15 +14,12 @@ from stages.core.errors import SourceError
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest.stage import IMAGES_SCHEMA
 from stages.pseudolabel import stage
+from stages.pseudolabel.batches import ground_truth_batch
 from stages.pseudolabel.config import PseudolabelConfig
-from stages.pseudolabel.stage import (
-    batch_policy_maps,
-    decode_pseudolabels,
-    ground_truth_batch,
-    signal_spec,
-)
+from stages.pseudolabel.maps import batch_policy_maps, signal_spec
+from stages.pseudolabel.table import decode_pseudolabels
 from stages.segtrain import step as segstep
-from stages.teach import TeachConfig
+from stages.teach.config import TeachConfig
 from tests.conftest import local_ray
 
 GROUND_TRUTH = PseudolabelConfig(policy="ground_truth")
@@ -53,7 +50,7 @@ def _mask_rows() -> pa.Table:
 
 def test_rows_hold_the_masks_kept_where_known_with_weight_exactly_one() -> None:
     table = ground_truth_batch(_mask_rows(), GROUND_TRUTH.model_dump())
-    assert table.schema == stage.PSEUDOLABELS_SCHEMA
+    assert table.schema == table.PSEUDOLABELS_SCHEMA
     assert table["image_id"].to_pylist() == list(MASKS)  # input order, over mixed sizes
     for row in table.to_pylist():
         mask = np.asarray(MASKS[row["image_id"]], np.uint8)

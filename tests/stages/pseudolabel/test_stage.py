@@ -15,25 +15,19 @@ from stages.core import codec
 from stages.core.inference import decode_for_inference
 from stages.core.models import build_segmenter, checkpoint_bytes, make_checkpoint
 from stages.core.storage import Storage
-from stages.pseudolabel import live, ops, stage
+from stages.pseudolabel import batches, live, ops
+from stages.pseudolabel.batches import attach_detections, label_batch
 from stages.pseudolabel.config import PseudolabelConfig
+from stages.pseudolabel.maps import policy_maps
 from stages.pseudolabel.memory import PrototypeMemory
-from stages.pseudolabel.stage import (
-    attach_detections,
-    decode_pseudolabels,
-    encode_row,
-    fill_memory,
-    label_batch,
-    newest_images,
-    policy_maps,
-    queue_batch,
-)
+from stages.pseudolabel.prototypes import fill_memory, newest_images, queue_batch
+from stages.pseudolabel.table import decode_pseudolabels, encode_row
 from stages.segtrain import data as segdata
 from stages.segtrain import step as segstep
-from stages.teach import (
+from stages.teach.predictor import TeacherPredictor
+from stages.teach.table import (
     MAPS,
     SignalSpec,
-    TeacherPredictor,
     decode_signals,
     quantized_maps,
     signal_maps,
@@ -544,7 +538,7 @@ def test_label_batch_over_mixed_sizes_equals_one_image_at_a_time(
         [label_batch(signals.slice(i, 1), cfg, protos) for i in range(signals.num_rows)]
     )
     # WPL in chunks of two images of the larger size (the feature budget)
-    monkeypatch.setattr(stage, "FEATURE_ELEMENTS", 2 * 128 * 20 * 28)
+    monkeypatch.setattr(batches, "FEATURE_ELEMENTS", 2 * 128 * 20 * 28)
     batched = label_batch(signals, cfg, protos)
     assert batched["image_id"].to_pylist() == signals["image_id"].to_pylist()
     assert batched["height"].to_pylist() == [20, 16, 20, 16, 20]
