@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from pipeline.submit import Cluster, Submission
+    from pipeline.submit.cluster import Cluster
+    from pipeline.submit.submission import Submission
 
 from pipeline.cli.base import (
     _load,
@@ -41,7 +42,7 @@ token_option = click.option(
 
 
 def _cluster(address: str, token_file: str | None) -> Cluster:
-    from pipeline.submit import Cluster, find_token
+    from pipeline.submit.cluster import Cluster, find_token
 
     return Cluster(address, find_token(token_file))
 
@@ -111,8 +112,12 @@ def submit(
     import tempfile
     from pathlib import Path
 
-    from pipeline import submit as jobs
     from pipeline.redact import redact
+    from pipeline.submit.checks import check_config, check_root, check_tracking_uri, parse_env
+    from pipeline.submit.cluster import status_name
+    from pipeline.submit.cluster import submit as submit_job
+    from pipeline.submit.shipping import project_root, stage_working_dir, untracked_package_files
+    from pipeline.submit.submission import build_submission
 
     if not address and not dry_run:
         raise click.UsageError("Missing option '--address' (or RAY_API_SERVER_ADDRESS).")
@@ -125,22 +130,22 @@ def submit(
     else:
         cfg = _load(config, overrides)
     with _submit_errors():
-        uri = jobs.check_tracking_uri(cfg.tracking.uri or tracking_uri)
-        env = jobs.parse_env(env_values, env_refs)
-        root = jobs.check_root(root)
-        jobs.check_config(cfg)
+        uri = check_tracking_uri(cfg.tracking.uri or tracking_uri)
+        env = parse_env(env_values, env_refs)
+        root = check_root(root)
+        check_config(cfg)
         cluster = None if dry_run else _cluster(address or "", token_file)
         with tempfile.TemporaryDirectory(prefix="pseudoflow-submit-") as tmp:
             staged = Path(tmp) / "job"
-            source = jobs.project_root()
-            shipped = jobs.stage_working_dir(source, staged, cfg)
-            untracked = jobs.untracked_package_files(source)
+            source = project_root()
+            shipped = stage_working_dir(source, staged, cfg)
+            untracked = untracked_package_files(source)
             if untracked:
                 names = ", ".join(p.as_posix() for p in untracked)
                 click.echo(
                     f"warning: not shipped (untracked in git; git add them): {names}", err=True
                 )
-            submission = jobs.build_submission(
+            submission = build_submission(
                 cfg,
                 root=root,
                 tracking_uri=uri,
@@ -153,10 +158,10 @@ def submit(
             if cluster is None:
                 _print_dry_run(shipped, submission)
                 return
-            job_id, existing = jobs.submit(cluster, submission, again=again)
+            job_id, existing = submit_job(cluster, submission, again=again)
     if existing is not None:
         click.echo(
-            f"an identical run was already submitted: {job_id} ({jobs.status_name(existing)}); "
+            f"an identical run was already submitted: {job_id} ({status_name(existing)}); "
             "--again submits it anew"
         )
     else:
@@ -168,7 +173,7 @@ def submit(
 
 def _print_dry_run(shipped: list[tuple[str, int]], submission: Submission) -> None:
     from pipeline.redact import redact
-    from pipeline.submit import human_size
+    from pipeline.submit.shipping import human_size
 
     click.echo("dry run: nothing submitted. The job's working directory would hold:")
     for path, size in shipped:
@@ -187,7 +192,8 @@ def _print_dry_run(shipped: list[tuple[str, int]], submission: Submission) -> No
 @click.argument("job_id", required=False)
 def status(address: str, token_file: str | None, job_id: str | None) -> None:
     """A job's status (or, without JOB_ID, every pseudoflow job on the cluster)."""
-    from pipeline.submit import ID_PREFIX, status_name
+    from pipeline.submit.cluster import status_name
+    from pipeline.submit.submission import ID_PREFIX
 
     with _submit_errors():
         cluster = _cluster(address, token_file)
@@ -210,7 +216,7 @@ def status(address: str, token_file: str | None, job_id: str | None) -> None:
 @click.option("--follow", is_flag=True, help="stream until the job ends; exit 1 unless it succeeds")
 def logs(address: str, token_file: str | None, job_id: str, follow: bool) -> None:
     """A job's driver log."""
-    from pipeline.submit import status_name
+    from pipeline.submit.cluster import status_name
 
     with _submit_errors():
         cluster = _cluster(address, token_file)
@@ -238,7 +244,7 @@ def stop(address: str, token_file: str | None, job_id: str) -> None:
 
 @contextlib.contextmanager
 def _submit_errors() -> Iterator[None]:
-    from pipeline.submit import SubmitError
+    from pipeline.submit.checks import SubmitError
 
     try:
         yield

@@ -12,19 +12,21 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.provenance import COMMIT_ENV, git_commit
-from pipeline.submit import (
-    SUBMITTED_CONFIG,
+from pipeline.submit.checks import (
     SubmitError,
-    build_submission,
     check_config,
     check_root,
     check_tracking_uri,
-    find_token,
     parse_env,
+)
+from pipeline.submit.cluster import find_token
+from pipeline.submit.shipping import (
+    SUBMITTED_CONFIG,
     project_files,
     stage_working_dir,
     untracked_package_files,
 )
+from pipeline.submit.submission import build_submission
 
 # Credential files a checkout may hold, tracked by mistake or not: never shipped.
 SECRET_FILES = (
@@ -303,16 +305,16 @@ def test_tracking_uri_root_and_config_with_credentials_are_refused() -> None:
 def _dry_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
     from click.testing import CliRunner
 
-    from pipeline import submit as jobs
     from pipeline.cli import main
+    from pipeline.submit import cluster, shipping
 
     source = _checkout(tmp_path / "src")
-    monkeypatch.setattr(jobs, "project_root", lambda: source)
+    monkeypatch.setattr(shipping, "project_root", lambda: source)
 
     def no_cluster(*args: object, **kwargs: object) -> None:
         raise AssertionError("a dry run must not contact a cluster")
 
-    monkeypatch.setattr(jobs, "Cluster", no_cluster)
+    monkeypatch.setattr(cluster, "Cluster", no_cluster)
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     base = ["submit", "--config", "smoke", "--root", "s3://b/p", "--tracking-uri", "http://m:5000"]
@@ -353,23 +355,23 @@ def test_dry_run_lists_what_would_be_shipped_and_submits_nothing(
 def test_a_sweep_is_submitted_as_the_sweep_command_with_its_grid_in_the_shipped_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import submit as jobs
+    from pipeline.submit import shipping
 
     shipped: dict[str, str] = {}
-    real_stage = jobs.stage_working_dir
+    real_stage = shipping.stage_working_dir
 
     def keep_config(source: Path, dest: Path, config: Any) -> list[tuple[str, int]]:
         staged = real_stage(source, dest, config)
-        shipped["yaml"] = (dest / jobs.SUBMITTED_CONFIG).read_text()
+        shipped["yaml"] = (dest / shipping.SUBMITTED_CONFIG).read_text()
         return staged
 
-    monkeypatch.setattr(jobs, "stage_working_dir", keep_config)
+    monkeypatch.setattr(shipping, "stage_working_dir", keep_config)
     args = ("--dry-run", "--sweep", "--grid", "pseudolabel.tau=0.9,0.95", "--seeds", "2")
     code, out, err = _dry_run(tmp_path, monkeypatch, *args)
     assert code == 0, out + err
     entrypoint = next(line for line in out.splitlines() if line.startswith("entrypoint: "))
     assert entrypoint == (
-        f"entrypoint: python -m pipeline sweep --config {jobs.SUBMITTED_CONFIG} --root s3://b/p"
+        f"entrypoint: python -m pipeline sweep --config {shipping.SUBMITTED_CONFIG} --root s3://b/p"
     )
     sweep = yaml.safe_load(shipped["yaml"])["sweep"]
     assert sweep["grid"] == {"pseudolabel.tau": [0.9, 0.95]}
