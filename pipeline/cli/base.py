@@ -138,7 +138,7 @@ def sweep_config(
     parallel: int | None = None,
 ) -> PipelineConfig:
     from pipeline.config import ConfigError
-    from pipeline.sweep import expand, parse_grid, with_sweep
+    from pipeline.sweep.grid import expand, parse_grid, with_sweep
 
     cfg = _load(config, overrides)
     try:
@@ -154,8 +154,8 @@ def run_and_show_sweep(cfg: PipelineConfig, root: str, json_path: str | None) ->
     import json
 
     from pipeline.redact import redact
-    from pipeline.sweep import run_sweep
-    from pipeline.sweep_table import format_table
+    from pipeline.sweep.run import run_sweep
+    from pipeline.sweep.table import format_table
 
     result = run_sweep(cfg, root)
     click.echo(format_table(result.rows))

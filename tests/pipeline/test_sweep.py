@@ -20,18 +20,16 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import ConfigError, load_config
 from pipeline.runner import RunSummary
 from pipeline.source import source_items
-from pipeline.sweep import (
-    ROW_TAG,
-    SWEEP_TAG,
+from pipeline.sweep.grid import (
     dependencies,
     expand,
     parse_grid,
     row_name,
-    run_sweep,
     unusable_references,
     with_sweep,
 )
-from pipeline.sweep_table import RunOutcome, format_table, row_metrics, summarize, to_csv
+from pipeline.sweep.run import ROW_TAG, SWEEP_TAG, run_sweep
+from pipeline.sweep.table import RunOutcome, format_table, row_metrics, summarize, to_csv
 from pipeline.tracking import Tracker
 from stages.core.errors import SourceError
 from stages.core.storage import Storage
@@ -360,7 +358,7 @@ def test_each_data_section_is_listed_once_and_each_run_checked_against_its_own(
     """Runs get the sweep's listing of their own data (not one listing per run: at a million
     images a listing takes minutes); a grid axis over data.* gets its own listing, and its
     splits are checked against it before anything runs."""
-    import pipeline.sweep as sweep_module
+    import pipeline.sweep.run as sweep_module
 
     listed: list[int] = []
     real = sweep_module.source_items

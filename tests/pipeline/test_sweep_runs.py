@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipeline.sweep import ROW_TAG, SWEEP_TAG
+from pipeline.sweep.run import ROW_TAG, SWEEP_TAG
 from pipeline.tracking import HIT_TAG, STAGE_TAG
 from tests.conftest import run_cli
 from tests.stages.ingest.layouts import write_palette_png

@@ -1,26 +1,8 @@
-"""``pseudoflow sweep``: many pipeline runs on one storage root, one table of what won.
-
-A sweep is the config's ``sweep`` section (or ``--grid`` / ``--seeds`` on the command line): the
-cross product of the grid's values, each run with ``sweep.seeds`` seeds, plus the reference rows
-(``sweep.references``: ``supervised``, ``full``, ...) once per seed. Where the grid sweeps
-``pseudolabel.policy`` and ``teach.policies`` is not set, every run's teach stores the signals of
-every policy, so one teach per teacher serves them all (and any policy a later sweep adds).
-Every run is an ordinary pipeline run (:func:`pipeline.runner.run_pipeline`) on the same root, so
-the cache does the sharing: a teacher, a detection or a teach whose key recurs runs once, a pseudo-label set once per
-policy, and a second sweep over the same root runs only what is new.
-
-The MLflow parent run of the sweep holds every pipeline run as a child (and they their stage
-runs), its table as ``sweep.json``, ``sweep.csv`` and ``sweep.txt``, and a plot. The same files go
-under ``<root>/sweeps/<sweep id>/``, rewritten after each run, so a sweep stopped half-way keeps
-what it measured. A run that fails is logged, counted in its row and the sweep goes on; the
-sweep then ends with the runs that failed named.
-
-The table (and the gap-closing ratio g) is :mod:`pipeline.sweep_table`'s.
-"""
+"""Running a sweep: its pipeline runs on one root (in order of their dependencies, some at once),
+one MLflow parent run, and its table written after each run."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import secrets
@@ -32,183 +14,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import yaml
-
-from pipeline.config import ConfigError, PipelineConfig, apply_overrides, to_yaml, validate
+from pipeline.config import PipelineConfig, to_yaml
 from pipeline.graph import check_splits, split_counts
 from pipeline.runner import RunSummary, resolve_root, run_pipeline, tracking_uri
 from pipeline.source import source_items
-from pipeline.sweep_table import RunOutcome, format_table, row_metrics, summarize, to_csv
+from pipeline.sweep.grid import SweepRun, _show, dependencies, expand, unusable_references
+from pipeline.sweep.table import RunOutcome, format_table, row_metrics, summarize, to_csv
 from pipeline.tracking import Tracker, artifact_location, source_tags
 from stages.core.storage import Storage
 from stages.ingest.folder import SourceItem
-from stages.pseudolabel.config import GROUND_TRUTH, SIGNAL_POLICIES
 
 logger = logging.getLogger(__name__)
 
 SWEEP_TAG = "pseudoflow.sweep"
 ROW_TAG = "pseudoflow.sweep_row"
-POLICY_KEY = "pseudolabel.policy"
-_REFERENCE_ORDER = {"supervised": 0, "full": 1}
-
-
-# ------------------------------------------------------------------------------- the plan
-def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
-    """``--grid KEY=V1,V2,...`` (each value read as YAML, as ``--set`` reads it) -> axes."""
-    grid: dict[str, list[Any]] = {}
-    problems = []
-    for item in items:
-        key, sep, values = item.partition("=")
-        key = key.strip()
-        parts = [v.strip() for v in values.split(",")]
-        if not sep or not key or not all(parts):
-            problems.append(
-                f"--grid {item!r}: expected KEY=V1,V2,... (e.g. pseudolabel.tau=0.9,0.95)"
-            )
-        elif key in grid:
-            problems.append(f"--grid {item!r}: {key} is given twice")
-        else:
-            grid[key] = [yaml.safe_load(v) for v in parts]
-    if problems:
-        raise ConfigError(problems)
-    return grid
-
-
-def with_sweep(
-    config: PipelineConfig,
-    grid: dict[str, list[Any]] | None = None,
-    seeds: int | None = None,
-    references: bool = True,
-    parallel: int | None = None,
-) -> PipelineConfig:
-    """``config`` with its ``sweep`` section changed from the command line: ``grid`` axes added
-    (or replacing the config's axis of the same key), ``seeds``, references dropped,
-    ``parallel``."""
-    raw = config.model_dump(mode="json")
-    section = raw["sweep"]
-    section["grid"] = {**section["grid"], **(grid or {})}
-    if seeds is not None:
-        section["seeds"] = seeds
-    if parallel is not None:
-        section["parallel"] = parallel
-    if not references:
-        section["references"] = {}
-    return validate(raw)
-
-
-@dataclass(frozen=True)
-class SweepRun:
-    """One pipeline run of a sweep: its table row, seed, the overrides that make it, its config."""
-
-    row: str
-    reference: bool
-    seed: int
-    overrides: dict[str, Any]
-    config: PipelineConfig
-
-    @property
-    def label(self) -> str:
-        return f"{self.row} (seed {self.seed})"
-
-
-def row_name(point: dict[str, Any]) -> str:
-    """``policy=s4mc rounds=2``: each axis by its last key part (the whole key where two axes
-    share one)."""
-    leaves = [key.rsplit(".", 1)[-1] for key in point]
-    return " ".join(
-        f"{leaf if leaves.count(leaf) == 1 else key}={_show(value)}"
-        for leaf, (key, value) in zip(leaves, point.items(), strict=True)
-    )
-
-
-def _show(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, list | dict) else str(value)
-
-
-def expand(config: PipelineConfig, references: Sequence[str] | None = None) -> list[SweepRun]:
-    """Every run of the sweep, seed by seed (its references first, then the grid points), each
-    config validated: every problem of every run is reported together, before anything runs.
-    ``references``: the reference rows to keep (default: all of ``sweep.references``)."""
-    sweep = config.sweep
-    keep = set(sweep.references if references is None else references)
-    axes = list(sweep.grid.items())
-    points = [dict(zip([k for k, _ in axes], combo, strict=True)) for combo in _product(axes)]
-    # supervised and full first (g's two ends), then the others (YAML keeps no key order)
-    ordered = sorted(sweep.references.items(), key=lambda kv: _REFERENCE_ORDER.get(kv[0], 2))
-    rows: list[tuple[str, bool, dict[str, Any]]] = [
-        (name, True, overrides) for name, overrides in ordered if name in keep
-    ]
-    rows += [(row_name(point), False, point) for point in points if point]
-    if not rows:
-        raise ConfigError(["the sweep has no rows: give --grid KEY=V1,V2 or sweep.references"])
-    base = config.model_dump(mode="json")
-    del base["sweep"]  # each run is a plain run
-    if POLICY_KEY in sweep.grid and not base["teach"]["policies"]:
-        # one teach serves every policy of this sweep and of any later one on the same root
-        base["teach"]["policies"] = list(SIGNAL_POLICIES)
-    runs: list[SweepRun] = []
-    problems: dict[str, None] = {}  # a problem of every seed is said once
-    for seed in range(config.seed, config.seed + sweep.seeds):
-        for name, reference, overrides in rows:
-            settings = [f"{k}={json.dumps(v)}" for k, v in {**overrides, "seed": seed}.items()]
-            try:
-                run_config = validate(apply_overrides(base, settings))
-            except ConfigError as exc:
-                problems |= dict.fromkeys(f"row {name!r}: {p}" for p in exc.problems)
-                continue
-            runs.append(SweepRun(name, reference, seed, overrides, run_config))
-    if problems:
-        raise ConfigError(list(problems))
-    return runs
-
-
-def _product(axes: list[tuple[str, list[Any]]]) -> list[tuple[Any, ...]]:
-    return list(itertools.product(*[values for _, values in axes])) if axes else []
-
-
-def _earlier_round(earlier: SweepRun, later: SweepRun) -> bool:
-    """``earlier`` is ``later`` with fewer rounds: its stages are the first rounds of ``later``."""
-    a, b = earlier.config, later.config
-    return a.rounds < b.rounds and a.model_copy(update={"rounds": b.rounds}) == b
-
-
-def dependencies(runs: Sequence[SweepRun]) -> list[set[int]]:
-    """For each run, the earlier runs it waits for when runs go in parallel, so that no two runs
-    at once train what the cache would share: each seed's first run (its teacher, detector and
-    teach) before the seed's other runs, and a run with fewer rounds before the same run with
-    more (its first rounds)."""
-    first_of_seed: dict[int, int] = {}
-    waits: list[set[int]] = []
-    for index, item in enumerate(runs):
-        wait = {j for j in range(index) if _earlier_round(runs[j], item)}
-        first = first_of_seed.setdefault(item.seed, index)
-        if first != index:
-            wait.add(first)
-        waits.append(wait)
-    return waits
-
-
-def unusable_references(config: PipelineConfig, items: Sequence[SourceItem]) -> dict[str, str]:
-    """Reference rows this source (its ``items``) cannot run, and why: a ground_truth row where
-    some unlabeled image has no mask."""
-    wanting = [
-        name
-        for name, overrides in config.sweep.references.items()
-        if overrides.get(POLICY_KEY) == GROUND_TRUTH
-    ]
-    if not wanting:
-        return {}
-    unlabeled = [item for item in items if item.split == "unlabeled"]
-    missing = [item.stem for item in unlabeled if item.mask_url is None]
-    if not missing:
-        return {}
-    why = (
-        f"{len(missing)} of {len(unlabeled)} unlabeled images have no mask (e.g. {missing[0]!r}); "
-        "the ground_truth policy needs the unlabeled split's masks"
-    )
-    if config.data.source in {"voc", "cityscapes"}:
-        why += f" (set data.{config.data.source}.unlabeled_masks: true)"
-    return {name: why for name in wanting}
 
 
 # ------------------------------------------------------------------------------ the outcome
