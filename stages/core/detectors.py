@@ -12,6 +12,10 @@ Whatever builds the network, the stages see the same thing:
   input images' pixel coordinates, labels in 1..C-1.
 
 detectron2 is imported only inside its backend: importing ``stages`` never needs it.
+
+Why one module of over 400 lines: the contract and both backends are read side by side, since
+what one backend does (class numbering, box coordinates, train and eval modes) the other must do
+the same way; each backend is a short class.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ Policies:
   * CSL: ``csl_features``, ``csl_weights``, ``tmp_block_mask``.
   * WPL: ``rasterize_boxes``, ``detector_reliability``, ``topk_index_similarity``.
 Shared loss: ``weighted_unsup_loss``.
+
+Why one module of over 400 lines: the four policies' formulas are read side by side against
+``methods.md`` §1-§4 and share its notation and helpers; each policy is a few short functions,
+and a module per policy would scatter one specification.
 """
 
 from __future__ import annotations
