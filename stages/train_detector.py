@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ from stages.core.models import (
     build_detector,
     finished_model,
     make_checkpoint,
-    write_trained,
 )
 from stages.core.pretrained import (
     DETECTRON2_DETECTOR,
@@ -39,8 +38,6 @@ from stages.core.pretrained import (
     Layout,
     apply_state,
     decode_state,
-    encode_state,
-    load_init,
 )
 from stages.core.progress import Poster
 from stages.core.run_config import LoopConfig, TrainingRun, loop_of, poly_lr
@@ -336,7 +333,7 @@ def run(
 ) -> dict[str, float]:
     """Train the detector with Ray Train (or load given weights); write its checkpoint."""
     from stages.core.models import given_checkpoint, load_checkpoint
-    from stages.core.training import fit
+    from stages.core.training import train_and_write
 
     if cfg.weights:
         # The backend before the arch (given_checkpoint's check): the arch of another backend's
@@ -357,24 +354,15 @@ def run(
         image_size = loop_extra["image_size"]
         storage.write_bytes(out_path, finished_model(blob, image_size=image_size, source=out_path))
         return {"trained_steps": 0.0}
-    loop_config = LoopConfig(train=cfg, num_classes=num_classes, **loop_extra)
-    metrics = {"trained_steps": float(cfg.steps)}
-    if cfg.init:  # mapped here, once: a file that does not fit fails before any worker starts
-        model = build_detector(**detector_args(cfg, num_classes))
-        report = load_init(model, cfg.init, detector_layout(cfg.backend))
-        logger.info("%s: init %s", name, report.summary())
-        loop_config = replace(loop_config, init=encode_state(report.loaded))
-        metrics.update(report.metrics())
-    blob = fit(
+    return train_and_write(
         train_loop,
-        loop_config=loop_config,
+        LoopConfig(train=cfg, num_classes=num_classes, **loop_extra),
+        steps=cfg.steps,
+        init_into=lambda: build_detector(**detector_args(cfg, num_classes)),
+        layout=detector_layout(cfg.backend),
         datasets={"labeled": labeled},
-        workers=cfg.workers,
-        use_gpu=use_gpu,
         storage=storage,
+        out_path=out_path,
         name=name,
-        max_failures=cfg.max_failures,
-        resources=cfg.resources,
+        use_gpu=use_gpu,
     )
-    write_trained(storage, out_path, blob, image_size=loop_extra["image_size"])
-    return metrics

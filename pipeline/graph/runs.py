@@ -72,7 +72,7 @@ def run_train_teacher(ctx: Context) -> dict[str, float]:
         if cfg.weights
         else {"labeled": segtrain.labeled_dataset(ctx.dataset("images"), data.image_size)}
     )
-    metrics = segtrain.run_segmenter(
+    metrics = segtrain.run(
         cfg,
         datasets=datasets,
         num_classes=data.num_classes,
@@ -163,7 +163,7 @@ def run_train_student(ctx: Context, round_: Round) -> dict[str, float]:
         "policy": ctx.config.pseudolabel,
     }
     stage = round_.name("train_student")
-    metrics = segtrain.run_segmenter(
+    metrics = segtrain.run(
         cfg,
         datasets=datasets,
         num_classes=data.num_classes,
@@ -184,25 +184,21 @@ def run_evaluate(ctx: Context) -> dict[str, float]:
     # the final student is "student"; an earlier round's is "student_r<r>" in the metrics
     names = {"teacher": "teacher", "student": last.name("student")}
     names |= {f"student_r{r.number}": r.name("student") for r in rounds[:-1]}
-    metrics: dict[str, float] = {}
-    per_class: dict[str, list[float]] = {}
-    results = evaluate.evaluate_models(
+    # round 1's pseudo-labels keep their names: pseudolabel_coverage, ...
+    labels = {
+        "pseudolabel" if r.number == 1 else f"pseudolabel_r{r.number}": ctx.dataset(
+            r.name("pseudolabels")
+        )
+        for r in rounds
+    }
+    metrics, per_class = evaluate.run(
         resolve_gpus(ctx.config.evaluate, ctx.config.runtime.use_gpu),
         images=images,
         checkpoints={label: ctx.model_path(name) for label, name in names.items()},
-        num_classes=data.num_classes,
+        pseudolabels=labels,
+        class_names=data.names(),
         image_size=data.image_size,
     )
-    for model, result in results.items():
-        metrics[f"{model}_miou"] = result["miou"]
-        per_class[model] = result["iou"]
-        for name, iou in zip(data.names(), result["iou"], strict=True):
-            if iou == iou:  # not NaN
-                metrics[f"{model}_iou.{name}"] = iou
-    for r in rounds:  # round 1's keep their names: pseudolabel_coverage, ...
-        quality = evaluate.pseudolabel_quality(images, ctx.dataset(r.name("pseudolabels")))
-        prefix = "pseudolabel" if r.number == 1 else f"pseudolabel_r{r.number}"
-        metrics |= {key.replace("pseudolabel", prefix, 1): v for key, v in quality.items()}
     ctx.results["per_class_iou"] = per_class
     return metrics
 

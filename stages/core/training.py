@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from stages.core.progress import training_progress
 from stages.core.run_config import LoopConfig
@@ -72,6 +73,50 @@ def fit(
         raise RuntimeError(f"training run {name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         return (Path(folder) / CHECKPOINT_FILE).read_bytes()
+
+
+def train_and_write(
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: LoopConfig,
+    *,
+    steps: int,
+    init_into: Callable[[], nn.Module],
+    layout: Any,
+    datasets: dict[str, Any],
+    storage: Storage,
+    out_path: str,
+    name: str,
+    use_gpu: bool,
+    window: int | None = None,
+) -> dict[str, float]:
+    """A training stage's whole run, the same for every trained model: ``init`` (if the section
+    names one) mapped once, on the driver, onto a fresh network (``init_into``, in ``layout``),
+    so a file that does not fit fails before any worker starts; ``steps`` of ``loop`` with Ray
+    Train (:func:`fit`); the finished model written to ``out_path``. Returns the stage's
+    metrics (the steps trained, and what the init loaded)."""
+    from stages.core.models import write_trained
+    from stages.core.pretrained import encode_state, load_init
+
+    cfg = loop_config.train
+    metrics = {"trained_steps": float(steps)}
+    if cfg.init:
+        report = load_init(init_into(), cfg.init, layout)
+        logger.info("%s: init %s", name, report.summary())
+        loop_config = replace(loop_config, init=encode_state(report.loaded))
+        metrics.update(report.metrics())
+    blob = fit(
+        loop,
+        loop_config=loop_config,
+        datasets=datasets,
+        workers=cfg.workers,
+        use_gpu=use_gpu,
+        storage=storage,
+        name=name,
+        max_failures=cfg.max_failures,
+        resources=cfg.resources,
+    )
+    write_trained(storage, out_path, blob, image_size=loop_config.image_size, window=window)
+    return metrics
 
 
 def ordered_ingest() -> Any:

@@ -15,7 +15,7 @@ Ray Train.
 
 The package, along its seams: ``config`` (the settings), ``data`` (the training sets),
 ``step`` (the learner and ``train_step``), ``loop`` (the Ray Train worker loop) and ``stage``
-(``run_segmenter``: given weights, or a Ray Train run).
+(``run``: given weights, or a Ray Train run).
 """
 
 from stages.segtrain.config import SegTrainConfig, StrongViewConfig, StudentConfig
@@ -27,7 +27,7 @@ from stages.segtrain.data import (
     unlabeled_dataset,
 )
 from stages.segtrain.loop import train_loop
-from stages.segtrain.stage import run_segmenter
+from stages.segtrain.stage import run
 from stages.segtrain.step import Learner, learning_rate, new_learner, poly_lr, train_step
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
     "new_learner",
     "poly_lr",
     "pseudolabel_rows_to_arrays",
-    "run_segmenter",
+    "run",
     "train_loop",
     "train_step",
     "unlabeled_dataset",

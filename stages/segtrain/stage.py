@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any
 
-from stages.core.models import build_segmenter, finished_model, given_checkpoint, write_trained
-from stages.core.pretrained import SEGMENTER, encode_state, load_init
+from stages.core.models import build_segmenter, finished_model, given_checkpoint
+from stages.core.pretrained import SEGMENTER
 from stages.core.run_config import LoopConfig
 from stages.core.storage import Storage
-from stages.core.training import fit
+from stages.core.training import train_and_write
 from stages.segtrain.config import SegTrainConfig
 from stages.segtrain.loop import train_loop
 
 logger = logging.getLogger(__name__)
 
 
-def run_segmenter(
+def run(
     cfg: SegTrainConfig,
     *,
     datasets: dict[str, Any],
@@ -42,31 +41,16 @@ def run_segmenter(
             ),
         )
         return {"trained_steps": 0.0}
-    loop_config = LoopConfig(train=cfg, num_classes=num_classes, **loop_extra)
-    metrics = {"trained_steps": float(cfg.steps)}
-    if cfg.init:  # mapped here, once: a file that does not fit fails before any worker starts
-        report = load_init(
-            build_segmenter(arch=cfg.arch, num_classes=num_classes), cfg.init, SEGMENTER
-        )
-        logger.info("%s: init %s", name, report.summary())
-        loop_config = replace(loop_config, init=encode_state(report.loaded))
-        metrics.update(report.metrics())
-    blob = fit(
+    return train_and_write(
         train_loop,
-        loop_config=loop_config,
+        LoopConfig(train=cfg, num_classes=num_classes, **loop_extra),
+        steps=cfg.steps,
+        init_into=lambda: build_segmenter(arch=cfg.arch, num_classes=num_classes),
+        layout=SEGMENTER,
         datasets=datasets,
-        workers=cfg.workers,
-        use_gpu=use_gpu,
         storage=storage,
+        out_path=out_path,
         name=name,
-        max_failures=cfg.max_failures,
-        resources=cfg.resources,
-    )
-    write_trained(
-        storage,
-        out_path,
-        blob,
-        image_size=loop_extra["image_size"],
+        use_gpu=use_gpu,
         window=loop_extra.get("crop_size"),
     )
-    return metrics

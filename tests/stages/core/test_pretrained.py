@@ -254,7 +254,7 @@ def test_a_ray_train_worker_starts_from_the_init_file(tmp_path: Path) -> None:
                 for _ in range(4)
             ]
         ).materialize()
-        metrics = segtrain.run_segmenter(
+        metrics = segtrain.run(
             cfg,
             datasets={"labeled": labeled},
             num_classes=4,
