@@ -18,7 +18,7 @@ from pipeline.graph import check_splits, needed_splits
 from pipeline.runner import run_pipeline
 from stages import train_detector
 from stages.core import training
-from stages.core.errors import SourceError
+from stages.core.errors import ModelError, SourceError
 from stages.core.run_config import LoopConfig
 from stages.core.training import EmptyShardError
 from tests.conftest import local_ray, write_png
@@ -202,7 +202,7 @@ def test_missing_weights_file_stops_the_run_before_any_work(
     }
     for key, advice in expected.items():
         config = _config(folder, tmp_path, f"{key}={missing}")
-        with pytest.raises(SourceError) as caught:
+        with pytest.raises(ModelError) as caught:
             run_pipeline(config, str(tmp_path / "runs"))
         assert str(caught.value) == f"{key}='{missing}' does not exist: {advice}"
         assert not (tmp_path / "runs").exists()

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline import runner
+from pipeline.cache import commit
 from pipeline.cache.entries import (
     CacheEntry,
     cache_key,
@@ -307,7 +308,7 @@ def test_racing_trainings_each_train_in_their_own_folder(
             if name == "slow":  # the other attempt trains and commits meanwhile
                 fast = _context(storage, "train_x", key)
                 entry = CacheEntry(storage, "train_x", key)
-                seen["fast_record"] = runner._execute(train("fast"), fast, entry, {}, _Sink())
+                seen["fast_record"] = commit.execute(train("fast"), fast, entry, {}, _Sink())
                 seen["slow_after"] = sorted(p.name for p in folder.iterdir())
             storage.write_bytes(ctx.model_path("model"), name.encode())
             return {"trained": 1.0}
@@ -315,7 +316,7 @@ def test_racing_trainings_each_train_in_their_own_folder(
         return _training(run)
 
     ctx = _context(storage, "train_x", key)
-    record = runner._execute(train("slow"), ctx, CacheEntry(storage, "train_x", key), {}, _Sink())
+    record = commit.execute(train("slow"), ctx, CacheEntry(storage, "train_x", key), {}, _Sink())
     assert seen["slow"] != seen["fast"]
     assert seen["slow"].startswith(f"train_x-{key[:16]}_")
     assert seen["slow_after"] == ["checkpoint-slow"]  # the winner's cleanup left it alone
@@ -346,7 +347,7 @@ def test_a_rerun_takes_over_a_dead_training_attempt_and_resumes_it(
         storage.write_bytes(ctx.model_path("model"), b"weights")
         return {}
 
-    record = runner._execute(_training(run), ctx, entry, {}, _Sink())
+    record = commit.execute(_training(run), ctx, entry, {}, _Sink())
     assert seen == {"name": ctx.train_name("train_x", dead), "resumed": f"step 7 of {dead}"}
     assert record["attempt"] == dead
     assert not _train_dir(ctx, dead).exists()  # committed: its folder goes
@@ -475,7 +476,7 @@ def test_the_runner_never_commits_a_shard_of_another_schema(
     stage = Stage("teach", (), ("teacher_signals",), run, lambda ctx: {}, teach_table.SCHEMA)
     entry = CacheEntry(storage, "teach", key)
     with pytest.raises(StorageError) as refused:
-        runner._execute(stage, _context(storage, "teach", key), entry, {}, _Sink())
+        commit.execute(stage, _context(storage, "teach", key), entry, {}, _Sink())
     (shard,) = Path(entry.directory).glob("attempts/*/teacher_signals/*.parquet")
     assert str(refused.value) == (
         f"dataset 'teacher_signals': {shard}: schema differs from the expected one: "
