@@ -79,8 +79,11 @@ MAX_WORKING_DIR_BYTES = 50 * 2**20
 
 
 def project_root() -> Path:
-    """The source checkout this package runs from (the folder with its pyproject.toml)."""
-    root = Path(__file__).resolve().parents[1]
+    """The source checkout this package runs from (the folder with its pyproject.toml): the
+    parent of the ``pipeline`` package, wherever this module sits inside it."""
+    import pipeline
+
+    root = Path(pipeline.__file__).resolve().parent.parent
     if not (root / "pyproject.toml").is_file() or not (root / "stages").is_dir():
         raise SubmitError(
             f"{root} is not a pseudoflow source checkout: submit from a clone of the project "

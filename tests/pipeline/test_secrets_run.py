@@ -144,7 +144,7 @@ def test_a_local_run_and_a_dry_run_leave_no_secret_anywhere(
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.startswith("dry run: nothing submitted.")
     shipped = [line.split()[-1] for line in dry.stdout.splitlines() if line.startswith("  ")]
-    assert "pipeline/cli.py" in shipped
+    assert "pipeline/cli/base.py" in shipped
     assert "pseudoflow-submitted.yaml" in shipped
     assert not [p for p in shipped if any(part.startswith(".") for part in p.split("/"))]
     # the secrets as a plain value or in the config or tracking URI: refused, never echoed

@@ -23,6 +23,7 @@ from pipeline.submit.cluster import find_token
 from pipeline.submit.shipping import (
     SUBMITTED_CONFIG,
     project_files,
+    project_root,
     stage_working_dir,
     untracked_package_files,
 )
@@ -386,3 +387,11 @@ def test_a_sweep_is_submitted_as_the_sweep_command_with_its_grid_in_the_shipped_
     )
     assert code == 2
     assert "--until stops a single run" in err
+
+
+def test_the_project_root_is_the_checkout_this_package_runs_from() -> None:
+    """What a submission ships from: the folder holding pyproject.toml, pipeline/ and stages/
+    (found from the package, so moving the submit code inside it does not move the root)."""
+    root = Path(__file__).resolve().parents[2]
+    assert project_root() == root
+    assert (root / "pyproject.toml").is_file()

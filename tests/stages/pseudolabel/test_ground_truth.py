@@ -14,6 +14,7 @@ from stages.core.errors import SourceError
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest.stage import IMAGES_SCHEMA
 from stages.pseudolabel import stage
+from stages.pseudolabel import table as pseudolabel_table
 from stages.pseudolabel.batches import ground_truth_batch
 from stages.pseudolabel.config import PseudolabelConfig
 from stages.pseudolabel.maps import batch_policy_maps, signal_spec
@@ -50,7 +51,7 @@ def _mask_rows() -> pa.Table:
 
 def test_rows_hold_the_masks_kept_where_known_with_weight_exactly_one() -> None:
     table = ground_truth_batch(_mask_rows(), GROUND_TRUTH.model_dump())
-    assert table.schema == table.PSEUDOLABELS_SCHEMA
+    assert table.schema == pseudolabel_table.PSEUDOLABELS_SCHEMA
     assert table["image_id"].to_pylist() == list(MASKS)  # input order, over mixed sizes
     for row in table.to_pylist():
         mask = np.asarray(MASKS[row["image_id"]], np.uint8)
