@@ -15,7 +15,6 @@ class Lookup:
     """Where ``stage`` stands in the cache: ``record`` is the committed record it may reuse
     (``None`` when nothing usable is committed), ``damage`` why a committed one cannot be."""
 
-    stage: Stage
     fields: dict[str, Any]
     key: str
     entry: CacheEntry
@@ -36,4 +35,4 @@ def look_up(stage: Stage, ctx: Context) -> Lookup:
     ctx.keys[stage.name] = key
     entry = CacheEntry(ctx.storage, stage.name, key)
     record, damage = entry.load()
-    return Lookup(stage, fields, key, entry, None if damage else record, damage)
+    return Lookup(fields, key, entry, None if damage else record, damage)

@@ -38,7 +38,8 @@ def _setup_logging(verbose: bool) -> None:
     redact_logs()  # URL passwords and ?token=... never reach the console as they are
 
 
-def _load(config: str, overrides: tuple[str, ...]) -> PipelineConfig:
+def load_or_exit(config: str, overrides: tuple[str, ...]) -> PipelineConfig:
+    """The config NAME or PATH with its overrides; a config error ends the command (exit 2)."""
     from pipeline.config import ConfigError, load_config
 
     try:
@@ -140,7 +141,7 @@ def sweep_config(
     from pipeline.config import ConfigError
     from pipeline.sweep.grid import expand, parse_grid, with_sweep
 
-    cfg = _load(config, overrides)
+    cfg = load_or_exit(config, overrides)
     try:
         cfg = with_sweep(cfg, parse_grid(grids), seeds, refs, parallel)
         expand(cfg)  # every run's config checked before anything runs

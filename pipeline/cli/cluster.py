@@ -14,9 +14,9 @@ if TYPE_CHECKING:
     from pipeline.submit.submission import Submission
 
 from pipeline.cli.base import (
-    _load,
     config_option,
     grid_option,
+    load_or_exit,
     main,
     parallel_option,
     references_option,
@@ -128,7 +128,7 @@ def submit(
     if as_sweep:
         cfg = sweep_config(config, overrides, grids, seeds, references, parallel)
     else:
-        cfg = _load(config, overrides)
+        cfg = load_or_exit(config, overrides)
     with _submit_errors():
         uri = check_tracking_uri(cfg.tracking.uri or tracking_uri)
         env = parse_env(env_values, env_refs)

@@ -12,9 +12,9 @@ if TYPE_CHECKING:
     from pipeline.runner import RunSummary
 
 from pipeline.cli.base import (
-    _load,
     config_option,
     grid_option,
+    load_or_exit,
     main,
     parallel_option,
     references_option,
@@ -43,7 +43,7 @@ def run(
     """Run the pipeline (reusing cached stages) and print a summary."""
     from pipeline.runner import run_pipeline
 
-    cfg = _load(config, overrides)
+    cfg = load_or_exit(config, overrides)
     summary = run_pipeline(cfg, root, until=until)
     click.echo(format_summary(summary))
     if report and until is None:
@@ -233,7 +233,7 @@ def plan(config: str, root: str, overrides: tuple[str, ...]) -> None:
     from pipeline.cache.plan import plan as make_plan
     from pipeline.runner import resolve_root
 
-    cfg = _load(config, overrides)
+    cfg = load_or_exit(config, overrides)
     rows = make_plan(cfg, resolve_root(root))
     name = max([15, *(len(row.stage) for row in rows)])
     for row in rows:

@@ -10,7 +10,7 @@ import click
 if TYPE_CHECKING:
     pass
 
-from pipeline.cli.base import _load, main, root_option, set_option
+from pipeline.cli.base import load_or_exit, main, root_option, set_option
 
 
 @main.group("config")
@@ -44,7 +44,7 @@ def config_show(name: str | None, overrides: tuple[str, ...], defaults: bool) ->
         if name is None:
             config = validate(apply_overrides({}, list(overrides)))
         else:
-            config = _load(name, overrides)
+            config = load_or_exit(name, overrides)
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         sys.exit(2)

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from stages.core.models import write_trained
+from stages.core.pretrained import encode_state, load_init
 from stages.core.progress import training_progress
 from stages.core.run_config import LoopConfig
 from stages.core.storage import Storage
@@ -94,9 +96,6 @@ def train_and_write(
     so a file that does not fit fails before any worker starts; ``steps`` of ``loop`` with Ray
     Train (:func:`fit`); the finished model written to ``out_path``. Returns the stage's
     metrics (the steps trained, and what the init loaded)."""
-    from stages.core.models import write_trained
-    from stages.core.pretrained import encode_state, load_init
-
     cfg = loop_config.train
     metrics = {"trained_steps": float(steps)}
     if cfg.init:
