@@ -23,13 +23,13 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from pipeline.redact import redact, redact_values
 from stages.core import errors
 from stages.core.config import StrictModel
-from stages.detect import DetectConfig
-from stages.evaluate import EvaluateConfig
+from stages.detect.config import DetectConfig
+from stages.evaluate.config import EvaluateConfig
 from stages.ingest.config import DataConfig
 from stages.pseudolabel.config import GROUND_TRUTH, PseudolabelConfig
 from stages.segtrain import SegTrainConfig, StudentConfig
 from stages.teach.config import TeachConfig
-from stages.train_detector import DetectorConfig
+from stages.train_detector.config import DetectorConfig
 
 
 class RuntimeConfig(StrictModel):

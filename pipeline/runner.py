@@ -51,7 +51,7 @@ from stages.core import progress
 from stages.core.errors import ConfigError
 from stages.core.storage import Storage
 from stages.ingest.folder import SourceItem
-from stages.train_detector import check_detector_backend
+from stages.train_detector.config import check_detector_backend
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from stages.detect import DETECTIONS_SCHEMA, DetectorPredictor
+from stages.detect.predictor import DetectorPredictor
+from stages.detect.table import DETECTIONS_SCHEMA
 from stages.pseudolabel.batches import label_batch
 from stages.pseudolabel.config import PseudolabelConfig
 from stages.pseudolabel.maps import signal_spec

@@ -236,8 +236,8 @@ def detector_costs(
     alike, above the 0.05 cut (``uniform_class_scores``; random heads keep anywhere from no box
     to all of them)."""
     from stages.core.models import build_detector
-    from stages.detect import DetectorPredictor
-    from stages.train_detector import DetectorConfig, detector_args
+    from stages.detect.predictor import DetectorPredictor
+    from stages.train_detector.config import DetectorConfig, detector_args
 
     rng = np.random.default_rng(seed)
     images = {

@@ -31,7 +31,7 @@ from pipeline.bench.synthetic import ReplayNetwork, image_batch, peaked_logits
 from pipeline.bench.timing import POLICIES, Goal, Measure, Plan, alternate, cpu_goal
 from stages.core import data
 from stages.core.models import build_detector, build_segmenter, segment_logits
-from stages.train_detector import DetectorConfig, detector_args
+from stages.train_detector.config import DetectorConfig, detector_args
 
 
 # ------------------------------------------------------------------------------ labeling

@@ -8,10 +8,11 @@ import logging
 import fsspec
 
 from pipeline.config import PipelineConfig
-from stages import segtrain, train_detector
 from stages.core.constants import SPLITS
 from stages.core.errors import ModelError, SourceError
 from stages.ingest.folder import SourceItem
+from stages.segtrain.config import SegTrainConfig
+from stages.train_detector.config import DetectorConfig
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,10 @@ def check_splits(config: PipelineConfig, counts: dict[str, int], where: str) -> 
 
 def trained_sections(
     config: PipelineConfig,
-) -> dict[str, segtrain.SegTrainConfig | train_detector.DetectorConfig]:
+) -> dict[str, SegTrainConfig | DetectorConfig]:
     """The config sections of the networks a run trains or loads: teacher, student and, when
     enabled, the detector."""
-    sections: dict[str, segtrain.SegTrainConfig | train_detector.DetectorConfig] = {
+    sections: dict[str, SegTrainConfig | DetectorConfig] = {
         "teacher": config.teacher,
         "student": config.student,
     }

@@ -18,12 +18,16 @@ from pipeline.graph.keys import (
 )
 from pipeline.graph.model import Context, Round, final_round
 from pipeline.models import store_export
-from stages import detect, evaluate, segtrain, train_detector
+from stages import segtrain
 from stages.core.errors import SourceError
 from stages.core.inference import resolve_gpus
+from stages.detect import stage as detect
+from stages.evaluate import stage as evaluate
+from stages.evaluate.plot import iou_plot
 from stages.ingest import stage as ingest
 from stages.pseudolabel import stage as pseudolabel
 from stages.teach import stage as teach_stage
+from stages.train_detector import stage as train_detector
 
 logger = logging.getLogger(__name__)
 
@@ -207,4 +211,4 @@ def evaluate_figures(config: PipelineConfig, results: dict[str, Any]) -> dict[st
     per_class = results.get("per_class_iou")
     if not per_class:
         return {}
-    return {"iou_per_class.png": evaluate.iou_plot(config.data.names(), per_class)}
+    return {"iou_per_class.png": iou_plot(config.data.names(), per_class)}

@@ -29,7 +29,7 @@ from pipeline.graph.runs import (
     run_train_student,
     run_train_teacher,
 )
-from stages import detect
+from stages.detect import table as detect_table
 from stages.ingest import stage as ingest
 from stages.pseudolabel import table as pseudolabel_table
 from stages.teach import table as teach_table
@@ -130,7 +130,7 @@ STAGES: tuple[Stage, ...] = (
         ("detections",),
         run_detect,
         lambda ctx: {**detect_family(ctx), "unlabeled": ctx.digest("images", "unlabeled")},
-        detect.SCHEMA,
+        detect_table.SCHEMA,
         lambda c: c.detector.enabled,
         section="detect",
         image_inputs=(("unlabeled", "inference"),),

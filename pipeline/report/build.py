@@ -19,8 +19,8 @@ from pipeline.report.pictures import (
 )
 from pipeline.report.quality import MAX_IMAGES, PolicyQuality, policy_quality
 from pipeline.report.runs import RunRecords, find_run, load_run
-from stages import evaluate
 from stages.core.storage import Storage
+from stages.evaluate.plot import iou_plot
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def build_report(
     evaluated = records.stages.get("evaluate")
     per_class = evaluated.record.get("results", {}).get("per_class_iou") if evaluated else None
     if per_class:
-        files["iou_per_class.png"] = evaluate.iou_plot(config.data.names(), per_class)
+        files["iou_per_class.png"] = iou_plot(config.data.names(), per_class)
     curves, notes = training_curves(records, _read_uri(storage, config, tracking_uri))
     if curves or notes:
         files["training.png"] = figures.training_curves(curves, notes)

@@ -42,7 +42,7 @@ POOL = "pool"
 # The stages that commit inference shards to a pool, and the module holding each one's output
 # schema: SCHEMA (its version) and the Arrow schema named here.
 POOL_SCHEMAS = {
-    "detect": ("stages.detect", "DETECTIONS_SCHEMA"),
+    "detect": ("stages.detect.table", "DETECTIONS_SCHEMA"),
     "teach": ("stages.teach.table", "SIGNALS_SCHEMA"),
 }
 

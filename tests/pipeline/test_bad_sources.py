@@ -16,11 +16,11 @@ import pytest
 from pipeline.config import ConfigError, load_config
 from pipeline.graph import check_splits, needed_splits
 from pipeline.runner import run_pipeline
-from stages import train_detector
 from stages.core import training
 from stages.core.errors import ModelError, SourceError
 from stages.core.run_config import LoopConfig
 from stages.core.training import EmptyShardError
+from stages.train_detector.loop import train_loop as detector_train_loop
 from tests.conftest import local_ray, write_png
 
 
@@ -61,7 +61,7 @@ def test_detector_loop_over_an_empty_shard_raises(monkeypatch: pytest.MonkeyPatc
     config = load_config("smoke")
     loop = LoopConfig(train=config.detector, num_classes=4, seed=0, image_size=64)
     with pytest.raises(EmptyShardError, match="labeled shard holds no rows"):
-        train_detector.train_loop({"loop": loop})
+        detector_train_loop({"loop": loop})
 
 
 def test_needed_splits_follow_what_the_run_trains() -> None:

@@ -37,7 +37,9 @@ from stages.core.models import build_segmenter
 from stages.core.shards import ShardPool, new_token, write_shard
 from stages.core.storage import Storage
 from stages.core.tables import DRIVER_SPLIT_BYTES
-from stages.evaluate import EvaluateConfig, evaluate_models, pseudolabel_quality
+from stages.evaluate.config import EvaluateConfig
+from stages.evaluate.models import evaluate_models
+from stages.evaluate.quality import pseudolabel_quality
 from stages.ingest.generated import GeneratedSpec, generate_dataset
 from stages.segtrain import labeled_dataset, unlabeled_dataset
 from tests.conftest import local_ray, run_cli, stage_outputs, write_png

@@ -21,8 +21,9 @@ from stages.core.models import (
     segment_logits,
 )
 from stages.core.storage import Storage
-from stages.detect import DETECTIONS_SCHEMA, DetectorPredictor
-from stages.evaluate import ConfusionPredictor
+from stages.detect.predictor import DetectorPredictor
+from stages.detect.table import DETECTIONS_SCHEMA
+from stages.evaluate.models import ConfusionPredictor
 from stages.teach.predictor import TeacherPredictor
 from stages.teach.table import SIGNALS_SCHEMA, decode_features, decode_signals
 

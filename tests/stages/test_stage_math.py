@@ -13,7 +13,7 @@ from stages.pseudolabel.config import PseudolabelConfig
 from stages.pseudolabel.maps import policy_maps
 from stages.pseudolabel.table import PSEUDOLABELS_SCHEMA
 from stages.teach.table import SignalSpec, decode_signals, quantized_maps, stored_maps
-from stages.train_detector import boxes_from_mask
+from stages.train_detector.boxes import boxes_from_mask
 
 
 def test_boxes_from_mask_components_per_class() -> None:

@@ -35,16 +35,12 @@ from stages.core.models import (
     model_from_checkpoint,
 )
 from stages.core.storage import Storage
-from stages.detect import DETECTIONS_SCHEMA, DetectorPredictor
-from stages.train_detector import (
-    DetectorConfig,
-    _targets,
-    check_detector_backend,
-    detector_args,
-    detector_step,
-    new_detector_learner,
-)
-from stages.train_detector import run as train_detector_run
+from stages.detect.predictor import DetectorPredictor
+from stages.detect.table import DETECTIONS_SCHEMA
+from stages.train_detector.boxes import flipped_targets
+from stages.train_detector.config import DetectorConfig, check_detector_backend, detector_args
+from stages.train_detector.stage import run as train_detector_run
+from stages.train_detector.step import detector_step, new_detector_learner
 
 NUM_CLASSES = 3
 
@@ -297,7 +293,7 @@ def test_backend_losses_are_finite_and_train_every_head(backend_name: str) -> No
     torch.manual_seed(0)
     backend = detector_backend(backend_name)
     model = build_detector(**_args(backend_name)).train()
-    images, targets = _targets(_batch(), NUM_CLASSES, min_area=4)
+    images, targets = flipped_targets(_batch(), NUM_CLASSES, min_area=4)
     assert [t["labels"].tolist() for t in targets] == [[1, 2], []]
     losses = backend.losses(model, images, targets)
     assert len(losses) == 4  # RPN objectness and box, RoI class and box

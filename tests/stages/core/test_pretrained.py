@@ -29,12 +29,8 @@ from stages.core.pretrained import (
 from stages.core.shards import file_digest
 from stages.core.storage import Storage
 from stages.pseudolabel.config import PseudolabelConfig
-from stages.train_detector import (
-    DetectorConfig,
-    detector_args,
-    detector_layout,
-    new_detector_learner,
-)
+from stages.train_detector.config import DetectorConfig, detector_args, detector_layout
+from stages.train_detector.step import new_detector_learner
 from tests.conftest import local_ray
 
 CPU = torch.device("cpu")

@@ -17,10 +17,10 @@ from pipeline.cache.commit import check_output_schemas
 from pipeline.cache.entries import CacheEntry, dataset_output, iter_entries
 from pipeline.cache.verify import verify_entry, verify_pools
 from pipeline.cli import main
-from stages import detect
 from stages.core.faults import FAULTS_ENV, FaultPlan, InjectedFault, operations
 from stages.core.shards import ShardPool, new_token, write_shard
 from stages.core.storage import CorruptFile, DatasetRef, Storage
+from stages.detect import table as detect
 
 IDS = [f"img{i:02d}" for i in range(10)]
 SHARD_ROWS = 4  # three shards: 4, 4 and 2 images

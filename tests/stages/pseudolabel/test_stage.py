@@ -234,7 +234,7 @@ def test_one_decoder_serves_training_evaluation_and_the_report() -> None:
     """S4MC's margins (uint16) and CSL's trusted mask come back from the row; the student's
     maps, the evaluate stage's label and keep and the report's weight are that one decoding."""
     from pipeline.report import decode_labels
-    from stages.evaluate import decode_pseudolabel
+    from stages.evaluate.quality import decode_pseudolabel
 
     probs = _probs((0.9, 0.05, 0.05), (0.45, 0.35, 0.2), (0.1, 0.1, 0.8))
     s4mc = encode_row(

@@ -1,8 +1,5 @@
-"""The detect stage: the detector over the unlabeled images -> ``detections`` (actor pool).
-
-Boxes are stored in the image's own pixel coordinates as (x1, y1, x2, y2), flattened. The table
-is the same whichever backend (torchvision, detectron2) the checkpoint names.
-"""
+"""The detector as a callable over decoded uint8 batches (one per actor): boxes kept above
+``min_score``, clipped to the fitted image and scaled to its own pixels, one row per image."""
 
 from __future__ import annotations
 
@@ -11,29 +8,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import Field
 from torch import nn
 
 from stages.core.detectors import split_backend
-from stages.core.inference import load_model, pick_device, predict_into_pool
-from stages.core.run_config import InferenceConfig
-from stages.core.shards import ShardPool
-from stages.core.storage import DatasetRef
+from stages.core.inference import load_model, pick_device
 from stages.core.training import hold_point
-
-DETECTIONS_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("boxes", pa.list_(pa.float32())),  # N * 4 values: x1, y1, x2, y2 per box
-        ("labels", pa.list_(pa.int32())),  # detector classes = segmentation classes 1..C-1
-        ("scores", pa.list_(pa.float32())),
-        ("num_boxes", pa.int32()),
-    ]
-)
-
-
-class DetectConfig(InferenceConfig):
-    min_score: float = Field(0.05, ge=0.0, le=1.0, description="detections below are not stored")
+from stages.detect.table import DETECTIONS_SCHEMA
 
 
 class DetectorPredictor:
@@ -86,33 +66,3 @@ class DetectorPredictor:
                 }
             )
         return pa.Table.from_pylist(rows, schema=DETECTIONS_SCHEMA)
-
-
-SCHEMA = "detections/1"
-
-
-def run(
-    cfg: DetectConfig,
-    *,
-    images: DatasetRef,
-    checkpoint_path: str,
-    image_size: int,
-    out: DatasetRef,
-    pool: ShardPool,
-) -> dict[str, float]:
-    """Run the detector over the unlabeled images ``pool`` does not hold yet (actor pool, a
-    shard committed at a time); commit ``out`` over all of them."""
-    metrics = predict_into_pool(
-        images,
-        "unlabeled",
-        ["image_id", "height", "width", "image"],
-        DetectorPredictor,
-        {"checkpoint_path": checkpoint_path, "min_score": cfg.min_score},
-        cfg=cfg,
-        image_size=image_size,
-        pool=pool,
-        out=out,
-        schema=SCHEMA,
-    )
-    counts = out.read_table(columns=["num_boxes"])["num_boxes"].to_numpy()
-    return {**metrics, "boxes_per_image": float(counts.mean())}
