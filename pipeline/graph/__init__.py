@@ -14,13 +14,12 @@ from pipeline.graph.checks import (
     split_counts,
     trained_sections,
 )
-from pipeline.graph.keys import TRAIN_EXECUTION, pseudolabel_key_fields, semantic
+from pipeline.graph.keys import pseudolabel_key_fields, semantic
 from pipeline.graph.model import Context, Round, Stage, final_round
 from pipeline.graph.stages import STAGES, all_stages, check_graph, planned
 
 __all__ = [
     "STAGES",
-    "TRAIN_EXECUTION",
     "Context",
     "Round",
     "Stage",

@@ -7,12 +7,12 @@ import logging
 from typing import Any
 
 import fsspec
-from pydantic import BaseModel
 
 from pipeline.config import PipelineConfig
 from pipeline.graph.model import Context, Round, final_round
+from stages.core.config import StrictModel
 from stages.core.errors import ModelError
-from stages.core.run_config import InferenceConfig
+from stages.core.run_config import TrainingRun
 from stages.core.shards import file_digest
 from stages.pseudolabel.config import GROUND_TRUTH
 from stages.pseudolabel.maps import signal_spec
@@ -21,23 +21,10 @@ from stages.teach.table import SignalSpec
 logger = logging.getLogger(__name__)
 
 
-# Settings that change how a stage runs but never what it produces.
-TRAIN_EXECUTION = {
-    "log_every",
-    "checkpoint_every",
-    "max_failures",
-    "workers",
-    "resources",
-    "weights",
-    "init",  # its content digest is a field of its own
-    "enabled",
-}
-
-
-INFERENCE_EXECUTION = set(InferenceConfig.model_fields)
-
-
-def semantic(section: BaseModel, execution: set[str]) -> dict[str, Any]:
+def semantic(section: StrictModel, also: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The section's settings that enter a key: all but those it declares execution only
+    (``EXECUTION``) and ``also``."""
+    execution = section.EXECUTION | also
     return {k: v for k, v in section.model_dump(mode="json").items() if k not in execution}
 
 
@@ -84,21 +71,20 @@ def pseudolabel_key_fields(
     }
 
 
-def train_fields(ctx: Context, section: BaseModel, weights: str | None) -> dict[str, Any]:
+def train_fields(ctx: Context, section: TrainingRun, weights: str | None) -> dict[str, Any]:
     base = {"num_classes": ctx.config.data.num_classes}
     if weights:
         return {**base, "arch": getattr(section, "arch", None), "weights": given_weights(weights)}
     fields = {
         **base,
-        "train": semantic(section, TRAIN_EXECUTION),
+        "train": semantic(section),
         "labeled": ctx.digest("images", "labeled"),
         **geometry(ctx),
         "crop_size": ctx.config.data.crop,
         "seed": ctx.config.seed,
     }
-    init = getattr(section, "init", None)
-    if init:  # the pretrained weights by content, wherever they are read from
-        fields["init"] = given_weights(init)
+    if section.init:  # the pretrained weights by content, wherever they are read from
+        fields["init"] = given_weights(section.init)
     return fields
 
 
@@ -128,13 +114,9 @@ def teach_family(ctx: Context, round_: Round) -> dict[str, Any]:
     return {
         "stage": "teach",
         "teacher": ctx.digest(round_.teacher),
-        # teach.policies counts through the signals it makes the stage store
         # teach.tta only where set: the keys of runs without it stay what they were
         "teach": semantic(
-            ctx.config.teach,
-            INFERENCE_EXECUTION
-            | {"policies"}
-            | (set() if ctx.config.teach.tta.enabled else {"tta"}),
+            ctx.config.teach, frozenset() if ctx.config.teach.tta.enabled else frozenset({"tta"})
         ),
         "signals": stored_signals(ctx).model_dump(),
         **geometry(ctx),

@@ -25,6 +25,19 @@ class TrainingRun(StrictModel):
     """How a Ray Train training runs and where it starts from: the settings every trained model
     (teacher, student, detector) shares. All but ``init`` are execution only."""
 
+    EXECUTION = frozenset(
+        {
+            "log_every",
+            "checkpoint_every",
+            "max_failures",
+            "workers",
+            "resources",
+            "weights",
+            "init",  # its content digest is a key field of its own
+            "enabled",
+        }
+    )
+
     checkpoint_every: int = Field(
         100, ge=0, description="steps between resumable checkpoints (0: only at the end)"
     )
@@ -93,6 +106,8 @@ CPUS_PER_CPU_ACTOR = 8
 
 class InferenceConfig(StrictModel):
     """Execution knobs of an inference stage (never part of a result's identity)."""
+
+    EXECUTION = frozenset({"batch_size", "actors", "gpus_per_actor", "shard_rows", "resources"})
 
     batch_size: int = Field(16, ge=1)
     actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(

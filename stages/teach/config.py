@@ -45,6 +45,9 @@ class TTAConfig(StrictModel):
 
 
 class TeachConfig(InferenceConfig):
+    # policies counts in the teach key through the signals it makes the stage store
+    EXECUTION = InferenceConfig.EXECUTION | {"policies"}
+
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "bf16",
         description="the teacher's forward on CUDA: bfloat16 or float16 autocast (with "

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.graph import TRAIN_EXECUTION, semantic
+from pipeline.graph import semantic
 from stages.core import training
 from stages.core.training import HOLD_ENV, hold_point, worker_resources
 
@@ -26,7 +26,22 @@ def test_resources_are_execution_only() -> None:
     plain = load_config("smoke")
     pinned = load_config("smoke", ["student.resources={gpu_node: 1}", "teach.resources={a: 1}"])
     assert pinned.student.resources == {"gpu_node": 1.0}
-    assert semantic(plain.student, TRAIN_EXECUTION) == semantic(pinned.student, TRAIN_EXECUTION)
+    assert semantic(plain.student) == semantic(pinned.student)
+
+
+def test_inference_settings_are_all_execution_only() -> None:
+    """Every InferenceConfig knob is execution only (a new one must be declared, or it would
+    silently enter the teach, detect and evaluate keys); teach's policies count through the
+    signals they make it store."""
+    from stages.core.run_config import InferenceConfig
+    from stages.teach.config import TeachConfig
+
+    assert set(InferenceConfig.model_fields) == InferenceConfig.EXECUTION
+    assert TeachConfig.EXECUTION == InferenceConfig.EXECUTION | {"policies"}
+    plain = load_config("smoke")
+    assert "batch_size" not in semantic(plain.teach)
+    assert "precision" in semantic(plain.teach)
+    assert set(semantic(plain.student)).isdisjoint({"workers", "weights", "init", "log_every"})
 
 
 def test_hold_point_holds_once_at_its_step_and_writes_its_pid(
