@@ -234,7 +234,7 @@ def run_pipeline(
             summary.metrics.update(_run_stage(stage, ctx, tracker, parent, summary))
         ok = True
     finally:
-        tracker.log_metrics(parent, _parent_metrics(summary, ctx, stages))
+        tracker.log_metrics(parent, _parent_metrics(summary, stages))
         tracker.set_tags(parent, {f"{KEY_TAG}.{s}": k for s, (k, _) in summary.cache.items()})
         tracker.end_run(parent, ok)
         record = {
@@ -286,14 +286,14 @@ def _run_stage(
         if "bytes_per_pixel" in output:
             metrics[f"{name}.bytes_per_pixel"] = output["bytes_per_pixel"]
     found.adopt(ctx, record)
-    ctx.results.update(record.get("results", {}))
+    results = record.get("results", {})
     tracker.log_metrics(run, {**metrics, "seconds": seconds})
     tracker.log_text(run, json.dumps(record, indent=2, sort_keys=True), "cache_entry.json")
     _log_image_inputs(tracker, run, ctx, stage)
     if stage.label_input is not None:
         _log_pseudolabel_input(tracker, run, ctx, stage.label_input)
     _log_models(tracker, run, parent, ctx, stage, record)
-    for name, png in (stage.figures(ctx.config, ctx.results) if stage.figures else {}).items():
+    for name, png in (stage.figures(ctx.config, results) if stage.figures else {}).items():
         tracker.log_bytes(run, png, f"plots/{name}")
         tracker.log_bytes(parent, png, f"plots/{name}")
     figures = key_figures(stage, tracker.latest_metrics(run))
@@ -374,16 +374,16 @@ def _stage_params(stage: Stage, config: PipelineConfig) -> dict[str, str]:
     return {**{k: params[k] for k in own}, **mine}
 
 
-def _parent_metrics(summary: RunSummary, ctx: Context, stages: list[Stage]) -> dict[str, float]:
+def _parent_metrics(summary: RunSummary, stages: list[Stage]) -> dict[str, float]:
     """The pipeline run's own metrics: each stage's ``summary`` figures under their own name
-    (evaluate's ``teacher_miou``, ...), the quarantined images and the stages' total seconds."""
+    (ingest's ``quarantined_images``, evaluate's ``teacher_miou``, ...) and the stages' total
+    seconds."""
     metrics = {
         name: summary.metrics[f"{stage.name}.{name}"]
         for stage in stages
         for name in stage.summary
         if f"{stage.name}.{name}" in summary.metrics
     }
-    metrics["quarantined_images"] = float(ctx.results.get("quarantined_images", 0))
     metrics["total_seconds"] = sum(summary.stage_seconds.values())
     return metrics
 

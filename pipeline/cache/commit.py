@@ -18,10 +18,9 @@ from pipeline.cache.entries import (
     model_output,
     output_dataset,
 )
-from pipeline.graph import (
-    Context,
-    Stage,
-)
+from pipeline.graph import Context, Stage
+from pipeline.graph.model import StageResults
+from stages.core.run_config import MetricSink
 from stages.core.shards import new_token, pool_schemas
 from stages.core.storage import DatasetRef, Storage
 
@@ -29,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 def execute(
-    stage: Stage, ctx: Context, entry: CacheEntry, fields: dict[str, Any], sink: Any
+    stage: Stage, ctx: Context, entry: CacheEntry, fields: dict[str, Any], sink: MetricSink
 ) -> dict[str, Any]:
     """Run ``stage`` into an attempt folder and commit its entry (or adopt the record of a run
     that committed the same key first).
@@ -44,23 +43,24 @@ def execute(
         return bool(storage.fs.exists(storage.path("ray_train", ctx.train_name(stage.name, token))))
 
     token = entry.take_over(resumable) or new_token()
-    ctx.writing, ctx.attempt, ctx.sink = stage.writes, entry.attempt_dir(token), sink
-    train_dir = storage.path("ray_train", ctx.train_name(stage.name))
+    running = ctx.attempt_of(stage.writes, entry.attempt_dir(token), sink)
+    train_dir = storage.path("ray_train", running.train_name(stage.name))
     if storage.fs.exists(train_dir):
         logger.info("%s: taking over dead attempt %s, resuming its training", stage.name, token)
-    earlier, ctx.results = ctx.results, {}  # what this stage sets is stored in its record
-    try:
-        with Heartbeat(storage, entry.heartbeat_path(token)):
-            metrics = stage.run(ctx)
-            outputs = _outputs(stage, ctx)
-    finally:
-        results, ctx.results = ctx.results, earlier
-        ctx.writing, ctx.attempt = (), ""
+    with Heartbeat(storage, entry.heartbeat_path(token)):
+        outcome = stage.run(running)
+        outputs = _outputs(stage, running, outcome.results)
     check_output_schemas(storage, outputs)  # a shard of another schema is named, not committed
     written = {"outputs": outputs}
     ours = entry_files(storage, written)  # read before a lost race discards the attempt
     record, won = entry.commit(
-        token, {"fields": fields, "outputs": outputs, "metrics": metrics, "results": results}
+        token,
+        {
+            "fields": fields,
+            "outputs": outputs,
+            "metrics": outcome.metrics,
+            "results": dict(outcome.results),
+        },
     )
     if not won:
         dropped = drop_unused(storage, ours, record)
@@ -70,8 +70,9 @@ def execute(
     return record
 
 
-def _outputs(stage: Stage, ctx: Context) -> dict[str, dict[str, Any]]:
-    """What the stage wrote into its attempt folder, as the entry records it."""
+def _outputs(stage: Stage, ctx: Context, results: StageResults) -> dict[str, dict[str, Any]]:
+    """What the stage wrote into its attempt folder, as the entry records it (with the split
+    digests its results give, on the outputs it declares them for)."""
     outputs = {}
     for name in stage.writes:
         model = ctx.model_path(name)
@@ -80,7 +81,7 @@ def _outputs(stage: Stage, ctx: Context) -> dict[str, dict[str, Any]]:
             continue
         ref: DatasetRef = ctx.dataset(name)
         if ref.is_committed():
-            extra = {"digests": ctx.results["digests"]} if name in stage.split_digests else {}
+            extra = {"digests": results["digests"]} if name in stage.split_digests else {}
             outputs[name] = dataset_output(ref, **extra, **_footprint(ref))
     return outputs
 

@@ -1,7 +1,8 @@
-"""The stage graph: each stage is a plain function plus the names of what it reads and writes,
-wired in one explicit list. The functions here only map config to the stages' arguments.
+"""The stage graph: each stage as it declares itself (``stages.<stage>.stage.DECLARATION``), with
+the function that maps config to its arguments and what its cache key is computed from, wired in
+one explicit list.
 
-The package: ``model`` (Stage, Context, Round), ``keys`` (what each key is computed from),
+The package: ``model`` (Stage, Context, Outcome, Round), ``keys`` (what each key is computed from),
 ``checks`` (before any work), ``runs`` (what each stage does with its context) and ``stages``
 (the list, checked).
 """
@@ -15,14 +16,16 @@ from pipeline.graph.checks import (
     trained_sections,
 )
 from pipeline.graph.keys import pseudolabel_key_fields, semantic
-from pipeline.graph.model import Context, Round, Stage, final_round
+from pipeline.graph.model import Context, Outcome, Round, Stage, StageResults, final_round
 from pipeline.graph.stages import STAGES, all_stages, check_graph, planned
 
 __all__ = [
     "STAGES",
     "Context",
+    "Outcome",
     "Round",
     "Stage",
+    "StageResults",
     "all_stages",
     "check_graph",
     "check_splits",

@@ -1,5 +1,6 @@
-"""What a stage is and what it gets: ``Stage`` (its function, reads, writes, key fields and how
-the runner presents it), ``Context`` (config, storage, the outputs before it) and ``Round``."""
+"""What a stage is, what it gets and what it gives: ``Stage`` (the stage's declaration, its
+function and key fields), ``Context`` (config, storage, the outputs before it), ``Outcome`` (its
+metrics and the results its record keeps) and ``Round``."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import logging
 import os
 import posixpath
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, TypedDict
 
 from pipeline.cache.entries import output_dataset
 from pipeline.config import PipelineConfig, to_yaml
+from stages.core.declaration import Declaration
+from stages.core.run_config import MetricSink
 from stages.core.shards import ShardPool, digest_json
 from stages.core.storage import DatasetRef, Storage
 from stages.ingest.folder import SourceItem
@@ -19,10 +22,30 @@ from stages.ingest.folder import SourceItem
 logger = logging.getLogger(__name__)
 
 
+class StageResults(TypedDict, total=False):
+    """What a stage's record keeps besides its metrics and outputs: the ingested images'
+    per-split digests, the MLflow models it exported (name -> folder in storage), evaluate's
+    per-class IoU (drawn again on a cache hit)."""
+
+    quarantined_images: int
+    digests: dict[str, str]
+    mlflow_models: dict[str, str]
+    per_class_iou: dict[str, list[float]]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a stage function returns: its metrics, and the results its record keeps."""
+
+    metrics: dict[str, float]
+    results: StageResults = field(default_factory=lambda: StageResults())
+
+
 @dataclass
 class Context:
     """What a stage function gets: config, storage, the outputs of the stages before it (as their
-    cache entries recorded them), and where the running stage writes (its attempt folder)."""
+    cache entries recorded them), and, in a running stage's own copy (``attempt_of``), where it
+    writes (its attempt folder) and where rank 0 of its training sends metrics."""
 
     config: PipelineConfig
     storage: Storage
@@ -33,8 +56,11 @@ class Context:
     keys: dict[str, str] = field(default_factory=dict)  # stage name -> its key in this run
     writing: tuple[str, ...] = ()
     attempt: str = ""
-    sink: Any = None
-    results: dict[str, Any] = field(default_factory=dict)
+    sink: MetricSink | None = None
+
+    def attempt_of(self, writes: tuple[str, ...], attempt: str, sink: MetricSink) -> Context:
+        """The running stage's context: this one, writing ``writes`` into ``attempt``."""
+        return replace(self, writing=writes, attempt=attempt, sink=sink)
 
     def dataset(self, name: str) -> DatasetRef:
         """The running stage's output ``name`` (in its attempt folder), or an earlier output."""
@@ -81,19 +107,16 @@ class Context:
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage: its function, what it reads and writes, its output schema, and ``fields``: what
-    (besides name, schema and package version) its cache key is computed from. The rest
-    declares how the runner presents it (the runner knows no stage by name): its config
-    ``section`` (the stage run's params), the image splits it reads (``image_inputs``: split and
-    MLflow context, logged as dataset inputs) and the pseudo-label set it trains on
-    (``label_input``), the figures its "done" line shows (``key_figures``), its metrics the
-    pipeline run logs as its own (``summary``), and the outputs whose entry records the run's
-    per-split image digests (``split_digests``)."""
+    """A stage in a run: its function, what it reads and writes, its output schema, and
+    ``fields``: what (besides name, schema and package version) its cache key is computed from.
+    The rest is how the runner presents it (the runner knows no stage by name), as the stage
+    declares it (:class:`~stages.core.declaration.Declaration`): ``of`` builds one from the
+    stage's declaration."""
 
     name: str
     reads: tuple[str, ...]
     writes: tuple[str, ...]
-    run: Callable[[Context], dict[str, float]]
+    run: Callable[[Context], Outcome]
     fields: Callable[[Context], dict[str, Any]]
     schema: str
     enabled: Callable[[PipelineConfig], bool] = lambda config: True
@@ -106,6 +129,42 @@ class Stage:
     summary: tuple[str, ...] = ()
     split_digests: tuple[str, ...] = ()
 
+    @classmethod
+    def of(
+        cls,
+        declared: Declaration,
+        run: Callable[[Context], Outcome],
+        fields: Callable[[Context], dict[str, Any]],
+        *,
+        enabled: Callable[[PipelineConfig], bool] = lambda config: True,
+        figures: Callable[[PipelineConfig, dict[str, Any]], dict[str, bytes]] | None = None,
+        round_: Round | None = None,
+    ) -> Stage:
+        """The stage its declaration describes, with its names those of ``round_`` (if given)."""
+        name = round_.rename if round_ is not None else (lambda n: n)
+        return cls(
+            name(declared.name),
+            tuple(map(name, declared.reads)),
+            tuple(map(name, declared.writes)),
+            run,
+            fields,
+            declared.schema,
+            enabled,
+            figures,
+            declared.section,
+            declared.image_inputs,
+            name(declared.label_input) if declared.label_input else None,
+            declared.key_figures,
+            declared.summary,
+            declared.split_digests,
+        )
+
+
+# what a round renames: its stages, their outputs (the teacher it reads: ``Round.teacher``)
+ROUND_NAMES = frozenset(
+    {"teach", "pseudolabel", "train_student", "teacher_signals", "pseudolabels", "student"}
+)
+
 
 @dataclass(frozen=True)
 class Round:
@@ -116,6 +175,13 @@ class Round:
 
     def name(self, base: str) -> str:
         return base if self.number == 1 else f"{base}_r{self.number}"
+
+    def rename(self, declared: str) -> str:
+        """A name as a round-1 stage declares it, in this round: ``teacher`` is the model this
+        round's teach runs, the rounds' stages and outputs carry ``_r<r>``, others stay."""
+        if declared == "teacher":
+            return self.teacher
+        return self.name(declared) if declared in ROUND_NAMES else declared
 
     @property
     def teacher(self) -> str:

@@ -1,4 +1,5 @@
-"""What each stage does with its context: the config mapped to the stage functions' arguments."""
+"""What each stage does with its context: the config mapped to the stage functions' arguments,
+their returns to an :class:`~pipeline.graph.model.Outcome`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pipeline.graph.keys import (
     uses_ground_truth,
     uses_wpl,
 )
-from pipeline.graph.model import Context, Round, final_round
+from pipeline.graph.model import Context, Outcome, Round, StageResults, final_round
 from pipeline.models import store_export
 from stages import segtrain
 from stages.core.errors import SourceError
@@ -47,7 +48,7 @@ def _check_bad_fraction(ctx: Context, quarantined: int, rows: int) -> None:
         )
 
 
-def run_ingest(ctx: Context) -> dict[str, float]:
+def run_ingest(ctx: Context) -> Outcome:
     data = ctx.config.data
     result = ingest.run(
         ctx.items,
@@ -58,18 +59,15 @@ def run_ingest(ctx: Context) -> dict[str, float]:
     )
     _check_bad_fraction(ctx, result.quarantined, result.rows)
     check_splits(ctx.config, result.per_split, "after ingest (quarantined items removed)")
-    ctx.results["quarantined_images"] = result.quarantined
-    ctx.results["digests"] = result.digests
     metrics = {f"images_{split}": float(n) for split, n in result.per_split.items()}
     metrics.update({f"images_{kind}": float(n) for kind, n in result.notes.items()})
-    return {
-        **metrics,
-        "images": float(result.rows),
-        "quarantined_images": float(result.quarantined),
-    }
+    metrics |= {"images": float(result.rows), "quarantined_images": float(result.quarantined)}
+    return Outcome(
+        metrics, StageResults(quarantined_images=result.quarantined, digests=result.digests)
+    )
 
 
-def run_train_teacher(ctx: Context) -> dict[str, float]:
+def run_train_teacher(ctx: Context) -> Outcome:
     cfg, data = ctx.config.teacher, ctx.config.data
     datasets = (
         {}
@@ -86,29 +84,29 @@ def run_train_teacher(ctx: Context) -> dict[str, float]:
         loop_extra=ctx.loop_extra(),
         use_gpu=ctx.config.runtime.use_gpu,
     )
-    _export(ctx, "teacher")
-    return metrics
+    return Outcome(metrics, _export(ctx, "teacher"))
 
 
-def _export(ctx: Context, name: str) -> None:
+def _export(ctx: Context, name: str) -> StageResults:
     """The trained segmenter ``name`` as an MLflow model in the entry (``tracking.log_models``);
     the runner logs it with every run that uses the entry."""
-    if ctx.config.tracking.log_models:
-        started = time.perf_counter()
-        directory = posixpath.join(ctx.attempt, f"{name}_mlflow")
-        store_export(ctx.storage, ctx.model_path(name), directory)
-        ctx.results["mlflow_models"] = {name: ctx.storage.relative(directory)}
-        logger.debug("%s exported as an MLflow model in %.1fs", name, time.perf_counter() - started)
+    if not ctx.config.tracking.log_models:
+        return StageResults()
+    started = time.perf_counter()
+    directory = posixpath.join(ctx.attempt, f"{name}_mlflow")
+    store_export(ctx.storage, ctx.model_path(name), directory)
+    logger.debug("%s exported as an MLflow model in %.1fs", name, time.perf_counter() - started)
+    return StageResults(mlflow_models={name: ctx.storage.relative(directory)})
 
 
-def run_train_detector(ctx: Context) -> dict[str, float]:
+def run_train_detector(ctx: Context) -> Outcome:
     cfg = ctx.config.detector
     labeled = (
         None
         if cfg.weights
         else segtrain.labeled_dataset(ctx.dataset("images"), ctx.config.data.image_size)
     )
-    return train_detector.run(
+    metrics = train_detector.run(
         cfg,
         labeled=labeled,
         num_classes=ctx.config.data.num_classes,
@@ -118,10 +116,11 @@ def run_train_detector(ctx: Context) -> dict[str, float]:
         loop_extra=ctx.loop_extra(),
         use_gpu=ctx.config.runtime.use_gpu,
     )
+    return Outcome(metrics)
 
 
-def run_detect(ctx: Context) -> dict[str, float]:
-    return detect.run(
+def run_detect(ctx: Context) -> Outcome:
+    metrics = detect.run(
         resolve_gpus(ctx.config.detect, ctx.config.runtime.use_gpu),
         images=ctx.dataset("images"),
         checkpoint_path=ctx.model_path("detector"),
@@ -129,10 +128,11 @@ def run_detect(ctx: Context) -> dict[str, float]:
         out=ctx.dataset("detections"),
         pool=ctx.pool("detect", detect_family(ctx)),
     )
+    return Outcome(metrics)
 
 
-def run_teach(ctx: Context, round_: Round) -> dict[str, float]:
-    return teach_stage.run(
+def run_teach(ctx: Context, round_: Round) -> Outcome:
+    metrics = teach_stage.run(
         resolve_gpus(ctx.config.teach, ctx.config.runtime.use_gpu),
         spec=stored_signals(ctx),
         images=ctx.dataset("images"),
@@ -141,19 +141,21 @@ def run_teach(ctx: Context, round_: Round) -> dict[str, float]:
         out=ctx.dataset(round_.name("teacher_signals")),
         pool=ctx.pool("teach", teach_family(ctx, round_)),
     )
+    return Outcome(metrics)
 
 
-def run_pseudolabel(ctx: Context, round_: Round) -> dict[str, float]:
-    return pseudolabel.run(
+def run_pseudolabel(ctx: Context, round_: Round) -> Outcome:
+    metrics = pseudolabel.run(
         ctx.config.pseudolabel,
         signals=ctx.dataset(round_.name("teacher_signals")),
         out=ctx.dataset(round_.name("pseudolabels")),
         detections=ctx.dataset("detections") if uses_wpl(ctx.config) else None,
         images=ctx.dataset("images") if uses_ground_truth(ctx.config) else None,
     )
+    return Outcome(metrics)
 
 
-def run_train_student(ctx: Context, round_: Round) -> dict[str, float]:
+def run_train_student(ctx: Context, round_: Round) -> Outcome:
     cfg, data = ctx.config.student, ctx.config.data
     images = ctx.dataset("images")
     datasets = {
@@ -177,11 +179,10 @@ def run_train_student(ctx: Context, round_: Round) -> dict[str, float]:
         loop_extra=extra,
         use_gpu=ctx.config.runtime.use_gpu,
     )
-    _export(ctx, round_.name("student"))
-    return metrics
+    return Outcome(metrics, _export(ctx, round_.name("student")))
 
 
-def run_evaluate(ctx: Context) -> dict[str, float]:
+def run_evaluate(ctx: Context) -> Outcome:
     data, images = ctx.config.data, ctx.dataset("images")
     last = final_round(ctx.config)
     rounds = [Round(r) for r in range(1, last.number + 1)]
@@ -203,8 +204,7 @@ def run_evaluate(ctx: Context) -> dict[str, float]:
         class_names=data.names(),
         image_size=data.image_size,
     )
-    ctx.results["per_class_iou"] = per_class
-    return metrics
+    return Outcome(metrics, StageResults(per_class_iou=per_class))
 
 
 def evaluate_figures(config: PipelineConfig, results: dict[str, Any]) -> dict[str, bytes]:

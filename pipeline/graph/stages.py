@@ -29,37 +29,33 @@ from pipeline.graph.runs import (
     run_train_student,
     run_train_teacher,
 )
-from stages.detect import table as detect_table
+from stages.detect import stage as detect
+from stages.evaluate import stage as evaluate
 from stages.ingest import stage as ingest
-from stages.pseudolabel import table as pseudolabel_table
-from stages.teach import table as teach_table
+from stages.pseudolabel import stage as pseudolabel
+from stages.segtrain import stage as segtrain
+from stages.teach import stage as teach
+from stages.train_detector import stage as train_detector
 
 logger = logging.getLogger(__name__)
 
 
 def _round_stages(round_: Round) -> tuple[Stage, Stage, Stage]:
     """teach -> pseudolabel -> train_student of one round, reading the round's teacher."""
-    signals, labels = round_.name("teacher_signals"), round_.name("pseudolabels")
+    signals = round_.name("teacher_signals")
     return (
-        Stage(
-            round_.name("teach"),
-            ("images", round_.teacher),
-            (signals,),
+        Stage.of(
+            teach.DECLARATION,
             lambda ctx: run_teach(ctx, round_),
             lambda ctx: {
                 **teach_family(ctx, round_),
                 "labeled": ctx.digest("images", "labeled"),
                 "unlabeled": ctx.digest("images", "unlabeled"),
             },
-            teach_table.SCHEMA,
-            section="teach",
-            image_inputs=(("labeled", "inference"), ("unlabeled", "inference")),
-            key_figures=("images_inferred", "shards_reused"),
+            round_=round_,
         ),
-        Stage(
-            round_.name("pseudolabel"),
-            (signals, "detections", "images"),  # images: ground_truth's masks
-            (labels,),
+        Stage.of(
+            pseudolabel.DECLARATION,
             lambda ctx: run_pseudolabel(ctx, round_),
             lambda ctx: pseudolabel_key_fields(
                 ctx.config,
@@ -67,89 +63,42 @@ def _round_stages(round_: Round) -> tuple[Stage, Stage, Stage]:
                 ctx.digest("detections") if uses_wpl(ctx.config) else None,
                 ctx.digest("images", "unlabeled") if uses_ground_truth(ctx.config) else None,
             ),
-            pseudolabel_table.SCHEMA,
-            section="pseudolabel",
-            key_figures=("images", "mean_image_coverage"),
+            round_=round_,
         ),
-        Stage(
-            round_.name("train_student"),
-            ("images", labels),
-            (round_.name("student"),),
+        Stage.of(
+            segtrain.STUDENT,
             lambda ctx: run_train_student(ctx, round_),
             lambda ctx: student_fields(ctx, round_),
-            "segmenter/1",
-            section="student",
-            image_inputs=(("labeled", "train"), ("unlabeled", "train")),
-            label_input=labels,
-            key_figures=("trained_steps", "loss_s", "loss_u", "steps_per_s"),
+            round_=round_,
         ),
     )
 
 
-# evaluate's figures that the pipeline run logs as its own (``teacher_miou``, ...)
-EVALUATE_SUMMARY = ("teacher_miou", "student_miou", "pseudolabel_coverage", "pseudolabel_precision")
+def _detector_enabled(config: PipelineConfig) -> bool:
+    return config.detector.enabled
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage(
-        "ingest",
-        ("source",),
-        ("images", "quarantine"),
-        run_ingest,
-        ingest_fields,
-        ingest.SCHEMA,
-        key_figures=("images", "quarantined_images"),
-        split_digests=("images",),
-    ),
-    Stage(
-        "train_teacher",
-        ("images",),
-        ("teacher",),
+    Stage.of(ingest.DECLARATION, run_ingest, ingest_fields),
+    Stage.of(
+        segtrain.TEACHER,
         run_train_teacher,
         lambda ctx: train_fields(ctx, ctx.config.teacher, ctx.config.teacher.weights),
-        "segmenter/1",
-        section="teacher",
-        image_inputs=(("labeled", "train"),),
-        key_figures=("trained_steps", "loss_s", "steps_per_s"),
     ),
-    Stage(
-        "train_detector",
-        ("images",),
-        ("detector",),
+    Stage.of(
+        train_detector.DECLARATION,
         run_train_detector,
         lambda ctx: train_fields(ctx, ctx.config.detector, ctx.config.detector.weights),
-        "detector/1",
-        lambda c: c.detector.enabled,
-        section="detector",
-        image_inputs=(("labeled", "train"),),
-        key_figures=("trained_steps", "loss", "steps_per_s"),
+        enabled=_detector_enabled,
     ),
-    Stage(
-        "detect",
-        ("images", "detector"),
-        ("detections",),
+    Stage.of(
+        detect.DECLARATION,
         run_detect,
         lambda ctx: {**detect_family(ctx), "unlabeled": ctx.digest("images", "unlabeled")},
-        detect_table.SCHEMA,
-        lambda c: c.detector.enabled,
-        section="detect",
-        image_inputs=(("unlabeled", "inference"),),
-        key_figures=("images_inferred", "shards_reused", "boxes_per_image"),
+        enabled=_detector_enabled,
     ),
     *_round_stages(Round(1)),
-    Stage(
-        "evaluate",
-        ("images", "teacher", "student", "pseudolabels"),
-        ("metrics",),
-        run_evaluate,
-        evaluate_fields,
-        "metrics/1",
-        figures=evaluate_figures,
-        section="evaluate",
-        image_inputs=(("val", "eval"), ("unlabeled", "eval")),
-        key_figures=EVALUATE_SUMMARY,
-        summary=EVALUATE_SUMMARY,
-    ),
+    Stage.of(evaluate.DECLARATION, run_evaluate, evaluate_fields, figures=evaluate_figures),
 )
 
 

@@ -3,12 +3,23 @@
 
 from __future__ import annotations
 
+from stages.core.declaration import Declaration
 from stages.core.inference import predict_into_pool
 from stages.core.shards import ShardPool
 from stages.core.storage import DatasetRef
 from stages.detect.config import DetectConfig
 from stages.detect.predictor import DetectorPredictor
 from stages.detect.table import SCHEMA
+
+DECLARATION = Declaration(
+    "detect",
+    reads=("images", "detector"),
+    writes=("detections",),
+    schema=SCHEMA,
+    section="detect",
+    image_inputs=(("unlabeled", "inference"),),
+    key_figures=("images_inferred", "shards_reused", "boxes_per_image"),
+)
 
 
 def run(

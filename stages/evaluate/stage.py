@@ -3,10 +3,26 @@
 
 from __future__ import annotations
 
+from stages.core.declaration import Declaration
 from stages.core.storage import DatasetRef
 from stages.evaluate.config import EvaluateConfig
 from stages.evaluate.models import evaluate_models
 from stages.evaluate.quality import pseudolabel_quality
+
+# the figures the pipeline run logs as its own (``teacher_miou``, ...)
+SUMMARY = ("teacher_miou", "student_miou", "pseudolabel_coverage", "pseudolabel_precision")
+
+# reads every round's student and pseudo-labels: the pipeline adds later rounds'
+DECLARATION = Declaration(
+    "evaluate",
+    reads=("images", "teacher", "student", "pseudolabels"),
+    writes=("metrics",),
+    schema="metrics/1",
+    section="evaluate",
+    image_inputs=(("val", "eval"), ("unlabeled", "eval")),
+    key_figures=SUMMARY,
+    summary=SUMMARY,
+)
 
 
 def run(

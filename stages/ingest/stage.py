@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from stages.core import codec
 from stages.core.constants import IGNORE_INDEX
+from stages.core.declaration import Declaration
 from stages.core.storage import DatasetRef
 from stages.ingest.folder import SourceItem
 
@@ -217,6 +218,17 @@ def _bad_rows(table: pa.Table) -> pa.Table:
         },
         schema=QUARANTINE_SCHEMA,
     )
+
+
+DECLARATION = Declaration(
+    "ingest",
+    reads=("source",),
+    writes=("images", "quarantine"),
+    schema=SCHEMA,
+    key_figures=("images", "quarantined_images"),
+    summary=("quarantined_images",),
+    split_digests=("images",),
+)
 
 
 def run(

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from stages.core.declaration import Declaration
 from stages.core.errors import SourceError
 from stages.core.inference import write_committed
 from stages.core.storage import DatasetRef
@@ -64,6 +65,16 @@ def check_masks(images: DatasetRef) -> int:
             "unlabeled image its mask, or choose another pseudolabel.policy"
         )
     return total
+
+
+DECLARATION = Declaration(
+    "pseudolabel",
+    reads=("teacher_signals", "detections", "images"),  # images: ground_truth's masks
+    writes=("pseudolabels",),
+    schema=SCHEMA,
+    section="pseudolabel",
+    key_figures=("images", "mean_image_coverage"),
+)
 
 
 def run(

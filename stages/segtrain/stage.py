@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from stages.core.declaration import Declaration
 from stages.core.models import build_segmenter, finished_model, given_checkpoint
 from stages.core.pretrained import SEGMENTER
 from stages.core.run_config import LoopConfig
@@ -14,6 +15,30 @@ from stages.segtrain.config import SegTrainConfig
 from stages.segtrain.loop import train_loop
 
 logger = logging.getLogger(__name__)
+
+
+SCHEMA = "segmenter/1"
+
+TEACHER = Declaration(
+    "train_teacher",
+    reads=("images",),
+    writes=("teacher",),
+    schema=SCHEMA,
+    section="teacher",
+    image_inputs=(("labeled", "train"),),
+    key_figures=("trained_steps", "loss_s", "steps_per_s"),
+)
+
+STUDENT = Declaration(
+    "train_student",
+    reads=("images", "pseudolabels"),
+    writes=("student",),
+    schema=SCHEMA,
+    section="student",
+    image_inputs=(("labeled", "train"), ("unlabeled", "train")),
+    label_input="pseudolabels",
+    key_figures=("trained_steps", "loss_s", "loss_u", "steps_per_s"),
+)
 
 
 def run(

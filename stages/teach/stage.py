@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+from stages.core.declaration import Declaration
 from stages.core.inference import predict_into_pool
 from stages.core.shards import ShardPool
 from stages.core.storage import DatasetRef
@@ -17,6 +18,18 @@ logger = logging.getLogger(__name__)
 
 
 TEACH_SPLITS = ("labeled", "unlabeled")  # the splits a teach stage labels
+
+
+# reads "teacher": the round's teacher (a later round's is the round before's student)
+DECLARATION = Declaration(
+    "teach",
+    reads=("images", "teacher"),
+    writes=("teacher_signals",),
+    schema=SCHEMA,
+    section="teach",
+    image_inputs=(("labeled", "inference"), ("unlabeled", "inference")),
+    key_figures=("images_inferred", "shards_reused"),
+)
 
 
 def run(

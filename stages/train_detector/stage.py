@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from stages.core.declaration import Declaration
 from stages.core.detectors import DEFAULT_BACKEND
 from stages.core.models import (
     build_detector,
@@ -13,6 +14,16 @@ from stages.core.models import (
 from stages.core.run_config import LoopConfig
 from stages.train_detector.config import DetectorConfig, detector_args, detector_layout
 from stages.train_detector.loop import train_loop
+
+DECLARATION = Declaration(
+    "train_detector",
+    reads=("images",),
+    writes=("detector",),
+    schema="detector/1",
+    section="detector",
+    image_inputs=(("labeled", "train"),),
+    key_figures=("trained_steps", "loss", "steps_per_s"),
+)
 
 
 def run(

@@ -40,7 +40,7 @@ from pipeline.cache.plan import plan
 from pipeline.cache.verify import verify_entry
 from pipeline.cli import main
 from pipeline.config import PipelineConfig, load_config
-from pipeline.graph import Context, Stage
+from pipeline.graph import Context, Outcome, Stage
 from pipeline.tracking import KEY_TAG, STAGE_TAG, Tracker, local_uri
 from stages.core.errors import StorageError
 from stages.core.shards import ShardPool, write_shard
@@ -300,7 +300,7 @@ def test_racing_trainings_each_train_in_their_own_folder(
     seen: dict[str, Any] = {}
 
     def train(name: str) -> Any:
-        def run(ctx: Context) -> dict[str, float]:
+        def run(ctx: Context) -> Outcome:
             folder = _train_dir(ctx)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"checkpoint-{name}").write_text(name)
@@ -311,7 +311,7 @@ def test_racing_trainings_each_train_in_their_own_folder(
                 seen["fast_record"] = commit.execute(train("fast"), fast, entry, {}, _Sink())
                 seen["slow_after"] = sorted(p.name for p in folder.iterdir())
             storage.write_bytes(ctx.model_path("model"), name.encode())
-            return {"trained": 1.0}
+            return Outcome({"trained": 1.0})
 
         return _training(run)
 
@@ -341,11 +341,11 @@ def test_a_rerun_takes_over_a_dead_training_attempt_and_resumes_it(
         (_train_dir(ctx, token) / "checkpoint").write_text(f"step 7 of {token}")
     seen: dict[str, str] = {}
 
-    def run(ctx: Context) -> dict[str, float]:
+    def run(ctx: Context) -> Outcome:
         seen["name"] = ctx.train_name("train_x")
         seen["resumed"] = (_train_dir(ctx) / "checkpoint").read_text()
         storage.write_bytes(ctx.model_path("model"), b"weights")
-        return {}
+        return Outcome({})
 
     record = commit.execute(_training(run), ctx, entry, {}, _Sink())
     assert seen == {"name": ctx.train_name("train_x", dead), "resumed": f"step 7 of {dead}"}
@@ -365,10 +365,10 @@ def test_a_damaged_entry_is_recomputed_by_the_run_and_replaced(
     storage.write_bytes(entry.record_path, b"")
     runs: list[str] = []
 
-    def run(ctx: Context) -> dict[str, float]:
+    def run(ctx: Context) -> Outcome:
         runs.append(ctx.attempt)
         storage.write_bytes(ctx.model_path("model"), b"weights")
-        return {"loss": 0.5}
+        return Outcome({"loss": 0.5})
 
     ctx = Context(_config(), storage, "run-1", [])
     uri = "https://alice:s3cret@mlflow.example.com/"
@@ -466,12 +466,12 @@ def test_the_runner_never_commits_a_shard_of_another_schema(
     rows = [{"image_id": "a", "height": 4, "width": 4}]
     drifted = pa.Table.from_pylist(rows, teach_table.SIGNALS_SCHEMA).drop_columns(["features"])
 
-    def run(ctx: Context) -> dict[str, float]:
+    def run(ctx: Context) -> Outcome:
         ref = ctx.dataset("teacher_signals")
         ref.prepare()
         ref.write_table(drifted)
         ref.commit({"schema": teach_table.SCHEMA})
-        return {}
+        return Outcome({})
 
     stage = Stage("teach", (), ("teacher_signals",), run, lambda ctx: {}, teach_table.SCHEMA)
     entry = CacheEntry(storage, "teach", key)

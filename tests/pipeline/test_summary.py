@@ -9,7 +9,7 @@ import pytest
 from pipeline.cli import format_summary
 from pipeline.config import load_config
 from pipeline.graph import Stage, all_stages, check_graph
-from pipeline.runner import RunSummary, key_figures
+from pipeline.runner import RunSummary, _parent_metrics, key_figures
 
 
 def _stage(name: str) -> Stage:
@@ -85,6 +85,69 @@ def test_every_stage_declares_its_config_section_and_a_later_round_its_base_s() 
     ]
     assert stages["teach_r3"].image_inputs == stages["teach"].image_inputs
     assert [s.name for s in stages.values() if s.split_digests] == ["ingest"]
+    # a later round renames what round 1 declares: its teach runs the round before's student
+    assert [stages[f"teach{r}"].reads for r in ("", "_r2", "_r3")] == [
+        ("images", "teacher"),
+        ("images", "student"),
+        ("images", "student_r2"),
+    ]
+    assert stages["pseudolabel_r3"].reads == ("teacher_signals_r3", "detections", "images")
+    assert stages["pseudolabel_r3"].writes == ("pseudolabels_r3",)
+    assert stages["train_student_r2"].reads == ("images", "pseudolabels_r2")
+    assert stages["train_student_r2"].writes == ("student_r2",)
+    assert stages["evaluate"].reads == (
+        "images",
+        "teacher",
+        *("student", "pseudolabels", "student_r2", "pseudolabels_r2"),
+        *("student_r3", "pseudolabels_r3"),
+    )
+
+
+def test_each_stage_is_built_from_its_own_package_declaration() -> None:
+    """The run's stages carry what their packages declare (``stages.<stage>.stage``): the
+    graph adds only the function, the key fields and when a stage is enabled."""
+    from stages.detect.stage import DECLARATION as DETECT
+    from stages.evaluate.stage import DECLARATION as EVALUATE
+    from stages.ingest.stage import DECLARATION as INGEST
+    from stages.pseudolabel.stage import DECLARATION as PSEUDOLABEL
+    from stages.segtrain.stage import STUDENT, TEACHER
+    from stages.teach.stage import DECLARATION as TEACH
+    from stages.train_detector.stage import DECLARATION as DETECTOR
+
+    declared = (INGEST, TEACHER, DETECTOR, DETECT, TEACH, PSEUDOLABEL, STUDENT, EVALUATE)
+    stages = all_stages(load_config("smoke"))
+    assert [s.name for s in stages] == [d.name for d in declared]
+    for stage, declaration in zip(stages, declared, strict=True):
+        assert (stage.reads, stage.writes, stage.schema, stage.section) == (
+            declaration.reads,
+            declaration.writes,
+            declaration.schema,
+            declaration.section,
+        )
+        assert (stage.key_figures, stage.summary, stage.image_inputs) == (
+            declaration.key_figures,
+            declaration.summary,
+            declaration.image_inputs,
+        )
+
+
+def test_the_pipeline_run_logs_each_stage_s_declared_summary_under_its_own_name() -> None:
+    stages = all_stages(load_config("smoke"))
+    summary = RunSummary("run-1", "parent", "sqlite:///x.db", "/tmp/root")
+    summary.metrics = {
+        "ingest.quarantined_images": 2.0,
+        "ingest.images": 40.0,
+        "evaluate.student_miou": 0.5,
+        "evaluate.teacher_miou": 0.25,
+        "train_student.loss_u": 1.5,
+    }
+    summary.stage_seconds = {"ingest": 1.5, "evaluate": 2.0}
+    assert _parent_metrics(summary, list(stages)) == {
+        "quarantined_images": 2.0,
+        "student_miou": 0.5,
+        "teacher_miou": 0.25,
+        "total_seconds": 3.5,
+    }
 
 
 def test_the_graph_refuses_a_read_before_its_write_and_a_second_writer() -> None:

@@ -37,7 +37,7 @@ def test_inference_settings_are_all_execution_only() -> None:
     from stages.teach.config import TeachConfig
 
     assert set(InferenceConfig.model_fields) == InferenceConfig.EXECUTION
-    assert TeachConfig.EXECUTION == InferenceConfig.EXECUTION | {"policies"}
+    assert InferenceConfig.EXECUTION | {"policies"} == TeachConfig.EXECUTION
     plain = load_config("smoke")
     assert "batch_size" not in semantic(plain.teach)
     assert "precision" in semantic(plain.teach)
