@@ -107,27 +107,17 @@ class Context:
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage in a run: its function, what it reads and writes, its output schema, and
-    ``fields``: what (besides name, schema and package version) its cache key is computed from.
-    The rest is how the runner presents it (the runner knows no stage by name), as the stage
-    declares it (:class:`~stages.core.declaration.Declaration`): ``of`` builds one from the
-    stage's declaration."""
+    """A stage in a run: what the stage declares about itself (``declared``: name, reads,
+    writes, schema, and how the runner presents it; the runner knows no stage by name), its
+    function, and ``fields``: what (besides name, schema and package version) its cache key is
+    computed from. ``of`` builds one from the stage's declaration."""
 
-    name: str
-    reads: tuple[str, ...]
-    writes: tuple[str, ...]
+    declared: Declaration
     run: Callable[[Context], Outcome]
     fields: Callable[[Context], dict[str, Any]]
-    schema: str
     enabled: Callable[[PipelineConfig], bool] = lambda config: True
     # plots from the stage's recorded results (drawn again on a cache hit)
     figures: Callable[[PipelineConfig, dict[str, Any]], dict[str, bytes]] | None = None
-    section: str | None = None
-    image_inputs: tuple[tuple[str, str], ...] = ()
-    label_input: str | None = None
-    key_figures: tuple[str, ...] = ()
-    summary: tuple[str, ...] = ()
-    split_digests: tuple[str, ...] = ()
 
     @classmethod
     def of(
@@ -141,23 +131,53 @@ class Stage:
         round_: Round | None = None,
     ) -> Stage:
         """The stage its declaration describes, with its names those of ``round_`` (if given)."""
-        name = round_.rename if round_ is not None else (lambda n: n)
-        return cls(
-            name(declared.name),
-            tuple(map(name, declared.reads)),
-            tuple(map(name, declared.writes)),
-            run,
-            fields,
-            declared.schema,
-            enabled,
-            figures,
-            declared.section,
-            declared.image_inputs,
-            name(declared.label_input) if declared.label_input else None,
-            declared.key_figures,
-            declared.summary,
-            declared.split_digests,
-        )
+        if round_ is not None:
+            declared = round_.declaration(declared)
+        return cls(declared, run, fields, enabled, figures)
+
+    def declaring(self, **changes: Any) -> Stage:
+        """This stage with its declaration changed (``reads=...``, ``key_figures=...``)."""
+        return replace(self, declared=replace(self.declared, **changes))
+
+    @property
+    def name(self) -> str:
+        return self.declared.name
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return self.declared.reads
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        return self.declared.writes
+
+    @property
+    def schema(self) -> str:
+        return self.declared.schema
+
+    @property
+    def section(self) -> str | None:
+        return self.declared.section
+
+    @property
+    def image_inputs(self) -> tuple[tuple[str, str], ...]:
+        return self.declared.image_inputs
+
+    @property
+    def label_input(self) -> str | None:
+        return self.declared.label_input
+
+    @property
+    def key_figures(self) -> tuple[str, ...]:
+        return self.declared.key_figures
+
+    @property
+    def summary(self) -> tuple[str, ...]:
+        return self.declared.summary
+
+    @property
+    def split_digests(self) -> tuple[str, ...]:
+        return self.declared.split_digests
 
 
 # what a round renames: its stages, their outputs (the teacher it reads: ``Round.teacher``)
@@ -175,6 +195,17 @@ class Round:
 
     def name(self, base: str) -> str:
         return base if self.number == 1 else f"{base}_r{self.number}"
+
+    def declaration(self, declared: Declaration) -> Declaration:
+        """A round-1 stage's declaration with its names those of this round."""
+        label = declared.label_input
+        return replace(
+            declared,
+            name=self.rename(declared.name),
+            reads=tuple(map(self.rename, declared.reads)),
+            writes=tuple(map(self.rename, declared.writes)),
+            label_input=self.rename(label) if label is not None else None,
+        )
 
     def rename(self, declared: str) -> str:
         """A name as a round-1 stage declares it, in this round: ``teacher`` is the model this

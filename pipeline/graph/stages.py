@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 
 from pipeline.config import PipelineConfig
 from pipeline.graph.keys import (
@@ -111,7 +110,7 @@ def all_stages(config: PipelineConfig) -> tuple[Stage, ...]:
     students = tuple(
         Round(r).name(n) for r in range(1, last.number + 1) for n in ("student", "pseudolabels")
     )
-    evaluate_stage = replace(STAGES[-1], reads=("images", "teacher", *students))
+    evaluate_stage = STAGES[-1].declaring(reads=("images", "teacher", *students))
     return check_graph((*STAGES[:-1], *later, evaluate_stage))
 
 

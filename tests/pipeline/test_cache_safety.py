@@ -42,6 +42,7 @@ from pipeline.cli import main
 from pipeline.config import PipelineConfig, load_config
 from pipeline.graph import Context, Outcome, Stage
 from pipeline.tracking import KEY_TAG, STAGE_TAG, Tracker, local_uri
+from stages.core.declaration import Declaration
 from stages.core.errors import StorageError
 from stages.core.shards import ShardPool, write_shard
 from stages.core.storage import DatasetRef, Storage
@@ -284,7 +285,7 @@ def _context(storage: Storage, stage: str, key: str) -> Context:
 
 
 def _training(run: Any) -> Stage:
-    return Stage("train_x", (), ("model",), run, lambda ctx: {}, "model/1")
+    return Stage(Declaration("train_x", (), ("model",), "model/1"), run, lambda ctx: {})
 
 
 def _train_dir(ctx: Context, token: str | None = None) -> Path:
@@ -473,7 +474,8 @@ def test_the_runner_never_commits_a_shard_of_another_schema(
         ref.commit({"schema": teach_table.SCHEMA})
         return Outcome({})
 
-    stage = Stage("teach", (), ("teacher_signals",), run, lambda ctx: {}, teach_table.SCHEMA)
+    declared = Declaration("teach", (), ("teacher_signals",), teach_table.SCHEMA)
+    stage = Stage(declared, run, lambda ctx: {})
     entry = CacheEntry(storage, "teach", key)
     with pytest.raises(StorageError) as refused:
         commit.execute(stage, _context(storage, "teach", key), entry, {}, _Sink())
