@@ -1,4 +1,6 @@
-"""The stages of a run in one explicit list (rounds 2..N added per config), checked when built."""
+"""The stages of a run in one explicit list (rounds 2..N added per config), checked when built:
+each stage as its package declares it (``stages.<stage>.stage``), with the function that maps
+the config to its arguments (``runs``) and what its cache key is computed from (``keys``)."""
 
 from __future__ import annotations
 
