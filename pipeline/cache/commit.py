@@ -18,8 +18,7 @@ from pipeline.cache.entries import (
     model_output,
     output_dataset,
 )
-from pipeline.graph import Context, Stage
-from pipeline.graph.model import StageResults
+from pipeline.graph import Context, Stage, StageResults
 from stages.core.run_config import MetricSink
 from stages.core.shards import new_token, pool_schemas
 from stages.core.storage import DatasetRef, Storage

@@ -23,11 +23,10 @@ logger = logging.getLogger(__name__)
 
 
 class StageResults(TypedDict, total=False):
-    """What a stage's record keeps besides its metrics and outputs: the ingested images'
-    per-split digests, the MLflow models it exported (name -> folder in storage), evaluate's
+    """What a stage's record keeps besides its metrics and outputs (a count such as the
+    quarantined images is a metric): the ingested images' per-split digests, the MLflow models it exported (name -> folder in storage), evaluate's
     per-class IoU (drawn again on a cache hit)."""
 
-    quarantined_images: int
     digests: dict[str, str]
     mlflow_models: dict[str, str]
     per_class_iou: dict[str, list[float]]
@@ -110,7 +109,7 @@ class Stage:
     """A stage in a run: what the stage declares about itself (``declared``: name, reads,
     writes, schema, and how the runner presents it; the runner knows no stage by name), its
     function, and ``fields``: what (besides name, schema and package version) its cache key is
-    computed from. ``of`` builds one from the stage's declaration."""
+    computed from; a later round's stages hold ``Round.declaration``'s."""
 
     declared: Declaration
     run: Callable[[Context], Outcome]
@@ -118,22 +117,6 @@ class Stage:
     enabled: Callable[[PipelineConfig], bool] = lambda config: True
     # plots from the stage's recorded results (drawn again on a cache hit)
     figures: Callable[[PipelineConfig, dict[str, Any]], dict[str, bytes]] | None = None
-
-    @classmethod
-    def of(
-        cls,
-        declared: Declaration,
-        run: Callable[[Context], Outcome],
-        fields: Callable[[Context], dict[str, Any]],
-        *,
-        enabled: Callable[[PipelineConfig], bool] = lambda config: True,
-        figures: Callable[[PipelineConfig, dict[str, Any]], dict[str, bytes]] | None = None,
-        round_: Round | None = None,
-    ) -> Stage:
-        """The stage its declaration describes, with its names those of ``round_`` (if given)."""
-        if round_ is not None:
-            declared = round_.declaration(declared)
-        return cls(declared, run, fields, enabled, figures)
 
     def declaring(self, **changes: Any) -> Stage:
         """This stage with its declaration changed (``reads=...``, ``key_figures=...``)."""
@@ -180,12 +163,6 @@ class Stage:
         return self.declared.split_digests
 
 
-# what a round renames: its stages, their outputs (the teacher it reads: ``Round.teacher``)
-ROUND_NAMES = frozenset(
-    {"teach", "pseudolabel", "train_student", "teacher_signals", "pseudolabels", "student"}
-)
-
-
 @dataclass(frozen=True)
 class Round:
     """Round ``number`` of teach -> pseudolabel -> train_student. Round 1 learns from the
@@ -196,23 +173,24 @@ class Round:
     def name(self, base: str) -> str:
         return base if self.number == 1 else f"{base}_r{self.number}"
 
-    def declaration(self, declared: Declaration) -> Declaration:
-        """A round-1 stage's declaration with its names those of this round."""
+    def declaration(self, declared: Declaration, outputs: frozenset[str]) -> Declaration:
+        """A round-1 stage's declaration with its names those of this round: its name and what
+        it writes carry ``_r<r>``, and so does what it reads of the round's ``outputs`` (what
+        the round's stages write); ``teacher`` is the model this round's teach runs."""
+
+        def read(name: str) -> str:
+            if name == "teacher":
+                return self.teacher
+            return self.name(name) if name in outputs else name
+
         label = declared.label_input
         return replace(
             declared,
-            name=self.rename(declared.name),
-            reads=tuple(map(self.rename, declared.reads)),
-            writes=tuple(map(self.rename, declared.writes)),
-            label_input=self.rename(label) if label is not None else None,
+            name=self.name(declared.name),
+            reads=tuple(map(read, declared.reads)),
+            writes=tuple(map(self.name, declared.writes)),
+            label_input=read(label) if label is not None else None,
         )
-
-    def rename(self, declared: str) -> str:
-        """A name as a round-1 stage declares it, in this round: ``teacher`` is the model this
-        round's teach runs, the rounds' stages and outputs carry ``_r<r>``, others stay."""
-        if declared == "teacher":
-            return self.teacher
-        return self.name(declared) if declared in ROUND_NAMES else declared
 
     @property
     def teacher(self) -> str:

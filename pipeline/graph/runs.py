@@ -62,9 +62,7 @@ def run_ingest(ctx: Context) -> Outcome:
     metrics = {f"images_{split}": float(n) for split, n in result.per_split.items()}
     metrics.update({f"images_{kind}": float(n) for kind, n in result.notes.items()})
     metrics |= {"images": float(result.rows), "quarantined_images": float(result.quarantined)}
-    return Outcome(
-        metrics, StageResults(quarantined_images=result.quarantined, digests=result.digests)
-    )
+    return Outcome(metrics, StageResults(digests=result.digests))
 
 
 def run_train_teacher(ctx: Context) -> Outcome:

@@ -41,22 +41,29 @@ from stages.train_detector import stage as train_detector
 logger = logging.getLogger(__name__)
 
 
+# a round's stages as round 1 declares them, and what they write (a later round renames both)
+ROUND = (teach.DECLARATION, pseudolabel.DECLARATION, segtrain.STUDENT)
+ROUND_OUTPUTS = frozenset(name for declared in ROUND for name in declared.writes)
+
+
 def _round_stages(round_: Round) -> tuple[Stage, Stage, Stage]:
     """teach -> pseudolabel -> train_student of one round, reading the round's teacher."""
     signals = round_.name("teacher_signals")
+    teach_declared, pseudolabel_declared, student_declared = (
+        round_.declaration(declared, ROUND_OUTPUTS) for declared in ROUND
+    )
     return (
-        Stage.of(
-            teach.DECLARATION,
+        Stage(
+            teach_declared,
             lambda ctx: run_teach(ctx, round_),
             lambda ctx: {
                 **teach_family(ctx, round_),
                 "labeled": ctx.digest("images", "labeled"),
                 "unlabeled": ctx.digest("images", "unlabeled"),
             },
-            round_=round_,
         ),
-        Stage.of(
-            pseudolabel.DECLARATION,
+        Stage(
+            pseudolabel_declared,
             lambda ctx: run_pseudolabel(ctx, round_),
             lambda ctx: pseudolabel_key_fields(
                 ctx.config,
@@ -64,13 +71,11 @@ def _round_stages(round_: Round) -> tuple[Stage, Stage, Stage]:
                 ctx.digest("detections") if uses_wpl(ctx.config) else None,
                 ctx.digest("images", "unlabeled") if uses_ground_truth(ctx.config) else None,
             ),
-            round_=round_,
         ),
-        Stage.of(
-            segtrain.STUDENT,
+        Stage(
+            student_declared,
             lambda ctx: run_train_student(ctx, round_),
             lambda ctx: student_fields(ctx, round_),
-            round_=round_,
         ),
     )
 
@@ -80,26 +85,26 @@ def _detector_enabled(config: PipelineConfig) -> bool:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage.of(ingest.DECLARATION, run_ingest, ingest_fields),
-    Stage.of(
+    Stage(ingest.DECLARATION, run_ingest, ingest_fields),
+    Stage(
         segtrain.TEACHER,
         run_train_teacher,
         lambda ctx: train_fields(ctx, ctx.config.teacher, ctx.config.teacher.weights),
     ),
-    Stage.of(
+    Stage(
         train_detector.DECLARATION,
         run_train_detector,
         lambda ctx: train_fields(ctx, ctx.config.detector, ctx.config.detector.weights),
         enabled=_detector_enabled,
     ),
-    Stage.of(
+    Stage(
         detect.DECLARATION,
         run_detect,
         lambda ctx: {**detect_family(ctx), "unlabeled": ctx.digest("images", "unlabeled")},
         enabled=_detector_enabled,
     ),
     *_round_stages(Round(1)),
-    Stage.of(evaluate.DECLARATION, run_evaluate, evaluate_fields, figures=evaluate_figures),
+    Stage(evaluate.DECLARATION, run_evaluate, evaluate_fields, figures=evaluate_figures),
 )
 
 

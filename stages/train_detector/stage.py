@@ -7,11 +7,9 @@ from typing import Any
 
 from stages.core.declaration import Declaration
 from stages.core.detectors import DEFAULT_BACKEND
-from stages.core.models import (
-    build_detector,
-    finished_model,
-)
+from stages.core.models import build_detector, finished_model, given_checkpoint, load_checkpoint
 from stages.core.run_config import LoopConfig
+from stages.core.training import train_and_write
 from stages.train_detector.config import DetectorConfig, detector_args, detector_layout
 from stages.train_detector.loop import train_loop
 
@@ -38,9 +36,6 @@ def run(
     use_gpu: bool,
 ) -> dict[str, float]:
     """Train the detector with Ray Train (or load given weights); write its checkpoint."""
-    from stages.core.models import given_checkpoint, load_checkpoint
-    from stages.core.training import train_and_write
-
     if cfg.weights:
         # The backend before the arch (given_checkpoint's check): the arch of another backend's
         # checkpoint differs too, and "detector.backend is ..." says what to change.
