@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -10,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -238,25 +240,110 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator, rank: int, st
     generator.manual_seed(2_000_003 * rank + step)
 
 
+# A worker keeps its shard's rows in memory after the first pass when they take at most this
+# many bytes: a later pass is then a permutation of them, not a new Ray Data execution. Each
+# pass through a Ray Data shard starts one (a streaming split's coordinator, the executor, the
+# local shuffle buffer); over a 24-image labeled split at 8 a batch that is every third step,
+# and it cost 50 ms a batch against a bare step of 170 ms (64 px, 2 cores; docs/performance.md).
+# Above it (a large unlabeled pool) every pass streams, and its start is spread over many batches.
+SHARD_CACHE_BYTES = 256 * 1024 * 1024
+
+
 def endless_batches(
-    shard: Any, batch_size: int, seed: int, name: str = "labeled"
+    shard: Any,
+    batch_size: int,
+    seed: int,
+    name: str = "labeled",
+    cache_bytes: int = SHARD_CACHE_BYTES,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches from a Ray Data shard, reshuffled locally each pass. A pass that yields
+    """Endless batches from a Ray Data shard. The first pass streams the shard through Ray
+    Data's local shuffle (buffer of 4 batches, seeded by ``seed``). A shard whose first pass
+    took at most ``cache_bytes`` is then kept: pass ``e`` is the kept rows in the order of
+    ``torch.randperm`` seeded by ``seed + e``, in batches of ``batch_size`` (the last one
+    short, as Ray's ``drop_last=False``). A larger shard streams every pass, its local shuffle
+    seeded by ``seed + e``. Either way the batches depend on the seed and the shard alone, so a
+    resumed run that skips the batches it trained on finds the same ones. A pass that yields
     nothing (an empty split, or fewer rows than workers) raises instead of looping forever."""
-    epoch = 0
-    while True:
-        empty = True
-        for batch in shard.iter_torch_batches(
+    kept: list[dict[str, Any]] | None = []
+    held, empty = 0, True
+    for batch in _pass(shard, batch_size, seed):
+        empty = False
+        held += _nbytes(batch)
+        if held > cache_bytes:
+            kept = None
+        elif kept is not None:
+            kept.append(_copy(batch))  # a copy: the step may write into what it is given
+        yield batch
+    if empty:
+        raise _empty(name)
+    if kept is None:  # too large to keep: stream every pass
+        yield from _streamed(shard, batch_size, seed, name, first=1)
+        return
+    rows = {key: _concat([batch[key] for batch in kept]) for key in kept[0]}
+    count = len(next(iter(rows.values())))
+    for epoch in itertools.count(1):
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch))
+        for picks in order.split(batch_size):
+            yield {key: _take(value, picks) for key, value in rows.items()}
+
+
+def _pass(shard: Any, batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
+    return iter(
+        shard.iter_torch_batches(
             batch_size=batch_size,
             drop_last=False,
             local_shuffle_buffer_size=4 * batch_size,
-            local_shuffle_seed=seed + epoch,
-        ):
+            local_shuffle_seed=seed,
+        )
+    )
+
+
+def _streamed(
+    shard: Any, batch_size: int, seed: int, name: str, first: int
+) -> Iterator[dict[str, Any]]:
+    """Passes ``first``, ``first`` + 1, ... each through Ray Data; an empty one raises."""
+    for epoch in itertools.count(first):
+        empty = True
+        for batch in _pass(shard, batch_size, seed + epoch):
             empty = False
             yield batch
         if empty:
-            raise EmptyShardError(
-                f"this worker's {name} shard holds no rows: the {name} split is empty, or has "
-                "fewer images than there are training workers"
-            )
-        epoch += 1
+            raise _empty(name)
+
+
+def _empty(name: str) -> EmptyShardError:
+    return EmptyShardError(
+        f"this worker's {name} shard holds no rows: the {name} split is empty, or has "
+        "fewer images than there are training workers"
+    )
+
+
+def _copy(batch: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: value.clone() if isinstance(value, torch.Tensor) else value.copy()
+        for key, value in batch.items()
+    }
+
+
+def _nbytes(batch: dict[str, Any]) -> int:
+    total = 0
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, np.ndarray) and value.dtype != object:
+            total += value.nbytes
+        else:  # rows that are not arrays (Python objects): never kept
+            return 1 << 62
+    return total
+
+
+def _concat(values: list[Any]) -> Any:
+    if isinstance(values[0], torch.Tensor):
+        return torch.cat(values)
+    return np.concatenate(values)
+
+
+def _take(value: Any, picks: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[picks]
+    return value[picks.numpy()]

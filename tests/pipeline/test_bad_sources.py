@@ -41,7 +41,7 @@ def test_batches_over_an_empty_shard_raise_instead_of_looping_forever() -> None:
     with pytest.raises(EmptyShardError, match="this worker's unlabeled shard holds no rows"):
         next(batches)
     full = _Shard(2)
-    taken = [next(b) for b in [training.endless_batches(full, 4, 0)] * 5]
+    taken = [next(b) for b in [training.endless_batches(full, 4, 0, cache_bytes=0)] * 5]
     assert len(taken) == 5
     assert full.passes == 3  # endless over a non-empty shard: 2 batches a pass
 

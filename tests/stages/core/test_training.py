@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from pipeline.config import load_config
 from pipeline.graph import semantic
@@ -69,3 +72,65 @@ def test_hold_point_holds_once_at_its_step_and_writes_its_pid(
 def test_hold_point_unset_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(HOLD_ENV, raising=False)
     hold_point("student", 5)
+
+
+class _Rows:
+    """A Ray Data shard stand-in: ``count`` rows (``id`` int64, ``pixels`` uint8[2]) in batches,
+    10 bytes a row, recording each pass's local-shuffle seed (it yields them in order: its own shuffle is Ray's)."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.seeds = count, list[int]()
+
+    def iter_torch_batches(self, *, batch_size: int, local_shuffle_seed: int, **_: object):  # type: ignore[no-untyped-def]
+        self.seeds.append(local_shuffle_seed)
+        ids = torch.arange(self.count)
+        for start in range(0, self.count, batch_size):
+            part = ids[start : start + batch_size]
+            yield {"id": part, "pixels": part[:, None].repeat(1, 2).to(torch.uint8)}
+
+
+def _passes(batches: Iterator[dict[str, torch.Tensor]], sizes: list[int]) -> list[list[int]]:
+    return [[i for _ in range(size) for i in next(batches)["id"].tolist()] for size in sizes]
+
+
+def test_a_small_shard_is_read_once_and_reshuffled_in_memory_every_pass() -> None:
+    shard = _Rows(10)  # batches of 4: 3 batches a pass (4, 4, 2)
+    batches = training.endless_batches(shard, batch_size=4, seed=5)
+    first = next(batches)
+    first["id"].fill_(-1)  # a step writing into its batch changes no later pass
+    rest = _passes(batches, [2, 3, 3, 3])
+    assert shard.seeds == [5]  # one Ray Data pass, its shuffle seeded by the seed
+    assert rest[0] == [4, 5, 6, 7, 8, 9]
+    later = rest[1:]
+    for order in later:
+        assert sorted(order) == list(range(10))  # every row once a pass
+    assert later[0] != later[1] != later[2]  # each pass its own order
+    # pass e is the kept rows in torch.randperm(10) order seeded by seed + e
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(5 + 1)).tolist()
+    assert later[0] == expected
+    again = training.endless_batches(_Rows(10), batch_size=4, seed=5)
+    assert _passes(again, [3, 3, 3, 3])[1:] == later  # a resumed run finds the same batches
+    other = training.endless_batches(_Rows(10), batch_size=4, seed=6)
+    assert _passes(other, [3, 3])[1] != later[0]
+
+
+def test_a_shard_over_the_budget_streams_every_pass() -> None:
+    shard = _Rows(10)  # 100 bytes in all: over a budget of 80 with the third batch
+    batches = training.endless_batches(shard, batch_size=4, seed=5, cache_bytes=80)
+    passes = _passes(batches, [3, 3, 3])
+    assert passes == [list(range(10))] * 3  # this stand-in's passes, as it streams them
+    assert shard.seeds == [5, 6, 7]  # a Ray Data pass each, seeded seed + pass
+    kept = training.endless_batches(_Rows(10), batch_size=4, seed=5, cache_bytes=100)
+    assert _passes(kept, [3, 3])[1] != list(range(10))  # 100 bytes fit: the second is shuffled
+
+
+def test_rows_that_are_not_arrays_are_never_kept() -> None:
+    class _Objects(_Rows):
+        def iter_torch_batches(self, **kwargs: object):  # type: ignore[no-untyped-def]
+            for batch in super().iter_torch_batches(**kwargs):  # type: ignore[arg-type]
+                yield {**batch, "name": np.asarray([str(i) for i in batch["id"]], dtype=object)}
+
+    shard = _Objects(6)
+    batches = training.endless_batches(shard, batch_size=4, seed=0)
+    assert _passes(batches, [2, 2, 2]) == [list(range(6))] * 3
+    assert shard.seeds == [0, 1, 2]
