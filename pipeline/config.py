@@ -82,8 +82,8 @@ class SweepConfig(StrictModel):
         ge=1,
         le=64,
         description="pipeline runs at once (--parallel): each seed's first run alone, then the "
-        "rest as they become free of one another; on one machine, with runtime.torch_threads "
-        "set to cores / parallel",
+        "rest as they become free of one another; runtime.torch_threads, where unset, is then "
+        "this machine's cores / parallel (at least 1)",
     )
     references: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_REFERENCES.items()},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -112,6 +113,10 @@ def expand(config: PipelineConfig, references: Sequence[str] | None = None) -> l
         raise ConfigError(["the sweep has no rows: give --grid KEY=V1,V2 or sweep.references"])
     base = config.model_dump(mode="json")
     del base["sweep"]  # each run is a plain run
+    if base["runtime"]["torch_threads"] is None and sweep.parallel > 1:
+        # runs at once share this machine's cores: a torch thread pool of every core in each of
+        # them oversubscribes it (3 quickstarts at 2 threads on 2 cores: a teacher 14 times slower)
+        base["runtime"]["torch_threads"] = max(1, (os.cpu_count() or 1) // sweep.parallel)
     if POLICY_KEY in sweep.grid and not base["teach"]["policies"]:
         # one teach serves every policy of this sweep and of any later one on the same root
         base["teach"]["policies"] = list(SIGNAL_POLICIES)

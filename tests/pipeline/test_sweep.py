@@ -94,6 +94,30 @@ def test_a_set_teach_policies_is_kept(tmp_path: Path) -> None:
     assert {tuple(r.config.teach.policies) for r in expand(config)} == {("s4mc",)}
 
 
+@pytest.mark.parametrize(
+    ("cores", "parallel", "given", "threads"),
+    [(8, 3, None, 2), (2, 3, None, 1), (2, 1, None, None), (8, 4, "runtime.torch_threads=4", 4)],
+)
+def test_parallel_runs_share_the_cores_where_torch_threads_is_unset(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cores: int,
+    parallel: int,
+    given: str | None,
+    threads: int | None,
+) -> None:
+    """Runs at once each get cores // parallel torch threads (at least 1); one run at a time
+    keeps the default (every core), and a value given in config is kept."""
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    config = with_sweep(
+        _smoke(tmp_path, *([given] if given else [])),
+        parse_grid(["pseudolabel.policy=threshold,s4mc"]),
+        references=False,
+        parallel=parallel,
+    )
+    assert {r.config.runtime.torch_threads for r in expand(config)} == {threads}
+
+
 def test_every_bad_row_is_reported_before_anything_runs(tmp_path: Path) -> None:
     config = with_sweep(
         _smoke(tmp_path, "detector.enabled=false"),
