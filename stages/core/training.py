@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -244,7 +243,7 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator, rank: int, st
 # many bytes: a later pass is then a permutation of them, not a new Ray Data execution. Each
 # pass through a Ray Data shard starts one (a streaming split's coordinator, the executor, the
 # local shuffle buffer); over a 24-image labeled split at 8 a batch that is every third step,
-# and it cost 50 ms a batch against a bare step of 170 ms (64 px, 2 cores; docs/performance.md).
+# and it cost 42 to 51 ms a batch against a step of 168 ms (64 px, 2 cores; docs/performance.md).
 # Above it (a large unlabeled pool) every pass streams, and its start is spread over many batches.
 SHARD_CACHE_BYTES = 256 * 1024 * 1024
 
@@ -264,27 +263,28 @@ def endless_batches(
     seeded by ``seed + e``. Either way the batches depend on the seed and the shard alone, so a
     resumed run that skips the batches it trained on finds the same ones. A pass that yields
     nothing (an empty split, or fewer rows than workers) raises instead of looping forever."""
-    kept: list[dict[str, Any]] | None = []
+    kept: list[dict[str, torch.Tensor]] | None = []
     held, empty = 0, True
     for batch in _pass(shard, batch_size, seed):
         empty = False
-        held += _nbytes(batch)
-        if held > cache_bytes:
+        size = _nbytes(batch)
+        held += size or 0
+        if size is None or held > cache_bytes:
             kept = None
-        elif kept is not None:
-            kept.append(_copy(batch))  # a copy: the step may write into what it is given
+        elif kept is not None:  # a copy: the step may write into what it is given
+            kept.append({key: value.clone() for key, value in batch.items()})
         yield batch
     if empty:
         raise _empty(name)
     if kept is None:  # too large to keep: stream every pass
         yield from _streamed(shard, batch_size, seed, name, first=1)
         return
-    rows = {key: _concat([batch[key] for batch in kept]) for key in kept[0]}
+    rows = {key: torch.cat([batch[key] for batch in kept]) for key in kept[0]}
     count = len(next(iter(rows.values())))
     for epoch in itertools.count(1):
         order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch))
         for picks in order.split(batch_size):
-            yield {key: _take(value, picks) for key, value in rows.items()}
+            yield {key: value[picks] for key, value in rows.items()}
 
 
 def _pass(shard: Any, batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
@@ -318,32 +318,8 @@ def _empty(name: str) -> EmptyShardError:
     )
 
 
-def _copy(batch: dict[str, Any]) -> dict[str, Any]:
-    return {
-        key: value.clone() if isinstance(value, torch.Tensor) else value.copy()
-        for key, value in batch.items()
-    }
-
-
-def _nbytes(batch: dict[str, Any]) -> int:
-    total = 0
-    for value in batch.values():
-        if isinstance(value, torch.Tensor):
-            total += value.numel() * value.element_size()
-        elif isinstance(value, np.ndarray) and value.dtype != object:
-            total += value.nbytes
-        else:  # rows that are not arrays (Python objects): never kept
-            return 1 << 62
-    return total
-
-
-def _concat(values: list[Any]) -> Any:
-    if isinstance(values[0], torch.Tensor):
-        return torch.cat(values)
-    return np.concatenate(values)
-
-
-def _take(value: Any, picks: torch.Tensor) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[picks]
-    return value[picks.numpy()]
+def _nbytes(batch: dict[str, Any]) -> int | None:
+    """The batch's bytes; None where a column is not a tensor (Python objects: never kept)."""
+    if not all(isinstance(value, torch.Tensor) for value in batch.values()):
+        return None
+    return sum(value.numel() * value.element_size() for value in batch.values())

@@ -75,8 +75,8 @@ def test_hold_point_unset_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class _Rows:
-    """A Ray Data shard stand-in: ``count`` rows (``id`` int64, ``pixels`` uint8[2]) in batches,
-    10 bytes a row, recording each pass's local-shuffle seed (it yields them in order: its own shuffle is Ray's)."""
+    """A Ray Data shard stand-in: ``count`` rows (``id`` int64, ``pixels`` uint8[2]: 10 bytes a
+    row) in batches, in order (the shuffle of a pass is Ray's), recording each pass's seed."""
 
     def __init__(self, count: int) -> None:
         self.count, self.seeds = count, list[int]()
