@@ -68,6 +68,12 @@ def _legend_html(names: list[str]) -> str:
     return f'<ul class="legend">{items}</ul>'
 
 
+def _figure_cell(value: float | None, digits: int = 3) -> str:
+    """A figure to ``digits`` decimals; '-' for none (None, or NaN: a class absent from the
+    ground truth)."""
+    return "-" if value is None or value != value else f"{value:.{digits}f}"
+
+
 def _png_size(data: bytes) -> tuple[int, int]:
     """Width and height from a PNG's IHDR chunk."""
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
@@ -95,9 +101,21 @@ def render_html(
         if key in metrics
     ]
     policy_rows = [
-        [q.policy, f"{q.coverage:.4f}", f"{q.precision:.4f}", str(q.images), q.source]
+        [
+            q.policy,
+            f"{q.coverage:.4f}",
+            f"{q.precision:.4f}",
+            _figure_cell(q.weighted_precision, 4),
+            str(q.images),
+            q.source,
+        ]
         for q in quality
-    ] + [[p, "-", "-", "-", why] for p, why in missing.items()]
+    ] + [[p, "-", "-", "-", "-", why] for p, why in missing.items()]
+    class_rows = [
+        [q.policy, *(_figure_cell(v) for v in values.tolist())]
+        for q in quality
+        if (values := q.counts.class_recall()) is not None
+    ]
     policy_classes = ["hit" if q.policy == config.pseudolabel.policy else "" for q in quality] + [
         "" for _ in missing
     ]
@@ -132,8 +150,14 @@ def render_html(
         f'<p class="note">On the first {limit} unlabeled images (by id) that have ground truth; '
         "the highlighted row is this run's policy.</p>",
         _table(
-            ["policy", "coverage", "precision", "images", "source"], policy_rows, policy_classes
+            ["policy", "coverage", "precision", "weighted", "images", "source"],
+            policy_rows,
+            policy_classes,
         ),
+        '<p class="note">weighted: the share of the training weight that is on right labels '
+        "(CSL and WPL weigh pixels; the others keep them at 1). Per class: the share of each "
+        "class's pixels in the ground truth kept with the right label.</p>",
+        _table(["policy", *config.data.names()], class_rows) if class_rows else "",
         _figure(files, "quality.png", "coverage against precision"),
         "<h2>Per-pixel weights (kept pixels)</h2>",
         _figure(files, "weights.png", "weight histograms"),

@@ -42,10 +42,12 @@ LABEL_COLUMNS = ["image_id", "height", "width", "label", "keep", "weight", "weig
 # ----------------------------------------------------------------------- pseudo-label quality
 @dataclass
 class PolicyQuality:
-    """Coverage and precision of one policy on the images with ground truth, and its weights."""
+    """Coverage, precision (also weighted, and per class where ``num_classes`` is given) of one
+    policy on the images with ground truth, and its weights."""
 
     policy: str
     source: str  # where the maps came from
+    num_classes: int | None = None
     counts: LabelCounts = field(default_factory=LabelCounts)
     images: int = 0
     weights: list[np.ndarray] = field(default_factory=list)
@@ -54,7 +56,9 @@ class PolicyQuality:
         self, label: np.ndarray, keep: np.ndarray, weight: np.ndarray, truth: np.ndarray
     ) -> None:
         """label: int[H, W]; keep: bool[H, W]; weight: float[H, W]; truth: int[H, W] (255 unknown)."""
-        self.counts += LabelCounts.of(label, keep, truth)
+        self.counts += LabelCounts.of(
+            label, keep, truth, num_classes=self.num_classes, weight=weight
+        )
         self.images += 1
         if sum(w.size for w in self.weights) < MAX_WEIGHTS:
             self.weights.append(weight[keep].astype(np.float32))
@@ -66,6 +70,10 @@ class PolicyQuality:
     @property
     def precision(self) -> float:
         return self.counts.precision
+
+    @property
+    def weighted_precision(self) -> float | None:
+        return self.counts.weighted_precision
 
     def weight_values(self) -> np.ndarray:
         return np.concatenate(self.weights) if self.weights else np.zeros(0, np.float32)
@@ -164,11 +172,12 @@ def policy_quality(
         return [], sweep, dict.fromkeys(SIGNAL_POLICIES, reason)
     results: dict[str, PolicyQuality] = {}
     computed: list[PseudolabelConfig] = []
+    classes = records.config.data.num_classes
     own, used = records.config.pseudolabel.policy, records.stages.get("pseudolabel")
     labels = records.output("pseudolabel", "pseudolabels")
     if own not in SIGNAL_POLICIES and used is not None and labels is not None:
         # ground_truth: no teacher signals to apply it to; the run's own stored rows
-        results[own] = quality = PolicyQuality(own, f"stored (entry {used.key[:12]})")
+        results[own] = quality = PolicyQuality(own, f"stored (entry {used.key[:12]})", classes)
         for image_id, label, keep, weight in _stored_maps(
             output_dataset(storage, "pseudolabels", labels), set(truth)
         ):
@@ -177,7 +186,7 @@ def policy_quality(
         found = stored_labels(storage, records, policy)
         if found is not None:
             ref, key = found
-            results[policy] = quality = PolicyQuality(policy, f"stored (entry {key[:12]})")
+            results[policy] = quality = PolicyQuality(policy, f"stored (entry {key[:12]})", classes)
             for image_id, label, keep, weight in _stored_maps(ref, set(truth)):
                 quality.add(label, keep, weight, truth[image_id])
         elif policy == "wpl":
@@ -187,7 +196,9 @@ def policy_quality(
                 else "needs the detect stage (detector.enabled: true)"
             )
         else:
-            results[policy] = PolicyQuality(policy, "applied here to the stored teacher signals")
+            results[policy] = PolicyQuality(
+                policy, "applied here to the stored teacher signals", classes
+            )
             computed.append(_with_policy(records.config, policy))
     rows = output_dataset(storage, "teacher_signals", signals).read_rows(SIGNAL_COLUMNS, set(truth))
     for row in rows.to_pylist():

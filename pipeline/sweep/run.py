@@ -33,24 +33,38 @@ ROW_TAG = "pseudoflow.sweep_row"
 # ------------------------------------------------------------------------------ the outcome
 def outcome_of(run: SweepRun, summary: RunSummary, seconds: float) -> RunOutcome:
     """The run's row figures from its summary: the final student's val mIoU, the teacher's, and
-    the final round's pseudo-label coverage and precision (where it learns from them: alpha > 0)."""
+    the final round's pseudo-label coverage, precision, weighted precision and per-class recall
+    and precision (where it learns from them: alpha > 0)."""
     metrics, config = summary.metrics, run.config
     prefix = "pseudolabel" if config.rounds == 1 else f"pseudolabel_r{config.rounds}"
     learns = config.student.alpha > 0
     hits = sum(hit for _, hit in summary.cache.values())
+
+    def figure(name: str) -> float | None:
+        return metrics.get(f"evaluate.{prefix}_{name}") if learns else None
+
+    def per_class(what: str) -> dict[str, float]:
+        start = f"evaluate.{prefix}_{what}."
+        if not learns:
+            return {}
+        return {k.removeprefix(start): v for k, v in metrics.items() if k.startswith(start)}
+
     return RunOutcome(
         run.row,
         run.reference,
         run.seed,
         summary.run_id,
         summary.mlflow_run_id,
-        metrics.get("evaluate.student_miou"),
-        metrics.get("evaluate.teacher_miou"),
-        metrics.get(f"evaluate.{prefix}_coverage") if learns else None,
-        metrics.get(f"evaluate.{prefix}_precision") if learns else None,
-        len(summary.cache) - hits,
-        hits,
-        seconds,
+        miou=metrics.get("evaluate.student_miou"),
+        teacher_miou=metrics.get("evaluate.teacher_miou"),
+        coverage=figure("coverage"),
+        precision=figure("precision"),
+        stages_run=len(summary.cache) - hits,
+        stages_reused=hits,
+        seconds=seconds,
+        weighted_precision=figure("weighted_precision"),
+        recall_per_class=per_class("recall"),
+        precision_per_class=per_class("precision"),
     )
 
 

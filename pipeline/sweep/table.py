@@ -12,7 +12,7 @@ import csv
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,9 @@ class RunOutcome:
     stages_reused: int = 0
     seconds: float = 0.0
     error: str | None = None
+    weighted_precision: float | None = None
+    recall_per_class: dict[str, float] = field(default_factory=dict)
+    precision_per_class: dict[str, float] = field(default_factory=dict)
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -42,11 +45,19 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
+def _class_means(per_seed: list[dict[str, float]]) -> dict[str, float]:
+    """Each class's mean over the seeds that have a figure for it (class order kept)."""
+    names = list(dict.fromkeys(name for figures in per_seed for name in figures))
+    return {n: float(np.mean([f[n] for f in per_seed if n in f])) for n in names}
+
+
 def summarize(outcomes: Sequence[RunOutcome], order: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """One row per table row, in ``order`` (the plan's; then any other in first-run order): ``miou_mean`` and ``miou_std`` (sample std over
-    the seeds that ran; 0 with one), ``miou_per_seed``, ``teacher_miou``, mean ``coverage`` and
-    ``precision`` (None where the row learns nothing from pseudo-labels), ``gap_closing``, the
-    stages run and reused over its seeds, seconds, and the seeds that failed."""
+    """One row per table row, in ``order`` (the plan's; then any other in first-run order):
+    ``miou_mean`` and ``miou_std`` (sample std over the seeds that ran; 0 with one),
+    ``miou_per_seed``, ``teacher_miou``, mean ``coverage``, ``precision`` and
+    ``weighted_precision`` (None where the row learns nothing from pseudo-labels), per class
+    the mean ``recall_per_class`` and ``precision_per_class`` of the pseudo-labels, ``gap_closing``,
+    the stages run and reused over its seeds, seconds, and the seeds that failed."""
     present = {o.row for o in outcomes}
     names = list(dict.fromkeys([n for n in order if n in present] + [o.row for o in outcomes]))
     by_name = {name: [o for o in outcomes if o.row == name] for name in names}
@@ -74,6 +85,9 @@ def summarize(outcomes: Sequence[RunOutcome], order: Sequence[str] = ()) -> list
                 "teacher_miou": _mean([o.teacher_miou for o in done]),
                 "coverage": _mean([o.coverage for o in done]),
                 "precision": _mean([o.precision for o in done]),
+                "weighted_precision": _mean([o.weighted_precision for o in done]),
+                "recall_per_class": _class_means([o.recall_per_class for o in done]),
+                "precision_per_class": _class_means([o.precision_per_class for o in done]),
                 "stages_run": sum(o.stages_run for o in rows),
                 "stages_reused": sum(o.stages_reused for o in rows),
                 "seconds": float(sum(o.seconds for o in rows)),
@@ -94,6 +108,7 @@ CSV_COLUMNS = (
     "teacher_miou",
     "coverage",
     "precision",
+    "weighted_precision",
     "stages_run",
     "stages_reused",
     "seconds",
@@ -101,24 +116,37 @@ CSV_COLUMNS = (
 )
 
 
+PER_CLASS = ("recall", "precision")  # the pseudo-labels' figures per class, as columns
+
+
 def to_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """The table's scalar columns (``seeds``: their count; ``failed``: the failed seeds)."""
+    """The table's scalar columns (``seeds``: their count; ``failed``: the failed seeds), then
+    ``recall.<class>`` and ``precision.<class>`` for every class any row has."""
+    classes = {
+        what: list(dict.fromkeys(n for row in rows for n in row.get(f"{what}_per_class", {})))
+        for what in PER_CLASS
+    }
+    columns = [*CSV_COLUMNS, *(f"{what}.{n}" for what in PER_CLASS for n in classes[what])]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         cells = {k: row[k] for k in CSV_COLUMNS}
         cells["seeds"] = len(row["seeds"])
         cells["failed"] = " ".join(sorted(row["failed"]))
+        for what in PER_CLASS:
+            figures = row.get(f"{what}_per_class", {})
+            cells |= {f"{what}.{n}": figures.get(n) for n in classes[what]}
         writer.writerow({k: "" if v is None else v for k, v in cells.items()})
     return buffer.getvalue()
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The table as text: mIoU mean ± std over the seeds that ran, g, the pseudo-labels' coverage
-    and precision, how many stages ran and how many were reused."""
+    """The table as text: mIoU mean ± std over the seeds that ran, g, the pseudo-labels' coverage,
+    precision and weighted precision, how many stages ran and how many were reused."""
     width = max([14, *(len(r["row"]) for r in rows)])
     head = f"{'row':<{width}} {'val mIoU':>17} {'g':>7} {'coverage':>9} {'precision':>9}"
+    head += f" {'weighted':>9}"
     lines = [head + f" {'stages ran/reused':>18}"]
     for row in rows:
         if row["miou_mean"] is None:
@@ -127,7 +155,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             miou = f"{row['miou_mean']:.4f} ± {row['miou_std']:.4f}"
         seeds = f" ({len(row['seeds'])})" if row["failed"] else ""
         cells = [_cell(row["gap_closing"], 7), _cell(row["coverage"], 9)]
-        cells.append(_cell(row["precision"], 9))
+        cells += [_cell(row["precision"], 9), _cell(row.get("weighted_precision"), 9)]
         stages = f"{row['stages_run']}/{row['stages_reused']}"
         lines.append(f"{row['row']:<{width}} {miou + seeds:>17} {' '.join(cells)} {stages:>18}")
     return "\n".join(lines)
@@ -138,15 +166,21 @@ def _cell(value: float | None, width: int) -> str:
 
 
 def row_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """MLflow metrics of the table: ``<row>.miou_mean``, ``.miou_std``, ``.gap_closing``, ...
-    (a row's name with what MLflow names refuse, such as ``=``, made ``-``)."""
-    keys = ("miou_mean", "miou_std", "gap_closing", "coverage", "precision")
-    return {
+    """MLflow metrics of the table: ``<row>.miou_mean``, ``.miou_std``, ``.gap_closing``, ...,
+    ``<row>.recall.<class>`` and ``<row>.precision.<class>`` (a row's or class's name with what
+    MLflow names refuse, such as ``=``, made ``-``)."""
+    keys = ("miou_mean", "miou_std", "gap_closing", "coverage", "precision", "weighted_precision")
+    metrics = {
         f"{metric_name(row['row'])}.{key}": float(row[key])
         for row in rows
         for key in keys
         if row.get(key) is not None
     }
+    for row in rows:
+        for what in PER_CLASS:
+            for name, value in row.get(f"{what}_per_class", {}).items():
+                metrics[metric_name(f"{row['row']}.{what}.{name}")] = float(value)
+    return metrics
 
 
 def metric_name(text: str) -> str:

@@ -1,5 +1,6 @@
 """The evaluate stage: mIoU and per-class IoU on val for each model, and pseudo-label quality
-(coverage and pixel precision) against ground truth where the unlabeled images have it."""
+(coverage, precision, weighted and per class) against ground truth where the unlabeled images
+have it."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ DECLARATION = Declaration(
     "evaluate",
     reads=("images", "teacher", "student", "pseudolabels"),
     writes=("metrics",),
-    schema="metrics/1",
+    schema="metrics/2",
     section="evaluate",
     image_inputs=(("val", "eval"), ("unlabeled", "eval")),
     key_figures=SUMMARY,
@@ -36,11 +37,13 @@ def run(
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """The evaluate stage: each checkpoint's (label -> storage path) val mIoU and per-class IoU,
     in one pass over the val images, and each pseudo-label set's (metric prefix -> dataset)
-    coverage and precision against the unlabeled images' ground truth, where there is any.
+    quality against the unlabeled images' ground truth, where there is any.
 
     Returns the metrics (``<label>_miou``, ``<label>_iou.<class>`` for the classes present,
-    ``<prefix>_coverage``, ``<prefix>_precision``, ``<prefix>_images_with_truth``) and each
-    label's per-class IoU (NaN for an absent class), for the plot."""
+    ``<prefix>_coverage``, ``<prefix>_precision``, ``<prefix>_weighted_precision``,
+    ``<prefix>_recall.<class>``, ``<prefix>_precision.<class>``, ``<prefix>_images_with_truth``:
+    :func:`~stages.evaluate.quality.pseudolabel_quality`) and each label's per-class IoU (NaN for
+    an absent class), for the plot."""
     metrics: dict[str, float] = {}
     per_class: dict[str, list[float]] = {}
     results = evaluate_models(
@@ -57,6 +60,6 @@ def run(
             if iou == iou:  # not NaN
                 metrics[f"{model}_iou.{name}"] = iou
     for prefix, labels in pseudolabels.items():
-        quality = pseudolabel_quality(images, labels)
+        quality = pseudolabel_quality(images, labels, class_names)
         metrics |= {key.replace("pseudolabel", prefix, 1): v for key, v in quality.items()}
     return metrics, per_class

@@ -72,7 +72,8 @@ def test_a_changed_field_changes_its_stage_and_those_below_only(tmp_path) -> Non
     assert moved == {"train_student", "evaluate"}
 
 
-# Computed at 8a4709e (stop 40), before the restructuring of issue 25.
+# Computed at 8a4709e (stop 40), before the restructuring of issue 25; evaluate's at stop 44, when
+# its schema became metrics/2 (per-class and weighted pseudo-label quality: older entries lack them).
 PINNED: dict[str, dict[str, str]] = {
     "smoke": {
         "ingest": "1ea1661f267661b1243174fb3bb2142e8dad837551bdf646b66f9825fd4d1804",
@@ -82,7 +83,7 @@ PINNED: dict[str, dict[str, str]] = {
         "teach": "d4dabcce215cec5d357ad4e56a2e0b5f256558e84a371d01aae928066e933df6",
         "pseudolabel": "0d16335a7c46cdc08232a946c6d3bd3a89b154d24dae7163e21361ed57356cd0",
         "train_student": "1e6fceffb300a4f64b3bcfdd3ccc129acf3d063acecab03e1a3b7d526db54378",
-        "evaluate": "aaa8e8982d0596c22e91f213a463dd9da1bcad3b72af1879514a44a3b4d0ec7a",
+        "evaluate": "233d45be4b5e77c4b5d84b7ba9c422e8bb2d7d13edb49674719f7127ff2d20cf",
     },
     "smoke-wpl-2-rounds": {
         "ingest": "1ea1661f267661b1243174fb3bb2142e8dad837551bdf646b66f9825fd4d1804",
@@ -95,7 +96,7 @@ PINNED: dict[str, dict[str, str]] = {
         "teach_r2": "10eea859fd5eb1b6ef7629f622d450aa9442375c3ab1f5112218e2399a61c5fc",
         "pseudolabel_r2": "7a362911cf72ae89127aeff316ce58f288432f0493ca530edf504cb193cd4439",
         "train_student_r2": "d8b41f0a179d1f499df716e12a47fd04bc83ef8cfc6cede8ee439e284589fa3c",
-        "evaluate": "d785d73f6fee79b08269a98641b5450e259d10aeafa7d944b77c64f7e1d477ef",
+        "evaluate": "44211c43d1784a4f8c8f1ccb2d55a2870c483bd7a746bed2524c93108f16fe61",
     },
     "quickstart": {
         "ingest": "a7bbac44ed893f73493e13e11ae01db6ceb50875c5f4edcccab1ec8ae67dd3e7",
@@ -105,6 +106,6 @@ PINNED: dict[str, dict[str, str]] = {
         "teach": "4305b22bed362b79b6794d03078617f28db1ccaf2a26b3c832396c4eecd7265e",
         "pseudolabel": "549a7f6bebf0f955bbd3ca5a9da03940018844474ab0fb595babda02088a75b8",
         "train_student": "24a29b6ad8f13b332da41305ed652e42d9236f3c03d3abacefdeccf6a09e215c",
-        "evaluate": "5b31642119a11fa3c10b74fa2a5449886436d2d75e79f2881a4aab8f2ed67e68",
+        "evaluate": "a274515810f8059f769bfd9d229f73898c7280e734bd6a9b1c5dbcbe1d601a2e",
     },
 }

@@ -265,6 +265,14 @@ def test_policy_quality_matches_hand_counts(root: Root) -> None:
     assert missing == {"wpl": "needs the detect stage (detector.enabled: true)"}
     # the threshold policy trains with weight 1 on its 9 kept pixels (all of them known here)
     assert by_policy["threshold"].weight_values().tolist() == [1.0] * 9
+    assert by_policy["threshold"].weighted_precision == pytest.approx(8 / 9)
+    # per class (truth: 4 pixels of class 0, 3 of 1, 7 of 2): threshold keeps right a (0,3)
+    # (1,0); a (0,0); a (1,1) and b's first row. CSL's argmax is right on b's class-0 pixels
+    # too, on a (0,2), and wrong on a (1,3) and b (1,2) (class 1) and a (0,1) (class 2).
+    threshold, csl = by_policy["threshold"].counts, by_policy["csl"].counts
+    np.testing.assert_allclose(threshold.class_recall(), [2 / 4, 1 / 3, 5 / 7])
+    np.testing.assert_allclose(threshold.class_precision(), [1.0, 1 / 2, 1.0])
+    np.testing.assert_allclose(csl.class_recall(), [4 / 4, 1 / 3, 6 / 7])
     # the sweep's every-pixel end is CSL's point; its end at conf >= 0.96 is the threshold's
     coverage, precision = sweep.curve()
     assert (coverage[0], precision[0]) == pytest.approx(CSL)
@@ -300,7 +308,11 @@ def test_report_files_and_its_copy_in_mlflow(root: Root, tmp_path: Path) -> None
         assert len(data) > 2000, name
     page = (folder / "index.html").read_text()
     assert f"pseudoflow report: {RUN_ID}" in page
-    assert '<td>threshold</td><td class="num">0.6429</td><td class="num">0.8889</td>' in page
+    threshold = '<td>threshold</td><td class="num">0.6429</td><td class="num">0.8889</td>'
+    assert threshold + '<td class="num">0.8889</td>' in page  # weighted: every weight 1
+    # per class, the share kept with the right label (hand counts in the test above)
+    assert '<td>threshold</td><td class="num">0.500</td><td class="num">0.333</td>' in page
+    assert '<td>csl</td><td class="num">1.000</td><td class="num">0.333</td>' in page
     assert '<td>csl</td><td class="num">1.0000</td><td class="num">0.7857</td>' in page
     assert '<td>student mIoU (val)</td><td class="num">0.6250</td>' in page
     assert "2 of 6 stages from the cache" in page

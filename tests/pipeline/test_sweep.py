@@ -156,8 +156,30 @@ def test_table_by_hand() -> None:
         _outcome("supervised", 1, 0.54),
         _outcome("full", 0, 0.70),
         _outcome("full", 1, 0.74),
-        _outcome("s4mc", 0, 0.60, coverage=0.8, precision=0.9, stages_run=4, stages_reused=4),
-        _outcome("s4mc", 1, 0.64, coverage=0.6, precision=0.7, stages_run=3, stages_reused=5),
+        _outcome(
+            "s4mc",
+            0,
+            0.60,
+            coverage=0.8,
+            precision=0.9,
+            weighted_precision=0.95,
+            recall_per_class={"background": 0.7, "disc": 0.2},
+            precision_per_class={"background": 0.9},
+            stages_run=4,
+            stages_reused=4,
+        ),
+        _outcome(
+            "s4mc",
+            1,
+            0.64,
+            coverage=0.6,
+            precision=0.7,
+            weighted_precision=0.85,
+            recall_per_class={"background": 0.5, "disc": 0.4, "ring": 0.1},
+            precision_per_class={"background": 0.7, "ring": 0.3},
+            stages_run=3,
+            stages_reused=5,
+        ),
         _outcome("csl", 0, None, error="boom"),
         _outcome("csl", 1, 0.56, coverage=0.5, precision=0.5),
     ]
@@ -169,6 +191,11 @@ def test_table_by_hand() -> None:
     assert s4mc["gap_closing"] == pytest.approx((0.62 - 0.52) / (0.72 - 0.52))  # 0.5
     assert (s4mc["coverage"], s4mc["precision"]) == (pytest.approx(0.7), pytest.approx(0.8))
     assert (s4mc["stages_run"], s4mc["stages_reused"]) == (7, 9)
+    assert s4mc["weighted_precision"] == pytest.approx(0.9)
+    # per class: the mean over the seeds that have the class
+    assert s4mc["recall_per_class"] == pytest.approx({"background": 0.6, "disc": 0.3, "ring": 0.1})
+    assert s4mc["precision_per_class"] == pytest.approx({"background": 0.8, "ring": 0.3})
+    assert rows["supervised"]["recall_per_class"] == {}
     assert rows["supervised"]["gap_closing"] == pytest.approx(0.0)
     assert rows["full"]["gap_closing"] == pytest.approx(1.0)
     csl = rows["csl"]  # one seed failed: the mean is the other's, the failure named
@@ -185,8 +212,14 @@ def test_table_by_hand() -> None:
     assert table[2]["seeds"] == "2"
     assert table[0]["coverage"] == ""
     assert table[3]["failed"] == "0"
+    assert table[2]["recall.ring"] == str(s4mc["recall_per_class"]["ring"])
+    assert "precision.disc" not in table[2]  # no row kept a pixel labelled disc
+    assert table[3]["precision.ring"] == ""
+    assert (table[0]["recall.disc"], table[0]["weighted_precision"]) == ("", "")
     metrics = row_metrics([rows["s4mc"]])
     assert metrics["s4mc.miou_mean"] == pytest.approx(0.62)
+    assert metrics["s4mc.weighted_precision"] == pytest.approx(0.9)
+    assert metrics["s4mc.recall.disc"] == pytest.approx(0.3)
     assert row_metrics([{**rows["csl"], "row": "policy=csl rounds=2"}]).keys() >= {
         "policy-csl_rounds-2.miou_mean"
     }

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 
 from stages.core import codec
-from stages.core.metrics import confusion, iou_from_confusion
+from stages.core.metrics import LabelCounts, confusion, iou_from_confusion
 from stages.pseudolabel.batches import label_batch
 from stages.pseudolabel.config import PseudolabelConfig
 from stages.pseudolabel.maps import policy_maps
@@ -52,6 +53,43 @@ def test_iou_absent_class_is_nan_and_skipped() -> None:
     assert iou[0] == 1.0
     assert np.isnan(iou[1])
     assert miou == 1.0
+
+
+def test_label_counts_per_class_and_weighted_by_hand() -> None:
+    """Two images of pseudo-labels against ground truth (255: unknown), 3 classes."""
+    truth = np.array([[0, 0, 1, 1], [2, 2, 255, 0]])
+    label = np.array([[0, 1, 1, 0], [2, 0, 1, 0]])
+    keep = np.array([[1, 1, 1, 0], [1, 1, 1, 0]], bool)
+    weight = np.array([[1.0, 0.5, 0.25, 9.0], [0.75, 0.5, 9.0, 9.0]])
+    first = LabelCounts.of(label[0], keep[0], truth[0], num_classes=3, weight=weight[0])
+    second = LabelCounts.of(label[1], keep[1], truth[1], num_classes=3, weight=weight[1])
+    total = LabelCounts() + first + second
+    # kept and known: (0,0) right, (0,1) 0->1 wrong, (1,0) right, (2,2) right, (2,0) wrong
+    assert (total.valid, total.kept, total.correct) == (7, 5, 3)
+    assert total.truth is not None
+    assert total.matrix is not None
+    assert total.truth.tolist() == [3, 2, 2]
+    assert total.matrix.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    assert (total.coverage, total.precision) == (5 / 7, 3 / 5)
+    # weights of the kept known pixels: 1, .5, .25, .75, .5; of the right ones 1, .25, .75
+    assert total.weighted_precision == 2.0 / 3.0
+    np.testing.assert_allclose(total.class_recall(), [1 / 3, 1 / 2, 1 / 2])
+    np.testing.assert_allclose(total.class_precision(), [1 / 2, 1 / 2, 1.0])
+    plain = LabelCounts.of(label[0], keep[0], truth[0])  # without classes or weights
+    assert (plain.weighted_precision, plain.class_recall(), plain.class_precision()) == (None,) * 3
+    absent = LabelCounts.of(np.zeros(2, int), np.ones(2, bool), np.zeros(2, int), num_classes=2)
+    assert np.isnan(absent.class_recall()[1])
+    assert np.isnan(absent.class_precision()[1])
+
+
+def test_label_counts_refuse_classes_out_of_range() -> None:
+    truth, keep = np.array([0, 3]), np.array([True, True])
+    with pytest.raises(
+        ValueError, match=r"ground truth holds class 3, outside the 3 classes 0\.\.2"
+    ):
+        LabelCounts.of(np.array([0, 0]), keep, truth, num_classes=3)
+    with pytest.raises(ValueError, match="kept pseudo-label holds class 7"):
+        LabelCounts.of(np.array([0, 7]), keep, np.array([0, 1]), num_classes=3)
 
 
 def _row(probs: torch.Tensor) -> dict[str, object]:
