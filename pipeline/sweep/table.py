@@ -45,6 +45,10 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
+def _seed(outcome: RunOutcome) -> int:
+    return outcome.seed
+
+
 def _class_means(per_seed: list[dict[str, float]]) -> dict[str, float]:
     """Each class's mean over the seeds that have a figure for it (class order kept)."""
     names = list(dict.fromkeys(name for figures in per_seed for name in figures))
@@ -68,7 +72,8 @@ def summarize(outcomes: Sequence[RunOutcome], order: Sequence[str] = ()) -> list
     gap = high - low if low is not None and high is not None else math.nan
     table = []
     for name, rows in by_name.items():
-        done = [o for o in rows if o.error is None and o.miou is not None]
+        # in seed order, whichever run ended first: miou_per_seed[i] is seeds[i]'s
+        done = sorted((o for o in rows if o.error is None and o.miou is not None), key=_seed)
         mious = [float(o.miou) for o in done if o.miou is not None]
         mean = means[name]
         table.append(

@@ -225,6 +225,13 @@ def test_table_by_hand() -> None:
     }
 
 
+def test_per_seed_figures_follow_the_seeds_not_the_order_runs_ended() -> None:
+    outcomes = [_outcome("x", 2, 0.3), _outcome("x", 0, 0.1), _outcome("x", 1, 0.2)]
+    (row,) = summarize(outcomes)
+    assert (row["seeds"], row["miou_per_seed"]) == ([0, 1, 2], [0.1, 0.2, 0.3])
+    assert row["runs"] == ["run-x-0", "run-x-1", "run-x-2"]
+
+
 def test_no_gap_closing_without_a_gap() -> None:
     outcomes = [_outcome("supervised", 0, 0.6), _outcome("full", 0, 0.55), _outcome("x", 0, 0.7)]
     assert all(row["gap_closing"] is None for row in summarize(outcomes))
