@@ -232,7 +232,7 @@ def test_stored_row_round_trips_to_training_maps_with_plus_one() -> None:
 
 def test_one_decoder_serves_training_evaluation_and_the_report() -> None:
     """S4MC's margins (uint16) and CSL's trusted mask come back from the row; the student's
-    maps, the evaluate stage's label and keep and the report's weight are that one decoding."""
+    maps, the evaluate stage's label, keep and weight and the report's are that one decoding."""
     from pipeline.report import decode_labels
     from stages.evaluate.quality import decode_pseudolabel
 
@@ -259,10 +259,11 @@ def test_one_decoder_serves_training_evaluation_and_the_report() -> None:
     np.testing.assert_array_equal(weight, maps["weight"])
     np.testing.assert_array_equal(keep, maps["keep"])
     mask = codec.encode_png(np.array([[0, 255, 2]], np.uint8))
-    truth, label8, valid_keep = decode_pseudolabel(mask, row)
+    truth, label8, valid_keep, weight8 = decode_pseudolabel(mask, row)
     assert truth.tolist() == [[0, 255, 2]]
     assert valid_keep.tolist() == [[True, False, True]]  # the ignore pixel is not counted
     np.testing.assert_array_equal(label8, label)
+    np.testing.assert_array_equal(weight8, weight)
 
 
 def test_unknown_policy_lists_the_valid_ones() -> None:
