@@ -144,9 +144,12 @@ def report(
     click.echo(f"report: {made.location}/index.html")
     width = max((len(q.policy) for q in made.quality), default=0)
     for quality in made.quality:
+        weighted = quality.weighted_precision
         click.echo(
             f"  {quality.policy:{width}}  coverage {quality.coverage:.4f}  precision "
-            f"{quality.precision:.4f}  ({quality.source})"
+            f"{quality.precision:.4f}"
+            + ("" if weighted is None else f"  weighted {weighted:.4f}")
+            + f"  ({quality.source})"
         )
     if made.mlflow_run_id:
         click.echo(f"logged to MLflow run {made.mlflow_run_id} (artifacts: report/)")

@@ -334,7 +334,8 @@ def test_cli_report_and_its_errors(root: Root) -> None:
     result = run_cli("report", "--root", root.storage.root, env=env)
     assert result.returncode == 0, result.stderr
     assert f"report: {root.storage.path('reports', RUN_ID)}/index.html" in result.stdout
-    assert "threshold  coverage 0.6429  precision 0.8889  (stored (entry " in result.stdout
+    line = "threshold  coverage 0.6429  precision 0.8889  weighted 0.8889  (stored (entry "
+    assert line in result.stdout
     assert "logged to MLflow run" in result.stdout
     # (in this process: the same command, without a second interpreter start)
     missing = CliRunner().invoke(
