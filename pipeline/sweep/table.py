@@ -45,10 +45,6 @@ def _mean(values: list[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
-def _seed(outcome: RunOutcome) -> int:
-    return outcome.seed
-
-
 def _class_means(per_seed: list[dict[str, float]]) -> dict[str, float]:
     """Each class's mean over the seeds that have a figure for it (class order kept)."""
     names = list(dict.fromkeys(name for figures in per_seed for name in figures))
@@ -73,7 +69,9 @@ def summarize(outcomes: Sequence[RunOutcome], order: Sequence[str] = ()) -> list
     table = []
     for name, rows in by_name.items():
         # in seed order, whichever run ended first: miou_per_seed[i] is seeds[i]'s
-        done = sorted((o for o in rows if o.error is None and o.miou is not None), key=_seed)
+        done = sorted(
+            (o for o in rows if o.error is None and o.miou is not None), key=lambda o: o.seed
+        )
         mious = [float(o.miou) for o in done if o.miou is not None]
         mean = means[name]
         table.append(
@@ -128,7 +126,7 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     """The table's scalar columns (``seeds``: their count; ``failed``: the failed seeds), then
     ``recall.<class>`` and ``precision.<class>`` for every class any row has."""
     classes = {
-        what: list(dict.fromkeys(n for row in rows for n in row.get(f"{what}_per_class", {})))
+        what: list(dict.fromkeys(n for row in rows for n in row[f"{what}_per_class"]))
         for what in PER_CLASS
     }
     columns = [*CSV_COLUMNS, *(f"{what}.{n}" for what in PER_CLASS for n in classes[what])]
@@ -140,7 +138,7 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
         cells["seeds"] = len(row["seeds"])
         cells["failed"] = " ".join(sorted(row["failed"]))
         for what in PER_CLASS:
-            figures = row.get(f"{what}_per_class", {})
+            figures = row[f"{what}_per_class"]
             cells |= {f"{what}.{n}": figures.get(n) for n in classes[what]}
         writer.writerow({k: "" if v is None else v for k, v in cells.items()})
     return buffer.getvalue()
@@ -160,7 +158,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             miou = f"{row['miou_mean']:.4f} ± {row['miou_std']:.4f}"
         seeds = f" ({len(row['seeds'])})" if row["failed"] else ""
         cells = [_cell(row["gap_closing"], 7), _cell(row["coverage"], 9)]
-        cells += [_cell(row["precision"], 9), _cell(row.get("weighted_precision"), 9)]
+        cells += [_cell(row["precision"], 9), _cell(row["weighted_precision"], 9)]
         stages = f"{row['stages_run']}/{row['stages_reused']}"
         lines.append(f"{row['row']:<{width}} {miou + seeds:>17} {' '.join(cells)} {stages:>18}")
     return "\n".join(lines)
@@ -183,7 +181,7 @@ def row_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     }
     for row in rows:
         for what in PER_CLASS:
-            for name, value in row.get(f"{what}_per_class", {}).items():
+            for name, value in row[f"{what}_per_class"].items():
                 metrics[metric_name(f"{row['row']}.{what}.{name}")] = float(value)
     return metrics
 

@@ -56,6 +56,16 @@ class LabelCounts:
     matrix: np.ndarray | None = None
 
     @classmethod
+    def zero(cls, num_classes: int) -> LabelCounts:
+        """No pixel yet, counted per class of ``num_classes`` and with weights."""
+        return cls(
+            weight=0.0,
+            weight_correct=0.0,
+            truth=np.zeros(num_classes, np.int64),
+            matrix=np.zeros((num_classes, num_classes), np.int64),
+        )
+
+    @classmethod
     def of(
         cls,
         label: np.ndarray,

@@ -40,7 +40,7 @@ COLUMNS = ["height", "width", "label", "keep", "weight", "weight_offset"]
 def pseudolabel_counts(batch: dict[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
     """A batch of pseudo-label rows with their ground truth -> one row of its summed
     :class:`LabelCounts` (``truth`` ``[1, C]``, ``matrix`` ``[1, C * C]``) and its image count."""
-    total = LabelCounts()
+    total = LabelCounts.zero(num_classes)
     for i in range(len(batch["image_id"])):
         row = {name: batch[name][i] for name in COLUMNS}
         truth, label, keep, weight = decode_pseudolabel(batch["mask"][i], row)
@@ -48,36 +48,34 @@ def pseudolabel_counts(batch: dict[str, np.ndarray], num_classes: int) -> dict[s
             total += LabelCounts.of(label, keep, truth, num_classes=num_classes, weight=weight)
         except ValueError as error:
             raise ValueError(f"pseudo-labels of image {batch['image_id'][i]!r}: {error}") from None
-    empty = np.zeros(num_classes, np.int64)
-    truth_counts = empty if total.truth is None else total.truth
-    matrix = (
-        np.zeros((num_classes, num_classes), np.int64) if total.matrix is None else total.matrix
-    )
+    assert total.truth is not None
+    assert total.matrix is not None
     return {
         "images": np.asarray([len(batch["image_id"])], np.int64),
         "valid": np.asarray([total.valid], np.int64),
         "kept": np.asarray([total.kept], np.int64),
         "correct": np.asarray([total.correct], np.int64),
-        "weight": np.asarray([total.weight or 0.0], np.float64),
-        "weight_correct": np.asarray([total.weight_correct or 0.0], np.float64),
-        "truth": truth_counts[None],
-        "matrix": matrix.reshape(1, -1),
+        "weight": np.asarray([total.weight], np.float64),
+        "weight_correct": np.asarray([total.weight_correct], np.float64),
+        "truth": total.truth[None],
+        "matrix": total.matrix.reshape(1, -1),
     }
 
 
 def _sum_counts(rows: list[dict[str, Any]], num_classes: int) -> tuple[LabelCounts, int]:
-    """:func:`pseudolabel_counts`' rows (one per batch) -> their total and image count."""
-    total, images = LabelCounts(), 0
+    """:func:`pseudolabel_counts`' rows (one per batch, as Ray's ``take_all`` gives them) ->
+    their total and image count."""
+    total, images = LabelCounts.zero(num_classes), 0
     for row in rows:
-        images += int(np.asarray(row["images"]).sum())
+        images += int(row["images"])
         total += LabelCounts(
-            int(np.asarray(row["valid"]).sum()),
-            int(np.asarray(row["kept"]).sum()),
-            int(np.asarray(row["correct"]).sum()),
-            float(np.asarray(row["weight"]).sum()),
-            float(np.asarray(row["weight_correct"]).sum()),
-            np.asarray(row["truth"], np.int64).reshape(-1, num_classes).sum(0),
-            np.asarray(row["matrix"], np.int64).reshape(-1, num_classes, num_classes).sum(0),
+            int(row["valid"]),
+            int(row["kept"]),
+            int(row["correct"]),
+            float(row["weight"]),
+            float(row["weight_correct"]),
+            np.asarray(row["truth"], np.int64).reshape(num_classes),
+            np.asarray(row["matrix"], np.int64).reshape(num_classes, num_classes),
         )
     return total, images
 
@@ -113,7 +111,8 @@ def pseudolabel_quality(
     if pseudolabels.size_bytes() <= driver_bytes:  # on this process: no Ray task to start
         labels = pseudolabels.read_rows(COLUMNS, truth["image_id"].to_pylist())
         batch = numpy_batch(lookup_columns(labels, truth, ["mask"]))
-        rows = [pseudolabel_counts(batch, num_classes)]
+        one = pseudolabel_counts(batch, num_classes)
+        rows = [{name: values[0] for name, values in one.items()}]
     else:
         labels = read_dataset(pseudolabels, ["image_id", *COLUMNS])
         rows = (
@@ -128,14 +127,14 @@ def pseudolabel_quality(
             )
             .take_all()
         )
-    total, counted = _sum_counts(rows, num_classes)
+    total, images_counted = _sum_counts(rows, num_classes)
     if total.valid == 0:
         return {}
     out = {
         "pseudolabel_coverage": total.coverage,
         "pseudolabel_precision": total.precision,
         "pseudolabel_weighted_precision": float(total.weighted_precision or 0.0),
-        "pseudolabel_images_with_truth": float(counted),
+        "pseudolabel_images_with_truth": float(images_counted),
     }
     for what, values in (("recall", total.class_recall()), ("precision", total.class_precision())):
         assert values is not None
