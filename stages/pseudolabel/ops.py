@@ -10,7 +10,7 @@ Policies:
   * S4MC: ``margin``, ``s4mc_refine``, ``dpa_alpha``, ``dpa_threshold``.
   * CSL: ``csl_features``, ``csl_weights``, ``tmp_block_mask``.
   * WPL: ``rasterize_boxes``, ``detector_reliability``, ``topk_index_similarity``.
-Shared loss: ``weighted_unsup_loss``.
+Shared loss: ``weighted_unsup_loss`` (``pixel_cross_entropy`` then ``weighted_mean``).
 
 Why one module of over 400 lines: the four policies' formulas are read side by side against
 ``methods.md`` §1-§4 and share its notation and helpers; each policy is a few short functions,
@@ -39,6 +39,31 @@ _NEIGHBOUR_OFFSETS: dict[int, tuple[tuple[int, int], ...]] = {
 
 
 # --------------------------------------------------------------------------------------- loss (§0)
+def pixel_cross_entropy(logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    """Every pixel's cross-entropy ``CE_p = -log softmax(logits)_p[target_p]``, 0 where not valid.
+
+    Args:
+        logits: float[B, C, H, W] raw scores.
+        target: int64[B, H, W] in [0, C) at valid pixels; anything (``IGNORE_INDEX``) elsewhere.
+        valid: bool[B, H, W].
+
+    Returns:
+        float[B, H, W] (dtype of ``logits``); invalid pixels give 0 and pass no gradient.
+    """
+    valid = valid.to(torch.bool)
+    ce = F.cross_entropy(logits, torch.where(valid, target, 0), reduction="none")
+    return torch.where(valid, ce, 0.0)
+
+
+def weighted_mean(ce: Tensor, weight: Tensor, valid: Tensor) -> Tensor:
+    """``Σ_p w_p·valid_p·CE_p / Σ_p valid_p`` of per-pixel losses ``ce`` float[B, H, W] (methods.md
+    §0's L_u once ``ce`` is ``pixel_cross_entropy``); 0, still connected to ``ce``'s graph, when
+    no pixel is valid."""
+    valid = valid.to(torch.bool)
+    per_pixel = torch.where(valid, weight.to(ce.dtype) * ce, 0.0)
+    return per_pixel.sum() / valid.sum().clamp(min=1).to(ce.dtype)
+
+
 def weighted_unsup_loss(logits: Tensor, target: Tensor, weight: Tensor, valid: Tensor) -> Tensor:
     """Unsupervised loss ``L_u = Σ_p w_p·valid_p·CE_p / Σ_p valid_p`` (methods.md §0).
 
@@ -52,12 +77,7 @@ def weighted_unsup_loss(logits: Tensor, target: Tensor, weight: Tensor, valid: T
         float[] (0-d, dtype of ``logits``) >= 0. The denominator counts valid pixels, not kept ones;
         with no valid pixel the result is a zero that is still connected to ``logits``' graph.
     """
-    valid = valid.to(torch.bool)
-    safe_target = torch.where(valid, target, torch.zeros_like(target))
-    ce = F.cross_entropy(logits, safe_target, reduction="none")
-    per_pixel = torch.where(valid, weight.to(ce.dtype) * ce, torch.zeros_like(ce))
-    count = valid.sum().clamp(min=1).to(ce.dtype)
-    return per_pixel.sum() / count
+    return weighted_mean(pixel_cross_entropy(logits, target, valid), weight, valid)
 
 
 # ---------------------------------------------------------------------------------- threshold (§1)

@@ -25,7 +25,7 @@ from stages.core.run_config import poly_lr
 from stages.pseudolabel import live
 from stages.pseudolabel.config import PseudolabelConfig, weight_offset
 from stages.pseudolabel.memory import PrototypeMemory, select_labeled, select_reliable
-from stages.pseudolabel.ops import weighted_unsup_loss
+from stages.pseudolabel.ops import pixel_cross_entropy, weighted_mean
 from stages.segtrain.config import SegTrainConfig, StrongViewConfig, StudentConfig
 
 
@@ -178,13 +178,19 @@ def train_step(
         batch = torch.cat(views).to(device, memory_format=torch.channels_last)
         logits, features = _forward(learner.model, batch, with_features=memory is not None)
     sizes = [len(view) for view in views]
-    logits_v = logits.float().split(sizes)
+    logits = logits.float()
+    logits_v = logits.split(sizes)
     features_v = features.split(sizes) if features is not None else (None,) * len(views)
-    loss_s = F.cross_entropy(logits_v[0], targets[0]["label"], ignore_index=IGNORE_INDEX)
+    # one cross-entropy over every view's pixels, split afterwards: its backward writes one
+    # gradient of the whole batch instead of concatenating every view's C-channel gradient
+    labels = torch.cat([maps["label"] for maps in targets])
+    valid = labels != IGNORE_INDEX
+    ce_v, valid_v = pixel_cross_entropy(logits, labels, valid).split(sizes), valid.split(sizes)
+    loss_s = ce_v[0].sum() / valid_v[0].sum()  # the mean over labeled pixels (NaN with none)
     loss_u, stats = torch.zeros((), device=device), dict[str, float]()
     if unlabeled is not None:
         loss_u, stats = _unlabeled_loss(
-            logits_v[1:], features_v[1:], targets[1:], policy, memory, (step, cfg.steps)
+            ce_v[1:], features_v[1:], targets[1:], policy, memory, (step, cfg.steps)
         )
     loss = loss_s + learner.alpha * loss_u
     learner.optimizer.zero_grad(set_to_none=True)
@@ -258,20 +264,21 @@ def _forward(
 
 
 def _unlabeled_loss(
-    logits: Sequence[torch.Tensor],
+    ce: Sequence[torch.Tensor],
     features: Sequence[torch.Tensor | None],
     maps: Sequence[dict[str, torch.Tensor]],
     policy: PseudolabelConfig,
     memory: PrototypeMemory | None,
     progress: tuple[int, int],
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_u averaged over the unlabeled views, each with the policy's live weight from its own
-    maps; ``kept_fraction``: the first view's share of pixels with a weight above 0."""
+    """L_u averaged over the unlabeled views (``ce``: each view's ``pixel_cross_entropy`` against
+    its maps' labels), each with the policy's live weight from its own maps; ``kept_fraction``:
+    the first view's share of pixels with a weight above 0."""
     losses, weights = [], []
-    for view_logits, view_features, view_maps in zip(logits, features, maps, strict=True):
+    for view_ce, view_features, view_maps in zip(ce, features, maps, strict=True):
         valid = view_maps["label"] != IGNORE_INDEX
         weights.append(_live_weight(policy, view_maps, valid, view_features, memory, progress))
-        losses.append(weighted_unsup_loss(view_logits, view_maps["label"], weights[-1], valid))
+        losses.append(weighted_mean(view_ce, weights[-1], valid))
     return torch.stack(losses).mean(), {"kept_fraction": float((weights[0] > 0).float().mean())}
 
 

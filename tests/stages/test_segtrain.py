@@ -20,6 +20,7 @@ from stages.core.models import feature_layer, load_checkpoint
 from stages.core.run_config import LoopConfig
 from stages.core.storage import Storage
 from stages.core.training import CHECKPOINT_FILE, fit
+from stages.pseudolabel import ops
 from stages.pseudolabel.config import POLICIES, PseudolabelConfig
 from stages.segtrain import loop as segloop
 from stages.segtrain import step as segstep
@@ -225,6 +226,41 @@ def test_train_step_of_every_policy_updates_the_network(policy: str) -> None:
     stem = learner.model.backbone["0"][0].weight
     assert stem.is_contiguous(memory_format=torch.channels_last)
     assert not stem.is_contiguous()
+
+
+def test_the_steps_losses_are_each_views_own_cross_entropy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The step takes one cross-entropy over every view's pixels and splits it; L_s must still be
+    # the mean over the labeled view's valid pixels and L_u the mean of each strong view's
+    # weighted_unsup_loss (ignored pixels in both batches, CutMixed maps in the strong views).
+    seen = _spy_on_the_step(monkeypatch)
+    forward = segstep._forward
+
+    def keep_logits(model: Any, images: torch.Tensor, *, with_features: bool) -> Any:
+        seen["logits"], features = forward(model, images, with_features=with_features)
+        return seen["logits"], features
+
+    monkeypatch.setattr(segstep, "_forward", keep_logits)
+    learner = _learner("threshold")
+    learner.weak = augment.ScaleCrop(32, scale=(1.0, 1.0), flip=0.0)  # the batch as it is
+    labeled, unlabeled = _batches(32)
+    labeled["label"][0, :10] = IGNORE_INDEX
+    unlabeled["label"][1, :, :7] = IGNORE_INDEX
+    stats = segtrain.train_step(learner, labeled, unlabeled, 0)
+    logits = seen["logits"].detach().float()
+    assert len(logits) == 2 + 2 * 3
+    loss_s = torch.nn.functional.cross_entropy(
+        logits[:2], labeled["label"].long(), ignore_index=IGNORE_INDEX
+    )
+    views = logits[2:].split(3)
+    loss_u = sum(
+        ops.weighted_unsup_loss(view, maps["label"], maps["weight"], maps["label"] != IGNORE_INDEX)
+        for view, maps in zip(views, seen["targets"], strict=True)
+    )
+    assert any((maps["label"] == IGNORE_INDEX).any() for maps in seen["targets"])
+    assert stats["loss_s"] == pytest.approx(float(loss_s), rel=1e-5)
+    assert stats["loss_u"] == pytest.approx(float(loss_u) / 2, rel=1e-5)
 
 
 def test_supervised_step_ignores_the_unlabeled_loss() -> None:
