@@ -71,13 +71,17 @@ def pseudolabel_key_fields(
     }
 
 
-def train_fields(ctx: Context, section: TrainingRun, weights: str | None) -> dict[str, Any]:
+def train_fields(
+    ctx: Context, section: TrainingRun, weights: str | None, unread: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """A training stage's key fields: the given weights by content, or what trains (the
+    section's semantic settings less ``unread``, the labeled images, geometry, seed, init)."""
     base = {"num_classes": ctx.config.data.num_classes}
     if weights:
         return {**base, "arch": getattr(section, "arch", None), "weights": given_weights(weights)}
     fields = {
         **base,
-        "train": semantic(section),
+        "train": semantic(section, unread),
         "labeled": ctx.digest("images", "labeled"),
         **geometry(ctx),
         "crop_size": ctx.config.data.crop,
@@ -123,9 +127,18 @@ def teach_family(ctx: Context, round_: Round) -> dict[str, Any]:
     }
 
 
+# What only the unlabeled loss reads: a student with alpha 0 (a sweep's `supervised` row) trains on
+# the labeled batches alone, exactly as these settings, the unlabeled images and the pseudo-labels
+# vary (tests/stages/test_segtrain.py checks it weight for weight).
+UNLABELED_ONLY = frozenset({"unlabeled_batch_size", "cutmix", "strong"})
+
+
 def student_fields(ctx: Context, round_: Round) -> dict[str, Any]:
+    student = ctx.config.student
+    if student.alpha == 0 and not student.weights:
+        return {**train_fields(ctx, student, None, UNLABELED_ONLY), "unlabeled_loss": False}
     return {
-        **train_fields(ctx, ctx.config.student, ctx.config.student.weights),
+        **train_fields(ctx, student, student.weights),
         "unlabeled": ctx.digest("images", "unlabeled"),
         "pseudolabels": ctx.digest(round_.name("pseudolabels")),
         "pseudolabel": pseudolabel_fields(ctx.config),

@@ -72,6 +72,29 @@ def test_a_changed_field_changes_its_stage_and_those_below_only(tmp_path) -> Non
     assert moved == {"train_student", "evaluate"}
 
 
+def test_a_student_without_the_unlabeled_loss_is_keyed_by_what_it_reads(tmp_path) -> None:
+    """alpha 0 (a sweep's supervised row): the policy, the pseudo-labels and the strong views'
+    settings leave the student's key, which stays apart from every alpha > 0 student's; the
+    labeled side (learning rate) still moves it."""
+    root = str(tmp_path)
+    supervised = walk_keys("smoke", ["student.alpha=0"], root)
+    other_policy = walk_keys(
+        "smoke",
+        ["student.alpha=0", "pseudolabel.policy=csl", "student.cutmix=1", "student.strong.blur=0"],
+        root,
+    )
+    assert other_policy["pseudolabel"] != supervised["pseudolabel"]
+    assert other_policy["train_student"] == supervised["train_student"]
+    assert other_policy["evaluate"] != supervised["evaluate"]  # it scores the other labels
+    with_loss = walk_keys("smoke", ["student.alpha=0.5"], root)["train_student"]
+    other_lr = walk_keys("smoke", ["student.alpha=0", "student.lr=0.123"], root)["train_student"]
+    assert (
+        len({supervised["train_student"], with_loss, other_lr, PINNED["smoke"]["train_student"]})
+        == 4
+    )
+    assert walk_keys("smoke", [], root) == PINNED["smoke"]  # alpha 1 keys as they were
+
+
 # Computed at 8a4709e (stop 40), before the restructuring of issue 25; evaluate's at stop 44, when
 # its schema became metrics/2 (per-class and weighted pseudo-label quality: older entries lack them).
 PINNED: dict[str, dict[str, str]] = {

@@ -263,6 +263,40 @@ def test_the_steps_losses_are_each_views_own_cross_entropy(
     assert stats["loss_u"] == pytest.approx(float(loss_u) / 2, rel=1e-5)
 
 
+def test_without_the_unlabeled_loss_a_student_ignores_every_unlabeled_setting() -> None:
+    # pipeline.graph.keys leaves these settings (and the pseudo-labels) out of an alpha-0
+    # student's key, so that a sweep's supervised row is shared: they must not move its weights.
+    labeled = _batches(32)[0]
+    variants = [
+        (3, 0.5, {}, "threshold"),
+        (5, 1.0, {"grayscale": 1.0, "blur": 1.0, "hue": 0.0}, "wpl"),
+        (2, 0.0, {"jitter_chance": 0.0}, "csl"),
+    ]
+    weights = []
+    for unlabeled_batch_size, cutmix, strong, policy in variants:
+        cfg = segtrain.StudentConfig(
+            steps=3,
+            batch_size=2,
+            alpha=0.0,
+            unlabeled_batch_size=unlabeled_batch_size,
+            cutmix=cutmix,
+            strong=strong,
+        )
+        learner = segtrain.new_learner(
+            cfg,
+            num_classes=4,
+            crop_size=32,
+            seed=0,
+            device=torch.device("cpu"),
+            policy=PseudolabelConfig(policy=policy),
+        )
+        for step in range(3):
+            segtrain.train_step(learner, labeled, None, step)
+        weights.append([p.detach().clone() for p in learner.result.state_dict().values()])
+    for other in weights[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(weights[0], other, strict=True))
+
+
 def test_supervised_step_ignores_the_unlabeled_loss() -> None:
     cfg = segtrain.SegTrainConfig(steps=3, batch_size=2)
     learner = segtrain.new_learner(
