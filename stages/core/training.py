@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -237,6 +238,34 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator, rank: int, st
         return
     torch.manual_seed(1_000_003 * rank + step)
     generator.manual_seed(2_000_003 * rank + step)
+
+
+def report(metrics: dict[str, float], checkpoint: dict[str, Any] | None = None) -> None:
+    """``ray.train.report`` of a worker's ``metrics``, with ``checkpoint`` (a state dict as
+    ``make_checkpoint`` builds it) saved as ``CHECKPOINT_FILE`` when given."""
+    import ray.train
+
+    if checkpoint is None:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(checkpoint, Path(tmp) / CHECKPOINT_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def latest_checkpoint() -> dict[str, Any] | None:
+    """The state of Ray Train's latest checkpoint of this run (tensors only: ``weights_only``),
+    or None on a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        state: dict[str, Any] = torch.load(
+            Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True
+        )
+    return state
 
 
 # A worker keeps its shard's rows in memory after the first pass when they take at most this

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,10 +14,11 @@ from stages.core.pretrained import decode_state
 from stages.core.progress import Poster
 from stages.core.run_config import LoopConfig, loop_of
 from stages.core.training import (
-    CHECKPOINT_FILE,
     endless_batches,
     hold_point,
     inject_fault,
+    latest_checkpoint,
+    report,
     restore_rng,
     rng_state,
     worker_logging,
@@ -119,12 +118,10 @@ def _report(
 ) -> None:
     """``ray.train.report`` on every rank alike; rank 0 attaches the checkpoint when saving, with
     every rank's prototype memory (gathered by a collective all ranks join)."""
-    import ray.train
-
     memory = learner.memory
     memory_states = gather_states(memory) if save and memory is not None else None
     if not (save and rank == 0):
-        ray.train.report(metrics, checkpoint=None)
+        report(metrics)
         return
     extra: dict[str, Any] = {
         "optimizer": learner.optimizer.state_dict(),
@@ -140,30 +137,19 @@ def _report(
         trained = learner.network.state_dict()
         extra["trained_state_dict"] = {k: v.detach().cpu() for k, v in trained.items()}
         extra["ema_updates"] = int(learner.ema.n_averaged)
-    checkpoint = make_checkpoint(
-        learner.result,
-        kind="segmenter",
-        model_args={
-            "arch": learner.cfg.arch,
-            "num_classes": loop.num_classes,
-        },
-        extra=extra,
+    model_args = {"arch": learner.cfg.arch, "num_classes": loop.num_classes}
+    report(
+        metrics,
+        make_checkpoint(learner.result, kind="segmenter", model_args=model_args, extra=extra),
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(checkpoint, Path(tmp) / CHECKPOINT_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _restore(learner: Learner, rank: int) -> int:
     """Resume from Ray Train's latest checkpoint (same run name): returns the step to start at.
     The prototype memory comes back too, so every rank holds the same prototypes as before."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    state = latest_checkpoint()
+    if state is None:
         return 0
-    with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     learner.model.load_state_dict(state.get("trained_state_dict", state["state_dict"]))
     if learner.ema is not None:
         learner.ema.module.load_state_dict(state["state_dict"])

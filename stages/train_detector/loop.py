@@ -4,9 +4,7 @@ checkpoint on rank 0."""
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,10 +15,11 @@ from stages.core.pretrained import decode_state
 from stages.core.progress import Poster
 from stages.core.run_config import loop_of
 from stages.core.training import (
-    CHECKPOINT_FILE,
     endless_batches,
     hold_point,
     inject_fault,
+    latest_checkpoint,
+    report,
     restore_rng,
     rng_state,
     worker_logging,
@@ -82,33 +81,25 @@ def train_loop(train_loop_config: dict[str, Any]) -> None:
 def _report(metrics: dict[str, float], learner: DetectorLearner, step: int, save: bool) -> None:
     """``ray.train.report``; with ``save``, a checkpoint that resumes training (weights,
     optimizer, step, random state) and is the model a finished run keeps."""
-    import ray.train
-
     if not save:
-        ray.train.report(metrics, checkpoint=None)
+        report(metrics)
         return
     extra = {
         "optimizer": learner.optimizer.state_dict(),
         "step": step,
         "rng": rng_state(learner.generator),
     }
-    checkpoint = make_checkpoint(
-        learner.model, kind="detector", model_args=learner.model_args, extra=extra
+    report(
+        metrics,
+        make_checkpoint(learner.model, kind="detector", model_args=learner.model_args, extra=extra),
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(checkpoint, Path(tmp) / CHECKPOINT_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _restore(learner: DetectorLearner) -> int:
     """Resume from Ray Train's latest checkpoint (a restarted worker group): the step to start at."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    state = latest_checkpoint()
+    if state is None:
         return 0
-    with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     learner.model.load_state_dict(state["state_dict"])
     learner.optimizer.load_state_dict(state["optimizer"])
     step = int(state["step"])
