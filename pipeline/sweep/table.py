@@ -4,6 +4,10 @@ reused), as records, CSV, text and MLflow metrics. Pure: no Ray, no MLflow, no s
 
 g = (mIoU_row - mIoU_supervised) / (mIoU_full - mIoU_supervised), from the means over seeds; it
 is given where both reference rows are present and full is above supervised.
+
+The gain over supervised is paired by seed: every row of a seed shares its teacher and labeled
+batches, so mean ± std of the per-seed differences tells a row's effect from the seed's draw
+(two rows 0.01 apart with a seed std of 0.02 each may still differ by 0.01 on every seed).
 """
 
 from __future__ import annotations
@@ -51,13 +55,26 @@ def _class_means(per_seed: list[dict[str, float]]) -> dict[str, float]:
     return {n: float(np.mean([f[n] for f in per_seed if n in f])) for n in names}
 
 
+def _paired_gain(done: Sequence[RunOutcome], baseline: dict[int, float]) -> dict[str, Any]:
+    """mean and sample std (0 with one) of ``miou - baseline[seed]`` over the seeds both have."""
+    deltas = [
+        float(o.miou) - baseline[o.seed] for o in done if o.miou is not None and o.seed in baseline
+    ]
+    if not deltas:
+        return {"gain_mean": None, "gain_std": None, "gain_seeds": 0}
+    std = float(np.std(deltas, ddof=1)) if len(deltas) > 1 else 0.0
+    return {"gain_mean": float(np.mean(deltas)), "gain_std": std, "gain_seeds": len(deltas)}
+
+
 def summarize(outcomes: Sequence[RunOutcome], order: Sequence[str] = ()) -> list[dict[str, Any]]:
     """One row per table row, in ``order`` (the plan's; then any other in first-run order):
     ``miou_mean`` and ``miou_std`` (sample std over the seeds that ran; 0 with one),
     ``miou_per_seed``, ``teacher_miou``, mean ``coverage``, ``precision`` and
     ``weighted_precision`` (None where the row learns nothing from pseudo-labels), per class
     the mean ``recall_per_class`` and ``precision_per_class`` of the pseudo-labels, ``gap_closing``,
-    the stages run and reused over its seeds, seconds, and the seeds that failed."""
+    the stages run and reused over its seeds, seconds, and the seeds that failed; ``gain_mean``,
+    ``gain_std`` and ``gain_seeds``: the gain over ``supervised`` paired by seed (None for that
+    row itself and without it)."""
     present = {o.row for o in outcomes}
     names = list(dict.fromkeys([n for n in order if n in present] + [o.row for o in outcomes]))
     by_name = {name: [o for o in outcomes if o.row == name] for name in names}
@@ -66,6 +83,11 @@ def summarize(outcomes: Sequence[RunOutcome], order: Sequence[str] = ()) -> list
     }
     low, high = means.get("supervised"), means.get("full")
     gap = high - low if low is not None and high is not None else math.nan
+    baseline = {
+        o.seed: float(o.miou)
+        for o in by_name.get("supervised", [])
+        if o.error is None and o.miou is not None
+    }
     table = []
     for name, rows in by_name.items():
         # in seed order, whichever run ended first: miou_per_seed[i] is seeds[i]'s
@@ -85,6 +107,7 @@ def summarize(outcomes: Sequence[RunOutcome], order: Sequence[str] = ()) -> list
                 "gap_closing": (mean - low) / gap
                 if gap > 0 and mean is not None and low is not None
                 else None,
+                **_paired_gain(done, {} if name == "supervised" else baseline),
                 "teacher_miou": _mean([o.teacher_miou for o in done]),
                 "coverage": _mean([o.coverage for o in done]),
                 "precision": _mean([o.precision for o in done]),
@@ -108,6 +131,8 @@ CSV_COLUMNS = (
     "miou_mean",
     "miou_std",
     "gap_closing",
+    "gain_mean",
+    "gain_std",
     "teacher_miou",
     "coverage",
     "precision",
@@ -145,10 +170,12 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The table as text: mIoU mean ± std over the seeds that ran, g, the pseudo-labels' coverage,
-    precision and weighted precision, how many stages ran and how many were reused."""
+    """The table as text: mIoU mean ± std over the seeds that ran, g, the gain over supervised
+    paired by seed, the pseudo-labels' coverage, precision and weighted precision, how many
+    stages ran and how many were reused."""
     width = max([14, *(len(r["row"]) for r in rows)])
-    head = f"{'row':<{width}} {'val mIoU':>17} {'g':>7} {'coverage':>9} {'precision':>9}"
+    head = f"{'row':<{width}} {'val mIoU':>17} {'g':>7} {'vs supervised':>17}"
+    head += f" {'coverage':>9} {'precision':>9}"
     head += f" {'weighted':>9}"
     lines = [head + f" {'stages ran/reused':>18}"]
     for row in rows:
@@ -157,7 +184,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         else:
             miou = f"{row['miou_mean']:.4f} ± {row['miou_std']:.4f}"
         seeds = f" ({len(row['seeds'])})" if row["failed"] else ""
-        cells = [_cell(row["gap_closing"], 7), _cell(row["coverage"], 9)]
+        gain = "-"
+        if row["gain_mean"] is not None:
+            gain = f"{row['gain_mean']:+.4f} ± {row['gain_std']:.4f}"
+        cells = [_cell(row["gap_closing"], 7), f"{gain:>17}", _cell(row["coverage"], 9)]
         cells += [_cell(row["precision"], 9), _cell(row["weighted_precision"], 9)]
         stages = f"{row['stages_run']}/{row['stages_reused']}"
         lines.append(f"{row['row']:<{width}} {miou + seeds:>17} {' '.join(cells)} {stages:>18}")
@@ -172,7 +202,8 @@ def row_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """MLflow metrics of the table: ``<row>.miou_mean``, ``.miou_std``, ``.gap_closing``, ...,
     ``<row>.recall.<class>`` and ``<row>.precision.<class>`` (a row's or class's name with what
     MLflow names refuse, such as ``=``, made ``-``)."""
-    keys = ("miou_mean", "miou_std", "gap_closing", "coverage", "precision", "weighted_precision")
+    keys = ["miou_mean", "miou_std", "gap_closing", "gain_mean", "gain_std"]
+    keys += ["coverage", "precision", "weighted_precision"]
     metrics = {
         f"{metric_name(row['row'])}.{key}": float(row[key])
         for row in rows

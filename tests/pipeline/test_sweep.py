@@ -225,6 +225,39 @@ def test_table_by_hand() -> None:
     }
 
 
+def test_the_gain_over_supervised_is_paired_by_seed() -> None:
+    # x - supervised per seed: +0.02, -0.01, +0.06 (seed 3 has no supervised run, seed 1's x
+    # failed): mean 0.07 / 3 = 0.023333, sample std sqrt(0.0024667 / 2) = 0.035119. Unpaired, the
+    # means would differ by 0.6233 - 0.5833 = 0.04.
+    outcomes = [
+        _outcome("supervised", 0, 0.60),
+        _outcome("supervised", 1, 0.56),
+        _outcome("supervised", 2, 0.64),
+        _outcome("supervised", 4, 0.50),
+        _outcome("x", 0, 0.62),
+        _outcome("x", 1, 0.55),
+        _outcome("x", 2, 0.70),
+        _outcome("x", 3, 0.90),
+        _outcome("y", 4, None, error="boom"),
+    ]
+    rows = {row["row"]: row for row in summarize(outcomes)}
+    x = rows["x"]
+    assert x["gain_mean"] == pytest.approx(0.0233333, abs=1e-6)
+    assert x["gain_std"] == pytest.approx(0.0351188, abs=1e-6)
+    assert x["gain_seeds"] == 3
+    assert (rows["supervised"]["gain_mean"], rows["supervised"]["gain_seeds"]) == (None, 0)
+    assert (rows["y"]["gain_mean"], rows["y"]["gain_std"]) == (None, None)
+    assert "+0.0233 ± 0.0351" in format_table(list(rows.values()))
+    table = list(csv.DictReader(io.StringIO(to_csv(list(rows.values())))))
+    assert table[1]["gain_mean"] == str(x["gain_mean"])
+    assert table[0]["gain_mean"] == ""
+    metrics = row_metrics(list(rows.values()))
+    assert metrics["x.gain_std"] == pytest.approx(0.0351188, abs=1e-6)
+    assert "supervised.gain_mean" not in metrics
+    alone = {row["row"]: row for row in summarize(outcomes[4:8])}  # no supervised row
+    assert alone["x"]["gain_mean"] is None
+
+
 def test_per_seed_figures_follow_the_seeds_not_the_order_runs_ended() -> None:
     outcomes = [_outcome("x", 2, 0.3), _outcome("x", 0, 0.1), _outcome("x", 1, 0.2)]
     (row,) = summarize(outcomes)
