@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from pipeline.config import ConfigError, load_config
+from pipeline.figures import sweep_plot
 from pipeline.runner import RunSummary
 from pipeline.source import source_items
 from pipeline.sweep.grid import (
@@ -256,6 +258,15 @@ def test_the_gain_over_supervised_is_paired_by_seed() -> None:
     assert "supervised.gain_mean" not in metrics
     alone = {row["row"]: row for row in summarize(outcomes[4:8])}  # no supervised row
     assert alone["x"]["gain_mean"] is None
+
+
+def test_the_sweep_plot_gets_a_panel_of_paired_gains_where_supervised_ran() -> None:
+    with_supervised = summarize([_outcome("supervised", 0, 0.5), _outcome("x", 0, 0.6)])
+    without = summarize([_outcome("full", 0, 0.7), _outcome("x", 0, 0.6)])
+    widths = [
+        Image.open(io.BytesIO(sweep_plot(rows))).size[0] for rows in (with_supervised, without)
+    ]
+    assert widths[0] == 2 * widths[1]
 
 
 def test_per_seed_figures_follow_the_seeds_not_the_order_runs_ended() -> None:
