@@ -10,6 +10,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,31 @@ def test_cuda_without_cuda_is_refused() -> None:
     )
     assert result.returncode == 2
     assert "Invalid value for --device: CUDA is not available on this machine" in result.stderr
+
+
+# What a GPU machine without this project's other packages lacks (cluster/gpu-bench.sh carries
+# only pydantic and click there): the bench must run without any of these.
+ABSENT = ("ray", "mlflow", "yaml", "matplotlib", "scipy", "boto3", "s3fs", "psycopg2")
+
+
+def test_the_bench_runs_where_only_torch_pydantic_and_click_are_installed(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    blocker = f"""
+import runpy, sys
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {ABSENT!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
+sys.meta_path.insert(0, Absent())
+sys.argv = ["pseudoflow", "bench", "throughput", "--quick", "--device", "cpu", "--json", {str(out)!r}]
+runpy.run_module("pipeline", run_name="__main__")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = subprocess.run(
+        [sys.executable, "-c", blocker], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(out.read_text())
+    assert list(measured) == KEYS
+    assert measured["step_ratio"]["value"] > 0
+    assert measured["actor_scaling"]["value"] is None
