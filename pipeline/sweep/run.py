@@ -251,7 +251,7 @@ def _one_run(item: SweepRun, context: RunContext) -> RunOutcome:
 
 
 def _files(result: SweepResult) -> dict[str, bytes]:
-    from pipeline.figures import sweep_plot
+    from pipeline.sweep.plot import sweep_plot
 
     document = {
         "sweep_id": result.sweep_id,

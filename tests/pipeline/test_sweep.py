@@ -19,7 +19,6 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipeline.config import ConfigError, load_config
-from pipeline.figures import sweep_plot
 from pipeline.runner import RunSummary
 from pipeline.source import source_items
 from pipeline.sweep.grid import (
@@ -30,6 +29,7 @@ from pipeline.sweep.grid import (
     unusable_references,
     with_sweep,
 )
+from pipeline.sweep.plot import sweep_plot
 from pipeline.sweep.run import ROW_TAG, SWEEP_TAG, run_sweep
 from pipeline.sweep.table import RunOutcome, format_table, row_metrics, summarize, to_csv
 from pipeline.tracking import Tracker
