@@ -80,7 +80,8 @@ class Sample:
     weight: np.ndarray  # float[H, W], the training weight where kept (0 elsewhere)
 
 
-def _png(fig: Any) -> bytes:
+def figure_png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes (100 dpi); the figure is closed."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
@@ -89,7 +90,8 @@ def _png(fig: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +108,7 @@ def overlay_grid(
 ) -> bytes:
     """Rows: sample images; columns: image, ground truth, pseudo-label (dropped pixels grey),
     the policy's reliability mask, the per-pixel weight; the class colours underneath."""
-    plt = _pyplot()
+    plt = pyplot()
     titles = ["image", "ground truth", "pseudo-label (kept)", reliability_name, "weight"]
     rows = max(len(samples), 1)
     fig, axes = plt.subplots(
@@ -143,7 +145,7 @@ def overlay_grid(
     if samples:
         fig.colorbar(shown, ax=axes[:, 4].tolist(), shrink=0.6, label="weight")
     _add_legend(fig, class_legend(class_names, dropped=True))
-    return _png(fig)
+    return figure_png(fig)
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,7 @@ def pixel_accuracy(labels: np.ndarray, truth: np.ndarray) -> float:
 def prediction_grid(rows: Sequence[Predicted], class_names: Sequence[str]) -> bytes:
     """Rows: val images; columns: image, ground truth, then each model's prediction titled
     with its pixel accuracy on that image; the class colours underneath."""
-    plt = _pyplot()
+    plt = pyplot()
     models = list(rows[0].labels) if rows else []
     cols = 2 + len(models)
     fig, axes = plt.subplots(
@@ -189,7 +191,7 @@ def prediction_grid(rows: Sequence[Predicted], class_names: Sequence[str]) -> by
         ax.set_xticks([])
         ax.set_yticks([])
     _add_legend(fig, class_legend(class_names))
-    return _png(fig)
+    return figure_png(fig)
 
 
 def fit_limits(
@@ -232,7 +234,7 @@ def quality_plot(
 ) -> bytes:
     """Coverage (x) against precision (y): the confidence-threshold sweep as a line (``curve``:
     coverage, precision arrays) and one marker per policy (name -> (coverage, precision))."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     if curve is not None:
         ax.plot(*curve, color="0.6", lw=1.5, label="confidence τ sweep")
@@ -247,7 +249,7 @@ def quality_plot(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def weight_bins(values: np.ndarray, bins: int = HIST_BINS) -> np.ndarray | None:
@@ -261,7 +263,7 @@ def weight_bins(values: np.ndarray, bins: int = HIST_BINS) -> np.ndarray | None:
 def weight_histograms(weights: dict[str, np.ndarray]) -> bytes:
     """One histogram per policy of its per-pixel weights over kept pixels (log counts), binned
     over that policy's own range; a policy whose kept pixels all weigh the same says so."""
-    plt = _pyplot()
+    plt = pyplot()
     n = max(len(weights), 1)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
     for ax, (name, values) in zip(axes[0], weights.items(), strict=False):
@@ -282,7 +284,7 @@ def weight_histograms(weights: dict[str, np.ndarray]) -> bytes:
         ax.set_yscale("log")  # the rare weights stay visible next to the common ones
     axes[0, 0].set_ylabel("kept pixels")
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def training_curves(
@@ -292,7 +294,7 @@ def training_curves(
     (``lr``) on a right-hand axis; a stage's note is a second title line over its curves, or
     written in the panel when it has none. A loss that
     is 0 at every step (the teacher's ``loss_u``: no unlabeled data) is left out."""
-    plt = _pyplot()
+    plt = pyplot()
     stages = list(dict.fromkeys([*histories, *notes]))
     n = max(len(stages), 1)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.2), squeeze=False)
@@ -321,7 +323,7 @@ def training_curves(
         elif note:
             ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, transform=ax.transAxes)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _nonzero(points: list[tuple[int, float]]) -> bool:
@@ -340,7 +342,7 @@ class Span:
 
 def timeline_plot(spans: Sequence[Span]) -> bytes:
     """Horizontal bars per stage from its start to its end; cache hits green, runs blue."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(spans), 1) + 1.2))
     for row, span in enumerate(reversed(spans)):
         colour = "tab:green" if span.hit else "tab:blue"
@@ -352,4 +354,4 @@ def timeline_plot(spans: Sequence[Span]) -> bytes:
     ax.set_xlim(0, end * 1.25 + 1)
     ax.set_xlabel("seconds since the run started")
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)

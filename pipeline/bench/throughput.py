@@ -137,9 +137,9 @@ def teacher_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def plot(results: dict[str, Measure]) -> bytes:
     """A bar per measured key: value / goal bound, green where the goal is met; PNG bytes."""
-    from pipeline.figures import _png, _pyplot
+    from pipeline.figures import figure_png, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     shown = {key: m for key, m in results.items() if m.value is not None and m.goal.bound > 0}
     ratios = [max(m.value or 0.0, 1e-6) / m.goal.bound for m in shown.values()]
     fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(shown) + 1.4))
@@ -152,7 +152,7 @@ def plot(results: dict[str, Measure]) -> bytes:
     ax.set_xlabel("value / goal (>= goals met right of 1, <= goals left of it)")
     ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plan_params(plan: Plan) -> dict[str, str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.figures import _png, _pyplot
+from pipeline.figures import figure_png, pyplot
 
 
 def sweep_plot(rows: Sequence[dict[str, Any]]) -> bytes:
@@ -17,7 +17,7 @@ def sweep_plot(rows: Sequence[dict[str, Any]]) -> bytes:
     the sweep, each grid row's gain over it paired by seed (mean ± std of the per-seed
     differences) against a line at 0. The axes span the values, not 0..1, so that differences
     of a few hundredths show."""
-    plt = _pyplot()
+    plt = pyplot()
     grid = [r for r in rows if not r["reference"] and r["miou_mean"] is not None]
     references = [r for r in rows if r["reference"] and r["miou_mean"] is not None]
     paired = [r for r in grid if r.get("gain_mean") is not None]
@@ -53,7 +53,7 @@ def sweep_plot(rows: Sequence[dict[str, Any]]) -> bytes:
         gain_ax.set_ylabel("gain over supervised, paired by seed (mean ± std)")
         gain_ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _grid_axis(ax: Any, names: Sequence[str]) -> None:

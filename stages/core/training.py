@@ -262,9 +262,8 @@ def latest_checkpoint() -> dict[str, Any] | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        state: dict[str, Any] = torch.load(
-            Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True
-        )
+        path = Path(folder) / CHECKPOINT_FILE
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     return state
 
 

@@ -190,7 +190,7 @@ def train_step(
     loss_u, stats = torch.zeros((), device=device), dict[str, float]()
     if unlabeled is not None:
         loss_u, stats = _unlabeled_loss(
-            ce_v[1:], features_v[1:], targets[1:], policy, memory, (step, cfg.steps)
+            ce_v[1:], valid_v[1:], features_v[1:], targets[1:], policy, memory, (step, cfg.steps)
         )
     loss = loss_s + learner.alpha * loss_u
     learner.optimizer.zero_grad(set_to_none=True)
@@ -265,6 +265,7 @@ def _forward(
 
 def _unlabeled_loss(
     ce: Sequence[torch.Tensor],
+    valid: Sequence[torch.Tensor],
     features: Sequence[torch.Tensor | None],
     maps: Sequence[dict[str, torch.Tensor]],
     policy: PseudolabelConfig,
@@ -272,13 +273,15 @@ def _unlabeled_loss(
     progress: tuple[int, int],
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """L_u averaged over the unlabeled views (``ce``: each view's ``pixel_cross_entropy`` against
-    its maps' labels), each with the policy's live weight from its own maps; ``kept_fraction``:
-    the first view's share of pixels with a weight above 0."""
+    its maps' labels; ``valid``: where those labels are not ``IGNORE_INDEX``), each with the
+    policy's live weight from its own maps; ``kept_fraction``: the first view's share of pixels
+    with a weight above 0."""
     losses, weights = [], []
-    for view_ce, view_features, view_maps in zip(ce, features, maps, strict=True):
-        valid = view_maps["label"] != IGNORE_INDEX
-        weights.append(_live_weight(policy, view_maps, valid, view_features, memory, progress))
-        losses.append(weighted_mean(view_ce, weights[-1], valid))
+    views = zip(ce, valid, features, maps, strict=True)
+    for view_ce, view_valid, view_features, view_maps in views:
+        weight = _live_weight(policy, view_maps, view_valid, view_features, memory, progress)
+        weights.append(weight)
+        losses.append(weighted_mean(view_ce, weight, view_valid))
     return torch.stack(losses).mean(), {"kept_fraction": float((weights[0] > 0).float().mean())}
 
 

@@ -53,8 +53,12 @@ def test_cutmix_boxes_are_one_rectangle_of_the_drawn_size_or_none() -> None:
     assert 160 < int(some.flatten(1).any(dim=1).sum()) < 240
 
 
-def _learner(policy: str = "threshold", cutmix: float = 1.0, size: int = 32) -> segtrain.Learner:
-    cfg = segtrain.StudentConfig(steps=4, batch_size=2, unlabeled_batch_size=3, cutmix=cutmix)
+def _learner(
+    policy: str = "threshold", cutmix: float = 1.0, size: int = 32, **student: Any
+) -> segtrain.Learner:
+    """A CPU learner of 4 steps, 2 labeled + 3 unlabeled images; ``student``: other settings."""
+    fields = {"steps": 4, "batch_size": 2, "unlabeled_batch_size": 3, "cutmix": cutmix}
+    cfg = segtrain.StudentConfig(**(fields | student))
     return segtrain.new_learner(
         cfg,
         num_classes=4,
@@ -107,9 +111,9 @@ def _spy_on_the_step(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         seen["views"] = images.detach().clone()
         return forward(model, images, with_features=with_features)
 
-    def spy_loss(logits: Any, features: Any, targets: Any, *rest: Any) -> Any:
+    def spy_loss(ce: Any, valid: Any, features: Any, targets: Any, *rest: Any) -> Any:
         seen["targets"] = targets
-        return unlabeled_loss(logits, features, targets, *rest)
+        return unlabeled_loss(ce, valid, features, targets, *rest)
 
     monkeypatch.setattr(segstep, "_forward", spy_forward)
     monkeypatch.setattr(segstep, "_unlabeled_loss", spy_loss)
@@ -274,21 +278,8 @@ def test_without_the_unlabeled_loss_a_student_ignores_every_unlabeled_setting() 
     ]
     weights = []
     for unlabeled_batch_size, cutmix, strong, policy in variants:
-        cfg = segtrain.StudentConfig(
-            steps=3,
-            batch_size=2,
-            alpha=0.0,
-            unlabeled_batch_size=unlabeled_batch_size,
-            cutmix=cutmix,
-            strong=strong,
-        )
-        learner = segtrain.new_learner(
-            cfg,
-            num_classes=4,
-            crop_size=32,
-            seed=0,
-            device=torch.device("cpu"),
-            policy=PseudolabelConfig(policy=policy),
+        learner = _learner(
+            policy, cutmix, alpha=0.0, unlabeled_batch_size=unlabeled_batch_size, strong=strong
         )
         for step in range(3):
             segtrain.train_step(learner, labeled, None, step)

@@ -434,7 +434,7 @@ def test_csl_loss_averages_the_strong_and_the_tmp_view() -> None:
     views, targets = [images, tmp], [maps, maps]
     valid = torch.ones(2, 4, 4, dtype=torch.bool)
     ce = [ops.pixel_cross_entropy(model(view)["out"], maps["label"], valid) for view in views]
-    loss, _ = segstep._unlabeled_loss(ce, [None, None], targets, cfg, None, (0, 10))
+    loss, _ = segstep._unlabeled_loss(ce, [valid, valid], [None, None], targets, cfg, None, (0, 10))
     strong = ops.weighted_unsup_loss(model(images)["out"], maps["label"], maps["weight"], valid)
     hidden = ops.weighted_unsup_loss(
         model(torch.zeros_like(images))["out"], maps["label"], maps["weight"], valid
@@ -450,7 +450,7 @@ def test_s4mc_loss_uses_the_live_keep_mask() -> None:
     logits = [model(images)["out"]]
     valid = torch.ones(2, 4, 4, dtype=torch.bool)
     ce = [ops.pixel_cross_entropy(logits[0], maps["label"], valid)]
-    loss, stats = segstep._unlabeled_loss(ce, [None], targets, cfg, None, (5, 10))
+    loss, stats = segstep._unlabeled_loss(ce, [valid], [None], targets, cfg, None, (5, 10))
     keep = live.s4mc_keep(maps["margin"], maps["refined_margin"], valid, 5, 10)
     expected = ops.weighted_unsup_loss(logits[0], maps["label"], keep.float(), valid)
     torch.testing.assert_close(loss, expected)
