@@ -79,6 +79,29 @@ def queue_batch(table: pa.Table, cfg: dict[str, Any], detections: Any = None) ->
     return pa.Table.from_pylist(rows, schema=PROTOTYPE_SCHEMA)
 
 
+def detection_figures(
+    detections: pa.Table, cfg: PseudolabelConfig, num_classes: int
+) -> dict[str, float]:
+    """What WPL can use of the ``detections`` table (columns ``labels``, ``scores``):
+    ``confident_boxes_per_image``, the detections per image that ``ops.rasterize_boxes``
+    draws (score >= ``wpl.score_thresh``, compared in the scores' float32 as there, and a class
+    in the class map; a box covering no pixel counted too), and ``best_detection_score`` (0
+    without any detection)."""
+    scores = pc.list_flatten(detections["scores"])
+    labels = pc.list_flatten(detections["labels"])
+    if not len(scores):
+        return {"confident_boxes_per_image": 0.0, "best_detection_score": 0.0}
+    mapped = pa.array(sorted(cfg.class_map(num_classes)), labels.type)
+    used = pc.and_(
+        pc.greater_equal(scores, pa.scalar(cfg.wpl.score_thresh, scores.type)),
+        pc.is_in(labels, value_set=mapped),
+    )
+    return {
+        "confident_boxes_per_image": pc.sum(used).as_py() / detections.num_rows,
+        "best_detection_score": float(pc.max(scores).as_py()),
+    }
+
+
 def teacher_prototypes(
     cfg: PseudolabelConfig,
     *,
@@ -87,13 +110,15 @@ def teacher_prototypes(
     detections: Any,
     num_classes: int,
     dim: int,
-) -> np.ndarray:
-    """WPL's offline prototypes ``float32[C, D]`` (NaN rows: no prototype) from teacher features.
+) -> tuple[np.ndarray, int]:
+    """WPL's offline prototypes ``float32[C, D]`` (NaN rows: no prototype) from teacher
+    features, and the number of unlabeled images with a reliable pixel (R = 1).
 
     ``labeled``: labeled signal rows (with their masks); ``unlabeled``: unlabeled signal rows;
-    ``detections``: the detections table (or a reference to it). Images are pushed in ``image_id`` order, so a queue holds the newest
-    ``memory_size`` vectors of its class (FIFO). Only the contributions' counts come to the
-    driver first; then only the vectors of the images that end up in a queue.
+    ``detections``: the detections table (or a reference to it). Images are pushed in
+    ``image_id`` order, so a queue holds the newest ``memory_size`` vectors of its class (FIFO).
+    Only the contributions' counts come to the driver first; then only the vectors of the
+    images that end up in a queue.
     """
     common = {"batch_format": "pyarrow", "batch_size": 8}
     contributions = (
@@ -113,7 +138,8 @@ def teacher_prototypes(
         _rows_of, fn_kwargs={"image_ids": sorted(wanted)}, batch_format="pyarrow"
     ).take_all()
     chosen.sort(key=lambda row: row["image_id"], reverse=True)
-    return fill_memory(chosen, cfg.wpl.memory_size, num_classes, dim)
+    reliable = {row["image_id"] for row in counts if row["queue"] == "unlabeled"}
+    return fill_memory(chosen, cfg.wpl.memory_size, num_classes, dim), len(reliable)
 
 
 def newest_images(counts: Iterable[dict[str, Any]], size: int) -> set[str]:

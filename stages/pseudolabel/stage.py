@@ -35,7 +35,7 @@ from stages.pseudolabel.config import (
     GROUND_TRUTH,
     PseudolabelConfig,
 )
-from stages.pseudolabel.prototypes import teacher_prototypes
+from stages.pseudolabel.prototypes import detection_figures, teacher_prototypes
 from stages.pseudolabel.table import SCHEMA
 from stages.teach.table import MAPS
 
@@ -108,21 +108,29 @@ def run(
             out,
         )
     columns = ["image_id", "height", "width", "num_classes", *MAPS]
-    prototypes, boxes = None, None
+    prototypes, boxes, wpl_figures = None, None, {}
     if cfg.policy == "wpl":
         if detections is None:
             raise ValueError("the wpl policy needs the detect stage (detector.enabled: true)")
         columns += ["split", "feature_dim", "feature_height", "feature_width", "features"]
-        boxes = ray.put(detections.read_table(["image_id", "boxes", "labels", "scores"]))
+        found = detections.read_table(["image_id", "boxes", "labels", "scores"])
+        boxes = ray.put(found)
         shape = signals.read_table(["num_classes", "feature_dim"]).slice(0, 1).to_pylist()[0]
-        prototypes = teacher_prototypes(
+        num_classes = int(shape["num_classes"])
+        prototypes, reliable = teacher_prototypes(
             cfg,
             labeled=read_split(signals, "labeled", [*columns, "mask"]),
             unlabeled=read_split(signals, "unlabeled", columns),
             detections=boxes,
-            num_classes=int(shape["num_classes"]),
+            num_classes=num_classes,
             dim=int(shape["feature_dim"]),
         )
+        wpl_figures = {
+            **detection_figures(found, cfg, num_classes),
+            "reliable_images": float(reliable),
+        }
+        if not reliable:
+            _warn_unreliable(cfg, wpl_figures, found.num_rows)
     dataset = read_split(signals, "unlabeled", columns).map_batches(
         label_batch,
         fn_kwargs={
@@ -135,10 +143,27 @@ def run(
         batch_size=cfg.batch_size,
         num_gpus=cfg.gpus_per_task,
     )
-    metrics = _write(dataset, out)
+    metrics = _write(dataset, out) | wpl_figures
     if prototypes is not None:
         metrics["teacher_prototypes"] = float((~np.isnan(prototypes).any(axis=1)).sum())
     return metrics
+
+
+def _warn_unreliable(cfg: PseudolabelConfig, figures: dict[str, float], images: int) -> None:
+    """WPL without one reliable unlabeled pixel is threshold weighted by W against prototypes
+    of the labeled pixels alone: say so, and why, rather than let the run look like WPL."""
+    logger.warning(
+        "wpl: no unlabeled pixel is reliable (R = 0 on all %d images): %.3g detections an "
+        "image score >= wpl.score_thresh %.2f in a mapped class (best score %.3f), and R also "
+        "needs the teacher's conf >= wpl.conf_thresh %.2f and label in the box. The unlabeled "
+        "prototype queues stay empty: W comes from the labeled pixels alone. Train the detector "
+        "longer (detector.steps) or from weights (detector.init), or check wpl.class_map",
+        images,
+        figures["confident_boxes_per_image"],
+        cfg.wpl.score_thresh,
+        figures["best_detection_score"],
+        cfg.wpl.conf_thresh,
+    )
 
 
 def _write(dataset: Any, out: DatasetRef) -> dict[str, float]:
