@@ -24,6 +24,7 @@ import logging
 import os
 import posixpath
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ MODEL_ARTIFACT = "model"
 MODEL_TAG = "pseudoflow.model_uri"  # a stage run's logged model
 STUDENT_TAG = "pseudoflow.student_model"  # on a pipeline run: its final student's
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# torch.export keeps its tracing modes on one process-wide stack: two exports at once (a sweep's
+# parallel runs share the driver) pop each other's modes and fail. One export at a time.
+_EXPORT_LOCK = threading.Lock()
 
 
 class Segmenter(nn.Module):
@@ -84,23 +88,24 @@ def export_segmenter(checkpoint_bytes: bytes, directory: str, *, source: str) ->
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 3, -1, -1), "images")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes, -1, -1), "logits")]),
     )
-    mlflow.pytorch.save_model(
-        module,
-        directory,
-        signature=signature,
-        input_example=example.numpy(),
-        serialization_format="pt2",
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        metadata={
-            "arch": args["arch"],
-            "num_classes": classes,
-            "image_size": size,
-            "window": window,
-            "input": "uint8 RGB [B, 3, H, W]; for the pipeline's results fit pictures to an"
-            " image_size canvas (long side, aspect kept, padded) and slide window-sized windows",
-            "output": "logits float32 [B, num_classes, H, W]",
-        },
-    )
+    with _EXPORT_LOCK:
+        mlflow.pytorch.save_model(
+            module,
+            directory,
+            signature=signature,
+            input_example=example.numpy(),
+            serialization_format="pt2",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            metadata={
+                "arch": args["arch"],
+                "num_classes": classes,
+                "image_size": size,
+                "window": window,
+                "input": "uint8 RGB [B, 3, H, W]; for the pipeline's results fit pictures to an"
+                " image_size canvas (long side, aspect kept, padded) and slide window-sized windows",
+                "output": "logits float32 [B, num_classes, H, W]",
+            },
+        )
 
 
 def store_export(storage: Storage, checkpoint_path: str, directory: str) -> None:
