@@ -128,7 +128,7 @@ PINNED: dict[str, dict[str, str]] = {
         "detect": "5d1a14c6b58ce8c8b91a4179451f8e17943655ff1e3839962f8d982822342e48",
         "teach": "4305b22bed362b79b6794d03078617f28db1ccaf2a26b3c832396c4eecd7265e",
         "pseudolabel": "549a7f6bebf0f955bbd3ca5a9da03940018844474ab0fb595babda02088a75b8",
-        "train_student": "24a29b6ad8f13b332da41305ed652e42d9236f3c03d3abacefdeccf6a09e215c",
-        "evaluate": "a274515810f8059f769bfd9d229f73898c7280e734bd6a9b1c5dbcbe1d601a2e",
+        "train_student": "088401e2307dcaa87a54122117e56f82aae4b5e0f4ea751bd09d7fa0c9ece159",
+        "evaluate": "5bed9a81007f14b08754541981329db70cd656811b2977e2396199a224361e02",
     },
 }
