@@ -1,6 +1,6 @@
 """WPL in the pseudolabel stage (Ray Data): what it reports of the detections it was given, and
 its warning when no unlabeled pixel is reliable, so that a detector that finds nothing usable
-(the generated benchmark's 60-step one scores at most 0.25) does not pass for WPL."""
+(the generated benchmark's 60-step ones score at most 0.15 to 0.25) does not pass for WPL."""
 
 from __future__ import annotations
 
