@@ -38,7 +38,8 @@ from stages.teach.table import (
 ALL = SignalSpec(margins=True, dispersion=True, features=True)
 QUANT = 1 / 510  # half a uint8 step: the error of one stored statistic
 # What the uint8 signals cost CSL's weights, measured on nine trained-looking fields (5 and 21
-# classes, 64 to 256 px): mean |Δw| <= 2.6e-3, max 0.51, trusted flipped on <= 0.8 % (README).
+# classes, 64 to 256 px): mean |Δw| <= 2.6e-3, max 0.51, trusted flipped on <= 0.8 %
+# (docs/performance.md, "Stored teacher signals").
 CSL_MEAN_ERROR, CSL_MAX_ERROR, CSL_TRUSTED_FLIPS = 3e-3, 0.55, 0.008
 
 # The worked WPL example of methods.md §4: T_5(f) = {0, 2, 4, 6, 8}, T_5(μ) = {1, 2, 3, 5, 6}.
@@ -112,7 +113,8 @@ def test_s4mc_from_stored_signals_matches_full_probabilities() -> None:
 
 
 def test_policies_from_stored_signals_differ_from_exact_only_within_the_stated_bounds() -> None:
-    """What the uint8 signals cost each policy on a trained-looking 21-class field (README)."""
+    """What the uint8 signals cost each policy on a trained-looking 21-class field
+    (docs/performance.md, "Stored teacher signals")."""
     probs = _peaked(21, 128, seed=3)
     signals = _stored(probs)
     exact_conf = probs.max(dim=0).values
